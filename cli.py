@@ -1,0 +1,262 @@
+"""kdpipe's command line: parse flags -> build a config -> call one pipeline function -> print.
+
+The only module that prints for the user; pipeline code raises KdpipeError, which becomes a one-line
+`error:` message and exit status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from pipeline.errors import KdpipeError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Knowledge distillation for image classifiers with cached teacher logits.")
+console = Console()
+
+
+@app.callback()
+def _quiet_libraries():
+    """Library progress bars and advisories would bury kdpipe's own output; errors still show."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn KdpipeError into a one-line message and exit 1; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except KdpipeError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: nothing half-written was left under a final name")
+        raise typer.Exit(130) from None
+
+
+def _splits(text: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@app.command("cache-teacher")
+def cache_teacher_cmd(
+    teacher: str = typer.Option("merve/beans-vit-224", help="Hub id or local save_pretrained folder."),
+    revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit of the teacher."),
+    dataset: str = typer.Option("beans", help="Hub id, image folder (split/class/*.jpg) or Parquet/Arrow."),
+    dataset_revision: Optional[str] = typer.Option(None, help="Hub revision of the dataset."),
+    splits: Optional[str] = typer.Option(None, help="Comma-separated splits [default: every split]."),
+    image_column: Optional[str] = typer.Option(None, help="Image column [default: image or img]."),
+    label_column: Optional[str] = typer.Option(None, help="Label column [default: label or labels]."),
+    out: Optional[Path] = typer.Option(None, help="Output folder [default: data/cache/<teacher>/<dataset>]."),
+    batch_size: int = typer.Option(32, help="Teacher batch size."),
+    precision: str = typer.Option("auto", help="auto|fp32|bf16|fp16 (auto: bf16 where fast, else fp32)."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    workers: Optional[int] = typer.Option(None, help="Decoding workers [default: one per spare core]."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a valid cache exists."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the teacher repo's code."),
+):
+    """Run the teacher once over every split and write its raw logits to Parquet."""
+    from pipeline import cache_teacher
+    from pipeline.config import CacheConfig
+
+    with user_errors():
+        cfg = CacheConfig(teacher=teacher, revision=revision, dataset=dataset, dataset_revision=dataset_revision,
+                          splits=_splits(splits), image_column=image_column, label_column=label_column, out=out,
+                          batch_size=batch_size, precision=precision, device=device, workers=workers, force=force,
+                          trust_remote_code=trust_remote_code)
+        with _progress() as bar:
+            tasks = {}
+
+            def on_batch(split: str, done: int, total: int):
+                if split not in tasks:
+                    tasks[split] = bar.add_task(split, total=total, info="")
+                bar.update(tasks[split], completed=done)
+
+            reports = cache_teacher.run(cfg, progress=on_batch)
+    table = Table(title=f"teacher logits in {cfg.out_dir()}")
+    for col in ("split", "rows", "teacher acc", "images/s", "file size", ""):
+        table.add_column(col, justify="right" if col not in ("split", "") else "left")
+    for r in reports:
+        table.add_row(r.split, str(r.rows), f"{r.accuracy:.2%}", "-" if r.reused else f"{r.images_per_s:.1f}",
+                      _human_bytes(r.bytes), "reused (same inputs; --force rebuilds)" if r.reused else "written")
+    console.print(table)
+    if all(r.reused for r in reports):
+        console.print("valid cache found for these inputs: nothing to do")
+
+
+@app.command("inspect-cache")
+def inspect_cache_cmd(
+    path: Path = typer.Argument(..., help="A cache folder (or one split's .parquet file)."),
+    full: bool = typer.Option(False, "--full", help="Print the whole metadata JSON of each split."),
+):
+    """Print a cache's metadata and teacher accuracy per split, and verify every file."""
+    from pipeline import logit_store
+
+    with user_errors():
+        files = {path.stem: path} if path.is_file() else logit_store.cache_splits(path)
+        rows = []
+        for name, f in files.items():
+            split = logit_store.read_split(f)  # verifies format and checksum
+            acc = float((split.view0().logits.argmax(1) == split.view0().labels).mean())
+            if abs(acc - split.meta["teacher_accuracy"]) > 1e-9:
+                raise KdpipeError(f"{f}: stored teacher accuracy {split.meta['teacher_accuracy']:.4f} differs from "
+                                  f"the recomputed {acc:.4f}; rebuild it with --force")
+            rows.append((name, split, acc, f.stat().st_size))
+    first = rows[0][1].meta
+    console.print(f"[bold]teacher[/]  {first['teacher']['spec']}  revision={first['teacher']['revision']}  "
+                  f"weights_sha256={str(first['teacher']['weights_sha256'])[:16]}")
+    console.print(f"[bold]dataset[/]  {first['dataset']['spec']}  labels={first['label_names']}")
+    console.print(f"[bold]format[/]   {first['format']} v{first['format_version']}  kdpipe {first['kdpipe_version']}"
+                  f"  precision={first['precision']}  device={first['device']}")
+    table = Table()
+    for col in ("split", "rows", "classes", "teacher acc", "images/s", "fingerprint", "size"):
+        table.add_column(col)
+    for name, split, acc, size in rows:
+        m = split.meta
+        table.add_row(name, str(m["rows"]), str(m["num_classes"]), f"{acc:.2%}", f"{m['images_per_s']:.1f}",
+                      m["dataset_fingerprint"][:10], _human_bytes(size))
+    console.print(table)
+    console.print(f"verified {len(rows)} split files: readable, checksum ok, teacher accuracy recomputed")
+    if full:
+        for name, split, _, _ in rows:
+            console.print_json(json.dumps(split.meta))
+
+
+@app.command("train-student")
+def train_student_cmd(
+    cache: Optional[Path] = typer.Option(None, help="Stage one's folder (required unless --alpha 0)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset [default: the one the cache was built from]."),
+    image_column: Optional[str] = typer.Option(None, help="Image column [default: as cached, or detected]."),
+    label_column: Optional[str] = typer.Option(None, help="Label column [default: as cached, or detected]."),
+    train_split: str = typer.Option("train", help="Split to train on."),
+    val_split: str = typer.Option("validation", help="Split that picks the best epoch."),
+    test_split: str = typer.Option("test", help="Split reported at the end ('' for none)."),
+    student: Optional[str] = typer.Option(None, help="Hub id or folder [default: MobileNetV2 from scratch]."),
+    student_config: Optional[str] = typer.Option(None, help="Config overrides, e.g. depth_multiplier=0.75,image_size=160."),
+    temperature: float = typer.Option(5.0, "--temperature", "-T", help="Softmax temperature T of the KD term."),
+    alpha: float = typer.Option(0.5, "--alpha", "--lambda", help="Weight of the KD term (0 = from scratch)."),
+    lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW)."),
+    batch_size: int = typer.Option(8, help="Training batch size."),
+    epochs: int = typer.Option(30, help="Training epochs."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay (not on biases and norm scales)."),
+    schedule: str = typer.Option("linear", help="linear|cosine|constant learning-rate schedule."),
+    warmup_ratio: float = typer.Option(0.0, help="Fraction of steps of linear warm-up."),
+    bn_momentum: Optional[float] = typer.Option(0.1, help="BatchNorm momentum, PyTorch semantics (0.997 = the guide's)."),
+    precise_bn: bool = typer.Option(False, "--precise-bn/--no-precise-bn", help="Recompute BN statistics on the train split before each evaluation."),
+    seed: int = typer.Option(0, help="Seed for init and data order."),
+    precision: str = typer.Option("auto", help="auto|fp32|bf16|fp16."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the student."),
+    out: Optional[Path] = typer.Option(None, help="Run folder [default: data/runs/<name>]."),
+    name: Optional[str] = typer.Option(None, help="Run name [default: from the settings]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch."),
+):
+    """Train a student against the cached teacher logits (the teacher is never loaded)."""
+    from pipeline import train_student
+    from pipeline.config import TrainConfig, parse_overrides
+
+    with user_errors():
+        cfg = TrainConfig(cache=cache, dataset=dataset, image_column=image_column, label_column=label_column,
+                          train_split=train_split, val_split=val_split, test_split=test_split or None,
+                          student=student, student_config=parse_overrides(student_config), temperature=temperature,
+                          alpha=alpha, lr=lr, batch_size=batch_size, epochs=epochs, weight_decay=weight_decay,
+                          schedule=schedule, warmup_ratio=warmup_ratio, bn_momentum=bn_momentum,
+                          precise_bn=precise_bn, seed=seed, precision=precision, device=device, compile=compile,
+                          out=out, name=name, resume=resume)
+        with _progress() as bar:
+            tasks = {}
+
+            def on_progress(task: str, done: int, total: int, info: str = ""):
+                if task not in tasks:
+                    tasks[task] = bar.add_task(task, total=total, info="")
+                bar.update(tasks[task], completed=done, info=info)
+
+            def on_epoch(r: dict):
+                v = r["validation"]
+                extra = f"  agree {v['teacher_agreement']:.1%}" if "teacher_agreement" in v else ""
+                bar.console.print(f"epoch {r['epoch']:>3}  loss {r['train']['loss']:.4f}  val acc {v['accuracy']:.2%}"
+                                  f"  f1 {v['macro_f1']:.3f}{extra}  {r['train_images_per_s']:.0f} img/s")
+
+            report = train_student.run(cfg, progress=on_progress, on_epoch=on_epoch)
+    _print_run(report)
+
+
+def _print_run(report) -> None:
+    table = Table(title=f"best epoch {report.best_epoch} (chosen on validation) -> {report.out}")
+    for col in ("split", "accuracy", "macro-F1", "teacher agreement", "KL to teacher"):
+        table.add_column(col)
+    for name, m in (("validation", report.validation), ("test", report.test)):
+        if m:
+            table.add_row(name, f"{m['accuracy']:.2%}", f"{m['macro_f1']:.3f}",
+                          f"{m['teacher_agreement']:.2%}" if "teacher_agreement" in m else "-",
+                          f"{m['kl_to_teacher']:.4f}" if "kl_to_teacher" in m else "-")
+    console.print(table)
+    if report.confusion_matrix:
+        _print_confusion(report.confusion_matrix, report.label_names, "test confusion (rows: true)")
+    console.print(f"wall time {report.wall_time_s:.0f} s; student saved in {report.out / 'model'}")
+
+
+def _print_confusion(cm, names, title) -> None:
+    table = Table(title=title)
+    table.add_column("")
+    for n in names:
+        table.add_column(n, justify="right")
+    for n, row in zip(names, cm):
+        table.add_row(n, *map(str, row))
+    console.print(table)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder written by train-student."),
+    split: str = typer.Option("test", help="Split to evaluate."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset [default: the run's]."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+):
+    """Reload a saved student and evaluate it, independently of training."""
+    from pipeline import train_student
+
+    with user_errors():
+        m = train_student.evaluate(run_dir, split=split, dataset=dataset, device=device)
+    console.print(f"{split}: accuracy {m['accuracy']:.2%}  macro-F1 {m['macro_f1']:.3f}  n={m['n']}" +
+                  (f"  teacher agreement {m['teacher_agreement']:.2%}" if "teacher_agreement" in m else ""))
+    names = json.loads((run_dir / "run.json").read_text())["label_names"]
+    _print_confusion(m["confusion_matrix"], names, f"{split} confusion (rows: true)")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Argument dataclasses for each command. Defaults carry a one-line reason; `__post_init__` validates
+and names the flag in its error, so the CLI and the Python API refuse the same things."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import KdpipeError
+from .runtime import DEVICES, PRECISIONS
+
+DATA_ROOT = Path("data")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise KdpipeError(message)
+
+
+def _positive(name: str, value, flag: str) -> None:
+    _check(value is not None and value > 0, f"{flag} must be > 0 (got {value})")
+
+
+@dataclass
+class CacheConfig:
+    teacher: str = "merve/beans-vit-224"  # the guide's fine-tuned ViT-B/16 teacher
+    revision: str | None = None  # hub branch, tag or commit of the teacher; None = main
+    dataset: str = "beans"  # the guide's dataset (hub id, image folder or Parquet/Arrow)
+    dataset_revision: str | None = None
+    splits: list[str] | None = None  # None = every split present
+    image_column: str | None = None  # None = detect (image, img)
+    label_column: str | None = None  # None = detect (label, labels)
+    out: Path | None = None  # None = data/cache/<teacher>/<dataset>
+    batch_size: int = 32  # large enough to keep the teacher busy; inference holds no activations
+    precision: str = "auto"  # bf16 where the hardware is fast at it, else fp32
+    device: str = "auto"
+    workers: int | None = None  # None = one per spare core, decoding overlaps the teacher
+    force: bool = False  # rebuild even when a valid cache for the same inputs exists
+    trust_remote_code: bool = False  # never run a repository's code unless asked
+
+    def __post_init__(self):
+        _positive("batch_size", self.batch_size, "--batch-size")
+        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
+        _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
+        _check(self.workers is None or self.workers >= 0, "--workers must be >= 0")
+        if self.out is not None:
+            self.out = Path(self.out)
+
+    def out_dir(self) -> Path:
+        from .data import slug
+
+        return self.out or DATA_ROOT / "cache" / slug(self.teacher) / slug(self.dataset)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class TrainConfig:
+    cache: Path | None = None  # stage one's folder; None only for alpha=0 (from scratch)
+    dataset: str | None = None  # None = the dataset the cache was built from
+    image_column: str | None = None
+    label_column: str | None = None
+    train_split: str = "train"
+    val_split: str = "validation"
+    test_split: str | None = "test"  # None = no test evaluation
+    student: str | None = None  # None = MobileNetV2 (transformers defaults) from random init, as the guide
+    student_config: dict = field(default_factory=dict)  # overrides, e.g. {"depth_multiplier": 0.75}
+    temperature: float = 5.0  # the guide's T
+    alpha: float = 0.5  # the guide's lambda: weight of the KD term; 0 = plain cross-entropy
+    lr: float = 5e-5  # transformers Trainer default, which the guide uses
+    batch_size: int = 8  # the guide's per-device batch size
+    epochs: int = 30  # the guide's num_train_epochs
+    weight_decay: float = 0.0  # Trainer default
+    schedule: str = "linear"  # Trainer default: linear decay to 0, no warmup
+    warmup_ratio: float = 0.0
+    bn_momentum: float | None = 0.1  # PyTorch semantics; transformers' MobileNetV2 ships 0.997 (see docs)
+    precise_bn: bool = False  # recompute BN statistics over the train split before each evaluation
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    workers: int = 0  # batches come from an in-memory uint8 tensor: workers only add overhead
+    out: Path | None = None  # None = data/runs/<name>
+    name: str | None = None  # None = derived from the settings
+    resume: bool = False
+    log_tensorboard: bool = True  # when the tensorboard extra is installed
+
+    def __post_init__(self):
+        if self.cache is not None:
+            self.cache = Path(self.cache)
+        if self.out is not None:
+            self.out = Path(self.out)
+        _positive("temperature", self.temperature, "--temperature")
+        _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1] (got {self.alpha})")
+        _check(self.alpha == 0 or self.cache is not None,
+               "--cache is required when --alpha > 0 (the KD term needs teacher logits); use --alpha 0 for a "
+               "from-scratch baseline")
+        _check(self.cache is not None or self.dataset is not None, "pass --cache, or --dataset with --alpha 0")
+        _positive("lr", self.lr, "--lr")
+        _positive("batch_size", self.batch_size, "--batch-size")
+        _positive("epochs", self.epochs, "--epochs")
+        _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        _check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}")
+        _check(0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)")
+        _check(self.bn_momentum is None or 0.0 < self.bn_momentum <= 1.0,
+               "--bn-momentum must be in (0, 1] (PyTorch semantics: weight of the newest batch)")
+        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
+        _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
+        _check(self.workers >= 0, "--workers must be >= 0")
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        arm = "scratch" if self.alpha == 0 else f"kd-T{self.temperature:g}-a{self.alpha:g}"
+        return f"{arm}-lr{self.lr:g}-bs{self.batch_size}-e{self.epochs}-s{self.seed}"
+
+    def out_dir(self) -> Path:
+        return self.out or DATA_ROOT / "runs" / self.run_name()
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def parse_overrides(text: str | None, flag: str = "--student-config") -> dict:
+    """`key=value,key=value` -> dict with ints, floats and booleans parsed."""
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        _check(bool(sep and key.strip()), f"{flag}: expected key=value[,key=value...] (got {part!r})")
+        out[key.strip()] = _parse_scalar(value.strip())
+    return out
+
+
+def _parse_scalar(value: str):
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

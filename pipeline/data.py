@@ -1,0 +1,256 @@
+"""Open an image-classification dataset (hub id, image folder, Parquet/Arrow) as splits of examples
+with stable ids, RGB images and label names.
+
+An example's id is its image's path relative to the dataset root where there is one (an image folder),
+else the SHA-256 of its bytes. Ids, not positions, join cached logits to examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import KdpipeError
+
+IMAGE_COLUMNS = ("image", "img")
+LABEL_COLUMNS = ("label", "labels")
+_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+@dataclass
+class Split:
+    """One split: the underlying table (images undecoded), ids, integer labels in `label_names` order."""
+
+    name: str
+    table: "datasets.Dataset"  # noqa: F821  (image column cast to decode=False)
+    image_column: str
+    ids: list[str]
+    labels: np.ndarray  # (N,) int64
+    root: str | None = None  # the folder image paths are relative to, if local
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_bytes(self, i: int) -> bytes:
+        value = self.table[i][self.image_column]
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        try:
+            return Path(value["path"]).read_bytes()
+        except OSError as e:
+            raise KdpipeError(f"cannot read image {value['path']}: {e.strerror}") from None
+
+    def image(self, i: int) -> Image.Image:
+        """The i-th image decoded to RGB; an unreadable file is an error naming it, never skipped."""
+        return decode_rgb(self.image_bytes(i), where=f"{self.ids[i]} (split {self.name!r}, row {i})")
+
+    def fingerprint(self) -> str:
+        """SHA-256 over (id, image bytes, label) of every row: equal fingerprints mean equal contents."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for i, (id_, label) in enumerate(zip(self.ids, self.labels.tolist())):
+                h.update(f"{id_}\0{label}\0".encode())
+                h.update(hashlib.sha256(self.image_bytes(i)).digest())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+@dataclass
+class ImageDataset:
+    spec: str  # what the user passed: a hub id or a path
+    kind: str  # "hub" or "local"
+    revision: str | None
+    label_names: list[str]
+    image_column: str
+    label_column: str
+    root: str | None  # absolute folder of a local dataset
+    splits: dict[str, Split]
+
+    @property
+    def identity(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "revision": self.revision, "root": self.root,
+                "image_column": self.image_column, "label_column": self.label_column, "label_names": self.label_names}
+
+
+def decode_rgb(data: bytes, where: str) -> Image.Image:
+    """Decode image bytes to an 8-bit RGB PIL image, whatever the mode (L, P, RGBA, CMYK, 16-bit, ...).
+
+    Transparency is composited on white (as transformers' `convert_rgb` does); 16-bit images are scaled
+    to 8 bits rather than clipped; EXIF orientation is applied.
+    """
+    if not data:
+        raise KdpipeError(f"image {where} is empty (0 bytes); remove or replace the file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as e:
+        raise KdpipeError(f"image {where} is too large to decode safely ({e}); downscale it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise KdpipeError(f"cannot decode image {where}: {e}; fix or remove the file") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_dataset(
+    spec: str,
+    *,
+    splits: list[str] | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    revision: str | None = None,
+) -> ImageDataset:
+    """Open `spec` (hub id, image folder, or Parquet/Arrow file or folder) with ids and label names."""
+    dsd, kind, root = _load(spec, revision)
+    available = list(dsd.keys())
+    wanted = splits or available
+    missing = [s for s in wanted if s not in dsd]
+    if missing:
+        raise KdpipeError(f"--splits: {', '.join(missing)} not in dataset {spec} (it has: {', '.join(available)})")
+    first = dsd[wanted[0]]
+    img_col = _pick_column(first, image_column, IMAGE_COLUMNS, "Image", "--image-column", spec)
+    lab_col = _pick_column(first, label_column, LABEL_COLUMNS, "ClassLabel", "--label-column", spec)
+    label_names = _label_names(dsd, wanted, lab_col)
+    out = {}
+    for name in wanted:
+        table = dsd[name]
+        if len(table) == 0:
+            raise KdpipeError(f"split {name!r} of dataset {spec} has no rows; drop it with --splits")
+        for col in (img_col, lab_col):
+            if col not in table.column_names:
+                raise KdpipeError(f"split {name!r} of {spec} has no column {col!r}")
+        table = _undecoded(table, img_col)
+        labels = _labels(table, lab_col, label_names)
+        ids = _example_ids(table, img_col, root)
+        out[name] = Split(name, table, img_col, ids, labels, root)
+    return ImageDataset(spec=spec, kind=kind, revision=revision, label_names=label_names, image_column=img_col,
+                        label_column=lab_col, root=root, splits=out)
+
+
+def _load(spec: str, revision: str | None):
+    import datasets
+
+    path = Path(spec).expanduser()
+    try:
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise KdpipeError(f"--dataset {spec}: a file must be .parquet or .arrow (or pass a folder)")
+            return datasets.load_dataset(builder, data_files={"train": str(path)}), "local", str(path.parent)
+        if path.is_dir():
+            return datasets.load_dataset(str(path)), "local", str(path.resolve())
+        if not looks_like_hub_id(spec):
+            raise KdpipeError(f"--dataset {spec}: no such file or folder")
+        return datasets.load_dataset(spec, revision=revision), "hub", None
+    except KdpipeError:
+        raise
+    except (ConnectionError, OSError) as e:
+        if path.exists():
+            raise KdpipeError(f"--dataset {spec}: cannot read it ({e})") from None
+        raise KdpipeError(
+            f"--dataset {spec}: could not load it from the Hugging Face Hub ({type(e).__name__}); "
+            "offline? pass a local image folder or Parquet files instead, e.g. --dataset ../shared/beans"
+        ) from None
+    except Exception as e:  # datasets raises many types for "not a dataset" (DataFilesNotFoundError, ...)
+        raise KdpipeError(f"--dataset {spec}: cannot open it as a dataset ({type(e).__name__}: {e})") from None
+
+
+def _pick_column(table, override, candidates, feature_type, flag, spec) -> str:
+    cols = table.column_names
+    if override is not None:
+        if override not in cols:
+            raise KdpipeError(f"{flag} {override!r}: no such column in {spec} (columns: {', '.join(cols)})")
+        return override
+    for c in candidates:
+        if c in cols:
+            return c
+    typed = [c for c, f in table.features.items() if type(f).__name__ == feature_type]
+    if len(typed) == 1:
+        return typed[0]
+    raise KdpipeError(f"cannot tell which column of {spec} to use; pass {flag} (columns: {', '.join(cols)})")
+
+
+def _label_names(dsd, splits, col) -> list[str]:
+    feature = dsd[splits[0]].features[col]
+    if hasattr(feature, "names"):
+        return [str(n) for n in feature.names]
+    values = set()
+    for s in splits:
+        values.update(dsd[s][col])
+    if all(isinstance(v, str) for v in values):
+        return sorted(values)
+    if all(isinstance(v, (int, np.integer)) and v >= 0 for v in values):
+        return [str(i) for i in range(max(values) + 1)]
+    raise KdpipeError(f"label column {col!r} holds neither class names nor class indices; pass --label-column")
+
+
+def _labels(table, col, label_names) -> np.ndarray:
+    values = table[col]
+    if values and isinstance(values[0], str):
+        index = {n: i for i, n in enumerate(label_names)}
+        return np.array([index[v] for v in values], dtype=np.int64)
+    labels = np.asarray(values, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(label_names)):
+        raise KdpipeError(f"label column {col!r} has values outside 0..{len(label_names) - 1}")
+    return labels
+
+
+def _undecoded(table, col):
+    import datasets
+
+    feature = table.features[col]
+    if isinstance(feature, datasets.Image):
+        return table.cast_column(col, datasets.Image(decode=False))
+    raise KdpipeError(f"column {col!r} does not hold images (it is {feature}); pass --image-column")
+
+
+def _example_ids(table, col, root: str | None) -> list[str]:
+    """Relative image paths where every row has a distinct one, else content hashes (made unique)."""
+    values = table[col]
+    paths = [v.get("path") for v in values]
+    if root and all(p and os.path.isabs(p) for p in paths):
+        ids = [Path(os.path.relpath(p, root)).as_posix() for p in paths]
+        if len(set(ids)) == len(ids):
+            return ids
+    if all(paths) and len(set(paths)) == len(paths):
+        return [Path(p).as_posix() for p in paths]
+    ids, seen = [], {}
+    for v in values:
+        data = v["bytes"] if v.get("bytes") is not None else Path(v["path"]).read_bytes()
+        h = "sha256:" + hashlib.sha256(data).hexdigest()[:32]
+        seen[h] = seen.get(h, 0) + 1
+        ids.append(h if seen[h] == 1 else f"{h}#{seen[h] - 1}")
+    return ids
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """`name` or `owner/name`; anything starting with . / ~ or deeper than one slash is a path."""
+    return not spec.startswith((".", "/", "~")) and spec.count("/") <= 1 and "\\" not in spec
+
+
+def slug(spec: str) -> str:
+    """A folder-name-safe short name for a hub id or path: `merve/beans-vit-224` -> `merve--beans-vit-224`."""
+    p = Path(spec)
+    name = spec.replace("/", "--") if looks_like_hub_id(spec) and not p.exists() else p.resolve().name
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "dataset"

@@ -1,0 +1,35 @@
+"""Hinton et al. (2015), "Distilling the Knowledge in a Neural Network", arXiv:1503.02531."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,  # (B, C)
+    labels: torch.Tensor,  # (B,) int
+    teacher_logits: torch.Tensor | None = None,  # (B, C) raw, cached
+    temperature: float = 5.0,
+    alpha: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """Knowledge-distillation loss, returned with its parts.
+
+        loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+    KL is summed over classes and averaged over the batch ("batchmean"); the T^2 factor keeps the soft
+    term's gradients on the scale of the hard term's as T changes (Hinton et al., 2015, section 2).
+    `alpha` is the guide's lambda. With alpha = 0 the teacher is not needed and `kd` is reported as 0.
+    Computed in fp32 whatever the autocast dtype of the logits.
+    """
+    s = student_logits.float()
+    ce = F.cross_entropy(s, labels)
+    if alpha == 0 or teacher_logits is None:
+        if alpha != 0:
+            raise ValueError("alpha > 0 needs teacher_logits")
+        return {"loss": ce, "ce": ce.detach(), "kd": torch.zeros((), device=s.device)}
+    log_p_student = F.log_softmax(s / temperature, dim=-1)  # (B, C)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, C)
+    kd = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+    loss = (1 - alpha) * ce + alpha * kd
+    return {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}

@@ -1,0 +1,51 @@
+"""Classification and distillation metrics on numpy arrays; pure functions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean())
+
+
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) counts; rows are true labels, columns predictions."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (labels, predictions), 1)
+    return cm
+
+
+def macro_f1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN); a class never seen nor predicted scores 0."""
+    cm = confusion_matrix(logits.argmax(1), labels, logits.shape[1])
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)  # (TP + FP) + (TP + FN)
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return float(f1.mean())
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(1, keepdims=True))
+
+
+def agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) -> float:
+    """Fraction of examples where student and teacher predict the same class."""
+    return float((student_logits.argmax(1) == teacher_logits.argmax(1)).mean())
+
+
+def kl_to_teacher(student_logits: np.ndarray, teacher_logits: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean over examples of KL(softmax(t/T) || softmax(s/T)), in nats."""
+    lt = log_softmax(teacher_logits / temperature)
+    ls = log_softmax(student_logits / temperature)
+    return float((np.exp(lt) * (lt - ls)).sum(1).mean())
+
+
+def classification_report(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray | None = None) -> dict:
+    out = {"accuracy": accuracy(logits, labels), "macro_f1": macro_f1(logits, labels), "n": int(len(labels))}
+    if teacher_logits is not None:
+        out["teacher_agreement"] = agreement(logits, teacher_logits)
+        out["kl_to_teacher"] = kl_to_teacher(logits, teacher_logits)
+    return out

@@ -1,0 +1,87 @@
+"""Load a fine-tuned teacher (hub id or `save_pretrained` folder) with its own image processor, and map
+its labels onto a dataset's labels by name."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KdpipeError
+
+
+@dataclass
+class Teacher:
+    model: "torch.nn.Module"  # noqa: F821  eval mode
+    processor: object  # the teacher's own AutoImageProcessor
+    spec: str
+    revision: str | None  # resolved commit hash for hub models, None for folders
+    weights_sha256: str | None  # for local folders: what exactly was loaded
+    label_names: list[str]  # in the teacher's output order
+
+    @property
+    def identity(self) -> dict:
+        return {"spec": self.spec, "revision": self.revision, "weights_sha256": self.weights_sha256,
+                "architecture": type(self.model).__name__, "label_names": self.label_names}
+
+
+def load_teacher(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> Teacher:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    local = Path(spec).expanduser()
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        model = AutoModelForImageClassification.from_pretrained(str(local) if local.is_dir() else spec, **kwargs)
+        processor = AutoImageProcessor.from_pretrained(str(local) if local.is_dir() else spec, **kwargs)
+    except OSError as e:
+        if local.exists():
+            raise KdpipeError(f"--teacher {spec}: not a loadable transformers checkpoint folder ({_first_line(e)})") from None
+        raise KdpipeError(
+            f"--teacher {spec}: could not load it from the Hugging Face Hub ({_first_line(e)}); "
+            "offline? pass a local save_pretrained folder, e.g. --teacher ../shared/teachers/beans-efficientnet-lite0"
+        ) from None
+    except ValueError as e:
+        raise KdpipeError(f"--teacher {spec}: {_first_line(e)}") from None
+    model.eval()
+    names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+    resolved = getattr(model.config, "_commit_hash", None) if not local.is_dir() else None
+    return Teacher(model, processor, spec, resolved or (revision if not local.is_dir() else None),
+                   _weights_sha256(local) if local.is_dir() else None, names)
+
+
+def _weights_sha256(folder: Path) -> str | None:
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _normalise(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def label_mapping(teacher_names: list[str], dataset_names: list[str]) -> np.ndarray:
+    """Column order that puts teacher logits in dataset label order: `teacher_logits[:, perm]`.
+
+    Names are compared ignoring case and `_`/`-`/space differences; any other difference is refused
+    (re-initialising the head, as `ignore_mismatched_sizes=True` does, would yield a useless teacher).
+    """
+    index = {_normalise(n): i for i, n in enumerate(teacher_names)}
+    if len(teacher_names) != len(dataset_names) or any(_normalise(n) not in index for n in dataset_names):
+        raise KdpipeError(
+            f"teacher labels {teacher_names} do not match dataset labels {dataset_names}; "
+            "use a teacher fine-tuned on these classes (labels are matched by name)"
+        )
+    return np.array([index[_normalise(n)] for n in dataset_names], dtype=np.int64)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

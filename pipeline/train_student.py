@@ -1,0 +1,450 @@
+"""Stage two: train a student against cached teacher logits. setup -> fit -> finish; `evaluate` reloads.
+
+The teacher is never loaded here. Images are decoded once into a uint8 store (pixels.py); each step
+slices it, normalises on the device and runs the student under autocast in channels_last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import logit_store, metrics, pixels, runtime
+from .config import TrainConfig
+from .data import ImageDataset, open_dataset
+from .errors import KdpipeError
+from .loss import distillation_loss
+from .student import batchnorm_layers, build_student, image_size, save_student, set_bn_momentum
+
+Progress = Callable[[str, int, int, str], None]  # (task, done, total, info)
+DEFAULT_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # used only without a cache (alpha = 0): ViT's
+LOG_EVERY = 25  # steps between host syncs for the live loss
+
+
+@dataclass
+class SplitData:
+    name: str
+    ids: list[str]
+    pixels: torch.Tensor  # (N, H, W, 3) uint8, on the device when it fits
+    labels: torch.Tensor  # (N,) int64
+    teacher_logits: torch.Tensor | None  # (N, C) float32, dataset label order
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> dict:
+        idx = idx.to(self.pixels.device)
+        out = {"pixels": self.pixels[idx], "labels": self.labels[idx.to(self.labels.device)]}
+        if self.teacher_logits is not None:
+            out["teacher_logits"] = self.teacher_logits[idx.to(self.teacher_logits.device)]
+        return runtime.to_device(out, device)
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    device: torch.device
+    precision: str
+    model: torch.nn.Module  # the student (uncompiled: its state_dict is what we save)
+    forward: Callable  # the model, or its torch.compile'd version
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    splits: dict[str, SplitData]
+    label_names: list[str]
+    inputs: dict  # size, resample, mean, std: how pixels become the student's input
+    out: Path
+    provenance: dict
+    generator: torch.Generator
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": None, "accuracy": -1.0, "state": None})
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def setup(cfg: TrainConfig, progress: Progress | None = None) -> Setup:
+    out = cfg.out_dir()
+    _claim_out_dir(out, cfg)
+    generator = runtime.seed_everything(cfg.seed)
+    cache = _open_cache(cfg.cache) if cfg.cache else None
+    dataset = _open_dataset(cfg, cache)
+    model = build_student(cfg.student, dataset.label_names, cfg.student_config)
+    set_bn_momentum(model, cfg.bn_momentum)
+    device = runtime.resolve_device(cfg.device)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    inputs = _input_spec(model, cache)
+    splits = {}
+    for name, split in dataset.splits.items():
+        u8 = pixels.load_or_build(split, inputs["size"], inputs["resample"], progress=progress)
+        teacher = None
+        if cache is not None and name in cache:
+            teacher = torch.from_numpy(cache[name].aligned_to(split.ids, split.labels, f"--cache split {name!r}"))
+        splits[name] = SplitData(name, split.ids, pixels.as_tensor(u8, device), torch.from_numpy(split.labels).to(device),
+                                 teacher.to(device) if teacher is not None else None)
+    if cfg.alpha > 0 and splits[cfg.train_split].teacher_logits is None:
+        raise KdpipeError(f"--cache {cfg.cache} has no {cfg.train_split!r} split; cache it or use --alpha 0")
+    model = runtime.prepare_model(model, device)
+    optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits[cfg.train_split]) / cfg.batch_size))
+    forward = torch.compile(model) if cfg.compile else model
+    provenance = _provenance(cfg, cache, dataset, device, precision)
+    return Setup(cfg, device, precision, model, forward, optimizer, scheduler, splits, dataset.label_names,
+                 _with_tensors(inputs, device), out, provenance, generator)
+
+
+def _claim_out_dir(out: Path, cfg: TrainConfig) -> None:
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        raise KdpipeError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _open_cache(cache_dir: Path) -> dict[str, logit_store.LogitSplit]:
+    cache = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
+    first = next(iter(cache.values())).meta
+    for name, split in cache.items():
+        if split.meta["label_names"] != first["label_names"] or split.meta["teacher"] != first["teacher"]:
+            raise KdpipeError(f"--cache {cache_dir}: split {name!r} comes from another teacher or label set")
+    return cache
+
+
+def _open_dataset(cfg: TrainConfig, cache: dict | None) -> ImageDataset:
+    wanted = [s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s]
+    if cache is None:
+        return open_dataset(cfg.dataset, splits=wanted, image_column=cfg.image_column, label_column=cfg.label_column)
+    meta = next(iter(cache.values())).meta
+    spec = cfg.dataset or meta["dataset"]["spec"]
+    dataset = _reopen(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column)
+    if dataset.label_names != meta["label_names"]:
+        raise KdpipeError(f"--dataset {dataset.spec} has labels {dataset.label_names} but --cache {cfg.cache} has "
+                          f"{meta['label_names']}; use the dataset the cache was built from")
+    return dataset
+
+
+def _reopen(identity: dict, override: str | None, splits: list[str], image_column=None, label_column=None):
+    """Open the dataset an artifact was made from (or `override`, e.g. the same data moved)."""
+    spec = override or identity["spec"]
+    if override is None and identity["kind"] == "local" and not Path(spec).exists() and identity.get("root"):
+        spec = identity["root"]  # recorded as a relative path from another working folder
+    return open_dataset(spec, splits=splits, image_column=image_column or identity.get("image_column"),
+                        label_column=label_column or identity.get("label_column"))
+
+
+def _input_spec(model, cache: dict | None) -> dict:
+    """Student inputs: the student's resolution, with the teacher processor's filter and statistics
+    (the guide feeds the student the teacher processor's pixels)."""
+    mean, std, resample = *DEFAULT_MEAN_STD, 2
+    if cache is not None:
+        proc = next(iter(cache.values())).meta["processor"]
+        mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
+        resample = proc.get("resample", resample)
+    return {"size": image_size(model), "resample": int(resample), "mean": list(mean), "std": list(std)}
+
+
+def _with_tensors(inputs: dict, device: torch.device) -> dict:
+    return {**inputs, "mean_t": torch.tensor(inputs["mean"], device=device),
+            "std_t": torch.tensor(inputs["std"], device=device)}
+
+
+def _optimizer(model, cfg: TrainConfig, steps_per_epoch: int):
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # no decay on biases and norm scales
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _provenance(cfg, cache, dataset: ImageDataset, device, precision) -> dict:
+    out = {"config": cfg.to_dict(), "versions": runtime.versions(), "device": runtime.describe(device),
+           "precision": precision, "dataset": dataset.identity,
+           "dataset_fingerprints": {n: s.fingerprint() for n, s in dataset.splits.items()}}
+    if cache is not None:
+        meta = next(iter(cache.values())).meta
+        out["cache"] = {"dir": str(cfg.cache), "teacher": meta["teacher"], "processor": meta["processor"],
+                        "precision": meta["precision"],
+                        "splits": {n: {"content_sha256": s.meta["content_sha256"],
+                                       "dataset_fingerprint": s.meta["dataset_fingerprint"],
+                                       "teacher_accuracy": s.meta["teacher_accuracy"]} for n, s in cache.items()}}
+        out["cache_matches_dataset_contents"] = all(
+            out["dataset_fingerprints"].get(n) == s.meta["dataset_fingerprint"] for n, s in cache.items()
+            if n in out["dataset_fingerprints"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- fit
+
+
+def student_inputs(s: Setup, batch: dict) -> torch.Tensor:
+    return pixels.normalise(batch["pixels"], s.inputs["mean_t"], s.inputs["std_t"])  # (B, 3, H, W)
+
+
+def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
+    cfg, data = s.cfg, s.splits[s.cfg.train_split]
+    s.model.train()
+    order = torch.randperm(len(data), generator=s.generator)
+    sums = torch.zeros(3, device=s.device)  # loss, ce, kd (summed over examples)
+    steps = math.ceil(len(data) / cfg.batch_size)
+    for step in range(steps):
+        batch = data.batch(order[step * cfg.batch_size:(step + 1) * cfg.batch_size], s.device)
+        with runtime.autocast(s.device, s.precision):
+            student_logits = s.forward(pixel_values=student_inputs(s, batch)).logits  # (B, C)
+        parts = distillation_loss(student_logits, batch["labels"], batch.get("teacher_logits"),
+                                  cfg.temperature, cfg.alpha)
+        parts["loss"].backward()
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        sums += torch.stack([parts["loss"].detach(), parts["ce"], parts["kd"]]) * len(batch["labels"])
+        if progress and (step % LOG_EVERY == 0 or step == steps - 1):
+            seen = min((step + 1) * cfg.batch_size, len(data))
+            progress(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, steps, f"loss {sums[0].item() / seen:.4f}")
+    loss, ce, kd = (sums / len(data)).tolist()
+    return {"loss": loss, "ce": ce, "kd": kd}
+
+
+@torch.no_grad()
+def recompute_bn_stats(s: Setup) -> None:
+    """Precise BatchNorm (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"): set every BN layer's
+    running mean/variance to the exact mean/unbiased variance of its inputs over the whole train split,
+    with the model in train mode (the activations it trains on) and the training batch size."""
+    layers = batchnorm_layers(s.model)
+    if not layers:
+        return
+    acc = {m: [0.0, 0.0, 0] for m in layers}  # sum, sum of squares (per channel, float64), count
+
+    def hook(module, args):
+        x = args[0].detach().double()  # (B, C, H, W)
+        dims = [d for d in range(x.ndim) if d != 1]
+        a = acc[module]
+        a[0] = a[0] + x.sum(dims)
+        a[1] = a[1] + (x * x).sum(dims)
+        a[2] += x.numel() // x.shape[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    data, bs = s.splits[s.cfg.train_split], s.cfg.batch_size
+    s.model.train()
+    try:
+        with runtime.autocast(s.device, s.precision):
+            for start in range(0, len(data), bs):
+                batch = data.batch(torch.arange(start, min(start + bs, len(data))), s.device)
+                s.model(pixel_values=student_inputs(s, batch))
+    finally:
+        for h in handles:
+            h.remove()
+    for m, (total, squares, n) in acc.items():
+        mean = total / n
+        var = (squares / n - mean * mean).clamp_min(0) * (n / max(1, n - 1))
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+
+
+@torch.no_grad()
+def predict(model, data: SplitData, device, precision, inputs: dict, batch_size: int = 128) -> np.ndarray:
+    """Student logits (N, C) float32 for a whole split, in eval mode."""
+    model.eval()
+    out = []
+    with runtime.autocast(device, precision):
+        for start in range(0, len(data), batch_size):
+            batch = data.batch(torch.arange(start, min(start + batch_size, len(data))), device)
+            x = pixels.normalise(batch["pixels"], inputs["mean_t"], inputs["std_t"])
+            out.append(model(pixel_values=x).logits.float().cpu())
+    return torch.cat(out).numpy()
+
+
+def evaluate_split(s: Setup, name: str) -> tuple[dict, np.ndarray]:
+    data = s.splits[name]
+    logits = predict(s.forward, data, s.device, s.precision, s.inputs)
+    teacher = data.teacher_logits.cpu().numpy() if data.teacher_logits is not None else None
+    return metrics.classification_report(logits, data.labels.cpu().numpy(), teacher), logits
+
+
+def fit(s: Setup, progress: Progress | None = None, on_epoch: Callable[[dict], None] | None = None) -> None:
+    """Train the remaining epochs; after each: (precise BN), validate, keep the best, checkpoint."""
+    for epoch in range(len(s.history), s.cfg.epochs):
+        start = time.perf_counter()
+        train = train_epoch(s, epoch, progress)
+        train_time = time.perf_counter() - start
+        if s.cfg.precise_bn:
+            recompute_bn_stats(s)
+        val, _ = evaluate_split(s, s.cfg.val_split)
+        record = {"epoch": epoch + 1, "lr": s.scheduler.get_last_lr()[0], "train": train, "validation": val,
+                  "train_time_s": round(train_time, 3), "epoch_time_s": round(time.perf_counter() - start, 3),
+                  "train_images_per_s": round(len(s.splits[s.cfg.train_split]) / train_time, 2)}
+        s.history.append(record)
+        if val["accuracy"] > s.best["accuracy"]:
+            s.best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "state": _cpu_state(s.model)}
+        _write_checkpoint(s)
+        if on_epoch:
+            on_epoch(record)
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------ checkpoint and outputs
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_checkpoint(s: Setup) -> None:
+    """Everything needed to resume, written to a temporary file and renamed: never half-written."""
+    state = {"model": _cpu_state(s.model), "optimizer": s.optimizer.state_dict(),
+             "scheduler": s.scheduler.state_dict(), "generator": s.generator.get_state(),
+             "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
+             "best_epoch": s.best["epoch"], "best_accuracy": s.best["accuracy"], "best_state": s.best["state"],
+             "config": s.cfg.to_dict()}
+    path = s.out / "checkpoint.pt"
+    tmp = path.with_name(f".checkpoint.pt.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        _atomic_write_text(s.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in s.history))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise KdpipeError(f"cannot write checkpoint in {s.out}: {e.strerror or e}; free space and --resume") from None
+
+
+def resume(s: Setup) -> bool:
+    """Load the last checkpoint of `s.out` into `s`; False when there is none."""
+    path = s.out / "checkpoint.pt"
+    if not path.exists():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved, now = dict(state["config"]), s.cfg.to_dict()
+    differs = [k for k in now if k not in ("resume", "out", "device", "workers") and saved.get(k) != now[k]]
+    if differs:
+        raise KdpipeError(f"--resume: {s.out} was started with other settings ({', '.join(differs)}); "
+                          "use the same flags, or another --out")
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    s.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    s.best = {"epoch": state["best_epoch"], "accuracy": state["best_accuracy"], "state": state["best_state"]}
+    s.history = [json.loads(line) for line in (s.out / "metrics.jsonl").read_text().splitlines() if line]
+    return True
+
+
+@dataclass
+class RunReport:
+    out: Path
+    best_epoch: int
+    validation: dict
+    test: dict | None
+    confusion_matrix: list | None
+    label_names: list[str]
+    wall_time_s: float
+    history: list[dict]
+    run: dict  # the run.json contents
+
+
+def finish(s: Setup, wall_time: float) -> RunReport:
+    """Load the best epoch, evaluate it on validation and test, save the student and run.json."""
+    s.model.load_state_dict(s.best["state"])
+    val, _ = evaluate_split(s, s.cfg.val_split)
+    test = confusion = None
+    if s.cfg.test_split:
+        test, logits = evaluate_split(s, s.cfg.test_split)
+        labels = s.splits[s.cfg.test_split].labels.cpu().numpy()
+        confusion = metrics.confusion_matrix(logits.argmax(1), labels, len(s.label_names)).tolist()
+    model_dir = s.out / "model"
+    tmp = s.out / f".model.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
+                 s.inputs["std"], s.inputs["resample"])
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+    epochs = s.history
+    train_images = sum(len(s.splits[s.cfg.train_split]) for _ in epochs)
+    run = {**s.provenance, "status": "complete", "seed": s.cfg.seed, "best_epoch": s.best["epoch"],
+           "validation": val, "test": test, "test_confusion_matrix": confusion, "label_names": s.label_names,
+           "student": {"architecture": type(s.model).__name__, "parameters": sum(p.numel() for p in s.model.parameters()),
+                       "inputs": {k: s.inputs[k] for k in ("size", "resample", "mean", "std")}},
+           "epoch_time_s": [r["epoch_time_s"] for r in epochs],
+           "train_images_per_s": round(train_images / sum(r["train_time_s"] for r in epochs), 2),
+           "total_time_s": round(wall_time, 2),
+           "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    _atomic_write_text(s.out / "run.json", json.dumps(run, indent=2))
+    (s.out / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete; model/ is the result
+    return RunReport(s.out, s.best["epoch"], val, test, confusion, s.label_names, wall_time, epochs, run)
+
+
+def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[dict], None] | None = None) -> RunReport:
+    """setup -> (resume) -> fit -> finish. A finished run with --resume returns its saved report."""
+    start = time.perf_counter()
+    finished = cfg.out_dir() / "run.json"
+    if cfg.resume and finished.exists():
+        return load_report(cfg.out_dir())
+    s = setup(cfg, progress)
+    if cfg.resume:
+        resume(s)
+    fit(s, progress, on_epoch)
+    return finish(s, time.perf_counter() - start)
+
+
+def load_report(out: Path) -> RunReport:
+    r = json.loads((Path(out) / "run.json").read_text())
+    history = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
+    return RunReport(Path(out), r["best_epoch"], r["validation"], r["test"], r["test_confusion_matrix"],
+                     r["label_names"], r["total_time_s"], history, r)
+
+
+def evaluate(run_dir: Path, split: str = "test", dataset: str | None = None, device: str = "auto",
+             progress: Progress | None = None) -> dict:
+    """Reload a saved student (model/ with its preprocessor_config.json) and evaluate it on `split`,
+    independently of training: inputs are rebuilt from the saved processor, labels from the dataset."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        raise KdpipeError(f"{run_dir}: no run.json; pass a folder written by kdpipe train-student")
+    r = json.loads((run_dir / "run.json").read_text())
+    model = AutoModelForImageClassification.from_pretrained(run_dir / "model")
+    proc = AutoImageProcessor.from_pretrained(run_dir / "model")
+    ds = _reopen(r["dataset"], dataset, [split])
+    if ds.label_names != [model.config.id2label[i] for i in range(model.config.num_labels)]:
+        raise KdpipeError(f"--dataset {ds.spec}: labels {ds.label_names} differ from the student's")
+    dev = runtime.resolve_device(device)
+    inputs = _with_tensors({"size": (proc.size["height"], proc.size["width"]), "resample": int(proc.resample),
+                            "mean": list(proc.image_mean), "std": list(proc.image_std)}, dev)
+    source = ds.splits[split]
+    teacher = None
+    cache_dir = r["config"].get("cache")
+    if cache_dir and Path(cache_dir, f"{split}.parquet").exists():
+        cached = logit_store.read_split(logit_store.split_path(Path(cache_dir), split))
+        teacher = torch.from_numpy(cached.aligned_to(source.ids, source.labels, f"cache split {split!r}"))
+    data = SplitData(split, source.ids,
+                     pixels.as_tensor(pixels.load_or_build(source, inputs["size"], inputs["resample"],
+                                                           progress=progress), dev),
+                     torch.from_numpy(source.labels), teacher)
+    model = runtime.prepare_model(model, dev)
+    logits = predict(model, data, dev, r["precision"], inputs)
+    report = metrics.classification_report(logits, source.labels, teacher.numpy() if teacher is not None else None)
+    report["confusion_matrix"] = metrics.confusion_matrix(logits.argmax(1), source.labels, len(ds.label_names)).tolist()
+    return report

@@ -1,0 +1,106 @@
+"""Tiny generated data and tiny random models: every test runs on CPU in seconds, without network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup fails at once instead of retrying
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["COLUMNS"] = "160"  # rich wraps tables to the terminal; keep test output on one line each
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CLASSES = ["angular_leaf_spot", "bean_rust", "healthy"]
+COLOURS = {"angular_leaf_spot": (200, 60, 60), "bean_rust": (60, 200, 60), "healthy": (60, 60, 200)}
+SIZE = 32  # teacher processor and student resolution in tests
+
+
+def make_image_folder(root: Path, per_class: dict[str, int] | None = None, size: int = 40, seed: int = 0) -> Path:
+    """split/class/*.png images whose class is visible in their colour (separable), with noise."""
+    rng = np.random.default_rng(seed)
+    per_class = per_class or {"train": 12, "validation": 4, "test": 4}
+    for split, n in per_class.items():
+        for cls in CLASSES:
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.array(COLOURS[cls], dtype=np.float64)
+                pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{cls}_{i}.png")
+    return root
+
+
+def make_teacher(path: Path, label_names: list[str] | None = None, seed: int = 0) -> Path:
+    """A tiny random ViT classifier plus its processor, saved with save_pretrained."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    names = label_names or CLASSES
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=len(names), id2label=dict(enumerate(names)),
+                       label2id={n: i for i, n in enumerate(names)})
+    ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=[0.5, 0.4, 0.3],
+                         image_std=[0.2, 0.25, 0.3]).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "beans-tiny")
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "vit-tiny")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory, image_folder, teacher_dir) -> Path:
+    """A cache of the tiny teacher over the tiny folder, built once (fp32) for the stage-two tests."""
+    from pipeline import cache_teacher
+    from pipeline.config import CacheConfig
+
+    out = tmp_path_factory.mktemp("cache") / "c"
+    cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=out, precision="fp32",
+                                  workers=0, batch_size=16))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_root(tmp_path, monkeypatch):
+    """Default artifact folders (data/...) go to a fresh temp dir, never the repository's data/."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the kdpipe CLI in-process; returns (exit_code, combined output)."""
+    from typer.testing import CliRunner
+
+    import cli
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        result = runner.invoke(cli.app, [str(a) for a in args], catch_exceptions=True)
+        return result.exit_code, result.output + (str(result.exception) if result.exception and result.exit_code not in (0, 1) else "")
+
+    return invoke
+
+
+TINY_STUDENT = "image_size=32,depth_multiplier=0.35"
+
+
+def tiny_train_config(**overrides):
+    from pipeline.config import TrainConfig
+
+    base = dict(student_config={"image_size": SIZE, "depth_multiplier": 0.35}, epochs=2, batch_size=8, lr=3e-3,
+                precision="fp32", device="cpu")
+    base.update(overrides)
+    return TrainConfig(**base)
