@@ -94,13 +94,13 @@ def run_cli():
     return invoke
 
 
-TINY_STUDENT = "image_size=32,depth_multiplier=0.35"
+TINY_STUDENT = "image_size=32,depth_multiplier=0.35,classifier_dropout_prob=0"
 
 
 def tiny_train_config(**overrides):
     from pipeline.config import TrainConfig
 
-    base = dict(student_config={"image_size": SIZE, "depth_multiplier": 0.35}, epochs=2, batch_size=8, lr=3e-3,
+    base = dict(student_config={"image_size": SIZE, "depth_multiplier": 0.35, "classifier_dropout_prob": 0.0}, epochs=2, batch_size=8, lr=3e-3,
                 precision="fp32", device="cpu")
     base.update(overrides)
     return TrainConfig(**base)

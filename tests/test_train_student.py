@@ -1,0 +1,233 @@
+"""Stage two: `kdpipe train-student` and `kdpipe evaluate` on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CLASSES, TINY_STUDENT, tiny_train_config
+from pipeline import logit_store, pixels, train_student
+from pipeline.data import open_dataset
+from pipeline.errors import KdpipeError
+from pipeline.student import batchnorm_layers
+
+
+def test_a_student_learns_separable_data(cache_dir, tmp_path):
+    report = train_student.run(tiny_train_config(cache=cache_dir, epochs=6, lr=3e-3, precise_bn=True, alpha=0.0,
+                                                 out=tmp_path / "run"))
+    assert report.validation["accuracy"] >= 0.8  # chance is 1/3
+    assert report.history[-1]["train"]["loss"] < report.history[0]["train"]["loss"]
+    assert {"accuracy", "macro_f1", "teacher_agreement", "kl_to_teacher"} <= set(report.validation)
+    assert np.array(report.confusion_matrix).sum() == 12
+
+
+def test_outputs_and_provenance(cache_dir, tmp_path):
+    report = train_student.run(tiny_train_config(cache=cache_dir, epochs=2, out=tmp_path / "run"))
+    out = tmp_path / "run"
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert {"loss", "ce", "kd"} == set(json.loads(lines[0])["train"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["seed"] == 0 and run["config"]["alpha"] == 0.5
+    assert run["cache"]["teacher"]["label_names"] == CLASSES and run["cache_matches_dataset_contents"]
+    assert run["best_epoch"] == report.best_epoch and len(run["epoch_time_s"]) == 2
+    assert {"torch", "transformers"} <= set(run["versions"]) and run["train_images_per_s"] > 0
+    assert (out / "model" / "model.safetensors").exists() and (out / "model" / "preprocessor_config.json").exists()
+    assert not (out / "checkpoint.pt").exists()  # a finished run keeps only its result
+
+
+def test_the_saved_student_loads_with_auto_classes_and_pipeline(cache_dir, image_folder, tmp_path):
+    from transformers import AutoModelForImageClassification, pipeline
+
+    train_student.run(tiny_train_config(cache=cache_dir, epochs=1, out=tmp_path / "run"))
+    model_dir = tmp_path / "run" / "model"
+    model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
+    assert model.config.id2label == dict(enumerate(CLASSES))
+    image_path = next((image_folder / "test" / "healthy").iterdir())
+    classify = pipeline("image-classification", model=str(model_dir), device="cpu")
+    top = classify(Image.open(image_path))[0]
+    # the pipeline's preprocessing is the one the student trained with: same prediction as our inputs
+    split = open_dataset(str(image_folder), splits=["test"]).splits["test"]
+    row = split.ids.index(image_path.relative_to(image_folder).as_posix())
+    x = pixels.normalise(torch.from_numpy(np.stack([pixels.decode_resized(split, row, (32, 32), 2)])),
+                         torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3]))
+    with torch.no_grad():
+        probs = model(pixel_values=x).logits.softmax(-1)[0]
+    assert top["label"] == CLASSES[int(probs.argmax())]
+    assert top["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+def test_evaluate_reproduces_the_final_metrics(run_cli, cache_dir, tmp_path):
+    report = train_student.run(tiny_train_config(cache=cache_dir, epochs=2, out=tmp_path / "run"))
+    again = train_student.evaluate(tmp_path / "run", split="test", device="cpu")
+    assert again["accuracy"] == report.test["accuracy"]
+    assert again["teacher_agreement"] == report.test["teacher_agreement"]
+    assert again["kl_to_teacher"] == pytest.approx(report.test["kl_to_teacher"], rel=1e-5)
+    assert again["confusion_matrix"] == report.confusion_matrix
+    code, out = run_cli("evaluate", tmp_path / "run", "--split", "validation")
+    assert code == 0 and f"accuracy {report.validation['accuracy']:.2%}" in out
+
+
+def test_alpha_zero_trains_without_a_cache(run_cli, image_folder, tmp_path):
+    code, out = run_cli("train-student", "--dataset", image_folder, "--alpha", "0", "--epochs", "1",
+                        "--student-config", TINY_STUDENT, "--precision", "fp32", "--out", tmp_path / "r")
+    assert code == 0, out
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert "cache" not in run and "teacher_agreement" not in run["validation"]
+    code, out = run_cli("train-student", "--dataset", image_folder, "--epochs", "1", "--out", tmp_path / "r2")
+    assert code == 1 and "--cache" in out and "--alpha 0" in out
+
+
+def _rewrite_cache(src, dst, edit):
+    """Copy a cache, changing one split through `edit(ids, labels, logits, meta)`; checksums stay valid."""
+    shutil.copytree(src, dst)
+    path = dst / "train.parquet"
+    s = logit_store.read_split(path)
+    ids, labels, logits, meta = edit(list(s.ids), s.labels.copy(), s.logits.copy(), dict(s.meta))
+    for key in ("format", "format_version", "rows", "num_classes", "content_sha256"):
+        meta.pop(key, None)
+    logit_store.write_split(path, ids, labels, logits, meta)
+    return dst
+
+
+def test_logits_are_joined_by_id_not_by_position(cache_dir, tmp_path):
+    """A cache with its rows shuffled trains exactly like the original."""
+    def shuffle(ids, labels, logits, meta):
+        order = np.random.default_rng(0).permutation(len(ids))
+        return [ids[i] for i in order], labels[order], logits[order], meta
+
+    shuffled = _rewrite_cache(cache_dir, tmp_path / "shuffled", shuffle)
+    a = train_student.setup(tiny_train_config(cache=cache_dir, out=tmp_path / "a"))
+    b = train_student.setup(tiny_train_config(cache=shuffled, out=tmp_path / "b"))
+    assert torch.equal(a.splits["train"].teacher_logits, b.splits["train"].teacher_logits)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda ids, l, x, m: (ids[1:], l[1:], x[1:], m), "missing from the cache"),
+    (lambda ids, l, x, m: (ids[:-1] + ["train/healthy/impostor.png"], l, x, m), "extra ids"),
+    (lambda ids, l, x, m: (ids, (l + 1) % 3, x, m), "other labels"),
+])
+def test_a_mismatched_cache_is_refused(run_cli, cache_dir, tmp_path, edit, message):
+    bad = _rewrite_cache(cache_dir, tmp_path / "bad", edit)
+    code, out = run_cli("train-student", "--cache", bad, "--epochs", "1", "--student-config", TINY_STUDENT,
+                        "--out", tmp_path / "r")
+    assert code == 1 and message in out and "Traceback" not in out
+
+
+def test_a_cache_with_other_label_names_is_refused(cache_dir, tmp_path):
+    def rename(ids, labels, logits, meta):
+        return ids, labels, logits, {**meta, "label_names": ["a", "b", "c"]}
+
+    bad = _rewrite_cache(cache_dir, tmp_path / "bad", rename)
+    with pytest.raises(KdpipeError, match="other teacher or label set|labels"):
+        train_student.setup(tiny_train_config(cache=bad, out=tmp_path / "r"))
+
+
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(cache_dir, tmp_path):
+    full = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "full"))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"), on_epoch=stop_after_first)
+    assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "run.json").exists()
+    with pytest.raises(KdpipeError, match="--resume"):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"))
+    resumed = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut", resume=True))
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    for a, b in zip(full.history, resumed.history):
+        assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-5)
+        assert a["validation"]["accuracy"] == b["validation"]["accuracy"]
+    assert resumed.test["accuracy"] == full.test["accuracy"]
+    with pytest.raises(Stop):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "lr"), on_epoch=stop_after_first)
+    with pytest.raises(KdpipeError, match="other settings"):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, lr=0.5, out=tmp_path / "lr", resume=True))
+
+
+def test_student_inputs_equal_the_teacher_processor_output(image_folder, teacher_dir):
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(teacher_dir)
+    split = open_dataset(str(image_folder), splits=["validation"]).splits["validation"]
+    u8 = torch.from_numpy(np.stack([pixels.decode_resized(split, i, (32, 32), proc.resample) for i in range(4)]))
+    ours = pixels.normalise(u8, torch.tensor(proc.image_mean), torch.tensor(proc.image_std))
+    theirs = proc(images=[split.image(i) for i in range(4)], return_tensors="pt")["pixel_values"]
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)  # same uint8 pixels, same arithmetic
+
+
+def test_the_pixel_store_is_built_once_and_keyed_by_contents(image_folder, tmp_path):
+    split = open_dataset(str(image_folder), splits=["test"]).splits["test"]
+    a = pixels.load_or_build(split, (32, 32), 2, root=tmp_path / "px")
+    files = list((tmp_path / "px").rglob("*.npy"))
+    mtime = files[0].stat().st_mtime_ns
+    b = pixels.load_or_build(split, (32, 32), 2, root=tmp_path / "px")
+    assert np.array_equal(a, b) and files[0].stat().st_mtime_ns == mtime
+    pixels.load_or_build(split, (24, 24), 2, root=tmp_path / "px")
+    assert len(list((tmp_path / "px").rglob("*.npy"))) == 2  # another resolution, another store
+
+
+def test_an_existing_run_folder_is_not_overwritten(run_cli, cache_dir, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "precious.txt").write_text("keep me")
+    code, out = run_cli("train-student", "--cache", cache_dir, "--out", tmp_path / "r", "--epochs", "1")
+    assert code == 1 and "--resume" in out and (tmp_path / "r" / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--alpha", "1.5", "--alpha"), ("--temperature", "0", "--temperature"), ("--lr", "-1", "--lr"),
+    ("--schedule", "zigzag", "--schedule"), ("--bn-momentum", "2", "--bn-momentum"),
+    ("--student-config", "depth_multiplier", "--student-config"), ("--precision", "fp64", "--precision"),
+])
+def test_bad_flags_get_one_line_errors(run_cli, cache_dir, tmp_path, flag, value, message):
+    code, out = run_cli("train-student", "--cache", cache_dir, flag, value, "--out", tmp_path / "r")
+    assert code == 1 and message in out and "Traceback" not in out
+
+
+def test_cli_end_to_end(run_cli, cache_dir, tmp_path):
+    code, out = run_cli("train-student", "--cache", cache_dir, "--epochs", "2", "--student-config", TINY_STUDENT,
+                        "--lr", "3e-3", "--precision", "fp32", "--out", tmp_path / "r", "--seed", "3")
+    assert code == 0, out
+    assert "best epoch" in out and "test confusion" in out and "val acc" in out
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["seed"] == 3
+
+
+# --- BatchNorm statistics (issue 9) -------------------------------------------------------------------
+
+
+def test_bn_momentum_reaches_every_batchnorm_layer(cache_dir, tmp_path):
+    s = train_student.setup(tiny_train_config(cache=cache_dir, bn_momentum=0.05, out=tmp_path / "a"))
+    layers = batchnorm_layers(s.model)
+    assert len(layers) > 10 and all(m.momentum == 0.05 for m in layers)
+    upstream = train_student.setup(tiny_train_config(cache=cache_dir, bn_momentum=None, out=tmp_path / "b"))
+    assert all(m.momentum == 0.997 for m in batchnorm_layers(upstream.model))  # transformers' TF-style value
+
+
+def test_precise_bn_sets_the_exact_statistics_of_the_training_activations(cache_dir, tmp_path):
+    s = train_student.setup(tiny_train_config(cache=cache_dir, out=tmp_path / "a", batch_size=8))
+    train_student.train_epoch(s, 0)  # move the weights away from init
+    layers = batchnorm_layers(s.model)
+    probes = {0: layers[0], 1: layers[len(layers) // 2], 2: layers[-1]}
+    seen = {k: [] for k in probes}
+    handles = [m.register_forward_pre_hook(lambda mod, args, k=k: seen[k].append(args[0].detach().double()))
+               for k, m in probes.items()]
+    train_student.recompute_bn_stats(s)
+    for h in handles:
+        h.remove()
+    for k, m in probes.items():
+        x = torch.cat(seen[k])  # (N, C, H, W): every training activation entering this layer
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        torch.testing.assert_close(m.running_mean.double(), flat.mean(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.running_var.double(), flat.var(1, unbiased=True), atol=1e-5, rtol=1e-4)
+    assert sum(len(v) for v in seen.values()) == 3 * 5  # 36 images in batches of 8: every batch, once
