@@ -231,32 +231,40 @@ def recompute_bn_stats(s: Setup) -> None:
     layers = batchnorm_layers(s.model)
     if not layers:
         return
-    acc = {m: [0.0, 0.0, 0] for m in layers}  # sum, sum of squares (per channel, float64), count
+    batches = {m: [] for m in layers}  # per batch: (count, mean, variance) per channel
 
     def hook(module, args):
-        x = args[0].detach().double()  # (B, C, H, W)
+        x = args[0].detach().float()  # (B, C, H, W)
         dims = [d for d in range(x.ndim) if d != 1]
-        a = acc[module]
-        a[0] = a[0] + x.sum(dims)
-        a[1] = a[1] + (x * x).sum(dims)
-        a[2] += x.numel() // x.shape[1]
+        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+        batches[module].append((x.numel() // x.shape[1], mean.double(), var.double()))
 
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     data, bs = s.splits[s.cfg.train_split], s.cfg.batch_size
     s.model.train()
+    # fork_rng: dropout draws in these forwards must not change the training run's random stream
     try:
-        with runtime.autocast(s.device, s.precision):
+        with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []), \
+                runtime.autocast(s.device, s.precision):
             for start in range(0, len(data), bs):
                 batch = data.batch(torch.arange(start, min(start + bs, len(data))), s.device)
                 s.model(pixel_values=student_inputs(s, batch))
     finally:
         for h in handles:
             h.remove()
-    for m, (total, squares, n) in acc.items():
-        mean = total / n
-        var = (squares / n - mean * mean).clamp_min(0) * (n / max(1, n - 1))
+    for m, parts in batches.items():
+        mean, var = _pooled_mean_var(parts)
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
         m.running_var.copy_(var.to(m.running_var.dtype))
+
+
+def _pooled_mean_var(parts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact mean and unbiased variance of the union of batches from their (count, mean, biased var):
+    M2 = sum_b n_b * (var_b + (mean_b - mean)^2)."""
+    n = sum(c for c, _, _ in parts)
+    mean = sum(c * mu for c, mu, _ in parts) / n
+    m2 = sum(c * (v + (mu - mean) ** 2) for c, mu, v in parts)
+    return mean, m2 / max(1, n - 1)
 
 
 @torch.no_grad()

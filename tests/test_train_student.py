@@ -231,3 +231,34 @@ def test_precise_bn_sets_the_exact_statistics_of_the_training_activations(cache_
         torch.testing.assert_close(m.running_mean.double(), flat.mean(1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.running_var.double(), flat.var(1, unbiased=True), atol=1e-5, rtol=1e-4)
     assert sum(len(v) for v in seen.values()) == 3 * 5  # 36 images in batches of 8: every batch, once
+
+
+def test_bn_settings_do_not_change_the_training_trajectory(cache_dir, tmp_path):
+    """BN running statistics only matter in eval mode, and precise BN runs under fork_rng: the weights
+    after training are identical whatever the BN settings (the basis of the BN study in benchmarks/)."""
+    runs = []
+    for i, kw in enumerate([{"bn_momentum": 0.997}, {"bn_momentum": 0.1}, {"bn_momentum": 0.1, "precise_bn": True}]):
+        s = train_student.setup(tiny_train_config(cache=cache_dir, out=tmp_path / str(i), **kw))
+        train_student.fit(s)
+        runs.append({k: v for k, v in s.model.state_dict().items() if "running" not in k and "num_batches" not in k})
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
+
+
+def test_shadow_bn_statistics_equal_pytorch_momentum_updates(cache_dir, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_results", Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real = train_student.setup(tiny_train_config(cache=cache_dir, out=tmp_path / "real", bn_momentum=0.1))
+    shadowed = train_student.setup(tiny_train_config(cache=cache_dir, out=tmp_path / "shadow", bn_momentum=1.0))
+    shadow = module.ShadowBN(shadowed.model, {"m": 0.1})
+    train_student.train_epoch(real, 0)
+    train_student.train_epoch(shadowed, 0)
+    shadow.load("m")
+    for a, b in zip(batchnorm_layers(real.model), batchnorm_layers(shadowed.model)):
+        torch.testing.assert_close(a.running_mean, b.running_mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a.running_var, b.running_var, atol=1e-6, rtol=1e-5)
