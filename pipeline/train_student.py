@@ -121,7 +121,6 @@ def _open_dataset(cfg: TrainConfig, cache: dict | None) -> ImageDataset:
     if cache is None:
         return open_dataset(cfg.dataset, splits=wanted, image_column=cfg.image_column, label_column=cfg.label_column)
     meta = next(iter(cache.values())).meta
-    spec = cfg.dataset or meta["dataset"]["spec"]
     dataset = _reopen(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column)
     if dataset.label_names != meta["label_names"]:
         raise KdpipeError(f"--dataset {dataset.spec} has labels {dataset.label_names} but --cache {cfg.cache} has "
