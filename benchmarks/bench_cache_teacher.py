@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import busy_note, cpu_seconds, print_table, sync  # noqa: E402
 from pipeline import cache_teacher, runtime  # noqa: E402
 from pipeline.config import CacheConfig  # noqa: E402
 from pipeline.data import Split, open_dataset  # noqa: E402
@@ -78,27 +78,6 @@ def first_rows(split: Split, n: int) -> Split:
     n = min(n, len(split))
     return Split(split.name, split.table.select(range(n)), split.image_column, split.ids[:n], split.labels[:n],
                  split.root)
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (DataLoader workers). CPU seconds per wall second
-    below torch's thread count means the benchmark was starved of cores (a busy shared machine)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def busy_note(cores: dict[str, float]) -> str | None:
-    threads = torch.get_num_threads()
-    starved = [k for k, c in cores.items() if c < 0.75 * threads]
-    if starved:
-        return (f"note: {', '.join(starved)} kept fewer than {0.75 * threads:g} of {threads} cores busy: the machine "
-                "was probably shared, so these figures are noisy; rerun on a quiet machine")
-    return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_stage_one(teacher, split: Split, device, precision: str, batch_size: int, workers: int) -> float:
@@ -147,16 +126,6 @@ def full_beans_cache(teacher: str, dataset: str, batch_size: int, device: str) -
             "splits": {r.split: {"rows": r.rows, "images_per_s": round(r.images_per_s, 2),
                                  "seconds": round(r.rows / r.images_per_s, 2), "teacher_accuracy": round(r.accuracy, 4)}
                        for r in reports}}
-
-
-def print_table(title: str, header: list[str], rows: list[list]) -> None:
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for k, row in enumerate(cells):
-        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            print("  " + "  ".join("-" * w for w in widths))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import busy_note, cpu_seconds, print_table, sync  # noqa: E402
 from pipeline import logit_store, pixels, runtime, train_student  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.loss import distillation_loss  # noqa: E402
@@ -69,27 +69,6 @@ TARGETS = {"kd_overhead": 1.05, "loop_efficiency": 1.10}
 VARIANTS = ("plain_ce", "kd_cached", "kd_online", "bare_loop")
 LABELS = {"plain_ce": "plain CE (alpha 0, no cache)", "kd_cached": "KD, cached logits (train_epoch)",
           "kd_online": "KD, online ViT-B/16 teacher (guide)", "bare_loop": "bare fwd/bwd/step loop (KD loss)"}
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (DataLoader workers). CPU seconds per wall second
-    below torch's thread count means the benchmark was starved of cores (a busy shared machine)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def busy_note(cores: dict[str, float]) -> str | None:
-    threads = torch.get_num_threads()
-    starved = [k for k, c in cores.items() if c < 0.75 * threads]
-    if starved:
-        return (f"note: {', '.join(starved)} kept fewer than {0.75 * threads:g} of {threads} cores busy: the machine "
-                "was probably shared, so these figures are noisy; rerun on a quiet machine")
-    return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def restrict(s: Setup, n: int, keep_teacher_logits: bool = True) -> int:
@@ -181,16 +160,6 @@ def warm_up(s: Setup, run, steps: int = 2) -> None:
         run()
     finally:
         s.splits[d.name] = d
-
-
-def print_table(title: str, header: list[str], rows: list[list]) -> None:
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for k, row in enumerate(cells):
-        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            print("  " + "  ".join("-" * w for w in widths))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,38 @@
+"""Measurement helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (DataLoader workers). CPU seconds per wall second
+    below torch's thread count means the benchmark was starved of cores (a busy shared machine)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def busy_note(cores: dict[str, float]) -> str | None:
+    threads = torch.get_num_threads()
+    starved = [k for k, c in cores.items() if c < 0.75 * threads]
+    if starved:
+        return (f"note: {', '.join(starved)} kept fewer than {0.75 * threads:g} of {threads} cores busy: the machine "
+                "was probably shared, so these figures are noisy; rerun on a quiet machine")
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for k, row in enumerate(cells):
+        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            print("  " + "  ".join("-" * w for w in widths))
