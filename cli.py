@@ -254,6 +254,119 @@ def evaluate_cmd(
     _print_confusion(m["confusion_matrix"], names, f"{split} confusion (rows: true)")
 
 
+SWEEP_HELP = "Values 1,2,5 (grid or tpe) or a range low:high[:log] (tpe only); one value = fixed for every run."
+
+
+@app.command("sweep")
+def sweep_cmd(
+    cache: Optional[Path] = typer.Option(None, help="Stage one's folder (required unless every --alpha is 0)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset [default: the one the cache was built from]."),
+    student: Optional[str] = typer.Option(None, help="Hub id or folder [default: MobileNetV2 from scratch]."),
+    student_config: Optional[str] = typer.Option(None, help="Config overrides, e.g. depth_multiplier=0.75."),
+    temperature: Optional[str] = typer.Option(None, "--temperature", "-T", help=f"T of the KD term. {SWEEP_HELP}"),
+    alpha: Optional[str] = typer.Option(None, "--alpha", "--lambda", help="Weight of the KD term (0 = from scratch)."),
+    lr: Optional[str] = typer.Option(None, help="Peak learning rate, e.g. 5e-5,1e-3 or 1e-5:1e-2:log."),
+    batch_size: Optional[str] = typer.Option(None, help="Training batch size, e.g. 8,32."),
+    epochs: Optional[str] = typer.Option(None, help="Training epochs [default: 30]."),
+    weight_decay: Optional[str] = typer.Option(None, help="AdamW weight decay."),
+    warmup_ratio: Optional[str] = typer.Option(None, help="Fraction of steps of linear warm-up."),
+    schedule: Optional[str] = typer.Option(None, help="linear,cosine,constant."),
+    bn_momentum: Optional[str] = typer.Option(None, help="BatchNorm momentum (PyTorch semantics)."),
+    precise_bn: bool = typer.Option(False, "--precise-bn/--no-precise-bn", help="Recompute BN statistics before each evaluation."),
+    seeds: str = typer.Option("0,1,2", help="Seeds; every config runs every seed."),
+    sampler: str = typer.Option("grid", help="grid (every config x seed) or tpe (Optuna's TPE, --trials configs)."),
+    trials: Optional[int] = typer.Option(None, help="tpe: how many configs to try."),
+    prune: str = typer.Option("none", help="none|median|halving: stop hopeless trials on per-epoch validation accuracy."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL for many workers [default: a journal file in --out]."),
+    out: Optional[Path] = typer.Option(None, help="Sweep folder [default: data/sweeps/<name>]."),
+    name: Optional[str] = typer.Option(None, help="Study name [default: the folder's name]."),
+    test_split: str = typer.Option("test", help="Split reported for the chosen config ('' for none)."),
+    precision: str = typer.Option("auto", help="auto|fp32|bf16|fp16."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda."),
+    stale_after: float = typer.Option(3600.0, help="Seconds of silence after which another host's trial is rerun."),
+):
+    """Sweep student settings against one cache (an Optuna study; rerun the same command to resume or to add
+    a worker). The teacher is never loaded."""
+    from pipeline import sweep, sweep_report
+    from pipeline.config import SweepConfig, TrainConfig, parse_overrides, split_space
+
+    with user_errors():
+        flags = {"temperature": temperature, "alpha": alpha, "lr": lr, "batch_size": batch_size, "epochs": epochs,
+                 "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "schedule": schedule,
+                 "bn_momentum": bn_momentum}
+        fixed, space = split_space(flags)
+        searched_alpha = space.get("alpha") is not None
+        train = TrainConfig(cache=cache, dataset=dataset, student=student, student_config=parse_overrides(student_config),
+                            precise_bn=precise_bn, test_split=test_split or None, precision=precision, device=device,
+                            **{"alpha": 0.0 if searched_alpha and cache is None else TrainConfig.alpha, **fixed})
+        cfg = SweepConfig(train=train, space=space, seeds=_ints(seeds, "--seeds"), sampler=sampler, trials=trials,
+                          prune=prune, storage=storage, out=out, name=name, stale_after_s=stale_after)
+        console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {sampler}, seeds {cfg.seeds}, "
+                      f"searching {', '.join(space) or 'nothing (seeds only)'}")
+        with _progress() as bar:
+            tasks = {}
+
+            def on_progress(task: str, done: int, total: int, info: str = ""):
+                if task not in tasks:
+                    tasks[task] = bar.add_task(task, total=total, info="")
+                bar.update(tasks[task], completed=done, total=total, info=info)
+
+            def on_trial(r, total: int):
+                for t in list(tasks.values()):
+                    bar.remove_task(t)
+                tasks.clear()
+                bar.console.print(f"trial {r.number:>3} ({total} planned)  {r.key}  seeds {r.seeds}  "
+                                  f"val {r.validation:.2%}  {r.state}  {r.seconds:.0f} s")
+
+            folder = sweep.run(cfg, progress=on_progress, on_trial=on_trial)
+        _print_sweep(sweep_report.build(folder))
+
+
+@app.command("sweep-report")
+def sweep_report_cmd(sweep_dir: Path = typer.Argument(..., help="A folder written by kdpipe sweep.")):
+    """Rebuild a sweep's table, results.csv/json and heatmap from its storage (finished or running)."""
+    from pipeline import sweep_report
+
+    with user_errors():
+        _print_sweep(sweep_report.build(sweep_dir))
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KdpipeError(f"{flag}: expected integers like 0,1,2 (got {text!r})") from None
+
+
+def _print_sweep(s) -> None:
+    import math
+
+    names = sorted({k for r in s.rows for k in r.params})
+    table = Table(title=f"sweep {s.study_name}: best-epoch validation accuracy over seeds (sorted)")
+    for col in ("#", *names, "seeds", "val mean ± std", "95% CI", "pruned"):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(s.rows, 1):
+        ci = "-" if math.isnan(r.val_ci95) else f"± {r.val_ci95:.2%}"
+        style = "bold green" if r is s.best else None
+        table.add_row(str(i), *(f"{r.params[n]:g}" if isinstance(r.params.get(n), float) else str(r.params.get(n))
+                                for n in names), str(len(r.seeds)), f"{r.val_mean:.2%} ± {r.val_std:.2%}", ci,
+                      str(r.pruned), style=style)
+    console.print(table)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(s.counts.items())) or "no trials yet"
+    saved = 1 - s.epochs["run"] / s.epochs["planned"] if s.epochs["planned"] else 0.0
+    console.print(f"trials: {counts}; epochs run {s.epochs['run']} of {s.epochs['planned']} planned "
+                  f"({saved:.0%} saved by pruning); training time {s.seconds:.0f} s")
+    if s.best is not None:
+        from pipeline.sweep_report import mean_std_ci
+
+        line = f"chosen on validation: [bold]{s.best.key}[/] (val {s.best.val_mean:.2%} ± {s.best.val_std:.2%})"
+        if s.best.test:
+            m, sd, _ = mean_std_ci(s.best.test)
+            line += f"; its test accuracy, reported not used: [bold]{m:.2%} ± {sd:.2%}[/] over {len(s.best.test)} seeds"
+        console.print(line)
+    console.print("wrote " + ", ".join(str(f) for f in s.files))
+
+
 def main():
     app()
 

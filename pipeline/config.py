@@ -145,3 +145,130 @@ def _parse_scalar(value: str):
         except ValueError:
             pass
     return value
+
+
+# Train-student settings a sweep can search, with their types (flags: --temperature, --alpha, ...).
+SWEEPABLE = {"temperature": float, "alpha": float, "lr": float, "batch_size": int, "epochs": int,
+             "weight_decay": float, "warmup_ratio": float, "schedule": str, "bn_momentum": float}
+SAMPLERS = ("grid", "tpe")
+PRUNERS = ("none", "median", "halving")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched setting: a list of choices, or (tpe only) a range low:high[:log]."""
+    name: str
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    @property
+    def is_range(self) -> bool:
+        return self.low is not None
+
+    def to_dict(self) -> dict:
+        return {"choices": list(self.choices)} if not self.is_range else \
+            {"low": self.low, "high": self.high, "log": self.log}
+
+
+def parse_dimension(name: str, text: str) -> Dimension:
+    """`1,2,5` -> choices; `1e-5:1e-2:log` or `0:1` -> a range. Values are checked by TrainConfig's rules."""
+    flag, kind = f"--{name.replace('_', '-')}", SWEEPABLE[name]
+    text = text.strip()
+    _check(bool(text), f"{flag}: empty search space; give values like 1,2,5 or a range like 1e-5:1e-2:log")
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            _check(len(parts) in (2, 3) and (len(parts) == 2 or parts[2] == "log") and kind is not str,
+                   f"{flag}: a range is low:high or low:high:log (got {text!r})")
+            low, high = kind(parts[0]), kind(parts[1])
+            _check(low < high, f"{flag}: range low must be below high (got {text!r})")
+            _check(len(parts) == 2 or low > 0, f"{flag}: a log range needs low > 0 (got {text!r})")
+            dim = Dimension(name, low=low, high=high, log=len(parts) == 3)
+            for v in (low, high):
+                _valid_setting(name, v)
+            return dim
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise KdpipeError(f"{flag}: cannot read {text!r} as {kind.__name__} values (e.g. 1,2,5 or 1e-5:1e-2:log)") from None
+    _check(bool(values), f"{flag}: empty search space; give values like 1,2,5")
+    _check(len(set(values)) == len(values), f"{flag}: repeated value in {text!r}")
+    for v in values:
+        _valid_setting(name, v)
+    return Dimension(name, choices=tuple(values))
+
+
+def _valid_setting(name: str, value) -> None:
+    """Apply train-student's own checks (and error messages) to one searched value."""
+    TrainConfig(**{"alpha": 0.0, "cache": ".", "dataset": ".", name: value})
+
+
+@dataclass
+class SweepConfig:
+    train: TrainConfig  # everything not searched (cache, student, precision, ...); out/seed/name are per trial
+    space: dict[str, str] = field(default_factory=dict)  # setting -> "1,2,5" or "1e-5:1e-2:log" (as typed)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # a claim needs a spread; 3 is the minimum
+    sampler: str = "grid"  # every config x every seed; "tpe" samples --trials configs
+    trials: int | None = None  # tpe: how many configs
+    prune: str = "none"  # stop hopeless trials on per-epoch validation accuracy (median | halving)
+    storage: str | None = None  # None = a journal file in the sweep folder; or an RDB URL for many workers
+    out: Path | None = None  # None = data/sweeps/<name>
+    name: str | None = None  # study name; None = the folder's name
+    stale_after_s: float = 3600.0  # a RUNNING trial of another host that is silent this long is rerun
+
+    def __post_init__(self):
+        if self.out is not None:
+            self.out = Path(self.out)
+        _check(self.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}")
+        _check(self.prune in PRUNERS, f"--prune must be one of {', '.join(PRUNERS)}")
+        _check(bool(self.seeds), "--seeds: give at least one seed, e.g. 0,1,2")
+        _check(len(set(self.seeds)) == len(self.seeds), f"--seeds: repeated seed in {self.seeds}")
+        unknown = set(self.space) - set(SWEEPABLE)
+        _check(not unknown, f"cannot sweep {sorted(unknown)}; searchable: {', '.join(SWEEPABLE)}")
+        dims = self.dimensions()
+        if self.sampler == "grid":
+            ranged = [d.name for d in dims.values() if d.is_range]
+            _check(not ranged, f"--{ranged[0].replace('_', '-') if ranged else ''}: ranges need --sampler tpe; "
+                               "a grid takes lists like 1,2,5")
+            _check(self.trials is None, "--trials is for --sampler tpe; a grid runs every config")
+        else:
+            _check(self.trials is not None and self.trials > 0, "--sampler tpe needs --trials N (N > 0)")
+            _check(bool(dims), "--sampler tpe needs at least one searched setting, e.g. --lr 1e-5:1e-2:log")
+        alpha = dims.get("alpha")
+        alphas = (self.train.alpha,) if alpha is None else alpha.choices or (alpha.low, alpha.high)
+        _check(self.train.cache is not None or max(alphas) == 0,
+               "--cache is required when --alpha is > 0 (the KD term needs teacher logits)")
+        _check(self.stale_after_s > 0, "--stale-after must be > 0 seconds")
+
+    def dimensions(self) -> dict[str, Dimension]:
+        return {name: parse_dimension(name, text) for name, text in self.space.items()}
+
+    def out_dir(self) -> Path:
+        return self.out or DATA_ROOT / "sweeps" / (self.name or "sweep")
+
+    def study_name(self) -> str:
+        return self.name or self.out_dir().resolve().name
+
+    def spec(self) -> dict:
+        """What makes two workers part of the same sweep (compared when a worker joins)."""
+        train = self.train.to_dict()
+        for k in ("out", "name", "seed", "resume", "device", "workers", *self.space):
+            train.pop(k, None)
+        return {"space": {k: d.to_dict() for k, d in self.dimensions().items()}, "seeds": list(self.seeds),
+                "sampler": self.sampler, "trials": self.trials, "prune": self.prune, "train": train}
+
+
+def split_space(flags: dict[str, str | None]) -> tuple[dict, dict[str, str]]:
+    """Sweep flags -> (fixed settings, searched settings): a flag with one value is a fixed setting of
+    every run (it does not appear in config names); two or more values, or a range, are searched."""
+    fixed, space = {}, {}
+    for name, text in flags.items():
+        if text is None:
+            continue
+        dim = parse_dimension(name, text)
+        if len(dim.choices) == 1:
+            fixed[name] = dim.choices[0]
+        else:
+            space[name] = text
+    return fixed, space

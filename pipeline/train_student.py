@@ -288,6 +288,15 @@ def evaluate_split(s: Setup, name: str) -> tuple[dict, np.ndarray]:
 
 def fit(s: Setup, progress: Progress | None = None, on_epoch: Callable[[dict], None] | None = None) -> None:
     """Train the remaining epochs; after each: (precise BN), validate, keep the best, checkpoint."""
+    board = _tensorboard(s)
+    try:
+        _fit_epochs(s, progress, on_epoch, board)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _fit_epochs(s: Setup, progress, on_epoch, board) -> None:
     for epoch in range(len(s.history), s.cfg.epochs):
         start = time.perf_counter()
         train = train_epoch(s, epoch, progress)
@@ -302,8 +311,34 @@ def fit(s: Setup, progress: Progress | None = None, on_epoch: Callable[[dict], N
         if val["accuracy"] > s.best["accuracy"]:
             s.best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "state": _cpu_state(s.model)}
         _write_checkpoint(s)
+        if board is not None:
+            _log_scalars(board, record)
         if on_epoch:
             on_epoch(record)
+
+
+def _tensorboard(s: Setup):
+    """A SummaryWriter on `<out>/tensorboard` when asked for and the `tensorboard` extra is installed.
+    On --resume, events after the resumed epoch (from the interrupted attempt) are purged."""
+    if not s.cfg.log_tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # the optional extra is absent: metrics.jsonl has everything
+        return None
+    return SummaryWriter(str(s.out / "tensorboard"), purge_step=len(s.history) + 1)
+
+
+def _log_scalars(board, record: dict) -> None:
+    step = record["epoch"]
+    for part in ("loss", "ce", "kd"):
+        board.add_scalar(f"train/{part}", record["train"][part], step)
+    for key, value in record["validation"].items():
+        if key != "n" and isinstance(value, (int, float)):
+            board.add_scalar(f"validation/{key}", value, step)
+    board.add_scalar("lr", record["lr"], step)
+    board.add_scalar("train/images_per_s", record["train_images_per_s"], step)
+    board.flush()
 
 
 def _cpu_state(model) -> dict:

@@ -89,7 +89,12 @@ def run_cli():
 
     def invoke(*args: str):
         result = runner.invoke(cli.app, [str(a) for a in args], catch_exceptions=True)
-        return result.exit_code, result.output + (str(result.exception) if result.exception and result.exit_code not in (0, 1) else "")
+        crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
+        if crashed:  # a bug, not a user error: show its traceback in the assertion message
+            import traceback
+
+            return result.exit_code, result.output + "".join(traceback.format_exception(result.exception))
+        return result.exit_code, result.output
 
     return invoke
 

@@ -155,6 +155,38 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(cache_dir, tm
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, lr=0.5, out=tmp_path / "lr", resume=True))
 
 
+def test_tensorboard_events_mirror_metrics_jsonl_across_a_resume(cache_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise Stop
+
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out), on_epoch=stop_after_first)
+    with SummaryWriter(str(out / "tensorboard")) as stale:  # a crash after logging epoch 2, before its checkpoint
+        stale.add_scalar("train/loss", 1e6, 2)
+    report = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out, resume=True))
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    logged = {tag: [(e.step, e.value) for e in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+    assert {"train/loss", "train/kd", "validation/accuracy", "validation/teacher_agreement", "lr"} <= set(logged)
+    assert logged["train/loss"] == [(r["epoch"], pytest.approx(r["train"]["loss"])) for r in report.history]
+    assert logged["validation/accuracy"] == [(r["epoch"], pytest.approx(r["validation"]["accuracy"]))
+                                             for r in report.history]
+
+
+def test_no_tensorboard_folder_when_switched_off(cache_dir, tmp_path):
+    train_student.run(tiny_train_config(cache=cache_dir, epochs=1, out=tmp_path / "run", log_tensorboard=False))
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
 def test_student_inputs_equal_the_teacher_processor_output(image_folder, teacher_dir):
     from transformers import AutoImageProcessor
 

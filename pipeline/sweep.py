@@ -1,0 +1,365 @@
+"""Student sweeps on Optuna: many `train-student` runs against one teacher-logit cache.
+
+The teacher was paid for once in stage one; a sweep only trains students. Each trial is an ordinary
+train-student run folder under `<sweep>/runs/`, and the study (which trials exist, their parameters,
+state and results) lives in an Optuna storage: by default a journal file inside the sweep folder, or
+any RDB URL (`--storage postgresql://...`) shared by workers on several machines.
+
+grid (default)  one trial per (config, seed) of the full product. Workers claim points through the
+                storage: a worker picks a point nobody holds, creates a trial carrying its parameters,
+                then looks again; if another live trial holds the same point it steps back (its trial is
+                marked FAIL, user attr "duplicate"). Of two claims, the later check always sees the
+                earlier claim, so every point runs exactly once however many workers start together.
+tpe             `--trials N` configs sampled by Optuna's TPESampler; each runs every seed in turn and
+                its value is the mean best-epoch validation accuracy over the seeds.
+
+Resuming is rerunning the same command: COMPLETE and PRUNED trials are kept; a RUNNING trial whose
+worker died (same host: its pid is gone; another host: silent for `stale_after_s`) is marked FAIL and
+its point is run again, continuing its run folder from the last epoch checkpoint.
+
+Pruning (`--prune median|halving`) reports validation accuracy after every epoch to Optuna's
+MedianPruner or SuccessiveHalvingPruner; a pruned trial keeps its run folder (metrics.jsonl) as it stood.
+Everything is chosen on validation; test accuracy is read only for the chosen config (report.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import train_student
+from .config import SweepConfig, TrainConfig
+from .errors import KdpipeError
+
+SPEC_FILE = "sweep.json"
+SHORT = {"temperature": "T", "alpha": "a", "lr": "lr", "batch_size": "bs", "epochs": "e", "weight_decay": "wd",
+         "warmup_ratio": "wu", "schedule": "", "bn_momentum": "bnm"}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid trial: a config (the searched settings) and a seed."""
+    params: dict
+    seed: int
+
+    @property
+    def config_key(self) -> str:
+        return config_key(self.params)
+
+    @property
+    def key(self) -> str:
+        return f"{self.config_key}-seed{self.seed}"
+
+
+def config_key(params: dict) -> str:
+    """A readable folder-safe name for a config, e.g. T5-a0.5-lr5e-05 ("base" when nothing is searched)."""
+    return "-".join(f"{SHORT[k]}{params[k]:g}" if isinstance(params[k], float) else f"{SHORT[k]}{params[k]}"
+                    for k in SHORT if k in params) or "base"
+
+
+def grid_points(cfg: SweepConfig) -> list[Point]:
+    dims = cfg.dimensions()
+    names = sorted(dims)
+    configs = [dict(zip(names, values)) for values in itertools.product(*(dims[n].choices for n in names))]
+    return [Point(c, seed) for c in configs for seed in cfg.seeds]
+
+
+# ------------------------------------------------------------------------------------- storage, study
+
+
+def open_study(cfg: SweepConfig, out: Path):
+    """Create or join the study; the sweep's settings are stored with it and must match on joining."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(cfg.storage, out)
+    pruner = {"none": optuna.pruners.NopPruner(),
+              "median": optuna.pruners.MedianPruner(n_startup_trials=max(2, len(cfg.seeds)), n_warmup_steps=1),
+              "halving": optuna.pruners.SuccessiveHalvingPruner()}[cfg.prune]
+    sampler = optuna.samplers.TPESampler(seed=cfg.seeds[0]) if cfg.sampler == "tpe" else \
+        optuna.samplers.RandomSampler()  # grid trials are queued with their values; nothing is sampled
+    study = optuna.create_study(storage=storage, study_name=cfg.study_name(), direction="maximize",
+                                load_if_exists=True, sampler=sampler, pruner=pruner)
+    spec = json.loads(json.dumps(cfg.spec()))
+    saved = study.user_attrs.get("kdpipe_sweep")
+    if saved is None:
+        study.set_user_attr("kdpipe_sweep", spec)
+    elif saved != spec:
+        differs = sorted(k for k in spec if spec[k] != saved.get(k))
+        raise KdpipeError(f"study {cfg.study_name()!r} was started with other settings ({', '.join(differs)}); "
+                          "use the same flags to resume or join it, or another --out/--name")
+    return study
+
+
+def open_storage(url: str | None, out: Path):
+    """None -> Optuna's journal file `<out>/study.journal` (safe for several local processes at once);
+    otherwise an RDB URL (sqlite:///file.db, postgresql://user@host/db, mysql://...)."""
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None:
+        return JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    try:
+        return RDBStorage(url)
+    except Exception as e:  # sqlalchemy raises many kinds: bad URL, missing driver, refused connection
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KdpipeError(f"--storage {url}: cannot open it ({reason}); check the URL, the database driver "
+                          "and that the server is reachable, or leave --storage out for a local file") from None
+
+
+def _claim_folder(cfg: SweepConfig, out: Path) -> None:
+    """Write sweep.json (how to reopen the study) once, atomically; later workers check it matches."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"study_name": cfg.study_name(), "storage": cfg.storage, "spec": json.loads(json.dumps(cfg.spec()))}
+    path = out / SPEC_FILE
+    tmp = out / f".{SPEC_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2))
+    try:
+        os.link(tmp, path)  # atomic create-if-absent: of two workers starting together, one writes
+    except FileExistsError:
+        saved = json.loads(path.read_text())
+        if saved["spec"] != record["spec"] or saved["study_name"] != record["study_name"]:
+            differs = sorted(k for k in record["spec"] if record["spec"][k] != saved["spec"].get(k))
+            raise KdpipeError(f"--out {out} holds a sweep with other settings ({', '.join(differs) or 'study name'});"
+                              " rerun it with the same flags to resume, or choose another --out") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_spec(out: Path) -> dict:
+    path = Path(out) / SPEC_FILE
+    if not path.exists():
+        raise KdpipeError(f"{out}: no {SPEC_FILE}; pass a folder written by kdpipe sweep")
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------ liveness
+
+
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "alive_at": time.time()}
+
+
+def _is_stale(trial, stale_after_s: float) -> bool:
+    owner = trial.user_attrs.get("owner")
+    if not owner:
+        return time.time() - trial.datetime_start.timestamp() > stale_after_s if trial.datetime_start else False
+    if owner["host"] == socket.gethostname():
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return time.time() - owner["alive_at"] > stale_after_s
+
+
+def fail_stale_trials(study, stale_after_s: float) -> list[int]:
+    """Mark RUNNING trials whose worker is gone as FAIL (their points become free again)."""
+    from optuna.trial import TrialState
+
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _is_stale(t, stale_after_s):
+            study._storage.set_trial_user_attr(t._trial_id, "failed", "worker died")
+            if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                failed.append(t.number)
+    return failed
+
+
+# --------------------------------------------------------------------------------------- one trial
+
+
+class _Pruned(Exception):
+    pass
+
+
+@dataclass
+class TrialResult:
+    number: int
+    key: str
+    params: dict
+    seeds: list[int]
+    state: str  # complete | pruned
+    validation: float  # best-epoch validation accuracy (mean over seeds for tpe)
+    seconds: float
+    runs: list[dict]
+
+
+def _run_one(cfg: SweepConfig, trial, params: dict, seed: int, out: Path, report_epochs: bool,
+             progress: Callable | None) -> dict:
+    """One train-student run folder; resumes a folder left by a dead worker. Returns its summary."""
+    run_dir = out / "runs" / f"{config_key(params)}-seed{seed}"
+    tcfg = dataclasses.replace(cfg.train, **params, seed=seed, out=run_dir, name=None, resume=True)
+    done = []
+    if report_epochs and (run_dir / "metrics.jsonl").exists():  # epochs of an earlier attempt
+        done = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+    def on_epoch(record: dict) -> None:
+        trial.set_user_attr("owner", _owner())  # heartbeat for workers on other hosts
+        if report_epochs:
+            trial.report(record["validation"]["accuracy"], record["epoch"])
+            if trial.should_prune():
+                raise _Pruned
+
+    for record in done:
+        on_epoch(record)
+    try:
+        report = train_student.run(tcfg, progress=progress, on_epoch=on_epoch)
+    except _Pruned:
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        return {"seed": seed, "run": str(run_dir), "pruned": True, "epochs_run": len(history),
+                "validation": max(r["validation"]["accuracy"] for r in history),
+                "seconds": sum(r["epoch_time_s"] for r in history)}
+    return {"seed": seed, "run": str(run_dir), "pruned": False, "epochs_run": len(report.history),
+            "best_epoch": report.best_epoch, "validation": report.validation["accuracy"],
+            "test": report.test["accuracy"] if report.test else None,
+            "seconds": sum(r["epoch_time_s"] for r in report.history)}
+
+
+def _finish_trial(study, trial, key: str, params: dict, seeds: list[int], runs: list[dict]) -> TrialResult:
+    from optuna.trial import TrialState
+
+    pruned = any(r["pruned"] for r in runs)
+    value = sum(r["validation"] for r in runs) / len(runs)
+    trial.set_user_attr("runs", runs)
+    if pruned:  # Optuna keeps the last reported epoch's value for a pruned trial
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, value, state=TrialState.COMPLETE)
+    return TrialResult(trial.number, key, params, seeds, "pruned" if pruned else "complete", value,
+                       sum(r["seconds"] for r in runs), runs)
+
+
+@contextlib.contextmanager
+def _failing_on_error(study, trial):
+    """An error (bad cache, full disk, Ctrl-C) marks the trial FAIL, so a rerun starts its point again."""
+    from optuna.trial import TrialState
+
+    try:
+        yield
+    except BaseException as e:
+        trial.set_user_attr("failed", str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+
+
+# ---------------------------------------------------------------------------------------- workers
+
+
+def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
+    from optuna.trial import TrialState
+
+    points = {p.key: p for p in grid_points(cfg)}
+    choices = {name: list(d.choices) for name, d in cfg.dimensions().items()}
+    choices["seed"] = list(cfg.seeds)
+    rng = random.Random(f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
+    collided = False
+    while True:
+        fail_stale_trials(study, cfg.stale_after_s)
+        free = [k for k in points if k not in _held_points(study)]
+        queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # e.g. a dead worker's
+        if not free and not queued:
+            return
+        if free:  # the grid runs in order; after a collision, a random pick near the front spreads workers
+            point = points[free[rng.randrange(min(len(free), 4)) if collided else 0]]
+            study.enqueue_trial({**point.params, "seed": point.seed},
+                                user_attrs={"point": point.key, "config": point.config_key})
+        trial = study.ask()  # pops the oldest waiting trial: this one, or one another worker queued
+        key = trial.user_attrs.get("point")
+        rivals = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number and key is not None
+                  and t.user_attrs.get("point") == key
+                  and t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)]
+        if key is None or rivals:  # another worker took the queued trial, or claimed the point too: step back
+            trial.set_user_attr("duplicate", rivals[0].number if rivals else "nothing queued")
+            study.tell(trial, state=TrialState.FAIL)
+            time.sleep(rng.uniform(0.05, 0.5))
+            collided = True
+            continue
+        collided = False
+        trial.set_user_attr("owner", _owner())
+        for name in sorted(choices):  # the queued values, recorded as Optuna parameters
+            trial.suggest_categorical(name, choices[name])
+        point = points[key]
+        with _failing_on_error(study, trial):
+            run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress)
+        result = _finish_trial(study, trial, point.key, point.params, [point.seed], [run])
+        if on_trial:
+            on_trial(result, len(points))
+
+
+def _held_points(study) -> set[str]:
+    from optuna.trial import TrialState
+
+    live = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
+    return {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False, states=live)}
+
+
+def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
+    from optuna.trial import TrialState
+
+    dims = cfg.dimensions()
+    while True:
+        for number in fail_stale_trials(study, cfg.stale_after_s):  # rerun a dead worker's config
+            study.enqueue_trial(study.trials[number].params)
+        counted = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
+        if len(study.get_trials(deepcopy=False, states=counted)) >= cfg.trials:
+            return
+        trial = study.ask()
+        trial.set_user_attr("owner", _owner())
+        ahead = [t for t in study.get_trials(deepcopy=False, states=counted) if t.number < trial.number]
+        if len(ahead) >= cfg.trials:  # other workers filled the budget meanwhile
+            trial.set_user_attr("duplicate", "surplus")
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        params = {}
+        for name, d in sorted(dims.items()):
+            if not d.is_range:
+                params[name] = trial.suggest_categorical(name, list(d.choices))
+            elif isinstance(d.low, int):
+                params[name] = trial.suggest_int(name, d.low, d.high, log=d.log)
+            else:
+                params[name] = trial.suggest_float(name, d.low, d.high, log=d.log)
+        key = config_key(params)
+        trial.set_user_attr("point", key)
+        trial.set_user_attr("config", key)
+        runs = []
+        with _failing_on_error(study, trial):
+            for i, seed in enumerate(cfg.seeds):  # prune on the first seed's curve; the others run in full
+                runs.append(_run_one(cfg, trial, params, seed, out, cfg.prune != "none" and i == 0, progress))
+                if runs[-1]["pruned"]:
+                    break
+        result = _finish_trial(study, trial, key, params, list(cfg.seeds[:len(runs)]), runs)
+        if on_trial:
+            on_trial(result, cfg.trials)
+
+
+def run(cfg: SweepConfig, progress: Callable | None = None,
+        on_trial: Callable[[TrialResult, int], None] | None = None) -> Path:
+    """Work on the sweep until no trial is left to start (other workers may still be running theirs).
+    Returns the sweep folder; `pipeline.sweep_report.build(folder)` summarises it."""
+    out = cfg.out_dir()
+    _check_cache(cfg.train)
+    _claim_folder(cfg, out)
+    study = open_study(cfg, out)
+    worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
+    worker(cfg, study, out, progress, on_trial)
+    return out
+
+
+def _check_cache(train: TrainConfig) -> None:
+    """Fail before any trial starts when the cache cannot serve the runs (each run checks it in detail)."""
+    if train.cache is not None:
+        from . import logit_store
+
+        logit_store.cache_splits(Path(train.cache))

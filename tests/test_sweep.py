@@ -1,0 +1,195 @@
+"""`kdpipe sweep` and `kdpipe sweep-report` on tiny generated data (1-2 epoch trials)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_STUDENT, make_image_folder, make_teacher
+from pipeline import sweep, sweep_report
+from pipeline.config import SweepConfig
+from pipeline.errors import KdpipeError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
+
+
+def _trials(out: Path):
+    from optuna.trial import TrialState
+
+    record = sweep.load_spec(out)
+    import optuna
+
+    study = optuna.load_study(study_name=record["study_name"], storage=sweep.open_storage(record["storage"], out))
+    done = [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    return study.get_trials(), done
+
+
+def _kdpipe(*args, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_two_by_two_grid_writes_runs_table_files_and_heatmap(run_cli, cache_dir, tmp_path):
+    code, out = run_cli("sweep", "--cache", cache_dir, "--temperature", "2,5", "--alpha", "0.25,0.75", "--epochs", "1",
+                        "--seeds", "0,1", "--out", tmp_path / "sw", *TINY)
+    assert code == 0, out
+    sw = tmp_path / "sw"
+    runs = sorted(p.name for p in (sw / "runs").iterdir())
+    assert runs == sorted(f"T{t}-a{a}-seed{s}" for t in (2, 5) for a in (0.25, 0.75) for s in (0, 1))
+    assert all((sw / "runs" / r / "run.json").exists() and (sw / "runs" / r / "model").is_dir() for r in runs)
+    rows = list(csv.DictReader((sw / "results.csv").open()))
+    assert len(rows) == 4 and all(r["seeds"] == "2" for r in rows)
+    means = [float(r["val_mean"]) for r in rows]
+    assert means == sorted(means, reverse=True)  # best first
+    assert [r["chosen"] for r in rows] == ["1", "0", "0", "0"] and rows[0]["test_mean"] != ""
+    assert all(r["test_mean"] == "" for r in rows[1:])  # test is read for the chosen config only
+    result = json.loads((sw / "results.json").read_text())
+    chosen = result["best"]
+    assert chosen["chosen_on"].startswith("validation") and len(chosen["test_accuracy"]) == 2
+    per_run = {json.loads((sw / "runs" / f"{chosen['config']}-seed{s}" / "run.json").read_text())["validation"]["accuracy"]
+               for s in (0, 1)}
+    assert set(chosen["validation_accuracy"]) == per_run  # the table is built from the runs' own results
+    assert (sw / "heatmap.png").stat().st_size > 1000
+    assert "chosen on validation" in out and "test accuracy, reported not used" in out
+
+
+def test_the_report_is_rebuilt_from_storage(run_cli, cache_dir, tmp_path):
+    sw = tmp_path / "sw"
+    assert run_cli("sweep", "--cache", cache_dir, "--alpha", "0,0.5", "--epochs", "1", "--seeds", "0", "--out", sw,
+                   *TINY)[0] == 0
+    before = json.loads((sw / "results.json").read_text())
+    for name in ("results.csv", "results.json"):
+        (sw / name).unlink()
+    code, out = run_cli("sweep-report", sw)
+    assert code == 0, out
+    assert json.loads((sw / "results.json").read_text()) == before
+    assert (sw / "results.csv").exists() and not (sw / "heatmap.png").exists()  # T is not varied: no heatmap
+
+
+def test_the_teacher_is_never_loaded(run_cli, image_folder, tmp_path):
+    from pipeline import cache_teacher
+    from pipeline.config import CacheConfig
+
+    teacher = make_teacher(tmp_path / "teacher")
+    cache_teacher.run(CacheConfig(teacher=str(teacher), dataset=str(image_folder), out=tmp_path / "cache",
+                                  precision="fp32", workers=0))
+    shutil.rmtree(teacher)
+    code, out = run_cli("sweep", "--cache", tmp_path / "cache", "--temperature", "1,4", "--epochs", "1", "--seeds", "0",
+                        "--out", tmp_path / "sw", *TINY)
+    assert code == 0, out
+    assert len(list((tmp_path / "sw" / "runs").glob("*/run.json"))) == 2
+
+
+@pytest.mark.slow
+def test_two_workers_started_at_once_run_every_point_exactly_once(cache_dir, tmp_path):
+    args = ["sweep", "--cache", cache_dir, "--temperature", "2,5", "--alpha", "0.25,0.75", "--epochs", "1",
+            "--seeds", "0,1", "--out", tmp_path / "sw", *TINY]
+    workers = [_kdpipe(*args, cwd=tmp_path) for _ in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    _, done = _trials(tmp_path / "sw")
+    points = [t.user_attrs["point"] for t in done]
+    assert sorted(points) == sorted(set(points)) and len(points) == 8  # every point, once
+    for run in (tmp_path / "sw" / "runs").iterdir():  # no run folder was trained twice
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(run_cli, cache_dir, tmp_path):
+    sw = tmp_path / "sw"
+    args = ["sweep", "--cache", cache_dir, "--alpha", "0,0.5", "--epochs", "3", "--seeds", "0,1", "--out", sw, *TINY]
+    worker = _kdpipe(*args, cwd=tmp_path)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill -9 while a trial is mid-way (its checkpoint exists, not its run.json)
+        finished = list(sw.glob("runs/*/run.json"))
+        midway = [p for p in sw.glob("runs/*/checkpoint.pt") if not (p.parent / "run.json").exists()]
+        if finished and midway:
+            break
+        time.sleep(0.01)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in sw.glob("runs/*/run.json")}
+    assert finished and midway, "the sweep finished before it could be killed mid-way"
+    code, out = run_cli(*args)
+    assert code == 0, out
+    trials, done = _trials(sw)
+    assert sorted(t.user_attrs["point"] for t in done) == sorted(f"a{a}-seed{s}" for a in (0, 0.5) for s in (0, 1))
+    assert [t.user_attrs.get("failed") for t in trials if t.state.name == "FAIL"] == ["worker died"]
+    for name, mtime in finished.items():  # finished trials were not rerun
+        assert (sw / "runs" / name / "run.json").stat().st_mtime_ns == mtime
+    for run in (sw / "runs").iterdir():  # the killed trial continued from its checkpoint: 3 epochs, once each
+        assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_median_pruning_stops_hopeless_trials(cache_dir, tmp_path):
+    from pipeline.config import TrainConfig
+
+    train = TrainConfig(cache=cache_dir, epochs=4, precise_bn=True, alpha=0.0, precision="fp32", device="cpu",
+                        student_config={"image_size": 32, "depth_multiplier": 0.35, "classifier_dropout_prob": 0.0})
+    cfg = SweepConfig(train=train, space={"lr": "3e-3,1e-9"}, seeds=[0, 1, 2], prune="median", out=tmp_path / "sw")
+    sweep.run(cfg)
+    s = sweep_report.build(tmp_path / "sw")
+    assert s.counts.get("pruned", 0) >= 1 and s.epochs["run"] < s.epochs["planned"] == 24
+    assert s.best.params == {"lr": 3e-3} and s.counts["complete"] + s.counts["pruned"] == 6
+
+
+def test_tpe_samples_the_requested_number_of_configs(cache_dir, tmp_path):
+    from pipeline.config import TrainConfig
+
+    train = TrainConfig(cache=cache_dir, epochs=1, precision="fp32", device="cpu",
+                        student_config={"image_size": 32, "depth_multiplier": 0.35, "classifier_dropout_prob": 0.0})
+    cfg = SweepConfig(train=train, space={"lr": "1e-4:1e-2:log", "temperature": "1,5"}, seeds=[0, 1],
+                      sampler="tpe", trials=3, out=tmp_path / "sw")
+    sweep.run(cfg)
+    s = sweep_report.build(tmp_path / "sw")
+    assert s.counts == {"complete": 3} and all(len(r.seeds) == 2 for r in s.rows)
+    assert all(1e-4 <= r.params["lr"] <= 1e-2 and r.params["temperature"] in (1.0, 5.0) for r in s.rows)
+    sweep.run(cfg)  # rerun: the budget is spent, nothing new starts
+    assert sweep_report.build(tmp_path / "sw", write=False).counts == {"complete": 3}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", ""], "--lr: empty search space"),
+    (["--lr", "a,b"], "--lr: cannot read 'a,b'"),
+    (["--lr", "1e-5:1e-2:log"], "ranges need --sampler tpe"),
+    (["--temperature", "2,2"], "repeated value"),
+    (["--alpha", "0.5,1.5"], "--alpha must be in [0, 1]"),
+    (["--sampler", "tpe", "--lr", "1e-5:1e-2"], "needs --trials"),
+    (["--seeds", "0,x"], "--seeds: expected integers"),
+    (["--prune", "sometimes"], "--prune must be one of"),
+    (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "--storage postgresql://nobody@127.0.0.1:1/none: cannot open"),
+])
+def test_bad_search_spaces_and_storages_get_one_line_errors(run_cli, cache_dir, tmp_path, flags, message):
+    code, out = run_cli("sweep", "--cache", cache_dir, "--epochs", "1", "--out", tmp_path / "sw", *flags)
+    assert code == 1 and message in out and "Traceback" not in out, out
+
+
+def test_a_cache_that_does_not_match_the_dataset_is_refused(run_cli, cache_dir, tmp_path):
+    other = make_image_folder(tmp_path / "other", per_class={"train": 2, "validation": 1, "test": 1})
+    for split in ("train", "validation", "test"):
+        (other / split / "healthy").rename(other / split / "sick")
+    code, out = run_cli("sweep", "--cache", cache_dir, "--dataset", other, "--temperature", "2,5", "--epochs", "1",
+                        "--seeds", "0", "--out", tmp_path / "sw", *TINY)
+    assert code == 1 and "has labels" in out and "Traceback" not in out, out
+    _, done = _trials(tmp_path / "sw")
+    assert done == []  # the failed trial is FAIL, so a corrected rerun starts it again
+
+
+def test_joining_a_sweep_with_other_settings_is_refused(run_cli, cache_dir, tmp_path):
+    base = ["sweep", "--cache", cache_dir, "--epochs", "1", "--seeds", "0", "--out", tmp_path / "sw", *TINY]
+    assert run_cli(*base, "--temperature", "2,5")[0] == 0
+    code, out = run_cli(*base, "--temperature", "2,6")
+    assert code == 1 and "other settings (space)" in out, out
+    with pytest.raises(KdpipeError, match="no sweep.json"):
+        sweep_report.build(tmp_path)
