@@ -197,7 +197,7 @@ class TrialResult:
 
 
 def _run_one(cfg: SweepConfig, trial, params: dict, seed: int, out: Path, report_epochs: bool,
-             progress: Callable | None) -> dict:
+             progress: Callable | None, shared: train_student.SharedData) -> dict:
     """One train-student run folder; resumes a folder left by a dead worker. Returns its summary."""
     run_dir = out / "runs" / f"{config_key(params)}-seed{seed}"
     tcfg = dataclasses.replace(cfg.train, **params, seed=seed, out=run_dir, name=None, resume=True)
@@ -215,7 +215,7 @@ def _run_one(cfg: SweepConfig, trial, params: dict, seed: int, out: Path, report
     for record in done:
         on_epoch(record)
     try:
-        report = train_student.run(tcfg, progress=progress, on_epoch=on_epoch)
+        report = train_student.run(tcfg, progress=progress, on_epoch=on_epoch, shared=shared)
     except _Pruned:
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
         return {"seed": seed, "run": str(run_dir), "pruned": True, "epochs_run": len(history),
@@ -261,6 +261,7 @@ def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None
     from optuna.trial import TrialState
 
     points = {p.key: p for p in grid_points(cfg)}
+    shared = train_student.SharedData()  # cache, dataset and pixels are read once per worker
     choices = {name: list(d.choices) for name, d in cfg.dimensions().items()}
     choices["seed"] = list(cfg.seeds)
     rng = random.Random(f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
@@ -292,7 +293,7 @@ def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None
             trial.suggest_categorical(name, choices[name])
         point = points[key]
         with _failing_on_error(study, trial):
-            run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress)
+            run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress, shared)
         result = _finish_trial(study, trial, point.key, point.params, [point.seed], [run])
         if on_trial:
             on_trial(result, len(points))
@@ -309,6 +310,7 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
     from optuna.trial import TrialState
 
     dims = cfg.dimensions()
+    shared = train_student.SharedData()
     while True:
         for number in fail_stale_trials(study, cfg.stale_after_s):  # rerun a dead worker's config
             study.enqueue_trial(study.trials[number].params)
@@ -336,7 +338,7 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
         runs = []
         with _failing_on_error(study, trial):
             for i, seed in enumerate(cfg.seeds):  # prune on the first seed's curve; the others run in full
-                runs.append(_run_one(cfg, trial, params, seed, out, cfg.prune != "none" and i == 0, progress))
+                runs.append(_run_one(cfg, trial, params, seed, out, cfg.prune != "none" and i == 0, progress, shared))
                 if runs[-1]["pruned"]:
                     break
         result = _finish_trial(study, trial, key, params, list(cfg.seeds[:len(runs)]), runs)
