@@ -4,10 +4,11 @@ On a subset of real Beans (the first --images train images of ../shared/beans, a
 test, linked into a temporary image folder) with the real shared teacher cached once, it runs one grid
 `pipeline.sweep.run` (T x alpha, --epochs each, seeds --seeds) and measures, in this one run:
 
-  sweep overhead     sweep wall time / sum of its runs' own epoch times (train + validation, from each
-                     run's metrics.jsonl). Everything else a sweep adds (opening the cache and dataset per
-                     run, building the student, saving it, test evaluation, Optuna's storage) is in the
-                     numerator. Target <= 1.05.
+  sweep overhead     sweep wall time / sum of its runs' own wall times (each run's total_time_s in its
+                     run.json, what `kdpipe train-student` would take for it: setup, epochs, test
+                     evaluation, saving). The rest is the sweep's: Optuna's storage, claims, the report.
+                     Target <= 1.05. Printed beside it: sweep wall time / the runs' epoch times only
+                     (train + validation, from metrics.jsonl), with everything else in the numerator.
   teacher cost       teacher loads and forward passes during the sweep, counted by wrapping
                      pipeline.teacher.load_teacher, AutoModelForImageClassification.from_pretrained (the
                      default student is built from a config) and stage one's teacher_logits. Must be 0.
@@ -87,14 +88,16 @@ def timed_sweep(cfg: SweepConfig) -> tuple[float, sweep_report.SweepSummary, dic
             c.restore()
     wall = time.perf_counter() - start
     summary = sweep_report.build(cfg.out_dir(), write=False)
-    train = val = 0.0
+    train = val = runs = 0.0
     for run in (cfg.out_dir() / "runs").iterdir():
         for line in (run / "metrics.jsonl").read_text().splitlines():
             r = json.loads(line)
             train += r["train_time_s"]
             val += r["epoch_time_s"] - r["train_time_s"]
-    return wall, summary, {"train_s": train, "validation_s": val, "teacher_loads": counters[0].calls + counters[2].calls,
-                           "teacher_forwards": counters[1].calls}
+        if (run / "run.json").exists():
+            runs += json.loads((run / "run.json").read_text())["total_time_s"]
+    return wall, summary, {"train_s": train, "validation_s": val, "runs_s": runs,
+                           "teacher_loads": counters[0].calls + counters[2].calls, "teacher_forwards": counters[1].calls}
 
 
 def main() -> int:
@@ -144,8 +147,11 @@ def main() -> int:
                 f"{images} train images (teacher cached once in {teacher_pass:.1f} s)",
                 ["measure", "value", "note"], [
                     ["sweep wall time", f"{wall:.1f} s", ""],
+                    ["sum of the runs' own wall times", f"{t['runs_s']:.1f} s", "run.json total_time_s: setup, epochs, test, save"],
+                    ["overhead: sweep / runs", f"{wall / t['runs_s']:.3f}",
+                     f"target <= {TARGET} ({'meets' if wall / t['runs_s'] <= TARGET else 'ABOVE'})"],
                     ["sum of the runs' epoch times", f"{runs_s:.1f} s", f"train {t['train_s']:.1f} + validation {t['validation_s']:.1f}"],
-                    ["overhead: sweep / runs", f"{wall / runs_s:.3f}", f"target <= {TARGET} ({'meets' if wall / runs_s <= TARGET else 'ABOVE'})"],
+                    ["sweep / epochs only", f"{wall / runs_s:.3f}", "everything that is not an epoch, in the numerator"],
                     ["teacher loads / forwards during the sweep", f"{t['teacher_loads']} / {t['teacher_forwards']}", "must be 0 / 0"],
                     ["guide's way (online teacher), estimated", f"{guide_s:.1f} s", f"train x {ratio:.2f} (stage two) + validation"],
                     ["guide's way / ours", f"{guide_s / wall:.2f}x", "the teacher pass is paid once instead"],
@@ -159,7 +165,8 @@ def main() -> int:
             "benchmark": "sweep", "settings": {"images": images, "epochs": epochs, "temperature": temps, "alpha": alphas,
                                                "seeds": seeds, "online_over_cached_ratio": ratio, "quick": q},
             "teacher_pass_s": round(teacher_pass, 2), "sweep_wall_s": round(wall, 2), "runs_epoch_s": round(runs_s, 2),
-            "overhead": round(wall / runs_s, 4), "target": TARGET, **{k: v for k, v in t.items()},
+            "runs_wall_s": round(t["runs_s"], 2), "overhead": round(wall / t["runs_s"], 4),
+            "over_epochs_only": round(wall / runs_s, 4), "target": TARGET, **{k: v for k, v in t.items()},
             "guide_estimate_s": round(guide_s, 1), "pruned": {"wall_s": round(pwall, 2), "epochs": pruned.epochs,
                                                               "saved_fraction": round(saved, 4), "chosen": pruned.best.key},
             "chosen": full.best.key, "chosen_changed_by_pruning": changed}, indent=2) + "\n")

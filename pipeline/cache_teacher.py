@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import logit_store, runtime
+from . import locking, logit_store, runtime
 from .config import CacheConfig
 from .data import Split, open_dataset
 from .errors import KdpipeError
@@ -87,7 +87,13 @@ def teacher_logits(teacher: Teacher, split: Split, device: torch.device, precisi
 
 
 def run(cfg: CacheConfig, progress: Progress | None = None) -> list[SplitReport]:
-    """Cache the teacher's logits for every requested split; reuse files made from the same inputs."""
+    """Cache the teacher's logits for every requested split; reuse files made from the same inputs.
+    One writer per --out folder (locking.exclusive)."""
+    with locking.exclusive(cfg.out_dir()):
+        return _run(cfg, progress)
+
+
+def _run(cfg: CacheConfig, progress: Progress | None) -> list[SplitReport]:
     dataset = open_dataset(cfg.dataset, splits=cfg.splits, image_column=cfg.image_column,
                            label_column=cfg.label_column, revision=cfg.dataset_revision)
     teacher = load_teacher(cfg.teacher, cfg.revision, cfg.trust_remote_code)

@@ -6,6 +6,8 @@ slices it, normalises on the device and runs the student under autocast in chann
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -19,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import logit_store, metrics, pixels, runtime
+from . import locking, logit_store, metrics, pixels, runtime
 from .config import TrainConfig
 from .data import ImageDataset, open_dataset
 from .errors import KdpipeError
@@ -130,7 +132,7 @@ def _load_splits(cache: dict | None, dataset: ImageDataset, inputs: dict, device
 
 
 def _claim_out_dir(out: Path, cfg: TrainConfig) -> None:
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
+    if out.exists() and any(p.name != locking.LOCK_NAME for p in out.iterdir()) and not cfg.resume:
         raise KdpipeError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -384,16 +386,26 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _write_checkpoint(s: Setup) -> None:
-    """Everything needed to resume, written to a temporary file and renamed: never half-written."""
+    """Everything needed to resume, written to a temporary file and renamed: never half-written.
+    checkpoint.sha256 lists the digests a valid checkpoint.pt may have (the new one first, then the one
+    it replaces, so a crash between the two renames is not mistaken for corruption)."""
     state = {"model": _cpu_state(s.model), "optimizer": s.optimizer.state_dict(),
              "scheduler": s.scheduler.state_dict(), "generator": s.generator.get_state(),
              "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
              "best_epoch": s.best["epoch"], "best_accuracy": s.best["accuracy"], "best_state": s.best["state"],
-             "config": s.cfg.to_dict()}
-    path = s.out / "checkpoint.pt"
+             "config": s.cfg.to_dict(), "history": json.dumps(s.history)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    path, sums = s.out / "checkpoint.pt", s.out / "checkpoint.sha256"
+    previous = sums.read_text().split()[:1] if sums.exists() else []
     tmp = path.with_name(f".checkpoint.pt.tmp-{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        _atomic_write_text(sums, "\n".join([hashlib.sha256(data).hexdigest(), *previous]) + "\n")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         _atomic_write_text(s.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in s.history))
     except OSError as e:
@@ -401,12 +413,25 @@ def _write_checkpoint(s: Setup) -> None:
         raise KdpipeError(f"cannot write checkpoint in {s.out}: {e.strerror or e}; free space and --resume") from None
 
 
+def _read_checkpoint(path: Path) -> dict:
+    """Load a checkpoint after checking its digest; never unpickles arbitrary objects (weights_only)."""
+    data = path.read_bytes()
+    sums = path.with_name("checkpoint.sha256")
+    fix = f"delete {path} to restart the run from epoch 1, or choose another --out"
+    if not sums.exists() or hashlib.sha256(data).hexdigest() not in sums.read_text().split():
+        raise KdpipeError(f"{path} does not match its checksum (corrupted or edited); {fix}")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a valid digest of an unreadable file: written by something else
+        raise KdpipeError(f"{path} cannot be read ({type(e).__name__}); {fix}") from None
+
+
 def resume(s: Setup) -> bool:
     """Load the last checkpoint of `s.out` into `s`; False when there is none."""
     path = s.out / "checkpoint.pt"
     if not path.exists():
         return False
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_checkpoint(path)
     saved, now = dict(state["config"]), s.cfg.to_dict()
     differs = [k for k in now if k not in ("resume", "out", "device", "workers") and saved.get(k) != now[k]]
     if differs:
@@ -418,7 +443,7 @@ def resume(s: Setup) -> bool:
     s.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     s.best = {"epoch": state["best_epoch"], "accuracy": state["best_accuracy"], "state": state["best_state"]}
-    s.history = [json.loads(line) for line in (s.out / "metrics.jsonl").read_text().splitlines() if line]
+    s.history = json.loads(state["history"])  # the checkpoint's own, never ahead of or behind its weights
     return True
 
 
@@ -436,9 +461,10 @@ class RunReport:
 
 
 def finish(s: Setup, wall_time: float) -> RunReport:
-    """Load the best epoch, evaluate it on validation and test, save the student and run.json."""
+    """Load the best epoch, evaluate it on test, save the student and run.json. (Its validation metrics
+    are those recorded after that epoch: same weights, same BN statistics.)"""
     s.model.load_state_dict(s.best["state"])
-    val, _ = evaluate_split(s, s.cfg.val_split)
+    val = s.history[s.best["epoch"] - 1]["validation"]
     test = confusion = None
     if s.cfg.test_split:
         test, logits = evaluate_split(s, s.cfg.test_split)
@@ -456,13 +482,15 @@ def finish(s: Setup, wall_time: float) -> RunReport:
     run = {**s.provenance, "status": "complete", "seed": s.cfg.seed, "best_epoch": s.best["epoch"],
            "validation": val, "test": test, "test_confusion_matrix": confusion, "label_names": s.label_names,
            "student": {"architecture": type(s.model).__name__, "parameters": sum(p.numel() for p in s.model.parameters()),
+                       "weights_sha256": _sha256(model_dir / "model.safetensors"),
                        "inputs": {k: s.inputs[k] for k in ("size", "resample", "mean", "std")}},
            "epoch_time_s": [r["epoch_time_s"] for r in epochs],
            "train_images_per_s": round(train_images / sum(r["train_time_s"] for r in epochs), 2),
            "total_time_s": round(wall_time, 2),
            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _atomic_write_text(s.out / "run.json", json.dumps(run, indent=2))
-    (s.out / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete; model/ is the result
+    for name in ("checkpoint.pt", "checkpoint.sha256"):  # the run is complete; model/ is the result
+        (s.out / name).unlink(missing_ok=True)
     return RunReport(s.out, s.best["epoch"], val, test, confusion, s.label_names, wall_time, epochs, run)
 
 
@@ -473,11 +501,20 @@ def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[
     finished = cfg.out_dir() / "run.json"
     if cfg.resume and finished.exists():
         return load_report(cfg.out_dir())
-    s = setup(cfg, progress, shared)
-    if cfg.resume:
-        resume(s)
-    fit(s, progress, on_epoch)
-    return finish(s, time.perf_counter() - start)
+    with locking.exclusive(cfg.out_dir()):
+        s = setup(cfg, progress, shared)
+        if cfg.resume:
+            resume(s)
+        fit(s, progress, on_epoch)
+        return finish(s, time.perf_counter() - start)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_report(out: Path) -> RunReport:
@@ -497,6 +534,10 @@ def evaluate(run_dir: Path, split: str = "test", dataset: str | None = None, dev
     if not (run_dir / "run.json").exists():
         raise KdpipeError(f"{run_dir}: no run.json; pass a folder written by kdpipe train-student")
     r = json.loads((run_dir / "run.json").read_text())
+    expected = r.get("student", {}).get("weights_sha256")
+    if expected and _sha256(run_dir / "model" / "model.safetensors") != expected:
+        raise KdpipeError(f"{run_dir / 'model' / 'model.safetensors'} does not match the checksum in run.json "
+                          "(corrupted or replaced); retrain, or restore the file")
     model = AutoModelForImageClassification.from_pretrained(run_dir / "model")
     proc = AutoImageProcessor.from_pretrained(run_dir / "model")
     ds = _reopen(r["dataset"], dataset, [split])
