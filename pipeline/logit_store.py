@@ -104,12 +104,18 @@ def read_meta(path: Path) -> dict:
     """The metadata only (reads the footer, not the data)."""
     try:
         schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as e:
-        raise KdpipeError(f"{path}: not a readable Parquet file ({e}); rebuild it with --force") from None
+    except FileNotFoundError:
+        raise KdpipeError(f"{path}: no such file; build the cache with kdpipe cache-teacher") from None
+    except Exception as e:  # damaged footers surface as Arrow, OS or Unicode errors
+        raise KdpipeError(f"{path}: not a readable Parquet file ({type(e).__name__}); rebuild it with --force") from None
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise KdpipeError(f"{path}: not a kdpipe logit cache (no '{META_KEY.decode()}' metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)  # data, never code: JSON only
+        assert isinstance(meta, dict) and isinstance(meta.get("format_version", 0), int)
+    except (ValueError, AssertionError):
+        raise KdpipeError(f"{path}: its metadata is damaged (not valid JSON); rebuild it with --force") from None
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise KdpipeError(f"{path}: written by a newer kdpipe (format {meta['format_version']} > "
                           f"{FORMAT_VERSION}); upgrade kdpipe or rebuild the cache")
@@ -121,13 +127,13 @@ def read_split(path: Path) -> LogitSplit:
     meta = read_meta(path)
     try:
         table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as e:
-        raise KdpipeError(f"{path}: corrupt Parquet data ({e}); rebuild it with --force") from None
-    c = meta["num_classes"]
-    ids = table.column("id").to_pylist()
-    views = table.column("view").to_numpy().astype(np.int16)
-    labels = table.column("label").to_numpy().astype(np.int64)
-    logits = table.column("logits").combine_chunks().values.to_numpy().reshape(-1, c)
+        c = meta["num_classes"]
+        ids = table.column("id").to_pylist()
+        views = table.column("view").to_numpy().astype(np.int16)
+        labels = table.column("label").to_numpy().astype(np.int64)
+        logits = table.column("logits").combine_chunks().values.to_numpy().reshape(-1, c)
+    except Exception as e:  # damaged bytes surface as Arrow, Unicode, shape or key errors
+        raise KdpipeError(f"{path}: corrupt Parquet data ({type(e).__name__}); rebuild it with --force") from None
     if content_sha256(ids, views, labels, logits) != meta.get("content_sha256"):
         raise KdpipeError(f"{path}: contents do not match their checksum (corrupted?); rebuild it with --force")
     return LogitSplit(ids, views, labels, logits, meta)

@@ -4,6 +4,7 @@ its labels onto a dataset's labels by name."""
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,13 @@ def load_teacher(spec: str, revision: str | None = None, trust_remote_code: bool
             f"--teacher {spec}: could not load it from the Hugging Face Hub ({_first_line(e)}); "
             "offline? pass a local save_pretrained folder, e.g. --teacher ../shared/teachers/beans-efficientnet-lite0"
         ) from None
+    except pickle.UnpicklingError:
+        raise KdpipeError(f"--teacher {spec}: its pickle checkpoint holds more than tensors, so it was refused "
+                          "(read with torch.load(weights_only=True), nothing in it was run); use a safetensors "
+                          "checkpoint from a source you trust") from None
     except ValueError as e:
-        raise KdpipeError(f"--teacher {spec}: {_first_line(e)}") from None
+        hint = "; pass --trust-remote-code only if you trust that repository's code" if "trust_remote_code" in str(e) else ""
+        raise KdpipeError(f"--teacher {spec}: {_first_line(e)}{hint}") from None
     model.eval()
     names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
     resolved = getattr(model.config, "_commit_hash", None) if not local.is_dir() else None

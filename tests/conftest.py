@@ -100,6 +100,17 @@ def run_cli():
 
 
 TINY_STUDENT = "image_size=32,depth_multiplier=0.35,classifier_dropout_prob=0"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spawn_kdpipe(*args, cwd: Path):
+    """`kdpipe ARGS` in a separate process (to be killed for real, or to race another one)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def tiny_train_config(**overrides):

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_STUDENT, make_image_folder, make_teacher
+from conftest import TINY_STUDENT, make_image_folder, make_teacher, spawn_kdpipe
 from pipeline import sweep, sweep_report
 from pipeline.config import SweepConfig
 from pipeline.errors import KdpipeError
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
 
 
@@ -32,12 +28,6 @@ def _trials(out: Path):
     study = optuna.load_study(study_name=record["study_name"], storage=sweep.open_storage(record["storage"], out))
     done = [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     return study.get_trials(), done
-
-
-def _kdpipe(*args, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_a_two_by_two_grid_writes_runs_table_files_and_heatmap(run_cli, cache_dir, tmp_path):
@@ -95,7 +85,7 @@ def test_the_teacher_is_never_loaded(run_cli, image_folder, tmp_path):
 def test_two_workers_started_at_once_run_every_point_exactly_once(cache_dir, tmp_path):
     args = ["sweep", "--cache", cache_dir, "--temperature", "2,5", "--alpha", "0.25,0.75", "--epochs", "1",
             "--seeds", "0,1", "--out", tmp_path / "sw", *TINY]
-    workers = [_kdpipe(*args, cwd=tmp_path) for _ in range(2)]
+    workers = [spawn_kdpipe(*args, cwd=tmp_path) for _ in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     _, done = _trials(tmp_path / "sw")
@@ -109,7 +99,7 @@ def test_two_workers_started_at_once_run_every_point_exactly_once(cache_dir, tmp
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(run_cli, cache_dir, tmp_path):
     sw = tmp_path / "sw"
     args = ["sweep", "--cache", cache_dir, "--alpha", "0,0.5", "--epochs", "3", "--seeds", "0,1", "--out", sw, *TINY]
-    worker = _kdpipe(*args, cwd=tmp_path)
+    worker = spawn_kdpipe(*args, cwd=tmp_path)
     deadline = time.time() + 240
     while time.time() < deadline:  # kill -9 while a trial is mid-way (its checkpoint exists, not its run.json)
         finished = list(sw.glob("runs/*/run.json"))
