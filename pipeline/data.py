@@ -93,7 +93,10 @@ def decode_rgb(data: bytes, where: str) -> Image.Image:
         img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as e:
         raise KdpipeError(f"image {where} is too large to decode safely ({e}); downscale it") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise KdpipeError(f"cannot decode image {where}: not an image format Pillow can read; fix or remove "
+                          "the file") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise KdpipeError(f"cannot decode image {where}: {e}; fix or remove the file") from None
     return to_rgb(img)
 
@@ -152,6 +155,7 @@ def _load(spec: str, revision: str | None):
     import datasets
 
     path = Path(spec).expanduser()
+    _refuse_empty_parquet(path)
     try:
         if path.is_file():
             builder = _FILE_BUILDERS.get(path.suffix)
@@ -174,6 +178,21 @@ def _load(spec: str, revision: str | None):
         ) from None
     except Exception as e:  # datasets raises many types for "not a dataset" (DataFilesNotFoundError, ...)
         raise KdpipeError(f"--dataset {spec}: cannot open it as a dataset ({type(e).__name__}: {e})") from None
+
+
+def _refuse_empty_parquet(path: Path) -> None:
+    """datasets fails on a 0-row Parquet file with a message that does not name it: name it here."""
+    import pyarrow.parquet as pq
+
+    files = [path] if path.suffix == ".parquet" else sorted(path.rglob("*.parquet")) if path.is_dir() else []
+    for f in files:
+        try:
+            rows = pq.read_metadata(f).num_rows
+        except Exception:
+            continue  # unreadable: datasets reports it
+        if rows == 0:
+            raise KdpipeError(f"--dataset: {f} has no rows (an empty split cannot be cached); remove the file "
+                              "or choose the other splits with --splits")
 
 
 def _pick_column(table, override, candidates, feature_type, flag, spec) -> str:
