@@ -79,13 +79,27 @@ def label_mapping(teacher_names: list[str], dataset_names: list[str]) -> np.ndar
     Names are compared ignoring case and `_`/`-`/space differences; any other difference is refused
     (re-initialising the head, as `ignore_mismatched_sizes=True` does, would yield a useless teacher).
     """
-    index = {_normalise(n): i for i, n in enumerate(teacher_names)}
-    if len(teacher_names) != len(dataset_names) or any(_normalise(n) not in index for n in dataset_names):
-        raise KdpipeError(
-            f"teacher labels {teacher_names} do not match dataset labels {dataset_names}; "
-            "use a teacher fine-tuned on these classes (labels are matched by name)"
-        )
-    return np.array([index[_normalise(n)] for n in dataset_names], dtype=np.int64)
+    key = _normalise
+    if len({key(n) for n in teacher_names}) < len(teacher_names) or len({key(n) for n in dataset_names}) < len(dataset_names):
+        key = str  # names that differ only in case or separators ("leaf spot", "leaf_spot"): match exactly
+    index = {key(n): i for i, n in enumerate(teacher_names)}
+    if len(teacher_names) != len(dataset_names) or any(key(n) not in index for n in dataset_names):
+        raise KdpipeError(f"{_describe_mismatch(teacher_names, dataset_names, key)}; use a teacher fine-tuned on "
+                          "these classes (labels are matched by name)")
+    return np.array([index[key(n)] for n in dataset_names], dtype=np.int64)
+
+
+def _describe_mismatch(teacher: list[str], dataset: list[str], key, show: int = 10) -> str:
+    """Both lists when short; for large label sets, the counts and the names only one side has."""
+    if len(teacher) + len(dataset) <= 2 * show:
+        return f"teacher labels {teacher} do not match dataset labels {dataset}"
+    t, d = {key(n) for n in teacher}, {key(n) for n in dataset}
+    only_t, only_d = [n for n in teacher if key(n) not in d], [n for n in dataset if key(n) not in t]
+
+    def some(names):
+        return f"{names[:show]}{' and ' + str(len(names) - show) + ' more' if len(names) > show else ''}"
+    return (f"teacher has {len(teacher)} labels, dataset {len(dataset)}; only the teacher has {some(only_t)}, "
+            f"only the dataset has {some(only_d)}")
 
 
 def _first_line(e: Exception) -> str:

@@ -90,22 +90,26 @@ def test_cache_teacher_killed_mid_way_resumes_to_the_same_cache(bigger_folder, t
 
 
 @pytest.mark.slow
-def test_train_student_killed_mid_way_resumes_to_the_same_result(cache_dir, tmp_path):
-    reference = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "reference"))
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_train_student_killed_mid_way_resumes_to_the_same_result(cache_dir, tmp_path, delay):
+    """Killed as its first checkpoint lands, or a moment later (in a later epoch or checkpoint write)."""
+    reference = train_student.run(tiny_train_config(cache=cache_dir, epochs=6, out=tmp_path / "reference"))
     out = tmp_path / "killed"
-    args = ["train-student", "--cache", cache_dir, "--epochs", "3", "--batch-size", "8", "--out", out, *TINY]
+    args = ["train-student", "--cache", cache_dir, "--epochs", "6", "--batch-size", "8", "--out", out, *TINY]
     proc = spawn_kdpipe(*args, cwd=tmp_path)
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline and not (out / "checkpoint.pt").exists():
         time.sleep(0.002)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoint.pt").exists() and not (out / "run.json").exists(), "killed too late"
-    resumed = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out, resume=True))
-    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    resumed = train_student.run(tiny_train_config(cache=cache_dir, epochs=6, out=out, resume=True))
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5, 6]
     assert [r["train"]["loss"] for r in resumed.history] == pytest.approx([r["train"]["loss"] for r in reference.history],
                                                                         rel=1e-5)
     assert resumed.test == reference.test
+    assert not list(out.glob(".*.tmp-*"))
 
 
 # ------------------------------------------------------------------------------------- two writers
@@ -393,3 +397,40 @@ def test_remote_code_is_never_trusted_implicitly(run_cli, image_folder, tmp_path
     assert code == 1 and "Traceback" not in text, text
     assert "trust-remote-code" in text, text
     assert not marker.exists()
+
+
+def _parquet_dataset(folder: Path, names: list[str], per_class: int = 1) -> Path:
+    """train/validation/test Parquet files with a ClassLabel of `names`, one small image per class."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    folder.mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in names for _ in range(per_class)]
+        labels = [i for i in range(len(names)) for _ in range(per_class)]
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+            str(folder / f"{split}.parquet"))
+    return folder
+
+
+def test_a_huge_label_set_with_slashes_and_unicode_in_names(run_cli, tmp_path):
+    names = [f"class/{i} ✓ é" for i in range(300)]
+    data = _parquet_dataset(tmp_path / "pq", names)
+    teacher = make_teacher(tmp_path / "teacher", label_names=names[::-1])  # same names, another order
+    code, text = run_cli("cache-teacher", "--teacher", teacher, "--dataset", data, "--out", tmp_path / "c", "--workers", "0")
+    assert code == 0, text
+    split = logit_store.read_split(tmp_path / "c" / "train.parquet")
+    assert split.meta["label_names"] == names and split.logits.shape == (300, 300)
+    other = make_teacher(tmp_path / "other", label_names=names[:-1] + ["class/300 ✓ é"])
+    code, text = run_cli("cache-teacher", "--teacher", other, "--dataset", data, "--out", tmp_path / "c2")
+    _one_line_error(code, text, "only the teacher has ['class/300 ✓ é']", "only the dataset has ['class/299 ✓ é']")
+    assert len(text) < 600  # the 300 names are not dumped into the message
+
+
+def test_names_that_differ_only_in_separators_are_matched_exactly():
+    from pipeline.teacher import label_mapping
+
+    assert label_mapping(["leaf spot", "leaf_spot", "rust"], ["leaf_spot", "rust", "leaf spot"]).tolist() == [1, 2, 0]
+    assert label_mapping(["Leaf Spot", "rust"], ["rust", "leaf_spot"]).tolist() == [1, 0]
