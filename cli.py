@@ -85,6 +85,8 @@ def cache_teacher_cmd(
     workers: Optional[int] = typer.Option(None, help="Decoding workers [default: one per spare core]."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a valid cache exists."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the teacher repo's code."),
+    topk: Optional[int] = typer.Option(None, help="Store only the K largest logits per image (+ logsumexp) [default: all]."),
+    topk_dtype: str = typer.Option("float32", help="float32|float16 for the top-K values."),
 ):
     """Run the teacher once over every split and write its raw logits to Parquet."""
     from pipeline import cache_teacher
@@ -94,7 +96,7 @@ def cache_teacher_cmd(
         cfg = CacheConfig(teacher=teacher, revision=revision, dataset=dataset, dataset_revision=dataset_revision,
                           splits=_splits(splits), image_column=image_column, label_column=label_column, out=out,
                           batch_size=batch_size, precision=precision, device=device, workers=workers, force=force,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, topk=topk, topk_dtype=topk_dtype)
         with _progress() as bar:
             tasks = {}
 

@@ -109,6 +109,7 @@ def _run(cfg: CacheConfig, progress: Progress | None) -> list[SplitReport]:
         "label_names": dataset.label_names,
         "precision": precision,
         "format_version": logit_store.FORMAT_VERSION,
+        "logits_storage": _storage(cfg, len(dataset.label_names)),
     })
     reports = []
     for split in dataset.splits.values():
@@ -137,10 +138,19 @@ def _run(cfg: CacheConfig, progress: Progress | None) -> list[SplitReport]:
             "views": 1,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        logit_store.write_split(path, split.ids, split.labels, logits, meta)
+        logit_store.write_split(path, split.ids, split.labels, logits, meta, topk=cfg.topk, topk_dtype=cfg.topk_dtype)
         reports.append(SplitReport(split.name, len(split), accuracy, len(split) / wall, path.stat().st_size,
                                    path, False))
     return reports
+
+
+def _storage(cfg: CacheConfig, num_classes: int) -> dict:
+    if cfg.topk is None:
+        return logit_store.FULL
+    if cfg.topk >= num_classes:
+        raise KdpipeError(f"--topk {cfg.topk} must be below the number of classes ({num_classes}); leave it out "
+                          "to store every logit")
+    return {"kind": "topk", "k": cfg.topk, "dtype": cfg.topk_dtype}
 
 
 def _jsonable(value: dict) -> dict:

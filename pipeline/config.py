@@ -38,9 +38,13 @@ class CacheConfig:
     workers: int | None = None  # None = one per spare core, decoding overlaps the teacher
     force: bool = False  # rebuild even when a valid cache for the same inputs exists
     trust_remote_code: bool = False  # never run a repository's code unless asked
+    topk: int | None = None  # store only the K largest logits (+ logsumexp): for thousands of classes
+    topk_dtype: str = "float32"  # float16 halves the top-K values again (about 1e-3 relative rounding)
 
     def __post_init__(self):
         _positive("batch_size", self.batch_size, "--batch-size")
+        _check(self.topk is None or self.topk > 0, f"--topk must be > 0 (got {self.topk})")
+        _check(self.topk_dtype in ("float32", "float16"), "--topk-dtype must be float32 or float16")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
         _check(self.workers is None or self.workers >= 0, "--workers must be >= 0")

@@ -5,6 +5,10 @@ Columns (see docs/cache-format.md):
     view    int16               0 = the un-augmented image (room for K augmented views per image)
     label   int64               dataset label index, in `label_names` order
     logits  fixed_size_list<float32>[C]   raw teacher logits, columns in dataset label order
+or, for large label spaces (`cache-teacher --topk K`), instead of `logits`:
+    topk_values   fixed_size_list<float32|float16>[K]  the K largest raw logits, largest first
+    topk_indices  fixed_size_list<int32>[K]            their classes (dataset label order)
+    logsumexp     float32                              log sum exp of all C logits (computed in float64)
 
 The schema metadata key `kdpipe` holds JSON (never pickles): format version, versions, teacher and
 processor, dataset identity and content fingerprint, precision, timings, teacher accuracy, and a
@@ -29,7 +33,46 @@ FORMAT = "kdpipe.teacher-logits"
 FORMAT_VERSION = 1
 META_KEY = b"kdpipe"
 # Metadata fields that determine the logits: a file is reusable only if all of them match.
-KEY_FIELDS = ("format_version", "teacher", "processor", "dataset_fingerprint", "label_names", "precision")
+KEY_FIELDS = ("format_version", "teacher", "processor", "dataset_fingerprint", "label_names", "precision",
+              "logits_storage")
+FULL = {"kind": "full", "dtype": "float32"}  # logits_storage of files written before it was recorded
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Sparse teacher logits: per row the K largest raw logits, their classes, and the logsumexp of all
+    C logits, so the probability mass outside the top K is known exactly (at T = 1)."""
+    values: np.ndarray  # (N, K) float32 (stored as float32 or float16)
+    indices: np.ndarray  # (N, K) int32
+    logsumexp: np.ndarray  # (N,) float32
+    num_classes: int
+
+    @staticmethod
+    def from_logits(logits: np.ndarray, k: int) -> "TopK":
+        logits = np.asarray(logits, dtype=np.float64)  # (N, C)
+        idx = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # (N, K) largest first
+        m = logits.max(1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(logits - m).sum(1))).astype(np.float32)  # (N,)
+        return TopK(np.take_along_axis(logits, idx, 1).astype(np.float32), idx.astype(np.int32), lse, logits.shape[1])
+
+    def dense(self) -> np.ndarray:
+        """(N, C) float32 logits whose softmax at T = 1 has exactly the stored top-K probabilities and the
+        exact total tail mass, spread evenly over the other C - K classes: each gets the tail logit
+        t = log((exp(lse) - sum_k exp(v_k)) / (C - K)). At T != 1 this is the uniform-tail approximation
+        of FKD / TinyViT, with the tail's total derived from the stored logsumexp instead of guessed."""
+        v = self.values.astype(np.float64)  # (N, K)
+        n, k = v.shape
+        out = np.empty((n, self.num_classes), dtype=np.float64)
+        if k < self.num_classes:
+            lse = self.logsumexp.astype(np.float64)[:, None]  # (N, 1)
+            top_mass = np.exp(v - lse).sum(1, keepdims=True)  # (N, 1), <= 1 up to rounding
+            tail_mass = np.clip(1.0 - top_mass, np.exp(-80.0), None)  # never log(0)
+            out[:] = lse + np.log(tail_mass / (self.num_classes - k))
+        np.put_along_axis(out, self.indices.astype(np.int64), v, 1)
+        return out.astype(np.float32)
+
+    def take(self, rows: np.ndarray) -> "TopK":
+        return TopK(self.values[rows], self.indices[rows], self.logsumexp[rows], self.num_classes)
 
 
 @dataclass
@@ -37,13 +80,21 @@ class LogitSplit:
     ids: list[str]
     views: np.ndarray  # (N,) int16
     labels: np.ndarray  # (N,) int64
-    logits: np.ndarray  # (N, C) float32, dataset label order
+    logits: np.ndarray | None  # (N, C) float32, dataset label order; None when stored as top-K
     meta: dict
+    topk: TopK | None = None  # (when stored as top-K)
+
+    def take(self, rows: np.ndarray) -> "LogitSplit":
+        return LogitSplit([self.ids[i] for i in rows], self.views[rows], self.labels[rows],
+                          None if self.logits is None else self.logits[rows], self.meta,
+                          None if self.topk is None else self.topk.take(rows))
 
     def view0(self) -> "LogitSplit":
-        keep = self.views == 0
-        return LogitSplit([i for i, k in zip(self.ids, keep) if k], self.views[keep], self.labels[keep],
-                          self.logits[keep], self.meta)
+        return self.take(np.flatnonzero(self.views == 0))
+
+    def teacher_logits(self) -> np.ndarray:
+        """(N, C) float32: the stored logits, or the top-K reconstruction (TopK.dense)."""
+        return self.logits if self.logits is not None else self.topk.dense()
 
     def aligned_to(self, ids: list[str], labels: np.ndarray, where: str) -> np.ndarray:
         """Teacher logits (N, C) in the order of `ids`, joined by id (view 0); refuse any mismatch."""
@@ -62,32 +113,41 @@ class LogitSplit:
         if len(wrong):
             raise KdpipeError(f"{where}: {len(wrong)} examples have other labels in the cache than in the dataset "
                               f"(e.g. {ids[wrong[0]]}); rebuild with kdpipe cache-teacher")
-        return plain.logits[order]
+        return plain.take(order).teacher_logits()
 
 
-def content_sha256(ids: list[str], views: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> str:
+def content_sha256(ids: list[str], views: np.ndarray, labels: np.ndarray, *arrays: np.ndarray) -> str:
+    """Over ids, views, labels and the stored teacher arrays (logits, or top-K values/indices/logsumexp),
+    each in its stored dtype."""
     h = hashlib.sha256()
     h.update("\0".join(ids).encode())
-    for a, dtype in ((views, np.int16), (labels, np.int64), (logits, np.float32)):
-        h.update(np.ascontiguousarray(a, dtype=dtype).tobytes())
+    for a in (np.asarray(views, np.int16), np.asarray(labels, np.int64), *arrays):
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 
 def write_split(path: Path, ids: list[str], labels: np.ndarray, logits: np.ndarray, meta: dict,
-                views: np.ndarray | None = None) -> None:
-    """Write atomically: a temporary file in the same folder, fsynced, then renamed over `path`."""
+                views: np.ndarray | None = None, topk: int | None = None, topk_dtype: str = "float32") -> None:
+    """Write atomically: a temporary file in the same folder, fsynced, then renamed over `path`.
+    With `topk`, only the K largest logits per row (+ classes, + logsumexp) are stored (TopK)."""
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     n, c = logits.shape
     views = np.zeros(n, dtype=np.int16) if views is None else np.asarray(views, dtype=np.int16)
     labels = np.asarray(labels, dtype=np.int64)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "rows": n, "num_classes": c,
-            "content_sha256": content_sha256(ids, views, labels, logits)}
-    table = pa.table({
-        "id": pa.array(ids, pa.string()),
-        "view": pa.array(views, pa.int16()),
-        "label": pa.array(labels, pa.int64()),
-        "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), pa.float32()), c),
-    }).replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    columns = {"id": pa.array(ids, pa.string()), "view": pa.array(views, pa.int16()), "label": pa.array(labels, pa.int64())}
+    if topk is None:
+        storage, arrays = FULL, [logits]
+        columns["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), pa.float32()), c)
+    else:
+        sparse = TopK.from_logits(logits, topk)
+        values = sparse.values.astype(topk_dtype)
+        storage, arrays = {"kind": "topk", "k": topk, "dtype": topk_dtype}, [values, sparse.indices, sparse.logsumexp]
+        columns["topk_values"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), topk)
+        columns["topk_indices"] = pa.FixedSizeListArray.from_arrays(pa.array(sparse.indices.reshape(-1), pa.int32()), topk)
+        columns["logsumexp"] = pa.array(sparse.logsumexp, pa.float32())
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "logits_storage": storage, "rows": n,
+            "num_classes": c, "content_sha256": content_sha256(ids, views, labels, *arrays)}
+    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -131,12 +191,23 @@ def read_split(path: Path) -> LogitSplit:
         ids = table.column("id").to_pylist()
         views = table.column("view").to_numpy().astype(np.int16)
         labels = table.column("label").to_numpy().astype(np.int64)
-        logits = table.column("logits").combine_chunks().values.to_numpy().reshape(-1, c)
+        if meta.get("logits_storage", FULL)["kind"] == "topk":
+            k = meta["logits_storage"]["k"]
+            values = table.column("topk_values").combine_chunks().values.to_numpy().reshape(-1, k)
+            indices = table.column("topk_indices").combine_chunks().values.to_numpy().reshape(-1, k)
+            lse = table.column("logsumexp").to_numpy()
+            arrays, logits = [values, indices, lse], None
+            sparse = TopK(values.astype(np.float32), indices, lse, c)
+        else:
+            logits = table.column("logits").combine_chunks().values.to_numpy().reshape(-1, c)
+            arrays, sparse = [logits], None
     except Exception as e:  # damaged bytes surface as Arrow, Unicode, shape or key errors
         raise KdpipeError(f"{path}: corrupt Parquet data ({type(e).__name__}); rebuild it with --force") from None
-    if content_sha256(ids, views, labels, logits) != meta.get("content_sha256"):
+    if content_sha256(ids, views, labels, *arrays) != meta.get("content_sha256"):
         raise KdpipeError(f"{path}: contents do not match their checksum (corrupted?); rebuild it with --force")
-    return LogitSplit(ids, views, labels, logits, meta)
+    if sparse is not None and (sparse.indices.min(initial=0) < 0 or sparse.indices.max(initial=0) >= c):
+        raise KdpipeError(f"{path}: top-K class indices out of range; rebuild it with --force")
+    return LogitSplit(ids, views, labels, logits, meta, sparse)
 
 
 def split_path(cache_dir: Path, split: str) -> Path:
@@ -156,4 +227,5 @@ def cache_splits(cache_dir: Path) -> dict[str, Path]:
 
 def matches(meta: dict, key: dict) -> bool:
     """Whether an existing file was made from exactly the inputs in `key` (so it can be reused)."""
-    return all(meta.get(k) == key.get(k) for k in KEY_FIELDS)
+    defaults = {"logits_storage": FULL}
+    return all(meta.get(k, defaults.get(k)) == key.get(k, defaults.get(k)) for k in KEY_FIELDS)
