@@ -86,10 +86,13 @@ def evaluate_both(s) -> dict:
 
 
 def run_with_bn_variants(cfg: TrainConfig) -> dict:
+    """Train once, evaluate the three BN variants after every epoch. Resumable: the state after each
+    epoch is saved to <out>/state.pt (atomically), so a run cut short (a session's end) continues."""
     s = train_student.setup(cfg)
     shadow = ShadowBN(s.model, MOMENTA)
-    epochs, start = [], time.perf_counter()
-    for epoch in range(cfg.epochs):
+    epochs, elapsed = load_state(s, shadow, cfg.out_dir() / "state.pt")
+    start = time.perf_counter() - elapsed
+    for epoch in range(len(epochs), cfg.epochs):
         t0 = time.perf_counter()
         train = train_student.train_epoch(s, epoch)
         train_time = time.perf_counter() - t0
@@ -102,6 +105,7 @@ def run_with_bn_variants(cfg: TrainConfig) -> dict:
         shadow.enabled = True
         record["variants"]["precise"] = evaluate_both(s)
         epochs.append(record)
+        save_state(s, shadow, epochs, time.perf_counter() - start, cfg.out_dir() / "state.pt")
         v = {k: f"{r['validation']['accuracy']:.3f}" for k, r in record["variants"].items()}
         print(f"  epoch {epoch + 1:>2}  loss {train['loss']:.4f}  val acc {v}  ({train_time:.0f} s train)", flush=True)
     summary = {}
@@ -114,6 +118,36 @@ def run_with_bn_variants(cfg: TrainConfig) -> dict:
             "wall_time_s": round(time.perf_counter() - start, 1),
             "train_images_per_s": round(len(s.splits[cfg.train_split]) * cfg.epochs /
                                         sum(e["train_time_s"] for e in epochs), 2)}
+
+
+def save_state(s, shadow: ShadowBN, epochs: list, elapsed: float, path: Path) -> None:
+    state = {"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+             "generator": s.generator.get_state(), "torch_rng": torch.get_rng_state(),
+             "shadow": {k: [list(pair) for pair in v] for k, v in shadow.stats.items()},
+             "epochs": json.dumps(epochs), "elapsed": elapsed, "config": json.dumps(s.cfg.to_dict())}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(s, shadow: ShadowBN, path: Path) -> tuple[list, float]:
+    if not path.exists():
+        return [], 0.0
+    state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, still never a pickle
+    if json.loads(state["config"]) != s.cfg.to_dict():
+        raise SystemExit(f"{path} was written with other settings; delete it to start that run again")
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    s.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    for name, pairs in state["shadow"].items():
+        for (rm, rv), (m, v) in zip(shadow.stats[name], pairs):
+            rm.copy_(m)
+            rv.copy_(v)
+    epochs = json.loads(state["epochs"])
+    print(f"  resumed after epoch {len(epochs)} from {path}", flush=True)
+    return epochs, state["elapsed"]
 
 
 def write_json(path: Path, obj) -> None:
@@ -156,9 +190,10 @@ def main():
                 print(f"{path} exists: skipped")
                 continue
             print(f"{arm} seed {seed}: {args.epochs} epochs", flush=True)
-            out = args.work / "runs" / f"guide-{arm}-seed{seed}-{int(time.time())}"
+            out = args.work / "runs" / f"guide-{arm}-seed{seed}"  # a run cut short resumes from out/state.pt
             # bn_momentum=1.0: buffers hold each batch's statistics; ShadowBN turns them into the variants
-            cfg = TrainConfig(cache=cache, seed=seed, epochs=args.epochs, bn_momentum=1.0, out=out, **overrides)
+            cfg = TrainConfig(cache=cache, seed=seed, epochs=args.epochs, bn_momentum=1.0, out=out, resume=True,
+                              **overrides)
             write_json(path, run_with_bn_variants(cfg))
             print(f"wrote {path}", flush=True)
 

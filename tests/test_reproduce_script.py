@@ -1,0 +1,51 @@
+"""benchmarks/reproduce_results.py, tiny: one training run yields three BN variants, and a run cut short
+resumes to the same records as an uninterrupted one."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from conftest import REPO, tiny_train_config
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("reproduce_results", REPO / "benchmarks" / "reproduce_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cfg(cache_dir, out):
+    return tiny_train_config(cache=cache_dir, epochs=3, bn_momentum=1.0, alpha=0.5, out=out, resume=True)
+
+
+def test_a_run_cut_short_resumes_to_the_same_records(reproduce, cache_dir, tmp_path, monkeypatch):
+    full = reproduce.run_with_bn_variants(_cfg(cache_dir, tmp_path / "full"))
+    assert set(full["summary"]) == {"upstream", "momentum0.1", "precise"} and len(full["epochs"]) == 3
+
+    class Cut(Exception):
+        pass
+
+    real_save = reproduce.save_state
+
+    def save_then_cut(s, shadow, epochs, elapsed, path):
+        real_save(s, shadow, epochs, elapsed, path)
+        if len(epochs) == 2:
+            raise Cut
+
+    monkeypatch.setattr(reproduce, "save_state", save_then_cut)
+    with pytest.raises(Cut):
+        reproduce.run_with_bn_variants(_cfg(cache_dir, tmp_path / "cut"))
+    monkeypatch.undo()
+    resumed = reproduce.run_with_bn_variants(_cfg(cache_dir, tmp_path / "cut"))
+    for a, b in zip(full["epochs"], resumed["epochs"]):
+        assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-5)
+        for variant in a["variants"]:
+            assert a["variants"][variant]["validation"]["accuracy"] == b["variants"][variant]["validation"]["accuracy"]
+            assert a["variants"][variant]["test"]["kl_to_teacher"] == pytest.approx(
+                b["variants"][variant]["test"]["kl_to_teacher"], rel=1e-4)
