@@ -62,6 +62,24 @@ def _progress() -> Progress:
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False)
 
 
+def _bars(bar: Progress):
+    """The pipeline's progress callback, `(task, done, total, info="")`, drawn as one bar per task."""
+    tasks = {}
+
+    def update(task: str, done: int, total: int, info: str = "") -> None:
+        if task not in tasks:
+            tasks[task] = bar.add_task(task, total=total, info="")
+        bar.update(tasks[task], completed=done, total=total, info=info)
+
+    def clear() -> None:
+        for t in tasks.values():
+            bar.remove_task(t)
+        tasks.clear()
+
+    update.clear = clear
+    return update
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -98,14 +116,7 @@ def cache_teacher_cmd(
                           batch_size=batch_size, precision=precision, device=device, workers=workers, force=force,
                           trust_remote_code=trust_remote_code, topk=topk, topk_dtype=topk_dtype)
         with _progress() as bar:
-            tasks = {}
-
-            def on_batch(split: str, done: int, total: int):
-                if split not in tasks:
-                    tasks[split] = bar.add_task(split, total=total, info="")
-                bar.update(tasks[split], completed=done)
-
-            reports = cache_teacher.run(cfg, progress=on_batch)
+            reports = cache_teacher.run(cfg, progress=_bars(bar))
     table = Table(title=f"teacher logits in {cfg.out_dir()}")
     for col in ("split", "rows", "teacher acc", "images/s", "file size", ""):
         table.add_column(col, justify="right" if col not in ("split", "") else "left")
@@ -197,12 +208,7 @@ def train_student_cmd(
                           precise_bn=precise_bn, seed=seed, precision=precision, device=device, compile=compile,
                           out=out, name=name, resume=resume)
         with _progress() as bar:
-            tasks = {}
-
-            def on_progress(task: str, done: int, total: int, info: str = ""):
-                if task not in tasks:
-                    tasks[task] = bar.add_task(task, total=total, info="")
-                bar.update(tasks[task], completed=done, info=info)
+            on_progress = _bars(bar)
 
             def on_epoch(r: dict):
                 v = r["validation"]
@@ -307,17 +313,10 @@ def sweep_cmd(
         console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {sampler}, seeds {cfg.seeds}, "
                       f"searching {', '.join(space) or 'nothing (seeds only)'}")
         with _progress() as bar:
-            tasks = {}
-
-            def on_progress(task: str, done: int, total: int, info: str = ""):
-                if task not in tasks:
-                    tasks[task] = bar.add_task(task, total=total, info="")
-                bar.update(tasks[task], completed=done, total=total, info=info)
+            on_progress = _bars(bar)
 
             def on_trial(r, total: int):
-                for t in list(tasks.values()):
-                    bar.remove_task(t)
-                tasks.clear()
+                on_progress.clear()  # the next trial draws its own bars
                 bar.console.print(f"trial {r.number:>3} ({total} planned)  {r.key}  seeds {r.seeds}  "
                                   f"val {r.validation:.2%}  {r.state}  {r.seconds:.0f} s")
 
