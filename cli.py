@@ -115,6 +115,11 @@ def cache_teacher_cmd(
                           splits=_splits(splits), image_column=image_column, label_column=label_column, out=out,
                           batch_size=batch_size, precision=precision, device=device, workers=workers, force=force,
                           trust_remote_code=trust_remote_code, topk=topk, topk_dtype=topk_dtype)
+        from pipeline.runtime import distributed
+
+        if distributed()[0] > 0:  # under torchrun: rank 0 alone reports
+            cache_teacher.run(cfg)
+            return
         with _progress() as bar:
             reports = cache_teacher.run(cfg, progress=_bars(bar))
     table = Table(title=f"teacher logits in {cfg.out_dir()}")

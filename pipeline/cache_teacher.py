@@ -6,6 +6,7 @@ the teacher runs in eval mode under `torch.inference_mode` and autocast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -40,15 +41,15 @@ class _TeacherInputs(torch.utils.data.Dataset):
     """(pixel_values, row) pairs made by the teacher's own processor; errors travel as messages so the
     main process can raise them as one-line KdpipeErrors (DataLoader would wrap them in a traceback)."""
 
-    def __init__(self, split: Split, processor):
-        self.split, self.processor = split, processor
+    def __init__(self, split: Split, processor, rows: np.ndarray):
+        self.split, self.processor, self.rows = split, processor, rows
 
     def __len__(self):
-        return len(self.split)
+        return len(self.rows)
 
     def __getitem__(self, i):
         try:
-            image = self.split.image(i)
+            image = self.split.image(int(self.rows[i]))
         except KdpipeError as e:
             return None, i, str(e)
         pixels = self.processor(images=image, return_tensors="np")["pixel_values"][0]
@@ -63,14 +64,16 @@ def _collate(items):
 
 
 def teacher_logits(teacher: Teacher, split: Split, device: torch.device, precision: str, batch_size: int,
-                   workers: int, progress: Progress | None = None) -> np.ndarray:
-    """Raw teacher logits (N, C) for every row of `split`, in the teacher's label order, as float32."""
+                   workers: int, progress: Progress | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+    """Raw teacher logits (N, C) for every row of `split` (or for `rows` of it, in that order), in the
+    teacher's label order, as float32."""
+    rows = np.arange(len(split)) if rows is None else rows
     loader = torch.utils.data.DataLoader(
-        _TeacherInputs(split, teacher.processor), batch_size=batch_size, shuffle=False, num_workers=workers,
+        _TeacherInputs(split, teacher.processor, rows), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    out = np.empty((len(split), teacher.model.config.num_labels), dtype=np.float32)
+    out = np.empty((len(rows), teacher.model.config.num_labels), dtype=np.float32)
     done = 0
     with torch.inference_mode(), runtime.autocast(device, precision):
         for batch in loader:
@@ -82,18 +85,62 @@ def teacher_logits(teacher: Teacher, split: Split, device: torch.device, precisi
             out[batch["rows"].cpu().numpy()] = logits.cpu().numpy()
             done += len(logits)
             if progress:
-                progress(split.name, done, len(split))
+                progress(split.name, done, len(rows))
     return out
 
 
 def run(cfg: CacheConfig, progress: Progress | None = None) -> list[SplitReport]:
     """Cache the teacher's logits for every requested split; reuse files made from the same inputs.
-    One writer per --out folder (locking.exclusive)."""
-    with locking.exclusive(cfg.out_dir()):
-        return _run(cfg, progress)
+    One writer per --out folder (locking.exclusive). Under `torchrun`/`accelerate launch` with N
+    processes, each caches every N-th row of each split into its own Parquet part and rank 0 joins the
+    parts into the split's file (see _shard_logits)."""
+    rank, world = runtime.distributed()
+    if world == 1:
+        with locking.exclusive(cfg.out_dir()):
+            return _run(cfg, progress)
+    import torch.distributed as dist
+
+    runtime.start_distributed(runtime.resolve_device(cfg.device))
+    error = None
+    with contextlib.ExitStack() as held:
+        if rank == 0:
+            try:
+                held.enter_context(locking.exclusive(cfg.out_dir()))
+            except KdpipeError as e:
+                error = e
+        failed = torch.tensor([error is not None], dtype=torch.int32)
+        dist.broadcast(failed, 0)  # every rank stops if rank 0 could not take the folder
+        if failed.item():
+            raise error or KdpipeError(f"--out {cfg.out_dir()} is being written by another kdpipe process")
+        return _run(cfg, progress, rank, world)
 
 
-def _run(cfg: CacheConfig, progress: Progress | None) -> list[SplitReport]:
+def _shard_logits(teacher, split, device, precision, cfg, workers, progress, out_dir, rank, world) -> np.ndarray | None:
+    """This rank's rows (rank, rank + world, ...) to `.parts/<split>.part<rank>of<world>.parquet`; after a
+    barrier rank 0 reads every part (checksums verified), puts the rows back in dataset order and returns
+    all logits; other ranks return None."""
+    import torch.distributed as dist
+
+    parts = out_dir / ".parts"
+    rows = np.arange(rank, len(split), world)
+    logits = teacher_logits(teacher, split, device, precision, cfg.batch_size, workers, progress, rows)
+    logit_store.write_split(parts / f"{split.name}.part{rank}of{world}.parquet", [split.ids[i] for i in rows],
+                            split.labels[rows], logits, {"part": rank, "parts": world})
+    dist.barrier()
+    if rank != 0:
+        return None
+    out = np.empty((len(split), logits.shape[1]), dtype=np.float32)
+    for r in range(world):
+        path = parts / f"{split.name}.part{r}of{world}.parquet"
+        part = logit_store.read_split(path)
+        if part.ids != [split.ids[i] for i in range(r, len(split), world)]:
+            raise KdpipeError(f"{path}: holds other rows than rank {r} should have; rerun with --force")
+        out[r::world] = part.logits
+        path.unlink()
+    return out
+
+
+def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int = 1) -> list[SplitReport]:
     dataset = open_dataset(cfg.dataset, splits=cfg.splits, image_column=cfg.image_column,
                            label_column=cfg.label_column, revision=cfg.dataset_revision)
     teacher = load_teacher(cfg.teacher, cfg.revision, cfg.trust_remote_code)
@@ -121,7 +168,17 @@ def _run(cfg: CacheConfig, progress: Progress | None) -> list[SplitReport]:
                                        path.stat().st_size, path, True))
             continue
         start = time.perf_counter()
-        logits = teacher_logits(teacher, split, device, precision, cfg.batch_size, workers, progress)[:, perm]
+        if world == 1:
+            logits = teacher_logits(teacher, split, device, precision, cfg.batch_size, workers, progress)
+        else:
+            logits = _shard_logits(teacher, split, device, precision, cfg, workers, progress, out_dir, rank, world)
+            if logits is None:  # rank > 0: rank 0 writes the split; wait for it, then report from its file
+                torch.distributed.barrier()
+                meta = logit_store.read_meta(path)
+                reports.append(SplitReport(split.name, meta["rows"], meta["teacher_accuracy"], None,
+                                           path.stat().st_size, path, False))
+                continue
+        logits = logits[:, perm]
         wall = time.perf_counter() - start
         accuracy = float((logits.argmax(1) == split.labels).mean())
         meta = {
@@ -138,7 +195,11 @@ def _run(cfg: CacheConfig, progress: Progress | None) -> list[SplitReport]:
             "views": 1,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if world > 1:
+            meta["processes"] = world
         logit_store.write_split(path, split.ids, split.labels, logits, meta, topk=cfg.topk, topk_dtype=cfg.topk_dtype)
+        if world > 1:
+            torch.distributed.barrier()  # the split's file is complete: the other ranks may read it
         reports.append(SplitReport(split.name, len(split), accuracy, len(split) / wall, path.stat().st_size,
                                    path, False))
     return reports

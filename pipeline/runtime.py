@@ -35,7 +35,22 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise KdpipeError("--device cuda: no CUDA device is visible here; use --device cpu (or auto)")
+    if name == "cuda" and distributed()[1] > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     return torch.device(name)
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of this process as `torchrun` or `accelerate launch` set them; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_distributed(device: torch.device) -> None:
+    """Join the process group the launcher described (NCCL between GPUs, gloo on CPUs)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

@@ -1,0 +1,37 @@
+"""Stage one on 2 processes (torchrun, gloo on CPU): the same cache as one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from pipeline import cache_teacher, logit_store
+from pipeline.config import CacheConfig
+
+
+@pytest.mark.slow
+def test_two_processes_cache_the_same_logits_as_one(image_folder, teacher_dir, tmp_path):
+    single = tmp_path / "single"
+    cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=single, precision="fp32",
+                                  workers=0, batch_size=4))
+    sharded = tmp_path / "sharded"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "cli", "cache-teacher", "--teacher", str(teacher_dir), "--dataset", str(image_folder),
+                           "--out", str(sharded), "--precision", "fp32", "--device", "cpu", "--workers", "0",
+                           "--batch-size", "4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("train", "validation", "test"):
+        a = logit_store.read_split(logit_store.split_path(single, name))
+        b = logit_store.read_split(logit_store.split_path(sharded, name))
+        assert a.ids == b.ids and np.array_equal(a.labels, b.labels)
+        np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+        assert b.meta["processes"] == 2 and b.meta["teacher_accuracy"] == a.meta["teacher_accuracy"]
+    assert not list((sharded / ".parts").glob("*"))  # the parts were joined and removed
+    assert done.stdout.count("teacher logits in") == 1  # one report, from rank 0
