@@ -146,7 +146,8 @@ def inspect_cache_cmd(
         rows = []
         for name, f in files.items():
             split = logit_store.read_split(f)  # verifies format and checksum
-            acc = float((split.view0().logits.argmax(1) == split.view0().labels).mean())
+            plain = split.view0()
+            acc = float((plain.teacher_logits().argmax(1) == plain.labels).mean())  # top-1 is kept by --topk too
             if abs(acc - split.meta["teacher_accuracy"]) > 1e-9:
                 raise KdpipeError(f"{f}: stored teacher accuracy {split.meta['teacher_accuracy']:.4f} differs from "
                                   f"the recomputed {acc:.4f}; rebuild it with --force")
@@ -157,6 +158,9 @@ def inspect_cache_cmd(
     console.print(f"[bold]dataset[/]  {first['dataset']['spec']}  labels={first['label_names']}")
     console.print(f"[bold]format[/]   {first['format']} v{first['format_version']}  kdpipe {first['kdpipe_version']}"
                   f"  precision={first['precision']}  device={first['device']}")
+    storage = first.get("logits_storage", logit_store.FULL)
+    console.print(f"[bold]logits[/]   " + ("all C raw logits, float32" if storage["kind"] == "full" else
+                                          f"top-{storage['k']} raw logits ({storage['dtype']}) + logsumexp"))
     table = Table()
     for col in ("split", "rows", "classes", "teacher acc", "images/s", "fingerprint", "size"):
         table.add_column(col)

@@ -82,6 +82,8 @@ def test_cache_teacher_with_topk_and_a_student_trained_from_it(run_cli, image_fo
     assert code == 0, out
     split = logit_store.read_split(tmp_path / "c" / "train.parquet")
     assert split.topk.values.shape == (36, 2) and "logits" not in logit_store.pq.read_schema(tmp_path / "c" / "train.parquet").names
+    code, out = run_cli("inspect-cache", tmp_path / "c")
+    assert code == 0 and "top-2 raw logits (float32) + logsumexp" in out and "checksum ok" in out, out
     report = train_student.run(tiny_train_config(cache=tmp_path / "c", epochs=1, out=tmp_path / "run"))
     assert report.run["cache"]["splits"]["train"]["content_sha256"] == split.meta["content_sha256"]
     code, out = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--out", tmp_path / "c",
