@@ -49,3 +49,22 @@ def test_a_run_cut_short_resumes_to_the_same_records(reproduce, cache_dir, tmp_p
             assert a["variants"][variant]["validation"]["accuracy"] == b["variants"][variant]["validation"]["accuracy"]
             assert a["variants"][variant]["test"]["kl_to_teacher"] == pytest.approx(
                 b["variants"][variant]["test"]["kl_to_teacher"], rel=1e-4)
+
+
+def test_the_report_tabulates_finished_runs(reproduce, cache_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("report_results", REPO / "benchmarks" / "report_results.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    results = tmp_path / "results"
+    for arm, alpha in (("scratch", 0.0), ("distilled", 0.5)):
+        for seed in (0, 1):
+            cfg = tiny_train_config(cache=cache_dir, epochs=2, bn_momentum=1.0, alpha=alpha, seed=seed,
+                                    out=tmp_path / f"{arm}{seed}", resume=True)
+            reproduce.write_json(results / "guide" / f"{arm}-seed{seed}.json", reproduce.run_with_bn_variants(cfg))
+    assert report.main(["--results", str(results)]) == 0
+    text = (results / "guide.md").read_text()
+    runs = report.load_runs(results)
+    tests = [r["summary"]["precise"]["test"]["accuracy"] for r in runs["distilled"]]
+    assert f"| distilled | precise | 2 | {report.pct(tests)} |" in text
+    assert text.count("| scratch |") == 3 and (results / "guide.png").stat().st_size > 1000
+    assert "runs finished: 4" in text
