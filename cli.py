@@ -159,7 +159,7 @@ def inspect_cache_cmd(
     console.print(f"[bold]format[/]   {first['format']} v{first['format_version']}  kdpipe {first['kdpipe_version']}"
                   f"  precision={first['precision']}  device={first['device']}")
     storage = first.get("logits_storage", logit_store.FULL)
-    console.print(f"[bold]logits[/]   " + ("all C raw logits, float32" if storage["kind"] == "full" else
+    console.print("[bold]logits[/]   " + ("all C raw logits, float32" if storage["kind"] == "full" else
                                           f"top-{storage['k']} raw logits ({storage['dtype']}) + logsumexp"))
     table = Table()
     for col in ("split", "rows", "classes", "teacher acc", "images/s", "fingerprint", "size"):
@@ -216,6 +216,11 @@ def train_student_cmd(
                           schedule=schedule, warmup_ratio=warmup_ratio, bn_momentum=bn_momentum,
                           precise_bn=precise_bn, seed=seed, precision=precision, device=device, compile=compile,
                           out=out, name=name, resume=resume)
+        from pipeline.runtime import distributed
+
+        if distributed()[0] > 0:  # under torchrun: rank 0 alone reports
+            train_student.run(cfg)
+            return
         with _progress() as bar:
             on_progress = _bars(bar)
 

@@ -6,7 +6,6 @@ the teacher runs in eval mode under `torch.inference_mode` and autocast.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -95,23 +94,9 @@ def run(cfg: CacheConfig, progress: Progress | None = None) -> list[SplitReport]
     processes, each caches every N-th row of each split into its own Parquet part and rank 0 joins the
     parts into the split's file (see _shard_logits)."""
     rank, world = runtime.distributed()
-    if world == 1:
-        with locking.exclusive(cfg.out_dir()):
-            return _run(cfg, progress)
-    import torch.distributed as dist
-
-    runtime.start_distributed(runtime.resolve_device(cfg.device))
-    error = None
-    with contextlib.ExitStack() as held:
-        if rank == 0:
-            try:
-                held.enter_context(locking.exclusive(cfg.out_dir()))
-            except KdpipeError as e:
-                error = e
-        failed = torch.tensor([error is not None], dtype=torch.int32)
-        dist.broadcast(failed, 0)  # every rank stops if rank 0 could not take the folder
-        if failed.item():
-            raise error or KdpipeError(f"--out {cfg.out_dir()} is being written by another kdpipe process")
+    if world > 1:
+        runtime.start_distributed(runtime.resolve_device(cfg.device))
+    with locking.exclusive_for_job(cfg.out_dir()):
         return _run(cfg, progress, rank, world)
 
 

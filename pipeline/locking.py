@@ -36,3 +36,31 @@ def exclusive(folder: Path, flag: str = "--out"):
         yield
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def exclusive_for_job(folder: Path, flag: str = "--out"):
+    """`exclusive` for a job of one or several processes (torchrun): rank 0 holds the lock, and every
+    rank refuses alike when it cannot (the others would otherwise wait for rank 0 forever)."""
+    from .runtime import distributed
+
+    rank, world = distributed()
+    if world == 1:
+        with exclusive(folder, flag):
+            yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    with contextlib.ExitStack() as held:
+        error = None
+        if rank == 0:
+            try:
+                held.enter_context(exclusive(folder, flag))
+            except KdpipeError as e:
+                error = e
+        failed = torch.tensor([error is not None], dtype=torch.int32)
+        dist.broadcast(failed, 0)
+        if failed.item():
+            raise error or KdpipeError(f"{flag} {folder} is being written by another kdpipe process right now")
+        yield

@@ -107,6 +107,8 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     model = runtime.prepare_model(model, device)
     optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits[cfg.train_split]) / cfg.batch_size))
     forward = torch.compile(model) if cfg.compile else model
+    if runtime.distributed()[1] > 1:  # data-parallel: gradients averaged across processes every step
+        forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     provenance = _provenance(cfg, cache, dataset, device, precision)
     return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
                  _with_tensors(inputs, device), out, provenance, generator)
@@ -206,7 +208,7 @@ def _optimizer(model, cfg: TrainConfig, steps_per_epoch: int):
 
 def _provenance(cfg, cache, dataset: ImageDataset, device, precision) -> dict:
     out = {"config": cfg.to_dict(), "versions": runtime.versions(), "device": runtime.describe(device),
-           "precision": precision, "dataset": dataset.identity,
+           "precision": precision, "processes": runtime.distributed()[1], "dataset": dataset.identity,
            "dataset_fingerprints": {n: s.fingerprint() for n, s in dataset.splits.items()}}
     if cache is not None:
         meta = next(iter(cache.values())).meta
@@ -229,13 +231,20 @@ def student_inputs(s: Setup, batch: dict) -> torch.Tensor:
 
 
 def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
+    """One pass over the train split in batches of cfg.batch_size. Under torchrun each of N processes
+    takes every N-th example of each batch (same order everywhere: same seed), DDP averages the
+    gradients, and a final batch smaller than N is skipped so no process idles in a step."""
     cfg, data = s.cfg, s.splits[s.cfg.train_split]
+    rank, world = runtime.distributed()
     s.model.train()
     order = torch.randperm(len(data), generator=s.generator)
-    sums = torch.zeros(3, device=s.device)  # loss, ce, kd (summed over examples)
+    sums = torch.zeros(4, device=s.device)  # loss, ce, kd (summed over examples), examples
     steps = math.ceil(len(data) / cfg.batch_size)
     for step in range(steps):
-        batch = data.batch(order[step * cfg.batch_size:(step + 1) * cfg.batch_size], s.device)
+        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
+        if world > 1 and len(order[step * cfg.batch_size:(step + 1) * cfg.batch_size]) < world:
+            continue
+        batch = data.batch(idx, s.device)
         with runtime.autocast(s.device, s.precision):
             student_logits = s.forward(pixel_values=student_inputs(s, batch)).logits  # (B, C)
         parts = distillation_loss(student_logits, batch["labels"], batch.get("teacher_logits"),
@@ -244,11 +253,14 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
         s.optimizer.step()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
-        sums += torch.stack([parts["loss"].detach(), parts["ce"], parts["kd"]]) * len(batch["labels"])
+        n = len(batch["labels"])
+        sums += torch.stack([parts["loss"].detach() * n, parts["ce"] * n, parts["kd"] * n,
+                             torch.tensor(float(n), device=s.device)])
         if progress and (step % LOG_EVERY == 0 or step == steps - 1):
-            seen = min((step + 1) * cfg.batch_size, len(data))
-            progress(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, steps, f"loss {sums[0].item() / seen:.4f}")
-    loss, ce, kd = (sums / len(data)).tolist()
+            progress(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, steps, f"loss {(sums[0] / sums[3]).item():.4f}")
+    if world > 1:
+        torch.distributed.all_reduce(sums)  # every process's examples
+    loss, ce, kd = (sums[:3] / sums[3]).tolist()
     return {"loss": loss, "ce": ce, "kd": kd}
 
 
@@ -312,7 +324,8 @@ def predict(model, data: SplitData, device, precision, inputs: dict, batch_size:
 
 def evaluate_split(s: Setup, name: str) -> tuple[dict, np.ndarray]:
     data = s.splits[name]
-    logits = predict(s.forward, data, s.device, s.precision, s.inputs)
+    net = s.forward.module if isinstance(s.forward, torch.nn.parallel.DistributedDataParallel) else s.forward
+    logits = predict(net, data, s.device, s.precision, s.inputs)  # every process evaluates the whole split
     teacher = data.teacher_logits.cpu().numpy() if data.teacher_logits is not None else None
     return metrics.classification_report(logits, data.labels.cpu().numpy(), teacher), logits
 
@@ -341,7 +354,8 @@ def _fit_epochs(s: Setup, progress, on_epoch, board) -> None:
         s.history.append(record)
         if val["accuracy"] > s.best["accuracy"]:
             s.best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "state": _cpu_state(s.model)}
-        _write_checkpoint(s)
+        if _writes(s):
+            _write_checkpoint(s)
         if board is not None:
             _log_scalars(board, record)
         if on_epoch:
@@ -351,7 +365,7 @@ def _fit_epochs(s: Setup, progress, on_epoch, board) -> None:
 def _tensorboard(s: Setup):
     """A SummaryWriter on `<out>/tensorboard` when asked for and the `tensorboard` extra is installed.
     On --resume, events after the resumed epoch (from the interrupted attempt) are purged."""
-    if not s.cfg.log_tensorboard:
+    if not s.cfg.log_tensorboard or not _writes(s):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -370,6 +384,11 @@ def _log_scalars(board, record: dict) -> None:
     board.add_scalar("lr", record["lr"], step)
     board.add_scalar("train/images_per_s", record["train_images_per_s"], step)
     board.flush()
+
+
+def _writes(s: Setup) -> bool:
+    """Only the first process of a torchrun job writes checkpoints, metrics, the model and run.json."""
+    return runtime.distributed()[0] == 0
 
 
 def _cpu_state(model) -> dict:
@@ -471,6 +490,9 @@ def finish(s: Setup, wall_time: float) -> RunReport:
         labels = s.splits[s.cfg.test_split].labels.cpu().numpy()
         confusion = metrics.confusion_matrix(logits.argmax(1), labels, len(s.label_names)).tolist()
     model_dir = s.out / "model"
+    if not _writes(s):  # another process of the job: wait for the first to write everything
+        torch.distributed.barrier()
+        return load_report(s.out)
     tmp = s.out / f".model.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
@@ -491,6 +513,8 @@ def finish(s: Setup, wall_time: float) -> RunReport:
     _atomic_write_text(s.out / "run.json", json.dumps(run, indent=2))
     for name in ("checkpoint.pt", "checkpoint.sha256"):  # the run is complete; model/ is the result
         (s.out / name).unlink(missing_ok=True)
+    if runtime.distributed()[1] > 1:
+        torch.distributed.barrier()
     return RunReport(s.out, s.best["epoch"], val, test, confusion, s.label_names, wall_time, epochs, run)
 
 
@@ -501,7 +525,9 @@ def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[
     finished = cfg.out_dir() / "run.json"
     if cfg.resume and finished.exists():
         return load_report(cfg.out_dir())
-    with locking.exclusive(cfg.out_dir()):
+    if runtime.distributed()[1] > 1:
+        runtime.start_distributed(runtime.resolve_device(cfg.device))
+    with locking.exclusive_for_job(cfg.out_dir()):
         s = setup(cfg, progress, shared)
         if cfg.resume:
             resume(s)

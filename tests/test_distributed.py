@@ -35,3 +35,29 @@ def test_two_processes_cache_the_same_logits_as_one(image_folder, teacher_dir, t
         assert b.meta["processes"] == 2 and b.meta["teacher_accuracy"] == a.meta["teacher_accuracy"]
     assert not list((sharded / ".parts").glob("*"))  # the parts were joined and removed
     assert done.stdout.count("teacher logits in") == 1  # one report, from rank 0
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_write_once(cache_dir, teacher_dir, tmp_path):
+    """A student without BatchNorm (a tiny ViT: batch statistics would differ per process) trained on
+    2 processes x 4 examples follows the 1 process x 8 examples run; outputs are written once."""
+    from pipeline import train_student
+    from pipeline.config import TrainConfig
+
+    common = dict(cache=cache_dir, student=str(teacher_dir), epochs=2, batch_size=8, lr=1e-3, precision="fp32",
+                  device="cpu")
+    single = train_student.run(TrainConfig(**common, out=tmp_path / "single"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "cli", "train-student", "--cache", str(cache_dir), "--student", str(teacher_dir),
+                           "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--precision", "fp32", "--device",
+                           "cpu", "--out", str(tmp_path / "ddp")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ddp = train_student.load_report(tmp_path / "ddp")
+    assert ddp.run["processes"] == 2 and done.stdout.count("best epoch") == 1
+    assert [r["train"]["loss"] for r in ddp.history] == pytest.approx([r["train"]["loss"] for r in single.history],
+                                                                      rel=1e-4)
+    assert ddp.validation["accuracy"] == single.validation["accuracy"] and ddp.test == pytest.approx(single.test)
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
