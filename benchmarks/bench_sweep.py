@@ -11,7 +11,7 @@ test, linked into a temporary image folder) with the real shared teacher cached 
                      (train + validation, from metrics.jsonl), with everything else in the numerator.
   teacher cost       teacher loads and forward passes during the sweep, counted by wrapping
                      pipeline.teacher.load_teacher, AutoModelForImageClassification.from_pretrained (the
-                     default student is built from a config) and stage one's teacher_logits. Must be 0.
+                     default student is built from a config) and stage one's teacher_batches. Must be 0.
   guide's way        the same sweep with the teacher forwarded on every training batch, as the guide's
                      ImageDistilTrainer does: each run's train time x the online/cached epoch ratio that
                      stage two's benchmark measured (docs/results/benchmarks/stage_two.json, or --ratio),
@@ -78,7 +78,7 @@ class Counter:
 def timed_sweep(cfg: SweepConfig) -> tuple[float, sweep_report.SweepSummary, dict]:
     from transformers import AutoModelForImageClassification
 
-    counters = [Counter(teacher, "load_teacher"), Counter(cache_teacher, "teacher_logits"),
+    counters = [Counter(teacher, "load_teacher"), Counter(cache_teacher, "teacher_batches"),
                 Counter(AutoModelForImageClassification, "from_pretrained")]
     start = time.perf_counter()
     try:

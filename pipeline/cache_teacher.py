@@ -62,17 +62,16 @@ def _collate(items):
     return {"pixel_values": torch.stack([p for p, _, _ in items]), "rows": torch.tensor([i for _, i, _ in items])}
 
 
-def teacher_logits(teacher: Teacher, split: Split, device: torch.device, precision: str, batch_size: int,
-                   workers: int, progress: Progress | None = None, rows: np.ndarray | None = None) -> np.ndarray:
-    """Raw teacher logits (N, C) for every row of `split` (or for `rows` of it, in that order), in the
-    teacher's label order, as float32."""
+def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precision: str, batch_size: int,
+                    workers: int, progress: Progress | None = None, rows: np.ndarray | None = None):
+    """Yield (rows (B,), raw teacher logits (B, C) float32 in the teacher's label order) for every row of
+    `split` (or for `rows` of it), in order, one batch at a time."""
     rows = np.arange(len(split)) if rows is None else rows
     loader = torch.utils.data.DataLoader(
         _TeacherInputs(split, teacher.processor, rows), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    out = np.empty((len(rows), teacher.model.config.num_labels), dtype=np.float32)
     done = 0
     with torch.inference_mode(), runtime.autocast(device, precision):
         for batch in loader:
@@ -81,18 +80,25 @@ def teacher_logits(teacher: Teacher, split: Split, device: torch.device, precisi
             batch = runtime.to_device(batch, device)
             pixel_values = batch["pixel_values"].contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
             logits = teacher.model(pixel_values=pixel_values).logits.float()  # (B, C)
-            out[batch["rows"].cpu().numpy()] = logits.cpu().numpy()
             done += len(logits)
             if progress:
                 progress(split.name, done, len(rows))
-    return out
+            yield rows[batch["rows"].cpu().numpy()], logits.cpu().numpy()
+
+
+def teacher_logits(teacher: Teacher, split: Split, device: torch.device, precision: str, batch_size: int,
+                   workers: int, progress: Progress | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+    """All of teacher_batches at once: (N, C) float32."""
+    return np.concatenate([logits for _, logits in
+                           teacher_batches(teacher, split, device, precision, batch_size, workers, progress, rows)])
 
 
 def run(cfg: CacheConfig, progress: Progress | None = None) -> list[SplitReport]:
     """Cache the teacher's logits for every requested split; reuse files made from the same inputs.
-    One writer per --out folder (locking.exclusive). Under `torchrun`/`accelerate launch` with N
-    processes, each caches every N-th row of each split into its own Parquet part and rank 0 joins the
-    parts into the split's file (see _shard_logits)."""
+    One writer per --out folder (locking.exclusive). Rows stream from the teacher into the Parquet file
+    in row groups, so memory stays flat however large the split. Under `torchrun`/`accelerate launch`
+    with N processes, each caches every N-th row of each split into its own Parquet part and rank 0
+    merges the parts into the split's file (_merge_parts)."""
     rank, world = runtime.distributed()
     if world > 1:
         runtime.start_distributed(runtime.resolve_device(cfg.device))
@@ -100,29 +106,33 @@ def run(cfg: CacheConfig, progress: Progress | None = None) -> list[SplitReport]
         return _run(cfg, progress, rank, world)
 
 
-def _shard_logits(teacher, split, device, precision, cfg, workers, progress, out_dir, rank, world) -> np.ndarray | None:
-    """This rank's rows (rank, rank + world, ...) to `.parts/<split>.part<rank>of<world>.parquet`; after a
-    barrier rank 0 reads every part (checksums verified), puts the rows back in dataset order and returns
-    all logits; other ranks return None."""
-    import torch.distributed as dist
+def _part_path(out_dir: Path, split: str, rank: int, world: int) -> Path:
+    return out_dir / ".parts" / f"{split}.part{rank}of{world}.parquet"
 
-    parts = out_dir / ".parts"
-    rows = np.arange(rank, len(split), world)
-    logits = teacher_logits(teacher, split, device, precision, cfg.batch_size, workers, progress, rows)
-    logit_store.write_split(parts / f"{split.name}.part{rank}of{world}.parquet", [split.ids[i] for i in rows],
-                            split.labels[rows], logits, {"part": rank, "parts": world})
-    dist.barrier()
-    if rank != 0:
-        return None
-    out = np.empty((len(split), logits.shape[1]), dtype=np.float32)
-    for r in range(world):
-        path = parts / f"{split.name}.part{r}of{world}.parquet"
-        part = logit_store.read_split(path)
-        if part.ids != [split.ids[i] for i in range(r, len(split), world)]:
+
+def _merge_parts(split: Split, out_dir: Path, world: int, batch_size: int):
+    """Yield (rows, logits) in dataset order from the ranks' parts (part r holds rows r, r + N, ...),
+    reading them a batch at a time in lockstep, after verifying each part's checksum; then delete them."""
+    paths = [_part_path(out_dir, split.name, r, world) for r in range(world)]
+    for r, path in enumerate(paths):
+        if logit_store.verify(path)["rows"] != len(range(r, len(split), world)):
             raise KdpipeError(f"{path}: holds other rows than rank {r} should have; rerun with --force")
-        out[r::world] = part.logits
+    streams = [logit_store.RowStream(p, ["id", "logits"]) for p in paths]
+    done = 0
+    while done < len(split):
+        chunks = [s.take(batch_size) for s in streams]  # part r's next rows: local j -> global (j * N + r)
+        key = np.concatenate([np.arange(len(c)) * world + r for r, c in enumerate(chunks)])
+        order = np.argsort(key, kind="stable")
+        rows = done + np.arange(len(order))
+        ids = [i for c in chunks for i in c.column("id").to_pylist()]
+        if [ids[j] for j in order] != [split.ids[i] for i in rows]:
+            raise KdpipeError(f"{paths[0].parent}: the parts hold other rows than this dataset; rerun with --force")
+        logits = np.concatenate([c.column("logits").combine_chunks().flatten().to_numpy().reshape(len(c), -1)
+                                 for c in chunks])
+        done += len(order)
+        yield rows, logits[order]
+    for path in paths:
         path.unlink()
-    return out
 
 
 def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int = 1) -> list[SplitReport]:
@@ -153,36 +163,46 @@ def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int 
                                        path.stat().st_size, path, True))
             continue
         start = time.perf_counter()
-        if world == 1:
-            logits = teacher_logits(teacher, split, device, precision, cfg.batch_size, workers, progress)
-        else:
-            logits = _shard_logits(teacher, split, device, precision, cfg, workers, progress, out_dir, rank, world)
-            if logits is None:  # rank > 0: rank 0 writes the split; wait for it, then report from its file
+        batches = teacher_batches(teacher, split, device, precision, cfg.batch_size, workers, progress,
+                                  np.arange(rank, len(split), world))
+        if world > 1:  # every rank writes its part; rank 0 merges them once all are complete
+            with logit_store.SplitWriter(_part_path(out_dir, split.name, rank, world), len(perm)) as part:
+                for rows, logits in batches:
+                    part.write([split.ids[i] for i in rows], split.labels[rows], logits)  # teacher order
+                part.close({"split": split.name, "part": rank, "parts": world})
+            torch.distributed.barrier()
+            if rank != 0:  # wait for rank 0's file, then report from it
                 torch.distributed.barrier()
                 meta = logit_store.read_meta(path)
                 reports.append(SplitReport(split.name, meta["rows"], meta["teacher_accuracy"], None,
                                            path.stat().st_size, path, False))
                 continue
-        logits = logits[:, perm]
-        wall = time.perf_counter() - start
-        accuracy = float((logits.argmax(1) == split.labels).mean())
-        meta = {
-            **key,
-            "kdpipe_version": runtime.versions()["kdpipe"],
-            "versions": runtime.versions(),
-            "split": split.name,
-            "dataset": dataset.identity,
-            "device": runtime.describe(device),
-            "batch_size": cfg.batch_size,
-            "wall_time_s": round(wall, 3),
-            "images_per_s": round(len(split) / wall, 2),
-            "teacher_accuracy": accuracy,
-            "views": 1,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        if world > 1:
-            meta["processes"] = world
-        logit_store.write_split(path, split.ids, split.labels, logits, meta, topk=cfg.topk, topk_dtype=cfg.topk_dtype)
+            batches = _merge_parts(split, out_dir, world, cfg.batch_size)
+        correct = 0
+        with logit_store.SplitWriter(path, len(perm), cfg.topk, cfg.topk_dtype) as writer:
+            for rows, logits in batches:
+                logits = logits[:, perm]  # (B, C) dataset label order
+                correct += int((logits.argmax(1) == split.labels[rows]).sum())
+                writer.write([split.ids[i] for i in rows], split.labels[rows], logits)
+            wall = time.perf_counter() - start
+            accuracy = correct / len(split)
+            meta = {
+                **key,
+                "kdpipe_version": runtime.versions()["kdpipe"],
+                "versions": runtime.versions(),
+                "split": split.name,
+                "dataset": dataset.identity,
+                "device": runtime.describe(device),
+                "batch_size": cfg.batch_size,
+                "wall_time_s": round(wall, 3),
+                "images_per_s": round(len(split) / wall, 2),
+                "teacher_accuracy": accuracy,
+                "views": 1,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            if world > 1:
+                meta["processes"] = world
+            writer.close(meta)
         if world > 1:
             torch.distributed.barrier()  # the split's file is complete: the other ranks may read it
         reports.append(SplitReport(split.name, len(split), accuracy, len(split) / wall, path.stat().st_size,

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from .errors import KdpipeError
 
 FORMAT = "kdpipe.teacher-logits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksum per column, so files are written as rows stream in
+CHECKSUM = "sha256-of-column-sha256"
 META_KEY = b"kdpipe"
 # Metadata fields that determine the logits: a file is reusable only if all of them match.
 KEY_FIELDS = ("format_version", "teacher", "processor", "dataset_fingerprint", "label_names", "precision",
@@ -96,8 +97,9 @@ class LogitSplit:
         """(N, C) float32: the stored logits, or the top-K reconstruction (TopK.dense)."""
         return self.logits if self.logits is not None else self.topk.dense()
 
-    def aligned_to(self, ids: list[str], labels: np.ndarray, where: str) -> np.ndarray:
-        """Teacher logits (N, C) in the order of `ids`, joined by id (view 0); refuse any mismatch."""
+    def aligned_to(self, ids: list[str], labels: np.ndarray, where: str, sparse: bool = False) -> "np.ndarray | TopK":
+        """Teacher logits (N, C) in the order of `ids`, joined by id (view 0); refuse any mismatch. With
+        `sparse`, a top-K cache stays TopK (N x K in memory; densify per batch)."""
         plain = self.view0()
         index = {id_: i for i, id_ in enumerate(plain.ids)}
         missing = [i for i in ids if i not in index]
@@ -113,12 +115,32 @@ class LogitSplit:
         if len(wrong):
             raise KdpipeError(f"{where}: {len(wrong)} examples have other labels in the cache than in the dataset "
                               f"(e.g. {ids[wrong[0]]}); rebuild with kdpipe cache-teacher")
-        return plain.take(order).teacher_logits()
+        aligned = plain.take(order)
+        return aligned.topk if sparse and aligned.topk is not None else aligned.teacher_logits()
+
+
+class _ColumnHashes:
+    """Checksum of the stored columns, computed as rows stream in: one SHA-256 per column over its bytes
+    in row order (ids joined by NUL), and the file's checksum is the SHA-256 of those digests in order."""
+
+    def __init__(self, names: list[str]):
+        self.hashes = {name: hashlib.sha256() for name in names}
+        self.rows = 0
+
+    def update(self, ids: list[str], arrays: list[np.ndarray]) -> None:
+        if ids:
+            self.hashes["id"].update((("\0" if self.rows else "") + "\0".join(ids)).encode())
+        for (name, h), a in zip(list(self.hashes.items())[1:], arrays):
+            h.update(np.ascontiguousarray(a).tobytes())
+        self.rows += len(ids)
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(b"".join(h.digest() for h in self.hashes.values())).hexdigest()
 
 
 def content_sha256(ids: list[str], views: np.ndarray, labels: np.ndarray, *arrays: np.ndarray) -> str:
-    """Over ids, views, labels and the stored teacher arrays (logits, or top-K values/indices/logsumexp),
-    each in its stored dtype."""
+    """Format 1's checksum: one SHA-256 over ids, views, labels and the stored teacher arrays, each in its
+    stored dtype (needs every row at once; format 2 streams, see _ColumnHashes)."""
     h = hashlib.sha256()
     h.update("\0".join(ids).encode())
     for a in (np.asarray(views, np.int16), np.asarray(labels, np.int64), *arrays):
@@ -126,49 +148,136 @@ def content_sha256(ids: list[str], views: np.ndarray, labels: np.ndarray, *array
     return h.hexdigest()
 
 
-def write_split(path: Path, ids: list[str], labels: np.ndarray, logits: np.ndarray, meta: dict,
-                views: np.ndarray | None = None, topk: int | None = None, topk_dtype: str = "float32") -> None:
-    """Write atomically: a temporary file in the same folder, fsynced, then renamed over `path`.
-    With `topk`, only the K largest logits per row (+ classes, + logsumexp) are stored (TopK)."""
-    logits = np.ascontiguousarray(logits, dtype=np.float32)
-    n, c = logits.shape
-    views = np.zeros(n, dtype=np.int16) if views is None else np.asarray(views, dtype=np.int16)
-    labels = np.asarray(labels, dtype=np.int64)
-    columns = {"id": pa.array(ids, pa.string()), "view": pa.array(views, pa.int16()), "label": pa.array(labels, pa.int64())}
-    if topk is None:
-        storage, arrays = FULL, [logits]
-        columns["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), pa.float32()), c)
-    else:
-        sparse = TopK.from_logits(logits, topk)
-        values = sparse.values.astype(topk_dtype)
-        storage, arrays = {"kind": "topk", "k": topk, "dtype": topk_dtype}, [values, sparse.indices, sparse.logsumexp]
-        columns["topk_values"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), topk)
-        columns["topk_indices"] = pa.FixedSizeListArray.from_arrays(pa.array(sparse.indices.reshape(-1), pa.int32()), topk)
-        columns["logsumexp"] = pa.array(sparse.logsumexp, pa.float32())
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "logits_storage": storage, "rows": n,
-            "num_classes": c, "content_sha256": content_sha256(ids, views, labels, *arrays)}
-    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp, row_group_size=65536)
-        with open(tmp, "rb") as f:
+class SplitWriter:
+    """Write one split file as rows arrive, in row groups, so memory stays flat however large the split.
+
+    Rows go to a temporary file in the same folder; `close(meta)` adds the metadata (rows, checksum and
+    whatever the caller measured) to the footer, fsyncs and renames it over `path`. Leaving the `with`
+    block by an exception, or a kill, leaves no file under `path`; a stale temporary is swept up by
+    locking.exclusive_for_job. With `topk`, each row keeps its K largest logits (TopK).
+    """
+
+    def __init__(self, path: Path, num_classes: int, topk: int | None = None, topk_dtype: str = "float32",
+                 rows_per_group: int | None = None):
+        self.path, self.c, self.topk, self.topk_dtype = Path(path), num_classes, topk, topk_dtype
+        fields = [("id", pa.string()), ("view", pa.int16()), ("label", pa.int64())]
+        if topk is None:
+            self.storage = FULL
+            fields.append(("logits", pa.list_(pa.float32(), num_classes)))
+            row_bytes = 4 * num_classes
+        else:
+            self.storage = {"kind": "topk", "k": topk, "dtype": topk_dtype}
+            fields += [("topk_values", pa.list_(pa.from_numpy_dtype(np.dtype(topk_dtype)), topk)),
+                       ("topk_indices", pa.list_(pa.int32(), topk)), ("logsumexp", pa.float32())]
+            row_bytes = (np.dtype(topk_dtype).itemsize + 4) * topk + 4
+        self.schema = pa.schema(fields)
+        # ~64 MB of teacher values per row group: large enough to read fast, small enough to stay flat
+        self.rows_per_group = rows_per_group or int(np.clip((64 << 20) // row_bytes, 1024, 65536))
+        self.hashes = _ColumnHashes([name for name, _ in fields])
+        self.buffer: list[pa.RecordBatch] = []
+        self.buffered = 0
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.writer = None
+
+    def __enter__(self) -> "SplitWriter":
+        self._guard(self._open)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = pq.ParquetWriter(self.tmp, self.schema)
+
+    def write(self, ids: list[str], labels: np.ndarray, logits: np.ndarray, views: np.ndarray | None = None) -> None:
+        """Append rows: `logits` (B, C) raw, in dataset label order."""
+        logits = np.ascontiguousarray(logits, dtype=np.float32)  # (B, C)
+        if logits.ndim != 2 or logits.shape[1] != self.c or not len(ids) == len(logits) == len(labels):
+            raise ValueError(f"rows do not fit: {len(ids)} ids, {len(labels)} labels, logits {logits.shape}, "
+                             f"{self.c} classes")
+        n = len(ids)
+        views = np.zeros(n, dtype=np.int16) if views is None else np.asarray(views, dtype=np.int16)
+        labels = np.asarray(labels, dtype=np.int64)
+        if self.topk is None:
+            arrays = [logits]
+            columns = [pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), pa.float32()), self.c)]
+        else:
+            sparse = TopK.from_logits(logits, self.topk)
+            values = sparse.values.astype(self.topk_dtype)  # (B, K)
+            arrays = [values, sparse.indices, sparse.logsumexp]
+            columns = [pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), self.topk),
+                       pa.FixedSizeListArray.from_arrays(pa.array(sparse.indices.reshape(-1), pa.int32()), self.topk),
+                       pa.array(sparse.logsumexp, pa.float32())]
+        self.hashes.update(list(ids), [views, labels, *arrays])
+        batch = pa.RecordBatch.from_arrays([pa.array(list(ids), pa.string()), pa.array(views, pa.int16()),
+                                            pa.array(labels, pa.int64()), *columns], schema=self.schema)
+        self.buffer.append(batch)
+        self.buffered += n
+        if self.buffered >= self.rows_per_group:
+            self._guard(self._flush)
+
+    def _flush(self, everything: bool = False) -> None:
+        """Write whole row groups (and, at the end, the rest); keep a partial group buffered."""
+        if not self.buffer:
+            return
+        table = pa.Table.from_batches(self.buffer, self.schema)
+        n = table.num_rows if everything else table.num_rows - table.num_rows % self.rows_per_group
+        self.writer.write_table(table.slice(0, n), row_group_size=self.rows_per_group)
+        rest = table.slice(n)
+        self.buffer, self.buffered = rest.to_batches(), rest.num_rows
+
+    def close(self, meta: dict) -> dict:
+        """Finish the file under its final name; returns the metadata written."""
+        meta = {"format": FORMAT, **meta, "format_version": FORMAT_VERSION, "logits_storage": self.storage,
+                "rows": self.hashes.rows, "num_classes": self.c, "checksum": CHECKSUM,
+                "content_sha256": self.hashes.hexdigest()}
+        self._guard(lambda: self._finish(meta))
+        return meta
+
+    def _finish(self, meta: dict) -> None:
+        self._flush(everything=True)
+        self.writer.add_key_value_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+        self.writer.close()
+        with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise KdpipeError(f"cannot write {path}: {e.strerror or e}; free space or choose another --out") from None
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def _guard(self, step) -> None:
+        try:
+            step()
+        except OSError as e:
+            self.abort()
+            raise KdpipeError(f"cannot write {self.path}: {e.strerror or e}; free space or choose another --out") from None
+
+
+def write_split(path: Path, ids: list[str], labels: np.ndarray, logits: np.ndarray, meta: dict,
+                views: np.ndarray | None = None, topk: int | None = None, topk_dtype: str = "float32") -> dict:
+    """Write a whole split at once (SplitWriter in one step); returns the metadata written."""
+    logits = np.asarray(logits, dtype=np.float32)
+    with SplitWriter(path, logits.shape[1], topk, topk_dtype) as w:
+        w.write(ids, labels, logits, views)
+        return w.close(meta)
 
 
 def read_meta(path: Path) -> dict:
     """The metadata only (reads the footer, not the data)."""
     try:
-        schema = pq.read_schema(path)
+        footer = pq.read_metadata(path).metadata or {}
     except FileNotFoundError:
         raise KdpipeError(f"{path}: no such file; build the cache with kdpipe cache-teacher") from None
     except Exception as e:  # damaged footers surface as Arrow, OS or Unicode errors
         raise KdpipeError(f"{path}: not a readable Parquet file ({type(e).__name__}); rebuild it with --force") from None
-    raw = (schema.metadata or {}).get(META_KEY)
+    raw = footer.get(META_KEY)
     if raw is None:
         raise KdpipeError(f"{path}: not a kdpipe logit cache (no '{META_KEY.decode()}' metadata)")
     try:
@@ -203,11 +312,64 @@ def read_split(path: Path) -> LogitSplit:
             arrays, sparse = [logits], None
     except Exception as e:  # damaged bytes surface as Arrow, Unicode, shape or key errors
         raise KdpipeError(f"{path}: corrupt Parquet data ({type(e).__name__}); rebuild it with --force") from None
-    if content_sha256(ids, views, labels, *arrays) != meta.get("content_sha256"):
+    if _checksum(meta, ids, [views, labels, *arrays]) != meta.get("content_sha256"):
         raise KdpipeError(f"{path}: contents do not match their checksum (corrupted?); rebuild it with --force")
     if sparse is not None and (sparse.indices.min(initial=0) < 0 or sparse.indices.max(initial=0) >= c):
         raise KdpipeError(f"{path}: top-K class indices out of range; rebuild it with --force")
     return LogitSplit(ids, views, labels, logits, meta, sparse)
+
+
+def verify(path: Path) -> dict:
+    """Check a file's checksum reading it a batch at a time (flat memory); returns its metadata."""
+    meta = read_meta(path)
+    if meta.get("checksum") != CHECKSUM:  # format 1 needs every row at once
+        return read_split(path).meta
+    stream = RowStream(path)
+    names = stream.file.schema_arrow.names
+    hashes = _ColumnHashes(names)
+    while (batch := stream.take(65536)).num_rows:
+        columns = [batch.column(n).combine_chunks() for n in names]
+        arrays = [(c.flatten() if pa.types.is_fixed_size_list(c.type) else c).to_numpy(zero_copy_only=False)
+                  for c in columns[1:]]
+        hashes.update(columns[0].to_pylist(), arrays)
+    if hashes.hexdigest() != meta.get("content_sha256"):
+        raise KdpipeError(f"{path}: contents do not match their checksum (corrupted?); rebuild it with --force")
+    return meta
+
+
+class RowStream:
+    """Rows of a Parquet file in order, `take(n)` at a time, whatever its row groups."""
+
+    def __init__(self, path: Path, columns: list[str] | None = None):
+        self.file = pq.ParquetFile(path)
+        schema = self.file.schema_arrow
+        self.schema = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+        self.batches = self.file.iter_batches(batch_size=8192, columns=columns)
+        self.pending = None  # pa.Table of rows read but not yet taken
+
+    def take(self, n: int) -> pa.Table:
+        tables = [] if self.pending is None else [self.pending]
+        have = 0 if self.pending is None else self.pending.num_rows
+        while have < n:
+            batch = next(self.batches, None)
+            if batch is None:
+                break
+            tables.append(pa.Table.from_batches([batch]))
+            have += batch.num_rows
+        if not tables:
+            return self.schema.empty_table()
+        table = pa.concat_tables(tables)
+        self.pending = table.slice(n) if table.num_rows > n else None
+        return table.slice(0, n)
+
+
+def _checksum(meta: dict, ids: list[str], arrays: list[np.ndarray]) -> str:
+    if meta.get("checksum") != CHECKSUM:  # format 1
+        return content_sha256(ids, *arrays)
+    names = ["id", "view", "label"] + (["topk_values", "topk_indices", "logsumexp"] if len(arrays) > 3 else ["logits"])
+    hashes = _ColumnHashes(names)
+    hashes.update(ids, arrays)
+    return hashes.hexdigest()
 
 
 def split_path(cache_dir: Path, split: str) -> Path:

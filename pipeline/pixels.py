@@ -69,11 +69,14 @@ def load_or_build(split: Split, size: tuple[int, int], resample: int = 2, root: 
     return np.load(path, mmap_mode="c")
 
 
-def as_tensor(pixels: np.ndarray, device: torch.device, max_bytes: int = 8 << 30) -> torch.Tensor:
-    """Whole store as a uint8 tensor on `device` when it fits in `max_bytes`, else a CPU memory map."""
-    if pixels.nbytes <= max_bytes:
-        return torch.from_numpy(np.array(pixels)).to(device)
-    return torch.from_numpy(pixels)  # zero-copy view of the memory map; batches are gathered on demand
+def as_tensor(pixels: np.ndarray, device: torch.device, headroom: float = 0.5) -> torch.Tensor:
+    """The store as a uint8 tensor for batching. On a GPU, the whole store moves to device memory when it
+    takes at most `headroom` of what is free there. Otherwise (and always on CPU) it stays a zero-copy view
+    of the memory map: the OS pages it in and out, so memory does not grow with the dataset and a store
+    larger than RAM still trains (batches are gathered on demand)."""
+    if device.type == "cuda" and pixels.nbytes <= headroom * torch.cuda.mem_get_info(device)[0]:
+        return torch.from_numpy(np.asarray(pixels)).to(device)
+    return torch.from_numpy(pixels)
 
 
 def normalise(batch_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

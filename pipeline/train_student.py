@@ -25,6 +25,7 @@ from . import locking, logit_store, metrics, pixels, runtime
 from .config import TrainConfig
 from .data import ImageDataset, open_dataset
 from .errors import KdpipeError
+from .logit_store import TopK
 from .loss import distillation_loss
 from .student import batchnorm_layers, build_student, image_size, save_student, set_bn_momentum
 
@@ -39,7 +40,7 @@ class SplitData:
     ids: list[str]
     pixels: torch.Tensor  # (N, H, W, 3) uint8, on the device when it fits
     labels: torch.Tensor  # (N,) int64
-    teacher_logits: torch.Tensor | None  # (N, C) float32, dataset label order
+    teacher_logits: torch.Tensor | TopK | None  # (N, C) float32, dataset label order; TopK: densified per batch
 
     def __len__(self):
         return len(self.ids)
@@ -47,7 +48,9 @@ class SplitData:
     def batch(self, idx: torch.Tensor, device: torch.device) -> dict:
         idx = idx.to(self.pixels.device)
         out = {"pixels": self.pixels[idx], "labels": self.labels[idx.to(self.labels.device)]}
-        if self.teacher_logits is not None:
+        if isinstance(self.teacher_logits, TopK):
+            out["teacher_logits"] = torch.from_numpy(self.teacher_logits.take(idx.cpu().numpy()).dense())  # (B, C)
+        elif self.teacher_logits is not None:
             out["teacher_logits"] = self.teacher_logits[idx.to(self.teacher_logits.device)]
         return runtime.to_device(out, device)
 
@@ -127,9 +130,11 @@ def _load_splits(cache: dict | None, dataset: ImageDataset, inputs: dict, device
         u8 = pixels.load_or_build(split, inputs["size"], inputs["resample"], progress=progress)
         teacher = None
         if cache is not None and name in cache:
-            teacher = torch.from_numpy(cache[name].aligned_to(split.ids, split.labels, f"--cache split {name!r}"))
+            teacher = cache[name].aligned_to(split.ids, split.labels, f"--cache split {name!r}", sparse=True)
+            if isinstance(teacher, np.ndarray):
+                teacher = torch.from_numpy(teacher).to(device)
         splits[name] = SplitData(name, split.ids, pixels.as_tensor(u8, device), torch.from_numpy(split.labels).to(device),
-                                 teacher.to(device) if teacher is not None else None)
+                                 teacher)
     return splits
 
 
@@ -326,7 +331,8 @@ def evaluate_split(s: Setup, name: str) -> tuple[dict, np.ndarray]:
     data = s.splits[name]
     net = s.forward.module if isinstance(s.forward, torch.nn.parallel.DistributedDataParallel) else s.forward
     logits = predict(net, data, s.device, s.precision, s.inputs)  # every process evaluates the whole split
-    teacher = data.teacher_logits.cpu().numpy() if data.teacher_logits is not None else None
+    teacher = data.teacher_logits
+    teacher = teacher.dense() if isinstance(teacher, TopK) else teacher.cpu().numpy() if teacher is not None else None
     return metrics.classification_report(logits, data.labels.cpu().numpy(), teacher), logits
 
 

@@ -120,3 +120,11 @@ def tiny_train_config(**overrides):
                 precision="fp32", device="cpu")
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def read_cache_table(path: Path):
+    """A cache file's table with its kdpipe metadata attached, so a test can alter and rewrite it whole."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path).metadata[b"kdpipe"]
+    return pq.read_table(path).replace_schema_metadata({b"kdpipe": meta})

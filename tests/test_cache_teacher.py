@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASSES, SHARED, make_image_folder, make_teacher
+from conftest import CLASSES, SHARED, make_image_folder, make_teacher, read_cache_table
 from pipeline import cache_teacher, logit_store
 from pipeline.config import CacheConfig
 from pipeline.data import open_dataset
@@ -70,7 +70,7 @@ def test_any_parquet_reader_opens_the_files(cache_dir):
     assert list(df.columns) == ["id", "view", "label", "logits"] and len(df) == 36
     ds = datasets.load_dataset("parquet", data_files=str(cache_dir / "test.parquet"), split="train")
     assert len(ds[0]["logits"]) == 3
-    assert pq.read_table(cache_dir / "test.parquet").schema.field("logits").type.value_type == "float"
+    assert read_cache_table(cache_dir / "test.parquet").schema.field("logits").type.value_type == "float"
 
 
 def test_rerun_is_a_noop_and_force_rebuilds(run_cli, image_folder, teacher_dir, tmp_path):
@@ -173,7 +173,7 @@ def test_inspect_cache_verifies_and_detects_corruption(run_cli, cache_dir, tmp_p
     assert code == 0 and "checksum ok" in out and "validation" in out
     broken = shutil.copytree(cache_dir, tmp_path / "broken")
     path = broken / "train.parquet"
-    table = pq.read_table(path)
+    table = read_cache_table(path)
     logits = table.column("logits").combine_chunks()
     flipped = logits.values.to_numpy().copy()
     flipped[5] += 1.0  # a silently wrong logit, metadata untouched
@@ -189,7 +189,7 @@ def test_inspect_cache_verifies_and_detects_corruption(run_cli, cache_dir, tmp_p
 
 def test_a_cache_from_a_future_format_is_refused(cache_dir, tmp_path):
     path = tmp_path / "future.parquet"
-    table = pq.read_table(cache_dir / "test.parquet")
+    table = read_cache_table(cache_dir / "test.parquet")
     meta = json.loads(table.schema.metadata[b"kdpipe"])
     meta["format_version"] = logit_store.FORMAT_VERSION + 1
     pq.write_table(table.replace_schema_metadata({b"kdpipe": json.dumps(meta).encode()}), path)

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASSES, TINY_STUDENT, make_image_folder, make_teacher, spawn_kdpipe, tiny_train_config
+from conftest import (CLASSES, TINY_STUDENT, make_image_folder, make_teacher, read_cache_table, spawn_kdpipe,
+                      tiny_train_config)
 from pipeline import cache_teacher, locking, logit_store, train_student
 from pipeline.config import CacheConfig
 from pipeline.errors import KdpipeError
@@ -161,7 +162,7 @@ def test_a_full_disk_while_writing_a_cache_keeps_the_previous_one(run_cli, image
     out = tmp_path / "cache"
     _cache(image_folder, teacher_dir, out)
     before = _contents(out)
-    monkeypatch.setattr(logit_store.pq, "write_table", _enospc)
+    monkeypatch.setattr(logit_store.pq.ParquetWriter, "write_table", _enospc)
     code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--out", out, "--force",
                          "--precision", "fp32", "--workers", "0")
     _one_line_error(code, text, "No space left on device", "train.parquet")
@@ -194,7 +195,8 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(cache_dir
 
 
 def test_a_real_full_filesystem(run_cli, image_folder, teacher_dir, tmp_path):
-    """A 64 KiB tmpfs (needs mount rights; skipped without them): the first write fails cleanly."""
+    """A 64 KiB tmpfs (needs mount rights; skipped without them): the write that overflows it fails cleanly;
+    any split file already finished is whole, no temporary is left."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
@@ -204,7 +206,10 @@ def test_a_real_full_filesystem(run_cli, image_folder, teacher_dir, tmp_path):
         code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--out", mnt / "c",
                              "--precision", "fp32", "--workers", "0")
         _one_line_error(code, text, "No space left on device")
-        assert not list((mnt / "c").glob("*.parquet")) and not list((mnt / "c").glob(".*.tmp-*"))
+        finished = sorted((mnt / "c").glob("*.parquet"))
+        assert len(finished) < 3 and not list((mnt / "c").glob(".*.tmp-*"))
+        for path in finished:
+            logit_store.read_split(path)  # complete and verified
     finally:
         subprocess.run(["umount", "-l", str(mnt)])  # lazy: a failed writer's handle may still be open
 
@@ -240,7 +245,7 @@ def test_a_corrupted_cache_is_never_trained_on(run_cli, cache_dir, tmp_path):
     bad = tmp_path / "cache"
     shutil.copytree(cache_dir, bad)
     path = bad / "train.parquet"
-    table = logit_store.pq.read_table(path)
+    table = read_cache_table(path)
     logits = table.column("logits").combine_chunks().values.to_numpy().copy()
     logits[0] += 1.0  # a plausible, wrong logit with a valid Parquet structure
     import pyarrow as pa
@@ -284,7 +289,7 @@ def test_a_cache_from_a_future_format_is_refused(run_cli, cache_dir, tmp_path):
     bad = tmp_path / "cache"
     shutil.copytree(cache_dir, bad)
     path = bad / "train.parquet"
-    table = logit_store.pq.read_table(path)
+    table = read_cache_table(path)
     meta = json.loads(table.schema.metadata[logit_store.META_KEY])
     meta["format_version"] = logit_store.FORMAT_VERSION + 1
     logit_store.pq.write_table(table.replace_schema_metadata({logit_store.META_KEY: json.dumps(meta)}), path)

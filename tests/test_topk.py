@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_train_config
+from conftest import read_cache_table, tiny_train_config
 from pipeline import logit_store, train_student
 from pipeline.errors import KdpipeError
 from pipeline.logit_store import TopK
@@ -67,7 +67,7 @@ def test_top_k_files_are_smaller_checksummed_and_read_back(logits, tmp_path, dty
     np.testing.assert_array_equal(back.topk.indices, expected.indices)
     np.testing.assert_allclose(back.topk.values, expected.values, rtol=tolerance, atol=0)
     assert back.aligned_to(ids[::-1], labels[::-1], "test").shape == (64, 1000)
-    table = logit_store.pq.read_table(sparse)
+    table = read_cache_table(sparse)
     lse = table.column("logsumexp").to_numpy().copy()
     lse[3] += 0.5
     logit_store.pq.write_table(table.set_column(5, "logsumexp", logit_store.pa.array(lse)).replace_schema_metadata(
