@@ -91,7 +91,7 @@ class LogitSplit:
                           None if self.topk is None else self.topk.take(rows))
 
     def view0(self) -> "LogitSplit":
-        return self.take(np.flatnonzero(self.views == 0))
+        return self if (self.views == 0).all() else self.take(np.flatnonzero(self.views == 0))
 
     def teacher_logits(self) -> np.ndarray:
         """(N, C) float32: the stored logits, or the top-K reconstruction (TopK.dense)."""
@@ -119,6 +119,12 @@ class LogitSplit:
         return aligned.topk if sparse and aligned.topk is not None else aligned.teacher_logits()
 
 
+def _bytes(a: np.ndarray) -> memoryview:
+    """The array's bytes without copying them (when already contiguous)."""
+    a = np.ascontiguousarray(a)
+    return memoryview(a).cast("B") if a.size else memoryview(b"")
+
+
 class _ColumnHashes:
     """Checksum of the stored columns, computed as rows stream in: one SHA-256 per column over its bytes
     in row order (ids joined by NUL), and the file's checksum is the SHA-256 of those digests in order."""
@@ -131,7 +137,7 @@ class _ColumnHashes:
         if ids:
             self.hashes["id"].update((("\0" if self.rows else "") + "\0".join(ids)).encode())
         for (name, h), a in zip(list(self.hashes.items())[1:], arrays):
-            h.update(np.ascontiguousarray(a).tobytes())
+            h.update(_bytes(a))
         self.rows += len(ids)
 
     def hexdigest(self) -> str:
@@ -144,7 +150,7 @@ def content_sha256(ids: list[str], views: np.ndarray, labels: np.ndarray, *array
     h = hashlib.sha256()
     h.update("\0".join(ids).encode())
     for a in (np.asarray(views, np.int16), np.asarray(labels, np.int64), *arrays):
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(_bytes(a))
     return h.hexdigest()
 
 
@@ -171,8 +177,8 @@ class SplitWriter:
                        ("topk_indices", pa.list_(pa.int32(), topk)), ("logsumexp", pa.float32())]
             row_bytes = (np.dtype(topk_dtype).itemsize + 4) * topk + 4
         self.schema = pa.schema(fields)
-        # ~64 MB of teacher values per row group: large enough to read fast, small enough to stay flat
-        self.rows_per_group = rows_per_group or int(np.clip((64 << 20) // row_bytes, 1024, 65536))
+        # ~4 MB of teacher values per row group: the most this writer buffers, whatever the split's size
+        self.rows_per_group = rows_per_group or int(np.clip((4 << 20) // row_bytes, 256, 65536))
         self.hashes = _ColumnHashes([name for name, _ in fields])
         self.buffer: list[pa.RecordBatch] = []
         self.buffered = 0
@@ -189,7 +195,7 @@ class SplitWriter:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        self.writer = pq.ParquetWriter(self.tmp, self.schema, use_dictionary=False)  # unique ids, float logits
 
     def write(self, ids: list[str], labels: np.ndarray, logits: np.ndarray, views: np.ndarray | None = None) -> None:
         """Append rows: `logits` (B, C) raw, in dataset label order."""
