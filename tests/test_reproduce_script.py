@@ -68,3 +68,25 @@ def test_the_report_tabulates_finished_runs(reproduce, cache_dir, tmp_path):
     assert f"| distilled | precise | 2 | {report.pct(tests)} |" in text
     assert text.count("| scratch |") == 3 and (results / "guide.png").stat().st_size > 1000
     assert "runs finished: 4" in text
+
+
+def test_the_recipe_step_screens_on_validation_then_runs_more_seeds(reproduce, cache_dir, tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    tiny = tiny_train_config(cache=cache_dir).to_dict()
+    monkeypatch.setattr(reproduce, "RECIPE", {**reproduce.RECIPE, "batch_size": 8, "student_config": tiny["student_config"],
+                                              "precision": "fp32", "device": "cpu", "log_tensorboard": False})
+    monkeypatch.setattr(reproduce, "SCREEN", {"lr": "3e-3", "alpha": "0,0.5,0.9"})
+    args = SimpleNamespace(results=tmp_path / "results", work=tmp_path / "work", recipe_epochs=1, seed_list=[0, 1])
+    reproduce.recipe(args, cache_dir)
+    screen = json.loads((args.results / "recipe" / "screen.json").read_text())
+    assert len(screen["configs"]) == 3
+    chosen = max((c for c in screen["configs"] if c["params"]["alpha"] > 0), key=lambda c: c["val_mean"])
+    for arm, alpha in (("scratch", 0.0), ("distilled", chosen["params"]["alpha"])):
+        for seed in (0, 1):
+            r = json.loads((args.results / "recipe" / f"{arm}-seed{seed}.json").read_text())
+            assert r["run"]["config"]["alpha"] == alpha and r["run"]["config"]["seed"] == seed
+            assert r["run"]["config"]["batch_size"] == 8 and r["test"]["accuracy"] >= 0
+    assert json.loads((args.results / "recipe" / "distilled-seed0.json").read_text())["validation"]["accuracy"] == \
+        chosen["validation_accuracy"][0]  # seed 0 is the screening run itself
