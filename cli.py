@@ -80,6 +80,14 @@ def _bars(bar: Progress):
     return update
 
 
+def _pair(text: str, flag: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise KdpipeError(f"{flag} takes two numbers, e.g. 0.25,1 (got {text!r})") from None
+    return lo, hi
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -105,16 +113,26 @@ def cache_teacher_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the teacher repo's code."),
     topk: Optional[int] = typer.Option(None, help="Store only the K largest logits per image (+ logsumexp) [default: all]."),
     topk_dtype: str = typer.Option("float32", help="float32|float16 for the top-K values."),
+    views: int = typer.Option(0, help="K random augmented views per image of --view-splits, besides the image itself."),
+    view_splits: str = typer.Option("train", help="Comma-separated splits that get views (evaluation splits should not)."),
+    view_scale: str = typer.Option("0.25,1", help="Random-resized-crop area range, as fractions of the image."),
+    view_ratio: str = typer.Option("0.75,1.3333", help="Random-resized-crop aspect-ratio range (width / height)."),
+    view_flip: float = typer.Option(0.5, help="Probability of a horizontal flip per view."),
+    view_seed: int = typer.Option(0, help="Seed of the views (a view is a function of seed, image id, index)."),
 ):
     """Run the teacher once over every split and write its raw logits to Parquet."""
     from pipeline import cache_teacher
     from pipeline.config import CacheConfig
+    from pipeline.views import ViewPolicy
 
     with user_errors():
+        policy = ViewPolicy(scale=_pair(view_scale, "--view-scale"), ratio=_pair(view_ratio, "--view-ratio"),
+                            flip=view_flip, seed=view_seed)
         cfg = CacheConfig(teacher=teacher, revision=revision, dataset=dataset, dataset_revision=dataset_revision,
                           splits=_splits(splits), image_column=image_column, label_column=label_column, out=out,
                           batch_size=batch_size, precision=precision, device=device, workers=workers, force=force,
-                          trust_remote_code=trust_remote_code, topk=topk, topk_dtype=topk_dtype)
+                          trust_remote_code=trust_remote_code, topk=topk, topk_dtype=topk_dtype, views=views,
+                          view_splits=_splits(view_splits) or [], augment=policy)
         from pipeline.runtime import distributed
 
         if distributed()[0] > 0:  # under torchrun: rank 0 alone reports
@@ -137,6 +155,10 @@ def cache_teacher_cmd(
 def inspect_cache_cmd(
     path: Path = typer.Argument(..., help="A cache folder (or one split's .parquet file)."),
     full: bool = typer.Option(False, "--full", help="Print the whole metadata JSON of each split."),
+    verify: int = typer.Option(0, help="Re-run the teacher live on N random cached (image, view) rows and compare."),
+    teacher: Optional[str] = typer.Option(None, help="For --verify: the teacher [default: as recorded in the cache]."),
+    dataset: Optional[str] = typer.Option(None, help="For --verify: the dataset [default: as recorded in the cache]."),
+    device: str = typer.Option("auto", help="For --verify: auto|cpu|cuda."),
 ):
     """Print a cache's metadata and teacher accuracy per split, and verify every file."""
     from pipeline import logit_store
@@ -162,17 +184,29 @@ def inspect_cache_cmd(
     console.print("[bold]logits[/]   " + ("all C raw logits, float32" if storage["kind"] == "full" else
                                           f"top-{storage['k']} raw logits ({storage['dtype']}) + logsumexp"))
     table = Table()
-    for col in ("split", "rows", "classes", "teacher acc", "images/s", "fingerprint", "size"):
+    for col in ("split", "rows", "views/image", "classes", "teacher acc", "images/s", "fingerprint", "size"):
         table.add_column(col)
     for name, split, acc, size in rows:
         m = split.meta
-        table.add_row(name, str(m["rows"]), str(m["num_classes"]), f"{acc:.2%}", f"{m['images_per_s']:.1f}",
-                      m["dataset_fingerprint"][:10], _human_bytes(size))
+        table.add_row(name, str(m["rows"]), str(m.get("views", 1)), str(m["num_classes"]), f"{acc:.2%}",
+                      f"{m['images_per_s']:.1f}", m["dataset_fingerprint"][:10], _human_bytes(size))
     console.print(table)
+    for name, split, _, _ in rows:
+        if split.meta.get("augment"):
+            a = split.meta["augment"]
+            console.print(f"[bold]views[/]    {name}: {a['views']} per image + the image itself; {a['policy']}")
     console.print(f"verified {len(rows)} split files: readable, checksum ok, teacher accuracy recomputed")
     if full:
         for name, split, _, _ in rows:
             console.print_json(json.dumps(split.meta))
+    if verify:
+        from pipeline import cache_teacher
+
+        with user_errors():
+            r = cache_teacher.replay(path if path.is_dir() else path.parent, verify, teacher, dataset, device)
+        console.print(f"replayed {r['pairs']} cached rows ({r['augmented_views']} augmented views) through the live "
+                      f"teacher ({r['precision']}, {r['device']}): max |Δlogit| {r['max_abs_diff']:.2e}, "
+                      f"KL mean {r['mean_kl']:.2e} max {r['max_kl']:.2e}, argmax agreement {r['agreement']:.2%}")
 
 
 @app.command("train-student")
@@ -203,6 +237,9 @@ def train_student_cmd(
     out: Optional[Path] = typer.Option(None, help="Run folder [default: data/runs/<name>]."),
     name: Optional[str] = typer.Option(None, help="Run name [default: from the settings]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch."),
+    views: bool = typer.Option(False, "--views/--no-views", help="Train on the cache's stored augmented views (one per image per epoch)."),
+    augment: str = typer.Option("none", help="none|flip: online augmentation the cached teacher did not see."),
+    allow_inconsistent: bool = typer.Option(False, "--allow-inconsistent", help="Permit --augment with a KD term (warned in run.json)."),
 ):
     """Train a student against the cached teacher logits (the teacher is never loaded)."""
     from pipeline import train_student
@@ -215,7 +252,8 @@ def train_student_cmd(
                           alpha=alpha, lr=lr, batch_size=batch_size, epochs=epochs, weight_decay=weight_decay,
                           schedule=schedule, warmup_ratio=warmup_ratio, bn_momentum=bn_momentum,
                           precise_bn=precise_bn, seed=seed, precision=precision, device=device, compile=compile,
-                          out=out, name=name, resume=resume)
+                          out=out, name=name, resume=resume, views=views, augment=augment,
+                          allow_inconsistent=allow_inconsistent)
         from pipeline.runtime import distributed
 
         if distributed()[0] > 0:  # under torchrun: rank 0 alone reports
@@ -247,6 +285,9 @@ def _print_run(report) -> None:
     if report.confusion_matrix:
         _print_confusion(report.confusion_matrix, report.label_names, "test confusion (rows: true)")
     console.print(f"wall time {report.wall_time_s:.0f} s; student saved in {report.out / 'model'}")
+    warning = report.run.get("consistency", {}).get("warning")
+    if warning:
+        console.print(f"[yellow]warning[/]: {warning} (recorded in run.json)")
 
 
 def _print_confusion(cm, names, title) -> None:

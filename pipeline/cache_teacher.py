@@ -16,9 +16,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import locking, logit_store, runtime
+from . import locking, logit_store, runtime, views
 from .config import CacheConfig
-from .data import Split, open_dataset
+from .data import Split, open_dataset, reopen_dataset
 from .errors import KdpipeError
 from .teacher import Teacher, label_mapping, load_teacher
 
@@ -36,60 +36,97 @@ class SplitReport:
     reused: bool
 
 
-class _TeacherInputs(torch.utils.data.Dataset):
-    """(pixel_values, row) pairs made by the teacher's own processor; errors travel as messages so the
-    main process can raise them as one-line KdpipeErrors (DataLoader would wrap them in a traceback)."""
+@dataclass
+class Batch:
+    """Teacher outputs for some images: one row per (image, view), image by image then view."""
+    rows: np.ndarray  # (R,) dataset row of each output row
+    views: np.ndarray  # (R,) int16 view index (0 = the image itself)
+    logits: np.ndarray  # (R, C) float32 raw, teacher label order
+    boxes: np.ndarray | None = None  # (R, 4) float32 crop boxes, with views
+    flips: np.ndarray | None = None  # (R,) bool, with views
 
-    def __init__(self, split: Split, processor, rows: np.ndarray):
-        self.split, self.processor, self.rows = split, processor, rows
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """K random views per image drawn by `policy`, rendered at the teacher processor's `inputs`."""
+    k: int
+    policy: views.ViewPolicy
+    inputs: dict  # views.processor_inputs: size, resample, mean, std
+
+
+class _TeacherInputs(torch.utils.data.Dataset):
+    """Per image: the teacher processor's pixels (view 0) and, with a ViewSpec, K rendered random views
+    (V, 3, H, W) with their boxes and flips. Errors travel as messages so the main process can raise them
+    as one-line KdpipeErrors (DataLoader would wrap them in a traceback)."""
+
+    def __init__(self, split: Split, processor, rows: np.ndarray, spec: ViewSpec | None = None):
+        self.split, self.processor, self.rows, self.spec = split, processor, rows, spec
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
+        row = int(self.rows[i])
         try:
-            image = self.split.image(int(self.rows[i]))
+            image = self.split.image(row)
         except KdpipeError as e:
-            return None, i, str(e)
-        pixels = self.processor(images=image, return_tensors="np")["pixel_values"][0]
-        return torch.from_numpy(np.ascontiguousarray(pixels)), i, None
+            return {"error": str(e)}
+        pixels = [self.processor(images=image, return_tensors="np")["pixel_values"][0]]  # view 0: (3, H, W)
+        item = {"row": row}
+        if self.spec is not None:
+            boxes, flips = views.sample(self.spec.policy, self.split.ids[row], *image.size, self.spec.k)
+            inputs = self.spec.inputs
+            pixels += [views.normalise(views.render(image, boxes[v], flips[v], inputs["size"], inputs["resample"]),
+                                       inputs["mean"], inputs["std"]) for v in range(1, self.spec.k + 1)]
+            item.update(boxes=torch.from_numpy(boxes), flips=torch.from_numpy(flips))
+        item["pixel_values"] = torch.from_numpy(np.stack(pixels).astype(np.float32, copy=False))  # (V, 3, H, W)
+        return item
 
 
 def _collate(items):
-    for _, _, error in items:
-        if error:
-            return {"error": error}
-    return {"pixel_values": torch.stack([p for p, _, _ in items]), "rows": torch.tensor([i for _, i, _ in items])}
+    for item in items:
+        if "error" in item:
+            return {"error": item["error"]}
+    out = {"pixel_values": torch.cat([x["pixel_values"] for x in items]),
+           "rows": torch.tensor([x["row"] for x in items])}
+    if "boxes" in items[0]:
+        out.update(boxes=torch.cat([x["boxes"] for x in items]), flips=torch.cat([x["flips"] for x in items]))
+    return out
 
 
 def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precision: str, batch_size: int,
-                    workers: int, progress: Progress | None = None, rows: np.ndarray | None = None):
-    """Yield (rows (B,), raw teacher logits (B, C) float32 in the teacher's label order) for every row of
-    `split` (or for `rows` of it), in order, one batch at a time."""
+                    workers: int, progress: Progress | None = None, rows: np.ndarray | None = None,
+                    spec: ViewSpec | None = None):
+    """Yield a Batch of raw teacher logits for every row of `split` (or for `rows` of it), in order,
+    `batch_size` teacher inputs at a time; with a ViewSpec, K + 1 views per image."""
     rows = np.arange(len(split)) if rows is None else rows
+    per_image = 1 if spec is None else spec.k + 1
     loader = torch.utils.data.DataLoader(
-        _TeacherInputs(split, teacher.processor, rows), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-        persistent_workers=False,
+        _TeacherInputs(split, teacher.processor, rows, spec), batch_size=max(1, batch_size // per_image),
+        shuffle=False, num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None, persistent_workers=False,
     )
     done = 0
     with torch.inference_mode(), runtime.autocast(device, precision):
         for batch in loader:
             if "error" in batch:
                 raise KdpipeError(batch["error"])
+            params = {k: batch.pop(k).numpy() for k in ("boxes", "flips") if k in batch}
             batch = runtime.to_device(batch, device)
-            pixel_values = batch["pixel_values"].contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
-            logits = teacher.model(pixel_values=pixel_values).logits.float()  # (B, C)
-            done += len(logits)
+            pixel_values = batch["pixel_values"].contiguous(memory_format=torch.channels_last)  # (B*V, 3, H, W)
+            logits = teacher.model(pixel_values=pixel_values).logits.float()  # (B*V, C)
+            images = batch["rows"].cpu().numpy()
+            done += len(images)
             if progress:
                 progress(split.name, done, len(rows))
-            yield rows[batch["rows"].cpu().numpy()], logits.cpu().numpy()
+            yield Batch(np.repeat(images, per_image), np.tile(np.arange(per_image, dtype=np.int16), len(images)),
+                        logits.cpu().numpy(), params.get("boxes"), params.get("flips"))
 
 
 def teacher_logits(teacher: Teacher, split: Split, device: torch.device, precision: str, batch_size: int,
                    workers: int, progress: Progress | None = None, rows: np.ndarray | None = None) -> np.ndarray:
-    """All of teacher_batches at once: (N, C) float32."""
-    return np.concatenate([logits for _, logits in
+    """All of teacher_batches at once (no views): (N, C) float32."""
+    return np.concatenate([b.logits for b in
                            teacher_batches(teacher, split, device, precision, batch_size, workers, progress, rows)])
 
 
@@ -110,27 +147,30 @@ def _part_path(out_dir: Path, split: str, rank: int, world: int) -> Path:
     return out_dir / ".parts" / f"{split}.part{rank}of{world}.parquet"
 
 
-def _merge_parts(split: Split, out_dir: Path, world: int, batch_size: int):
-    """Yield (rows, logits) in dataset order from the ranks' parts (part r holds rows r, r + N, ...),
-    reading them a batch at a time in lockstep, after verifying each part's checksum; then delete them."""
+def _merge_parts(split: Split, out_dir: Path, world: int, batch_size: int, per_image: int):
+    """Yield Batches in dataset order from the ranks' parts (part r holds images r, r + N, ..., each with
+    its `per_image` views), reading them a batch at a time in lockstep, after verifying each part's
+    checksum; then delete them."""
     paths = [_part_path(out_dir, split.name, r, world) for r in range(world)]
     for r, path in enumerate(paths):
-        if logit_store.verify(path)["rows"] != len(range(r, len(split), world)):
+        if logit_store.verify(path)["rows"] != len(range(r, len(split), world)) * per_image:
             raise KdpipeError(f"{path}: holds other rows than rank {r} should have; rerun with --force")
-    streams = [logit_store.RowStream(p, ["id", "logits"]) for p in paths]
-    done = 0
+    streams = [logit_store.RowStream(p) for p in paths]
+    step = max(1, batch_size // per_image) * per_image  # whole images
+    done = 0  # images
     while done < len(split):
-        chunks = [s.take(batch_size) for s in streams]  # part r's next rows: local j -> global (j * N + r)
-        key = np.concatenate([np.arange(len(c)) * world + r for r, c in enumerate(chunks)])
-        order = np.argsort(key, kind="stable")
-        rows = done + np.arange(len(order))
+        chunks = [s.take(step) for s in streams]  # part r's j-th image -> dataset image j * N + r
+        key = np.concatenate([np.arange(len(c)) // per_image * world + r for r, c in enumerate(chunks)])
+        order = np.argsort(key, kind="stable")  # image by image, each image's views in order
+        images = done + np.arange(len(order) // per_image)
         ids = [i for c in chunks for i in c.column("id").to_pylist()]
-        if [ids[j] for j in order] != [split.ids[i] for i in rows]:
+        if [ids[j] for j in order[::per_image]] != [split.ids[i] for i in images]:
             raise KdpipeError(f"{paths[0].parent}: the parts hold other rows than this dataset; rerun with --force")
-        logits = np.concatenate([c.column("logits").combine_chunks().flatten().to_numpy().reshape(len(c), -1)
-                                 for c in chunks])
-        done += len(order)
-        yield rows, logits[order]
+        cols = [logit_store._columns(c)[1] for c in chunks]
+        joined = {name: np.concatenate([c[name] for c in cols])[order] for name in cols[0]}
+        done += len(images)
+        yield Batch(np.repeat(images, per_image), joined["view"], joined["logits"], joined.get("view_box"),
+                    joined.get("view_flip"))
     for path in paths:
         path.unlink()
 
@@ -145,9 +185,17 @@ def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int 
     teacher.model = runtime.prepare_model(teacher.model, device)
     workers = runtime.default_workers() if cfg.workers is None else cfg.workers
     out_dir = cfg.out_dir()
+    processor = teacher.processor.to_dict()
+    spec = None
+    if cfg.views:
+        missing = [s for s in cfg.view_splits if s not in dataset.splits]
+        if missing:
+            raise KdpipeError(f"--view-splits {','.join(missing)}: not in the dataset (splits: "
+                              f"{', '.join(dataset.splits)})")
+        spec = ViewSpec(cfg.views, cfg.augment, views.processor_inputs(processor, f"--teacher {cfg.teacher}"))
     common = _jsonable({
         "teacher": {**teacher.identity, "label_map": perm.tolist()},
-        "processor": teacher.processor.to_dict(),
+        "processor": processor,
         "label_names": dataset.label_names,
         "precision": precision,
         "format_version": logit_store.FORMAT_VERSION,
@@ -156,19 +204,25 @@ def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int 
     reports = []
     for split in dataset.splits.values():
         path = logit_store.split_path(out_dir, split.name)
-        key = {**common, "dataset_fingerprint": split.fingerprint()}
+        split_spec = spec if spec is not None and split.name in cfg.view_splits else None
+        key = {**common, "dataset_fingerprint": split.fingerprint(), "augment": _jsonable(
+            {"views": split_spec.k, "policy": split_spec.policy.to_dict(), "render": split_spec.inputs}
+        ) if split_spec else None}
         reused = _reusable(path, key) if not cfg.force else None
         if reused is not None:
             reports.append(SplitReport(split.name, reused["rows"], reused["teacher_accuracy"], None,
                                        path.stat().st_size, path, True))
             continue
+        per_image = 1 if split_spec is None else split_spec.k + 1
         start = time.perf_counter()
         batches = teacher_batches(teacher, split, device, precision, cfg.batch_size, workers, progress,
-                                  np.arange(rank, len(split), world))
+                                  np.arange(rank, len(split), world), split_spec)
         if world > 1:  # every rank writes its part; rank 0 merges them once all are complete
-            with logit_store.SplitWriter(_part_path(out_dir, split.name, rank, world), len(perm)) as part:
-                for rows, logits in batches:
-                    part.write([split.ids[i] for i in rows], split.labels[rows], logits)  # teacher order
+            part_path = _part_path(out_dir, split.name, rank, world)
+            with logit_store.SplitWriter(part_path, len(perm), with_views=split_spec is not None) as part:
+                for b in batches:  # teacher label order; rank 0 maps them below
+                    part.write([split.ids[i] for i in b.rows], split.labels[b.rows], b.logits, b.views, b.boxes,
+                               b.flips)
                 part.close({"split": split.name, "part": rank, "parts": world})
             torch.distributed.barrier()
             if rank != 0:  # wait for rank 0's file, then report from it
@@ -177,15 +231,17 @@ def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int 
                 reports.append(SplitReport(split.name, meta["rows"], meta["teacher_accuracy"], None,
                                            path.stat().st_size, path, False))
                 continue
-            batches = _merge_parts(split, out_dir, world, cfg.batch_size)
-        correct = 0
-        with logit_store.SplitWriter(path, len(perm), cfg.topk, cfg.topk_dtype) as writer:
-            for rows, logits in batches:
-                logits = logits[:, perm]  # (B, C) dataset label order
-                correct += int((logits.argmax(1) == split.labels[rows]).sum())
-                writer.write([split.ids[i] for i in rows], split.labels[rows], logits)
+            batches = _merge_parts(split, out_dir, world, cfg.batch_size, per_image)
+        correct = torch.zeros(2, dtype=torch.long)  # right on view 0, right on the other views
+        with logit_store.SplitWriter(path, len(perm), cfg.topk, cfg.topk_dtype,
+                                     with_views=split_spec is not None) as writer:
+            for b in batches:
+                logits = b.logits[:, perm]  # (R, C) dataset label order
+                right = logits.argmax(1) == split.labels[b.rows]
+                correct += torch.tensor([int(right[b.views == 0].sum()), int(right[b.views > 0].sum())])
+                writer.write([split.ids[i] for i in b.rows], split.labels[b.rows], logits, b.views, b.boxes, b.flips)
             wall = time.perf_counter() - start
-            accuracy = correct / len(split)
+            accuracy = int(correct[0]) / len(split)
             meta = {
                 **key,
                 "kdpipe_version": runtime.versions()["kdpipe"],
@@ -196,17 +252,20 @@ def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int 
                 "batch_size": cfg.batch_size,
                 "wall_time_s": round(wall, 3),
                 "images_per_s": round(len(split) / wall, 2),
-                "teacher_accuracy": accuracy,
-                "views": 1,
+                "teacher_accuracy": accuracy,  # on view 0, the images themselves
+                "views": per_image,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
+            if split_spec is not None:
+                meta["views_teacher_accuracy"] = int(correct[1]) / (len(split) * split_spec.k)
+                meta["teacher_inputs_per_s"] = round(len(split) * per_image / wall, 2)
             if world > 1:
                 meta["processes"] = world
             writer.close(meta)
         if world > 1:
             torch.distributed.barrier()  # the split's file is complete: the other ranks may read it
-        reports.append(SplitReport(split.name, len(split), accuracy, len(split) / wall, path.stat().st_size,
-                                   path, False))
+        reports.append(SplitReport(split.name, len(split) * per_image, accuracy, len(split) / wall,
+                                   path.stat().st_size, path, False))
     return reports
 
 
@@ -236,3 +295,58 @@ def _reusable(path: Path, key: dict) -> dict | None:
         return meta
     except KdpipeError:
         return None
+
+
+def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spec: str | None = None,
+           device: str = "auto", seed: int = 0) -> dict:
+    """Fidelity check: re-run the teacher live on `n` random cached (image, view) rows of every split,
+    rebuilding each input from the stored parameters alone (view 0: the teacher's processor; view v > 0:
+    views.render with the stored box and flip), and compare with the cached logits. Returns the largest
+    |Δlogit|, mean and max KL(cached ‖ live) at T = 1, and argmax agreement. Top-K caches are compared on
+    their dense reconstruction (TopK.dense) and, for |Δlogit|, on the stored top-K entries only."""
+    cached = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
+    meta = next(iter(cached.values())).meta
+    teacher = load_teacher(teacher_spec or meta["teacher"]["spec"],
+                           None if teacher_spec else meta["teacher"]["revision"], False)
+    dataset = reopen_dataset(meta["dataset"], dataset_spec, list(cached))
+    dev = runtime.resolve_device(device)
+    teacher.model = runtime.prepare_model(teacher.model, dev)
+    inputs = views.processor_inputs(meta["processor"], str(cache_dir)) if any(
+        s.boxes is not None for s in cached.values()) else None
+    pool = [(name, j) for name, s in cached.items() for j in range(len(s.ids))]
+    picked = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False))]
+    index = {name: {id_: i for i, id_ in enumerate(split.ids)} for name, split in dataset.splits.items()}
+    pixels, stored, sparse = [], [], []
+    for name, j in picked:
+        c, split = cached[name], dataset.splits[name]
+        if c.ids[j] not in index[name]:
+            raise KdpipeError(f"{cache_dir}: cached id {c.ids[j]!r} is not in the dataset's {name!r} split; "
+                              "pass the dataset it was built from with --dataset")
+        image = split.image(index[name][c.ids[j]])
+        if c.views[j] == 0:
+            pixels.append(teacher.processor(images=image, return_tensors="np")["pixel_values"][0])
+        else:
+            u8 = views.render(image, c.boxes[j], bool(c.flips[j]), inputs["size"], inputs["resample"])
+            pixels.append(views.normalise(u8, inputs["mean"], inputs["std"]))
+        row = c.take(np.array([j]))
+        stored.append(row.teacher_logits()[0])
+        sparse.append(None if row.topk is None else (row.topk.indices[0], row.topk.values[0]))
+    perm = np.asarray(meta["teacher"]["label_map"])
+    live = []
+    with torch.inference_mode(), runtime.autocast(dev, meta["precision"]):
+        for start in range(0, len(pixels), 32):
+            x = torch.from_numpy(np.stack(pixels[start:start + 32]).astype(np.float32)).to(dev)
+            live.append(teacher.model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits.float().cpu())
+    live = torch.cat(live).numpy()[:, perm]  # (n, C) dataset label order
+    stored = np.stack(stored)  # (n, C)
+    if sparse[0] is None:
+        diff = np.abs(live - stored).max()
+    else:
+        diff = max(np.abs(live[i, idx] - vals).max() for i, (idx, vals) in enumerate(sparse))
+    kl = torch.nn.functional.kl_div(torch.log_softmax(torch.from_numpy(live), 1),
+                                    torch.log_softmax(torch.from_numpy(stored), 1), log_target=True,
+                                    reduction="none").sum(1).numpy()  # KL(stored || live) per row
+    return {"pairs": len(picked), "augmented_views": int(sum(cached[n].views[j] > 0 for n, j in picked)),
+            "max_abs_diff": float(diff), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+            "agreement": float((live.argmax(1) == stored.argmax(1)).mean()), "precision": meta["precision"],
+            "device": runtime.describe(dev)}

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from .errors import KdpipeError
 from .runtime import DEVICES, PRECISIONS
+from .views import ViewPolicy
 
 DATA_ROOT = Path("data")
 SCHEDULES = ("linear", "cosine", "constant")
+AUGMENTS = ("none", "flip")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -40,9 +42,13 @@ class CacheConfig:
     trust_remote_code: bool = False  # never run a repository's code unless asked
     topk: int | None = None  # store only the K largest logits (+ logsumexp): for thousands of classes
     topk_dtype: str = "float32"  # float16 halves the top-K values again (about 1e-3 relative rounding)
+    views: int = 0  # K random views per image of view_splits, besides view 0 (the image itself)
+    view_splits: list[str] = field(default_factory=lambda: ["train"])  # evaluation splits stay un-augmented
+    augment: ViewPolicy = field(default_factory=ViewPolicy)  # how the K views are drawn
 
     def __post_init__(self):
         _positive("batch_size", self.batch_size, "--batch-size")
+        _check(self.views >= 0, f"--views must be >= 0 (got {self.views})")
         _check(self.topk is None or self.topk > 0, f"--topk must be > 0 (got {self.topk})")
         _check(self.topk_dtype in ("float32", "float16"), "--topk-dtype must be float32 or float16")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
@@ -81,6 +87,9 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     bn_momentum: float | None = 0.1  # PyTorch semantics; transformers' MobileNetV2 ships 0.997 (see docs)
     precise_bn: bool = False  # recompute BN statistics over the train split before each evaluation
+    views: bool = False  # train on the cache's stored augmented views (cache-teacher --views K), one per epoch
+    augment: str = "none"  # online augmentation the cache does not cover ("flip"): inconsistent with the teacher
+    allow_inconsistent: bool = False  # permit --augment with a KD term (recorded as a warning in run.json)
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
@@ -98,6 +107,11 @@ class TrainConfig:
             self.out = Path(self.out)
         _positive("temperature", self.temperature, "--temperature")
         _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1] (got {self.alpha})")
+        _check(self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}")
+        _check(self.augment == "none" or self.alpha == 0 or self.allow_inconsistent,
+               f"--augment {self.augment} changes the student's input but not the cached teacher's, so the KD "
+               "targets would belong to another image; cache views (cache-teacher --views K) and train with "
+               "--views, or pass --allow-inconsistent")
         _check(self.alpha == 0 or self.cache is not None,
                "--cache is required when --alpha > 0 (the KD term needs teacher logits); use --alpha 0 for a "
                "from-scratch baseline")

@@ -273,3 +273,12 @@ def slug(spec: str) -> str:
     p = Path(spec)
     name = spec.replace("/", "--") if looks_like_hub_id(spec) and not p.exists() else p.resolve().name
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "dataset"
+
+
+def reopen_dataset(identity: dict, override: str | None, splits: list[str], image_column=None, label_column=None):
+    """Open the dataset an artifact was made from (or `override`, e.g. the same data moved)."""
+    spec = override or identity["spec"]
+    if override is None and identity["kind"] == "local" and not Path(spec).exists() and identity.get("root"):
+        spec = identity["root"]  # recorded as a relative path from another working folder
+    return open_dataset(spec, splits=splits, image_column=image_column or identity.get("image_column"),
+                        label_column=label_column or identity.get("label_column"))

@@ -35,7 +35,7 @@ CHECKSUM = "sha256-of-column-sha256"
 META_KEY = b"kdpipe"
 # Metadata fields that determine the logits: a file is reusable only if all of them match.
 KEY_FIELDS = ("format_version", "teacher", "processor", "dataset_fingerprint", "label_names", "precision",
-              "logits_storage")
+              "logits_storage", "augment")
 FULL = {"kind": "full", "dtype": "float32"}  # logits_storage of files written before it was recorded
 
 
@@ -84,11 +84,17 @@ class LogitSplit:
     logits: np.ndarray | None  # (N, C) float32, dataset label order; None when stored as top-K
     meta: dict
     topk: TopK | None = None  # (when stored as top-K)
+    boxes: np.ndarray | None = None  # (N, 4) float32 crop box (x0, y0, x1, y1) in source pixels (cache --views)
+    flips: np.ndarray | None = None  # (N,) bool horizontal flip (cache --views)
 
     def take(self, rows: np.ndarray) -> "LogitSplit":
-        return LogitSplit([self.ids[i] for i in rows], self.views[rows], self.labels[rows],
-                          None if self.logits is None else self.logits[rows], self.meta,
-                          None if self.topk is None else self.topk.take(rows))
+        pick = lambda a: None if a is None else a.take(rows) if isinstance(a, TopK) else a[rows]  # noqa: E731
+        return LogitSplit([self.ids[i] for i in rows], self.views[rows], self.labels[rows], pick(self.logits),
+                          self.meta, pick(self.topk), pick(self.boxes), pick(self.flips))
+
+    @property
+    def views_per_image(self) -> int:
+        return int(self.meta.get("views", 1))
 
     def view0(self) -> "LogitSplit":
         return self if (self.views == 0).all() else self.take(np.flatnonzero(self.views == 0))
@@ -117,6 +123,21 @@ class LogitSplit:
                               f"(e.g. {ids[wrong[0]]}); rebuild with kdpipe cache-teacher")
         aligned = plain.take(order)
         return aligned.topk if sparse and aligned.topk is not None else aligned.teacher_logits()
+
+    def aligned_views(self, ids: list[str], labels: np.ndarray, where: str) -> "LogitSplit":
+        """Every stored view of the images `ids`, rows ordered image by image then view (row i * V + v),
+        after the same checks as aligned_to; refuses a cache without views or with a view missing."""
+        v = self.views_per_image
+        if v < 2 or self.boxes is None:
+            raise KdpipeError(f"{where}: holds no augmented views; build it with kdpipe cache-teacher --views K")
+        self.aligned_to(ids, labels, where, sparse=True)  # the id and label checks, on view 0
+        index = {(id_, int(view)): i for i, (id_, view) in enumerate(zip(self.ids, self.views))}
+        try:
+            order = np.array([index[(id_, k)] for id_ in ids for k in range(v)], dtype=np.int64)
+        except KeyError as e:
+            raise KdpipeError(f"{where}: view {e.args[0][1]} of {e.args[0][0]} is missing; rebuild with "
+                              "kdpipe cache-teacher --force") from None
+        return self.take(order)
 
 
 def _bytes(a: np.ndarray) -> memoryview:
@@ -164,9 +185,12 @@ class SplitWriter:
     """
 
     def __init__(self, path: Path, num_classes: int, topk: int | None = None, topk_dtype: str = "float32",
-                 rows_per_group: int | None = None):
+                 rows_per_group: int | None = None, with_views: bool = False):
         self.path, self.c, self.topk, self.topk_dtype = Path(path), num_classes, topk, topk_dtype
+        self.with_views = with_views
         fields = [("id", pa.string()), ("view", pa.int16()), ("label", pa.int64())]
+        if with_views:  # each row's view parameters, so a view can be rendered again exactly (views.render)
+            fields += [("view_box", pa.list_(pa.float32(), 4)), ("view_flip", pa.bool_())]
         if topk is None:
             self.storage = FULL
             fields.append(("logits", pa.list_(pa.float32(), num_classes)))
@@ -197,8 +221,10 @@ class SplitWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = pq.ParquetWriter(self.tmp, self.schema, use_dictionary=False)  # unique ids, float logits
 
-    def write(self, ids: list[str], labels: np.ndarray, logits: np.ndarray, views: np.ndarray | None = None) -> None:
-        """Append rows: `logits` (B, C) raw, in dataset label order."""
+    def write(self, ids: list[str], labels: np.ndarray, logits: np.ndarray, views: np.ndarray | None = None,
+              boxes: np.ndarray | None = None, flips: np.ndarray | None = None) -> None:
+        """Append rows: `logits` (B, C) raw, in dataset label order; with views, each row's `boxes` (B, 4)
+        and `flips` (B,)."""
         logits = np.ascontiguousarray(logits, dtype=np.float32)  # (B, C)
         if logits.ndim != 2 or logits.shape[1] != self.c or not len(ids) == len(logits) == len(labels):
             raise ValueError(f"rows do not fit: {len(ids)} ids, {len(labels)} labels, logits {logits.shape}, "
@@ -216,6 +242,12 @@ class SplitWriter:
             columns = [pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), self.topk),
                        pa.FixedSizeListArray.from_arrays(pa.array(sparse.indices.reshape(-1), pa.int32()), self.topk),
                        pa.array(sparse.logsumexp, pa.float32())]
+        if self.with_views:
+            boxes = np.ascontiguousarray(boxes, dtype=np.float32).reshape(n, 4)
+            flips = np.asarray(flips, dtype=bool).reshape(n)
+            arrays = [boxes, flips, *arrays]
+            columns = [pa.FixedSizeListArray.from_arrays(pa.array(boxes.reshape(-1), pa.float32()), 4),
+                       pa.array(flips, pa.bool_()), *columns]
         self.hashes.update(list(ids), [views, labels, *arrays])
         batch = pa.RecordBatch.from_arrays([pa.array(list(ids), pa.string()), pa.array(views, pa.int16()),
                                             pa.array(labels, pa.int64()), *columns], schema=self.schema)
@@ -297,32 +329,46 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+def _columns(table: pa.Table) -> tuple[list[str], dict[str, np.ndarray]]:
+    """ids, and every other column as a numpy array in its stored dtype (fixed-size lists as (N, size))."""
+    out = {}
+    for name in table.schema.names[1:]:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return table.column("id").to_pylist(), out
+
+
 def read_split(path: Path) -> LogitSplit:
     """Read and verify a split file: format version, shapes, and the content checksum."""
     meta = read_meta(path)
     try:
         table = pq.read_table(path)
         c = meta["num_classes"]
-        ids = table.column("id").to_pylist()
-        views = table.column("view").to_numpy().astype(np.int16)
-        labels = table.column("label").to_numpy().astype(np.int64)
+        ids, cols = _columns(table)
+        views, labels = cols["view"].astype(np.int16), cols["label"].astype(np.int64)
+        if meta.get("checksum") == CHECKSUM:
+            arrays = [cols[n] for n in table.schema.names[1:]]
+        else:  # format 1: teacher columns only, in this order
+            arrays = [views, labels] + [cols[n] for n in ("logits", "topk_values", "topk_indices", "logsumexp")
+                                        if n in cols]
+        logits, sparse = cols.get("logits"), None
         if meta.get("logits_storage", FULL)["kind"] == "topk":
-            k = meta["logits_storage"]["k"]
-            values = table.column("topk_values").combine_chunks().values.to_numpy().reshape(-1, k)
-            indices = table.column("topk_indices").combine_chunks().values.to_numpy().reshape(-1, k)
-            lse = table.column("logsumexp").to_numpy()
-            arrays, logits = [values, indices, lse], None
-            sparse = TopK(values.astype(np.float32), indices, lse, c)
-        else:
-            logits = table.column("logits").combine_chunks().values.to_numpy().reshape(-1, c)
-            arrays, sparse = [logits], None
-    except Exception as e:  # damaged bytes surface as Arrow, Unicode, shape or key errors
+            sparse = TopK(cols["topk_values"].astype(np.float32), cols["topk_indices"], cols["logsumexp"], c)
+        elif logits.shape[1] != c:
+            raise ValueError("logits width")
+        digest = _checksum(meta, ids, table.schema.names, arrays)
+    except Exception as e:  # damaged bytes surface as Arrow, Unicode, type, shape or key errors
         raise KdpipeError(f"{path}: corrupt Parquet data ({type(e).__name__}); rebuild it with --force") from None
-    if _checksum(meta, ids, [views, labels, *arrays]) != meta.get("content_sha256"):
+    if digest != meta.get("content_sha256"):
         raise KdpipeError(f"{path}: contents do not match their checksum (corrupted?); rebuild it with --force")
     if sparse is not None and (sparse.indices.min(initial=0) < 0 or sparse.indices.max(initial=0) >= c):
         raise KdpipeError(f"{path}: top-K class indices out of range; rebuild it with --force")
-    return LogitSplit(ids, views, labels, logits, meta, sparse)
+    boxes = cols.get("view_box")
+    flips = cols["view_flip"].astype(bool) if "view_flip" in cols else None
+    return LogitSplit(ids, views, labels, logits, meta, sparse, boxes, flips)
 
 
 def verify(path: Path) -> dict:
@@ -333,11 +379,12 @@ def verify(path: Path) -> dict:
     stream = RowStream(path)
     names = stream.file.schema_arrow.names
     hashes = _ColumnHashes(names)
-    while (batch := stream.take(65536)).num_rows:
-        columns = [batch.column(n).combine_chunks() for n in names]
-        arrays = [(c.flatten() if pa.types.is_fixed_size_list(c.type) else c).to_numpy(zero_copy_only=False)
-                  for c in columns[1:]]
-        hashes.update(columns[0].to_pylist(), arrays)
+    try:
+        while (batch := stream.take(65536)).num_rows:
+            ids, cols = _columns(batch)
+            hashes.update(ids, [cols[n] for n in names[1:]])
+    except Exception as e:  # damaged bytes
+        raise KdpipeError(f"{path}: corrupt Parquet data ({type(e).__name__}); rebuild it with --force") from None
     if hashes.hexdigest() != meta.get("content_sha256"):
         raise KdpipeError(f"{path}: contents do not match their checksum (corrupted?); rebuild it with --force")
     return meta
@@ -369,10 +416,9 @@ class RowStream:
         return table.slice(0, n)
 
 
-def _checksum(meta: dict, ids: list[str], arrays: list[np.ndarray]) -> str:
+def _checksum(meta: dict, ids: list[str], names: list[str], arrays: list[np.ndarray]) -> str:
     if meta.get("checksum") != CHECKSUM:  # format 1
         return content_sha256(ids, *arrays)
-    names = ["id", "view", "label"] + (["topk_values", "topk_indices", "logsumexp"] if len(arrays) > 3 else ["logits"])
     hashes = _ColumnHashes(names)
     hashes.update(ids, arrays)
     return hashes.hexdigest()
@@ -395,5 +441,5 @@ def cache_splits(cache_dir: Path) -> dict[str, Path]:
 
 def matches(meta: dict, key: dict) -> bool:
     """Whether an existing file was made from exactly the inputs in `key` (so it can be reused)."""
-    defaults = {"logits_storage": FULL}
+    defaults = {"logits_storage": FULL, "augment": None}
     return all(meta.get(k, defaults.get(k)) == key.get(k, defaults.get(k)) for k in KEY_FIELDS)

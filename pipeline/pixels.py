@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import views
 from .data import Split
 from .errors import KdpipeError
 
@@ -39,26 +40,49 @@ def decode_resized(split: Split, i: int, size: tuple[int, int], resample: int) -
 def load_or_build(split: Split, size: tuple[int, int], resample: int = 2, root: Path = DEFAULT_ROOT,
                   progress=None) -> np.ndarray:
     """The split's pixels as a copy-on-write memory map (N, H, W, 3) uint8, building the store if needed."""
-    key = store_key(split.fingerprint(), size, resample)
+    return _store(root, split, store_key(split.fingerprint(), size, resample), split.name, len(split), size,
+                  lambda i: [decode_resized(split, i, size, resample)], progress, {"resample": resample})
+
+
+def load_or_build_views(split: Split, size: tuple[int, int], resample: int, boxes: np.ndarray, flips: np.ndarray,
+                        root: Path = DEFAULT_ROOT, progress=None) -> np.ndarray:
+    """Stored views rendered for the student (views.render, decoding each image once): (N * V, H, W, 3)
+    uint8, row i * V + v = view v of image i; keyed also by the view parameters (boxes (N, V, 4), flips (N, V))."""
+    n, v = flips.shape
+    params = hashlib.sha256(np.ascontiguousarray(boxes, np.float32).tobytes() + np.asarray(flips, bool).tobytes())
+    key = store_key(split.fingerprint(), size, resample) + "-views-" + params.hexdigest()[:16]
+
+    def render_all(i: int) -> list[np.ndarray]:
+        image = split.image(i)
+        return [views.render(image, boxes[i, k], bool(flips[i, k]), size, resample) for k in range(v)]
+
+    return _store(root, split, key, f"{split.name}.views{v}", n * v, size, render_all, progress,
+                  {"resample": resample, "views": v})
+
+
+def _store(root: Path, split: Split, key: str, name: str, rows: int, size: tuple[int, int], build_rows, progress,
+           extra: dict) -> np.ndarray:
+    """Open `<root>/<key>/<name>.npy` as a memory map, or build it: rows come from build_rows(image index)
+    (a list per image), written into a temporary memory map that is renamed when complete."""
     folder = Path(root) / key
-    path = folder / f"{split.name}.npy"
+    path = folder / f"{name}.npy"
     if path.exists():
-        meta = json.loads((folder / f"{split.name}.json").read_text())
+        meta = json.loads((folder / f"{name}.json").read_text())
         if meta.get("ids") == split.ids:
             return np.load(path, mmap_mode="c")
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{split.name}.npy.tmp-{os.getpid()}"
+    tmp = folder / f".{name}.npy.tmp-{os.getpid()}"
     try:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), size[0], size[1], 3))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(rows, size[0], size[1], 3))
+        per_image = rows // len(split)
         for i in range(len(split)):
-            arr[i] = decode_resized(split, i, size, resample)
+            arr[i * per_image:(i + 1) * per_image] = np.stack(build_rows(i))
             if progress and ((i + 1) % 64 == 0 or i + 1 == len(split)):
                 progress(f"decode {split.name}", i + 1, len(split))
         arr.flush()
         del arr
-        (folder / f"{split.name}.json").write_text(json.dumps(
-            {"split": split.name, "fingerprint": split.fingerprint(), "size": list(size), "resample": resample,
-             "ids": split.ids}))
+        (folder / f"{name}.json").write_text(json.dumps(
+            {"split": split.name, "fingerprint": split.fingerprint(), "size": list(size), **extra, "ids": split.ids}))
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -21,9 +21,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import locking, logit_store, metrics, pixels, runtime
+from . import locking, logit_store, metrics, pixels, runtime, views
 from .config import TrainConfig
-from .data import ImageDataset, open_dataset
+from .data import ImageDataset, open_dataset, reopen_dataset
 from .errors import KdpipeError
 from .logit_store import TopK
 from .loss import distillation_loss
@@ -40,18 +40,21 @@ class SplitData:
     ids: list[str]
     pixels: torch.Tensor  # (N, H, W, 3) uint8, on the device when it fits
     labels: torch.Tensor  # (N,) int64
-    teacher_logits: torch.Tensor | TopK | None  # (N, C) float32, dataset label order; TopK: densified per batch
+    teacher_logits: torch.Tensor | TopK | None  # (N * V, C) float32, dataset label order; TopK: densified per batch
+    views: int = 1  # V stored views per image (cache-teacher --views): pixels and teacher rows i * V + v
+    view_of: torch.Tensor | None = None  # (N,) the view each image uses this epoch (views.epoch_views)
 
     def __len__(self):
         return len(self.ids)
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> dict:
-        idx = idx.to(self.pixels.device)
-        out = {"pixels": self.pixels[idx], "labels": self.labels[idx.to(self.labels.device)]}
+        """Images `idx` (B,): pixels (B, H, W, 3) uint8, labels (B,), teacher_logits (B, C) of the same view."""
+        rows = idx if self.views == 1 else idx * self.views + self.view_of[idx.to(self.view_of.device)].to(idx.device)
+        out = {"pixels": self.pixels[rows.to(self.pixels.device)], "labels": self.labels[idx.to(self.labels.device)]}
         if isinstance(self.teacher_logits, TopK):
-            out["teacher_logits"] = torch.from_numpy(self.teacher_logits.take(idx.cpu().numpy()).dense())  # (B, C)
+            out["teacher_logits"] = torch.from_numpy(self.teacher_logits.take(rows.cpu().numpy()).dense())  # (B, C)
         elif self.teacher_logits is not None:
-            out["teacher_logits"] = self.teacher_logits[idx.to(self.teacher_logits.device)]
+            out["teacher_logits"] = self.teacher_logits[rows.to(self.teacher_logits.device)]
         return runtime.to_device(out, device)
 
 
@@ -103,8 +106,9 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     inputs = _input_spec(model, cache)
-    splits = shared.get(("splits", *source, inputs["size"], inputs["resample"], str(device)),
-                        lambda: _load_splits(cache, dataset, inputs, device, progress))
+    view_split = cfg.train_split if cfg.views else None
+    splits = shared.get(("splits", *source, inputs["size"], inputs["resample"], str(device), view_split),
+                        lambda: _load_splits(cache, dataset, inputs, device, progress, view_split))
     if cfg.alpha > 0 and splits[cfg.train_split].teacher_logits is None:
         raise KdpipeError(f"--cache {cfg.cache} has no {cfg.train_split!r} split; cache it or use --alpha 0")
     model = runtime.prepare_model(model, device)
@@ -122,11 +126,16 @@ def _open_source(cfg: TrainConfig) -> tuple[dict | None, ImageDataset]:
     return cache, _open_dataset(cfg, cache)
 
 
-def _load_splits(cache: dict | None, dataset: ImageDataset, inputs: dict, device, progress) -> dict[str, SplitData]:
+def _load_splits(cache: dict | None, dataset: ImageDataset, inputs: dict, device, progress,
+                 view_split: str | None = None) -> dict[str, SplitData]:
     """Each split as uint8 pixels at the student's resolution (decoded once, pixels.load_or_build), its
-    labels, and the teacher's logits joined by id."""
+    labels, and the teacher's logits joined by id; `view_split` with every view the cache stores for it,
+    rendered exactly as the teacher saw them (pixels.load_or_build_views)."""
     splits = {}
     for name, split in dataset.splits.items():
+        if name == view_split:
+            splits[name] = _load_views(cache, split, inputs, device, progress)
+            continue
         u8 = pixels.load_or_build(split, inputs["size"], inputs["resample"], progress=progress)
         teacher = None
         if cache is not None and name in cache:
@@ -136,6 +145,19 @@ def _load_splits(cache: dict | None, dataset: ImageDataset, inputs: dict, device
         splits[name] = SplitData(name, split.ids, pixels.as_tensor(u8, device), torch.from_numpy(split.labels).to(device),
                                  teacher)
     return splits
+
+
+def _load_views(cache: dict | None, split, inputs: dict, device, progress) -> SplitData:
+    where = f"--views: --cache split {split.name!r}"
+    if cache is None or split.name not in cache:
+        raise KdpipeError(f"{where} is missing; build the cache with kdpipe cache-teacher --views K")
+    stored = cache[split.name].aligned_views(split.ids, split.labels, where)  # rows i * V + v
+    v, n = stored.views_per_image, len(split)
+    u8 = pixels.load_or_build_views(split, inputs["size"], inputs["resample"], stored.boxes.reshape(n, v, 4),
+                                    stored.flips.reshape(n, v), progress=progress)
+    teacher = stored.topk if stored.topk is not None else torch.from_numpy(stored.logits).to(device)
+    return SplitData(split.name, split.ids, pixels.as_tensor(u8, device), torch.from_numpy(split.labels).to(device),
+                     teacher, views=v)
 
 
 def _claim_out_dir(out: Path, cfg: TrainConfig) -> None:
@@ -158,20 +180,11 @@ def _open_dataset(cfg: TrainConfig, cache: dict | None) -> ImageDataset:
     if cache is None:
         return open_dataset(cfg.dataset, splits=wanted, image_column=cfg.image_column, label_column=cfg.label_column)
     meta = next(iter(cache.values())).meta
-    dataset = _reopen(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column)
+    dataset = reopen_dataset(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column)
     if dataset.label_names != meta["label_names"]:
         raise KdpipeError(f"--dataset {dataset.spec} has labels {dataset.label_names} but --cache {cfg.cache} has "
                           f"{meta['label_names']}; use the dataset the cache was built from")
     return dataset
-
-
-def _reopen(identity: dict, override: str | None, splits: list[str], image_column=None, label_column=None):
-    """Open the dataset an artifact was made from (or `override`, e.g. the same data moved)."""
-    spec = override or identity["spec"]
-    if override is None and identity["kind"] == "local" and not Path(spec).exists() and identity.get("root"):
-        spec = identity["root"]  # recorded as a relative path from another working folder
-    return open_dataset(spec, splits=splits, image_column=image_column or identity.get("image_column"),
-                        label_column=label_column or identity.get("label_column"))
 
 
 def _input_spec(model, cache: dict | None) -> dict:
@@ -211,10 +224,22 @@ def _optimizer(model, cfg: TrainConfig, steps_per_epoch: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _consistency(cfg: TrainConfig, cache: dict | None) -> dict:
+    """Whether the student's inputs are the inputs the cached teacher logits belong to."""
+    stored = cache[cfg.train_split].meta.get("augment") if cache and cfg.train_split in cache else None
+    out = {"views": bool(cfg.views), "stored_views": stored, "online_augment": cfg.augment,
+           "consistent": cfg.augment == "none" or cfg.alpha == 0}
+    if not out["consistent"]:
+        out["warning"] = (f"--augment {cfg.augment} with --allow-inconsistent: the student's inputs are not the "
+                          "inputs of the cached teacher logits it is distilled from")
+    return out
+
+
 def _provenance(cfg, cache, dataset: ImageDataset, device, precision) -> dict:
     out = {"config": cfg.to_dict(), "versions": runtime.versions(), "device": runtime.describe(device),
            "precision": precision, "processes": runtime.distributed()[1], "dataset": dataset.identity,
-           "dataset_fingerprints": {n: s.fingerprint() for n, s in dataset.splits.items()}}
+           "dataset_fingerprints": {n: s.fingerprint() for n, s in dataset.splits.items()},
+           "consistency": _consistency(cfg, cache)}
     if cache is not None:
         meta = next(iter(cache.values())).meta
         out["cache"] = {"dir": str(cfg.cache), "teacher": meta["teacher"], "processor": meta["processor"],
@@ -242,6 +267,8 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     cfg, data = s.cfg, s.splits[s.cfg.train_split]
     rank, world = runtime.distributed()
     s.model.train()
+    if data.views > 1:  # this epoch's view of every image; its teacher targets come with it (consistent)
+        data.view_of = torch.from_numpy(views.epoch_views(len(data), data.views, epoch, cfg.seed))
     order = torch.randperm(len(data), generator=s.generator)
     sums = torch.zeros(4, device=s.device)  # loss, ce, kd (summed over examples), examples
     steps = math.ceil(len(data) / cfg.batch_size)
@@ -250,6 +277,9 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
         if world > 1 and len(order[step * cfg.batch_size:(step + 1) * cfg.batch_size]) < world:
             continue
         batch = data.batch(idx, s.device)
+        if cfg.augment == "flip":  # online, not seen by the teacher: only with alpha 0 or --allow-inconsistent
+            flip = (torch.rand(len(idx), generator=s.generator) < 0.5).to(s.device)
+            batch["pixels"] = torch.where(flip[:, None, None, None], batch["pixels"].flip(2), batch["pixels"])
         with runtime.autocast(s.device, s.precision):
             student_logits = s.forward(pixel_values=student_inputs(s, batch)).logits  # (B, C)
         parts = distillation_loss(student_logits, batch["labels"], batch.get("teacher_logits"),
@@ -572,7 +602,7 @@ def evaluate(run_dir: Path, split: str = "test", dataset: str | None = None, dev
                           "(corrupted or replaced); retrain, or restore the file")
     model = AutoModelForImageClassification.from_pretrained(run_dir / "model")
     proc = AutoImageProcessor.from_pretrained(run_dir / "model")
-    ds = _reopen(r["dataset"], dataset, [split])
+    ds = reopen_dataset(r["dataset"], dataset, [split])
     if ds.label_names != [model.config.id2label[i] for i in range(model.config.num_labels)]:
         raise KdpipeError(f"--dataset {ds.spec}: labels {ds.label_names} differ from the student's")
     dev = runtime.resolve_device(device)

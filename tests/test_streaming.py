@@ -62,17 +62,25 @@ def test_an_exception_mid_write_leaves_nothing_under_the_final_name(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("n,world,batch", [(103, 2, 8), (103, 3, 5), (5, 4, 2), (64, 2, 64)])
-def test_parts_merge_back_in_dataset_order(tmp_path, n, world, batch):
-    ids, labels, logits = _rows(n)
+@pytest.mark.parametrize("n,world,batch,per_image", [(103, 2, 8, 1), (103, 3, 5, 1), (5, 4, 2, 1), (64, 2, 64, 1),
+                                                     (103, 2, 8, 3), (11, 3, 4, 3)])
+def test_parts_merge_back_in_dataset_order(tmp_path, n, world, batch, per_image):
+    ids, labels, logits = _rows(n * per_image)  # row i * per_image + v: image i, view v
+    image_ids = ids[::per_image]
+    boxes = np.arange(4 * n * per_image, dtype=np.float32).reshape(-1, 4)
     for r in range(world):
-        rows = np.arange(r, n, world)
-        with logit_store.SplitWriter(cache_teacher._part_path(tmp_path, "train", r, world), 7, rows_per_group=16) as w:
-            w.write([ids[i] for i in rows], labels[rows], logits[rows])
+        rows = np.array([i * per_image + v for i in range(r, n, world) for v in range(per_image)], dtype=int)
+        with logit_store.SplitWriter(cache_teacher._part_path(tmp_path, "train", r, world), 7, rows_per_group=16,
+                                     with_views=per_image > 1) as w:
+            w.write([image_ids[i // per_image] for i in rows], labels[rows], logits[rows], rows % per_image,
+                    boxes[rows] if per_image > 1 else None, (rows % 2 == 0) if per_image > 1 else None)
             w.close({"part": r})
-    merged = list(cache_teacher._merge_parts(_Split(ids), tmp_path, world, batch))
-    np.testing.assert_array_equal(np.concatenate([r for r, _ in merged]), np.arange(n))
-    np.testing.assert_array_equal(np.concatenate([x for _, x in merged]), logits)
+    merged = list(cache_teacher._merge_parts(_Split(image_ids), tmp_path, world, batch, per_image))
+    np.testing.assert_array_equal(np.concatenate([b.rows for b in merged]), np.repeat(np.arange(n), per_image))
+    np.testing.assert_array_equal(np.concatenate([b.views for b in merged]), np.tile(np.arange(per_image), n))
+    np.testing.assert_array_equal(np.concatenate([b.logits for b in merged]), logits)
+    if per_image > 1:
+        np.testing.assert_array_equal(np.concatenate([b.boxes for b in merged]), boxes)
     assert not list((tmp_path / ".parts").glob("*.parquet"))
 
 
@@ -83,7 +91,7 @@ def test_a_part_from_another_dataset_is_refused(tmp_path):
             w.write(ids[r::2], labels[r::2], logits[r::2])
             w.close({})
     with pytest.raises(KdpipeError, match="other rows"):
-        list(cache_teacher._merge_parts(_Split([i + "x" for i in ids]), tmp_path, 2, 4))
+        list(cache_teacher._merge_parts(_Split([i + "x" for i in ids]), tmp_path, 2, 4, 1))
 
 
 class _Split:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -170,8 +171,11 @@ def test_tensorboard_events_mirror_metrics_jsonl_across_a_resume(cache_dir, tmp_
     out = tmp_path / "run"
     with pytest.raises(Stop):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out), on_epoch=stop_after_first)
+    # event files are named and read in order of their creation second: keep the three files apart
+    time.sleep(1.1)
     with SummaryWriter(str(out / "tensorboard")) as stale:  # a crash after logging epoch 2, before its checkpoint
         stale.add_scalar("train/loss", 1e6, 2)
+    time.sleep(1.1)
     report = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out, resume=True))
     board = EventAccumulator(str(out / "tensorboard"))
     board.Reload()

@@ -1,0 +1,139 @@
+"""Augmented views with a consistent teacher (cache-teacher --views K, train-student --views): stored view
+parameters, exact replay for the student, view 0 = the plain cache, the live fidelity check, the guardrail."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_STUDENT, tiny_train_config
+from pipeline import cache_teacher, data, logit_store, pixels, train_student, views
+from pipeline.config import CacheConfig, TrainConfig
+from pipeline.errors import KdpipeError
+
+K = 3
+
+
+def _cache(image_folder, teacher_dir, out, **kw):
+    return cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=out,
+                                         precision="fp32", workers=0, batch_size=16, views=K, **kw))
+
+
+@pytest.fixture(scope="module")
+def view_cache(tmp_path_factory, image_folder, teacher_dir):
+    out = tmp_path_factory.mktemp("views") / "c"
+    _cache(image_folder, teacher_dir, out)
+    return out
+
+
+def test_view_parameters_are_stored_and_read_back(view_cache, image_folder):
+    train = logit_store.read_split(view_cache / "train.parquet")
+    assert train.meta["views"] == K + 1 and train.meta["augment"]["policy"] == views.ViewPolicy().to_dict()
+    split = data.open_dataset(str(image_folder)).splits["train"]
+    assert len(train.ids) == len(split) * (K + 1)
+    for j in range(0, len(train.ids), 7):
+        i = split.ids.index(train.ids[j])
+        w, h = split.image(i).size
+        boxes, flips = views.sample(views.ViewPolicy(), split.ids[i], w, h, K)
+        np.testing.assert_array_equal(train.boxes[j], boxes[train.views[j]])
+        assert train.flips[j] == flips[train.views[j]]
+    zero = train.views == 0
+    assert (train.boxes[zero] == [0, 0, 40, 40]).all() and not train.flips[zero].any()  # the whole image
+    assert ((train.boxes[:, :2] >= 0) & (train.boxes[:, 2:] <= 40) & (train.boxes[:, 2:] > train.boxes[:, :2])).all()
+    assert train.flips.any() and len({tuple(b) for b in train.boxes}) > len(split)  # really random views
+    for name in ("validation", "test"):  # evaluation splits stay un-augmented
+        assert logit_store.read_split(view_cache / f"{name}.parquet").meta["views"] == 1
+
+
+def test_view_zero_equals_the_plain_cache(view_cache, cache_dir):
+    for name in ("train", "validation", "test"):
+        plain = logit_store.read_split(cache_dir / f"{name}.parquet")
+        with_views = logit_store.read_split(view_cache / f"{name}.parquet").view0()
+        assert with_views.ids == plain.ids
+        np.testing.assert_array_equal(with_views.logits, plain.logits)  # same code path, fp32: bit-equal
+
+
+def test_the_student_sees_exactly_the_teachers_view(view_cache, image_folder, teacher_dir, tmp_path):
+    s = train_student.setup(tiny_train_config(cache=view_cache, views=True, out=tmp_path / "run",
+                                              student_config={"image_size": 32, "depth_multiplier": 0.35}))
+    train = s.splits["train"]
+    stored = logit_store.read_split(view_cache / "train.parquet")
+    split = data.open_dataset(str(image_folder)).splits["train"]
+    teacher = cache_teacher.load_teacher(str(teacher_dir), None, False)
+    spec = cache_teacher.ViewSpec(K, views.ViewPolicy(), views.processor_inputs(stored.meta["processor"], "test"))
+    teacher_inputs = cache_teacher._TeacherInputs(split, teacher.processor, np.arange(len(split)), spec)
+    for i in (0, 5, len(split) - 1):
+        seen_by_teacher = teacher_inputs[i]["pixel_values"]  # (V, 3, H, W), what stage one fed the teacher
+        for v in range(K + 1):
+            u8 = train.pixels[i * (K + 1) + v]  # (H, W, 3) the student's stored input for that view
+            j = next(r for r in range(len(stored.ids)) if stored.ids[r] == split.ids[i] and stored.views[r] == v)
+            np.testing.assert_array_equal(u8.numpy(), views.render(split.image(i), stored.boxes[j],
+                                                                   bool(stored.flips[j]), (32, 32), 2))
+            student_input = pixels.normalise(u8[None], s.inputs["mean_t"], s.inputs["std_t"])[0]
+            # views 1..K: the same function on the same uint8 pixels, bit-equal; view 0 came from the
+            # teacher's processor (PIL resize, then its float rescale/normalise): equal to 1e-6
+            atol = 0 if v else 1e-6
+            torch.testing.assert_close(student_input, seen_by_teacher[v], atol=atol, rtol=0)
+            np.testing.assert_array_equal(train.teacher_logits[i * (K + 1) + v].numpy(), stored.logits[j])
+
+
+def test_each_image_walks_through_all_its_views_before_repeating():
+    seen = np.stack([views.epoch_views(50, 4, e, seed=1) for e in range(8)])  # (epochs, images)
+    for start in (0, 4):
+        assert (np.sort(seen[start:start + 4], axis=0) == np.arange(4)[:, None]).all()
+    assert not (seen[0] == seen[1]).all()  # images do not move in lockstep
+    np.testing.assert_array_equal(views.epoch_views(50, 4, 5, seed=1), seen[5])  # a pure function: resumable
+
+
+def test_a_student_trains_on_views(view_cache, tmp_path, run_cli):
+    code, out = run_cli("train-student", "--cache", view_cache, "--views", "--epochs", "2", "--student-config",
+                        TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu", "--out", tmp_path / "r")
+    assert code == 0, out
+    run = train_student.load_report(tmp_path / "r").run
+    assert run["consistency"]["views"] and run["consistency"]["consistent"]
+    assert run["consistency"]["stored_views"]["views"] == K
+
+
+def test_inspect_cache_verify_replays_the_teacher_exactly(view_cache, run_cli):
+    code, out = run_cli("inspect-cache", view_cache, "--verify", "24", "--device", "cpu")
+    assert code == 0, out
+    diff = float(re.search(r"max \|Δlogit\| (\S+),", out).group(1))
+    assert diff < 1e-4 and "agreement 100.00%" in out and "augmented views" in out
+
+
+def test_the_fidelity_check_catches_views_rendered_other_than_stored(image_folder, teacher_dir, tmp_path,
+                                                                     monkeypatch):
+    real = views.render
+    monkeypatch.setattr(views, "render", lambda image, box, flip, size, resample: real(image, box, False, size,
+                                                                                       resample))  # drops flips
+    _cache(image_folder, teacher_dir, tmp_path / "c", view_splits=["train", "validation", "test"])
+    monkeypatch.undo()
+    r = cache_teacher.replay(tmp_path / "c", 60, device="cpu")
+    assert r["augmented_views"] > 0 and r["max_abs_diff"] > 1e-3
+
+
+def test_the_guardrail_refuses_online_augmentation_the_cache_does_not_cover(cache_dir, view_cache, tmp_path, run_cli):
+    with pytest.raises(KdpipeError, match="--allow-inconsistent"):
+        TrainConfig(cache=cache_dir, augment="flip", alpha=0.5)
+    TrainConfig(cache=cache_dir, augment="flip", alpha=0.0)  # no teacher term: nothing to be inconsistent with
+    common = ["--epochs", "1", "--student-config", TINY_STUDENT, "--precision", "fp32", "--device", "cpu"]
+    code, out = run_cli("train-student", "--cache", cache_dir, "--augment", "flip", *common, "--out", tmp_path / "a")
+    assert code == 1 and "Traceback" not in out and "--allow-inconsistent" in out
+    code, out = run_cli("train-student", "--cache", cache_dir, "--views", *common, "--out", tmp_path / "b")
+    assert code == 1 and "cache-teacher --views K" in out
+    code, out = run_cli("train-student", "--cache", view_cache, "--views", "--augment", "flip", "--allow-inconsistent",
+                        *common, "--out", tmp_path / "c")
+    assert code == 0 and "warning" in out
+    assert "not the inputs" in train_student.load_report(tmp_path / "c").run["consistency"]["warning"]
+
+
+def test_views_need_a_processor_that_can_be_replayed():
+    with pytest.raises(KdpipeError, match="centre-crops"):
+        views.processor_inputs({"size": {"height": 8, "width": 8}, "do_center_crop": True}, "--teacher t")
+    with pytest.raises(KdpipeError, match="fixed height"):
+        views.processor_inputs({"size": {"shortest_edge": 8}}, "--teacher t")
+    with pytest.raises(KdpipeError, match="--view-scale"):
+        views.ViewPolicy(scale=(0.5, 2.0))
