@@ -28,6 +28,9 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
    twin run seeds 1 and 2 (a second sweep), and `recipe/<arm>-seed<k>.json` holds each run's result.
    Several processes may run this step at once (e.g. two with OMP_NUM_THREADS=1 on a 2-core CPU): the
    sweeps hand each trial to exactly one of them.
+4. `views/`: the chosen distilled recipe again, trained on VIEWS stored augmented views per image
+   (cache-teacher --views, train-student --views; issue 6), seeds as above: `views/distilled-seed<k>.json`,
+   and `views/cache.json` (teacher pass time and storage with views). Compared with recipe/distilled-*.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cache_teacher, runtime, sweep, sweep_report, train_student  # noqa: E402
+from pipeline import cache_teacher, logit_store, runtime, sweep, sweep_report, train_student  # noqa: E402
+from pipeline.errors import KdpipeError  # noqa: E402
 from pipeline.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
 from pipeline.student import batchnorm_layers  # noqa: E402
 
@@ -54,6 +58,7 @@ MOMENTA = {"upstream": 0.997, "momentum0.1": 0.1}
 RECIPE = {"batch_size": 32, "schedule": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.05, "epochs": 20,
           "temperature": 5.0}
 SCREEN = {"lr": "1e-3,3e-3", "alpha": "0,0.5,0.9"}
+VIEWS = 8  # per train image, besides the image itself: with 20 epochs each view is used about twice
 
 
 class ShadowBN:
@@ -208,6 +213,48 @@ def recipe(args, cache: Path) -> None:
     print(f"wrote {results}", flush=True)
 
 
+def chosen_recipe(args) -> dict:
+    screen = json.loads((args.results / "recipe" / "screen.json").read_text())
+    best = max((c for c in screen["configs"] if c["params"]["alpha"] > 0), key=lambda c: (c["val_mean"], c["config"]))
+    return best["params"]
+
+
+def cache_when_free(cfg: CacheConfig):
+    """cache_teacher.run, waiting while another process of this script writes the same folder."""
+    while True:
+        try:
+            return cache_teacher.run(cfg)
+        except KdpipeError as e:
+            if "being written by another" not in str(e):
+                raise
+            time.sleep(10)
+
+
+def views_step(args, teacher: str, dataset: str) -> None:
+    """Step 4: the chosen distilled recipe on stored augmented views."""
+    results, cache = args.results / "views", args.work / f"cache-views{args.views}"
+    t0 = time.perf_counter()
+    reports = cache_when_free(CacheConfig(teacher=teacher, dataset=dataset, out=cache, views=args.views))
+    if not (results / "cache.json").exists() and not all(r.reused for r in reports):
+        write_json(results / "cache.json", {
+            "views": args.views, "wall_time_s": round(time.perf_counter() - t0, 1),
+            "splits": {r.split: {"rows": r.rows, "bytes": r.bytes, "teacher_accuracy_view0": r.accuracy,
+                                 **{k: v for k, v in logit_store.read_meta(r.path).items()
+                                    if k in ("views", "views_teacher_accuracy", "teacher_inputs_per_s",
+                                             "wall_time_s", "augment")}} for r in reports}})
+    params = chosen_recipe(args)
+    train = TrainConfig(cache=cache, views=True, **{**RECIPE, "epochs": args.recipe_epochs or RECIPE["epochs"]},
+                        **params)
+    out, _ = sweep_to_the_end(SweepConfig(train=train, seeds=args.seed_list, out=args.work / "sweeps" / "views"))
+    for seed in args.seed_list:
+        r = train_student.load_report(out / "runs" / f"base-seed{seed}")
+        write_json(results / f"distilled-seed{seed}.json", {
+            "arm": "distilled+views", "seed": seed, "best_epoch": r.best_epoch, "validation": r.validation,
+            "test": r.test, "validation_accuracy_per_epoch": [e["validation"]["accuracy"] for e in r.history],
+            "wall_time_s": r.wall_time_s, "run": r.run})
+    print(f"wrote {results}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, results under /tmp")
@@ -218,10 +265,12 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=30, help="guide step")
     p.add_argument("--recipe-epochs", type=int, default=None, help=f"recipe step (default {RECIPE['epochs']})")
-    p.add_argument("--steps", default="teacher,guide,recipe", help="which steps to run, comma-separated")
+    p.add_argument("--steps", default="teacher,guide,recipe,views", help="which steps to run, comma-separated")
+    p.add_argument("--views", type=int, default=VIEWS, help="views step: stored views per train image")
     args = p.parse_args()
     if args.quick:
         args.results, args.seeds, args.epochs, args.recipe_epochs = Path("/tmp/kdpipe-quick/results"), "0,1", 1, 1
+        args.views = 1
         args.work = Path("/tmp/kdpipe-quick/work")
     args.seed_list = [int(x) for x in args.seeds.split(",")]
     steps = set(args.steps.split(","))
@@ -255,6 +304,8 @@ def main():
             print(f"wrote {path}", flush=True)
     if "recipe" in steps:
         recipe(args, cache)
+    if "views" in steps:
+        views_step(args, args.teacher, args.dataset)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,25 @@ def test_the_recipe_step_screens_on_validation_then_runs_more_seeds(reproduce, c
             assert r["run"]["config"]["batch_size"] == 8 and r["test"]["accuracy"] >= 0
     assert json.loads((args.results / "recipe" / "distilled-seed0.json").read_text())["validation"]["accuracy"] == \
         chosen["validation_accuracy"][0]  # seed 0 is the screening run itself
+
+
+def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, image_folder, teacher_dir, tmp_path,
+                                                                  monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(reproduce, "RECIPE", {**reproduce.RECIPE, "batch_size": 8, "student_config": {
+        "image_size": 32, "depth_multiplier": 0.35}, "precision": "fp32", "device": "cpu", "log_tensorboard": False})
+    args = SimpleNamespace(results=tmp_path / "results", work=tmp_path / "work", recipe_epochs=1, seed_list=[0, 1],
+                           views=2)
+    reproduce.write_json(args.results / "recipe" / "screen.json", {"configs": [
+        {"config": "a0-lr0.003", "params": {"alpha": 0.0, "lr": 3e-3}, "val_mean": 0.9},
+        {"config": "a0.5-lr0.003", "params": {"alpha": 0.5, "lr": 3e-3}, "val_mean": 0.5},
+        {"config": "a0.9-lr0.001", "params": {"alpha": 0.9, "lr": 1e-3}, "val_mean": 0.4}]})
+    reproduce.views_step(args, str(teacher_dir), str(image_folder))
+    cache = json.loads((args.results / "views" / "cache.json").read_text())
+    assert cache["splits"]["train"]["views"] == 3 and cache["splits"]["validation"]["views"] == 1
+    for seed in (0, 1):
+        r = json.loads((args.results / "views" / f"distilled-seed{seed}.json").read_text())
+        config = r["run"]["config"]
+        assert config["views"] and config["alpha"] == 0.5 and config["lr"] == 3e-3 and config["seed"] == seed
