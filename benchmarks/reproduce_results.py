@@ -22,8 +22,9 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
 3. `recipe/`: a better recipe within the 30-epoch budget, chosen on validation only, with `kdpipe sweep`
    (pipeline.sweep). Fixed, with their reasons: RECIPE (batch 32: steadier BatchNorm batch statistics and
    faster per image on CPU; cosine decay with 5% warmup and weight decay 0.05, the usual from-scratch
-   AdamW setup; 15 epochs, half the guide's budget, to fit this CPU; the default BatchNorm fix; classifier dropout 0.2 instead of MobileNetV2Config's
-   0.8, a TensorFlow keep-probability read as a drop probability, see docs/training.md). Searched: SCREEN (learning rate; KD weight, with
+   AdamW setup; 15 epochs, half the guide's budget, to fit this CPU; the default BatchNorm fix; classifier
+   dropout 0.2 instead of MobileNetV2Config's 0.8, a TensorFlow keep-probability read as a drop
+   probability, see docs/training.md). Searched: SCREEN (learning rate; KD weight, with
    alpha 0 = the same recipe without the teacher), seed 0: `recipe/screen.json` (+ heatmap). The chosen
    distilled config is the best mean validation accuracy among alpha > 0; then it and its alpha = 0
    twin run seeds 1 and 2 (a second sweep), and `recipe/<arm>-seed<k>.json` holds each run's result.
