@@ -175,16 +175,29 @@ def _merge_parts(split: Split, out_dir: Path, world: int, batch_size: int, per_i
         path.unlink()
 
 
-def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int = 1) -> list[SplitReport]:
+@dataclass
+class _Job:
+    """Everything stage one needs for every split, opened once."""
+    cfg: CacheConfig
+    dataset: object  # data.ImageDataset
+    teacher: Teacher
+    perm: np.ndarray  # teacher column for each dataset label
+    device: torch.device
+    precision: str
+    workers: int
+    out_dir: Path
+    spec: ViewSpec | None  # the views of --view-splits
+    common: dict  # metadata shared by every split (and part of the reuse key)
+
+
+def _setup(cfg: CacheConfig) -> _Job:
     dataset = open_dataset(cfg.dataset, splits=cfg.splits, image_column=cfg.image_column,
                            label_column=cfg.label_column, revision=cfg.dataset_revision)
     teacher = load_teacher(cfg.teacher, cfg.revision, cfg.trust_remote_code)
-    perm = label_mapping(teacher.label_names, dataset.label_names)  # teacher column for each dataset label
+    perm = label_mapping(teacher.label_names, dataset.label_names)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     teacher.model = runtime.prepare_model(teacher.model, device)
-    workers = runtime.default_workers() if cfg.workers is None else cfg.workers
-    out_dir = cfg.out_dir()
     processor = teacher.processor.to_dict()
     spec = None
     if cfg.views:
@@ -201,72 +214,82 @@ def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int 
         "format_version": logit_store.FORMAT_VERSION,
         "logits_storage": _storage(cfg, len(dataset.label_names)),
     })
-    reports = []
-    for split in dataset.splits.values():
-        path = logit_store.split_path(out_dir, split.name)
-        split_spec = spec if spec is not None and split.name in cfg.view_splits else None
-        key = {**common, "dataset_fingerprint": split.fingerprint(), "augment": _jsonable(
-            {"views": split_spec.k, "policy": split_spec.policy.to_dict(), "render": split_spec.inputs}
-        ) if split_spec else None}
-        reused = _reusable(path, key) if not cfg.force else None
-        if reused is not None:
-            reports.append(SplitReport(split.name, reused["rows"], reused["teacher_accuracy"], None,
-                                       path.stat().st_size, path, True))
-            continue
-        per_image = 1 if split_spec is None else split_spec.k + 1
-        start = time.perf_counter()
-        batches = teacher_batches(teacher, split, device, precision, cfg.batch_size, workers, progress,
-                                  np.arange(rank, len(split), world), split_spec)
-        if world > 1:  # every rank writes its part; rank 0 merges them once all are complete
-            part_path = _part_path(out_dir, split.name, rank, world)
-            with logit_store.SplitWriter(part_path, len(perm), with_views=split_spec is not None) as part:
-                for b in batches:  # teacher label order; rank 0 maps them below
-                    part.write([split.ids[i] for i in b.rows], split.labels[b.rows], b.logits, b.views, b.boxes,
-                               b.flips)
-                part.close({"split": split.name, "part": rank, "parts": world})
+    workers = runtime.default_workers() if cfg.workers is None else cfg.workers
+    return _Job(cfg, dataset, teacher, perm, device, precision, workers, cfg.out_dir(), spec, common)
+
+
+def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int = 1) -> list[SplitReport]:
+    job = _setup(cfg)
+    return [_cache_split(job, split, progress, rank, world) for split in job.dataset.splits.values()]
+
+
+def _cache_split(job: _Job, split: Split, progress, rank: int, world: int) -> SplitReport:
+    """Reuse the split's file if it was made from these inputs, else run the teacher over it and write it
+    (under torchrun: every rank writes its part, rank 0 merges them)."""
+    cfg, path = job.cfg, logit_store.split_path(job.out_dir, split.name)
+    spec = job.spec if job.spec is not None and split.name in cfg.view_splits else None
+    key = {**job.common, "dataset_fingerprint": split.fingerprint(), "augment": _jsonable(
+        {"views": spec.k, "policy": spec.policy.to_dict(), "render": spec.inputs}) if spec else None}
+    reused = _reusable(path, key) if not cfg.force else None
+    if reused is not None:
+        return SplitReport(split.name, reused["rows"], reused["teacher_accuracy"], None, path.stat().st_size, path,
+                           True)
+    per_image = 1 if spec is None else spec.k + 1
+    start = time.perf_counter()
+    batches = teacher_batches(job.teacher, split, job.device, job.precision, cfg.batch_size, job.workers, progress,
+                              np.arange(rank, len(split), world), spec)
+    if world > 1:  # every rank writes its part; rank 0 merges them once all are complete
+        with logit_store.SplitWriter(_part_path(job.out_dir, split.name, rank, world), len(job.perm),
+                                     with_views=spec is not None) as part:
+            for b in batches:  # teacher label order; rank 0 maps them in _write
+                part.write([split.ids[i] for i in b.rows], split.labels[b.rows], b.logits, b.views, b.boxes, b.flips)
+            part.close({"split": split.name, "part": rank, "parts": world})
+        torch.distributed.barrier()
+        if rank != 0:  # wait for rank 0's file, then report from it
             torch.distributed.barrier()
-            if rank != 0:  # wait for rank 0's file, then report from it
-                torch.distributed.barrier()
-                meta = logit_store.read_meta(path)
-                reports.append(SplitReport(split.name, meta["rows"], meta["teacher_accuracy"], None,
-                                           path.stat().st_size, path, False))
-                continue
-            batches = _merge_parts(split, out_dir, world, cfg.batch_size, per_image)
-        correct = torch.zeros(2, dtype=torch.long)  # right on view 0, right on the other views
-        with logit_store.SplitWriter(path, len(perm), cfg.topk, cfg.topk_dtype,
-                                     with_views=split_spec is not None) as writer:
-            for b in batches:
-                logits = b.logits[:, perm]  # (R, C) dataset label order
-                right = logits.argmax(1) == split.labels[b.rows]
-                correct += torch.tensor([int(right[b.views == 0].sum()), int(right[b.views > 0].sum())])
-                writer.write([split.ids[i] for i in b.rows], split.labels[b.rows], logits, b.views, b.boxes, b.flips)
-            wall = time.perf_counter() - start
-            accuracy = int(correct[0]) / len(split)
-            meta = {
-                **key,
-                "kdpipe_version": runtime.versions()["kdpipe"],
-                "versions": runtime.versions(),
-                "split": split.name,
-                "dataset": dataset.identity,
-                "device": runtime.describe(device),
-                "batch_size": cfg.batch_size,
-                "wall_time_s": round(wall, 3),
-                "images_per_s": round(len(split) / wall, 2),
-                "teacher_accuracy": accuracy,  # on view 0, the images themselves
-                "views": per_image,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            if split_spec is not None:
-                meta["views_teacher_accuracy"] = int(correct[1]) / (len(split) * split_spec.k)
-                meta["teacher_inputs_per_s"] = round(len(split) * per_image / wall, 2)
-            if world > 1:
-                meta["processes"] = world
-            writer.close(meta)
+            meta = logit_store.read_meta(path)
+            return SplitReport(split.name, meta["rows"], meta["teacher_accuracy"], None, path.stat().st_size, path,
+                               False)
+        batches = _merge_parts(split, job.out_dir, world, cfg.batch_size, per_image)
+    meta = _write(job, split, path, batches, key, spec, start, world)
+    if world > 1:
+        torch.distributed.barrier()  # the split's file is complete: the other ranks may read it
+    return SplitReport(split.name, meta["rows"], meta["teacher_accuracy"], meta["images_per_s"],
+                       path.stat().st_size, path, False)
+
+
+def _write(job: _Job, split: Split, path: Path, batches, key: dict, spec: ViewSpec | None, start: float,
+           world: int) -> dict:
+    """Stream the batches into the split's file (dataset label order) and close it with its metadata."""
+    correct = np.zeros(2, dtype=np.int64)  # right on view 0, right on the other views
+    with logit_store.SplitWriter(path, len(job.perm), job.cfg.topk, job.cfg.topk_dtype,
+                                 with_views=spec is not None) as writer:
+        for b in batches:
+            logits = b.logits[:, job.perm]  # (R, C) dataset label order
+            right = logits.argmax(1) == split.labels[b.rows]
+            correct += [right[b.views == 0].sum(), right[b.views > 0].sum()]
+            writer.write([split.ids[i] for i in b.rows], split.labels[b.rows], logits, b.views, b.boxes, b.flips)
+        wall = time.perf_counter() - start
+        meta = {
+            **key,
+            "kdpipe_version": runtime.versions()["kdpipe"],
+            "versions": runtime.versions(),
+            "split": split.name,
+            "dataset": job.dataset.identity,
+            "device": runtime.describe(job.device),
+            "batch_size": job.cfg.batch_size,
+            "wall_time_s": round(wall, 3),
+            "images_per_s": round(len(split) / wall, 2),
+            "teacher_accuracy": int(correct[0]) / len(split),  # on view 0, the images themselves
+            "views": 1 if spec is None else spec.k + 1,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        if spec is not None:
+            meta["views_teacher_accuracy"] = int(correct[1]) / (len(split) * spec.k)
+            meta["teacher_inputs_per_s"] = round(len(split) * (spec.k + 1) / wall, 2)
         if world > 1:
-            torch.distributed.barrier()  # the split's file is complete: the other ranks may read it
-        reports.append(SplitReport(split.name, len(split) * per_image, accuracy, len(split) / wall,
-                                   path.stat().st_size, path, False))
-    return reports
+            meta["processes"] = world
+        return writer.close(meta)
 
 
 def _storage(cfg: CacheConfig, num_classes: int) -> dict:
