@@ -54,6 +54,16 @@ class ViewSpec:
     inputs: dict  # views.processor_inputs: size, resample, mean, std
 
 
+def view_input(image, processor, view: tuple | None = None, inputs: dict | None = None) -> np.ndarray:
+    """The teacher's float input (3, H, W) for an image: view 0 (`view` None) through its own processor;
+    a stored view (box, flip) rendered with views.render at the processor's `inputs`, then normalised."""
+    if view is None:
+        return processor(images=image, return_tensors="np")["pixel_values"][0]
+    box, flip = view
+    return views.normalise(views.render(image, box, bool(flip), inputs["size"], inputs["resample"]),
+                           inputs["mean"], inputs["std"])
+
+
 class _TeacherInputs(torch.utils.data.Dataset):
     """Per image: the teacher processor's pixels (view 0) and, with a ViewSpec, K rendered random views
     (V, 3, H, W) with their boxes and flips. Errors travel as messages so the main process can raise them
@@ -71,13 +81,12 @@ class _TeacherInputs(torch.utils.data.Dataset):
             image = self.split.image(row)
         except KdpipeError as e:
             return {"error": str(e)}
-        pixels = [self.processor(images=image, return_tensors="np")["pixel_values"][0]]  # view 0: (3, H, W)
+        pixels = [view_input(image, self.processor)]  # view 0: (3, H, W)
         item = {"row": row}
         if self.spec is not None:
             boxes, flips = views.sample(self.spec.policy, self.split.ids[row], *image.size, self.spec.k)
-            inputs = self.spec.inputs
-            pixels += [views.normalise(views.render(image, boxes[v], flips[v], inputs["size"], inputs["resample"]),
-                                       inputs["mean"], inputs["std"]) for v in range(1, self.spec.k + 1)]
+            pixels += [view_input(image, self.processor, (boxes[v], flips[v]), self.spec.inputs)
+                       for v in range(1, self.spec.k + 1)]
             item.update(boxes=torch.from_numpy(boxes), flips=torch.from_numpy(flips))
         item["pixel_values"] = torch.from_numpy(np.stack(pixels).astype(np.float32, copy=False))  # (V, 3, H, W)
         return item
@@ -346,11 +355,8 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
             raise KdpipeError(f"{cache_dir}: cached id {c.ids[j]!r} is not in the dataset's {name!r} split; "
                               "pass the dataset it was built from with --dataset")
         image = split.image(index[name][c.ids[j]])
-        if c.views[j] == 0:
-            pixels.append(teacher.processor(images=image, return_tensors="np")["pixel_values"][0])
-        else:
-            u8 = views.render(image, c.boxes[j], bool(c.flips[j]), inputs["size"], inputs["resample"])
-            pixels.append(views.normalise(u8, inputs["mean"], inputs["std"]))
+        stored_view = None if c.views[j] == 0 else (c.boxes[j], c.flips[j])  # rebuilt from the stored parameters
+        pixels.append(view_input(image, teacher.processor, stored_view, inputs))
         row = c.take(np.array([j]))
         stored.append(row.teacher_logits()[0])
         sparse.append(None if row.topk is None else (row.topk.indices[0], row.topk.values[0]))
