@@ -38,6 +38,7 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -61,6 +62,11 @@ RECIPE = {"batch_size": 32, "schedule": "cosine", "warmup_ratio": 0.05, "weight_
           "temperature": 5.0, "student_config": {"classifier_dropout_prob": 0.2}}
 SCREEN = {"lr": "1e-3,3e-3", "alpha": "0,0.5,0.9"}
 VIEWS = 8  # per train image, besides the image itself: in 15 epochs each view is used once or twice
+# step 4's arms, one sweep each, in the order they are started: the chosen distilled recipe on views; the same
+# with the guide's full 30-epoch budget (a "patient" teacher, Beyer et al. 2022; --views-long sets the epochs,
+# 0 skips it); its alpha = 0 twin (the same augmentation without a teacher). Which distilled budget is
+# reported is chosen on validation (benchmarks/report_results.py).
+VIEW_ARMS = {"distilled": {}, "distilled-long": None, "scratch": {"alpha": 0.0}}
 
 
 class ShadowBN:
@@ -233,7 +239,8 @@ def cache_when_free(cfg: CacheConfig):
 
 
 def views_step(args, teacher: str, dataset: str) -> None:
-    """Step 4: the chosen distilled recipe on stored augmented views."""
+    """Step 4: the chosen recipe on stored augmented views, one sweep per arm (VIEW_ARMS). All three are
+    started before any is waited for, so parallel processes of this script never sit idle."""
     results, cache = args.results / "views", args.work / f"cache-views{args.views}"
     t0 = time.perf_counter()
     reports = cache_when_free(CacheConfig(teacher=teacher, dataset=dataset, out=cache, views=args.views))
@@ -245,15 +252,28 @@ def views_step(args, teacher: str, dataset: str) -> None:
                                     if k in ("views", "views_teacher_accuracy", "teacher_inputs_per_s",
                                              "wall_time_s", "augment")}} for r in reports}})
     params = chosen_recipe(args)
-    train = TrainConfig(cache=cache, views=True, **{**RECIPE, "epochs": args.recipe_epochs or RECIPE["epochs"]},
-                        **params)
-    out, _ = sweep_to_the_end(SweepConfig(train=train, seeds=args.seed_list, out=args.work / "sweeps" / "views"))
-    for seed in args.seed_list:
-        r = train_student.load_report(out / "runs" / f"base-seed{seed}")
-        write_json(results / f"distilled-seed{seed}.json", {
-            "arm": "distilled+views", "seed": seed, "best_epoch": r.best_epoch, "validation": r.validation,
-            "test": r.test, "validation_accuracy_per_epoch": [e["validation"]["accuracy"] for e in r.history],
-            "wall_time_s": r.wall_time_s, "run": r.run})
+    epochs = args.recipe_epochs or RECIPE["epochs"]
+    base = TrainConfig(cache=cache, views=True, **{**RECIPE, "epochs": epochs}, **params)
+    sweeps = {}  # arm -> sweep
+    for arm, overrides in VIEW_ARMS.items():
+        if arm == "distilled-long":
+            if not args.views_long:
+                continue
+            arm, overrides = f"distilled-e{args.views_long}", {"epochs": args.views_long}
+        name = "views" if arm == "distilled" else f"views-{arm.removeprefix('distilled-')}"
+        sweeps[arm] = SweepConfig(train=dataclasses.replace(base, **overrides), seeds=args.seed_list,
+                                  out=args.work / "sweeps" / name)
+    for cfg in sweeps.values():
+        sweep.run(cfg)  # take whatever trial is free in each sweep before waiting on any
+    for arm, cfg in sweeps.items():
+        out, _ = sweep_to_the_end(cfg)
+        for seed in args.seed_list:
+            r = train_student.load_report(out / "runs" / f"base-seed{seed}")
+            write_json(results / f"{arm}-seed{seed}.json", {
+                "arm": f"{arm}+views", "seed": seed, "epochs": cfg.train.epochs, "alpha": cfg.train.alpha,
+                "best_epoch": r.best_epoch, "validation": r.validation, "test": r.test,
+                "validation_accuracy_per_epoch": [e["validation"]["accuracy"] for e in r.history],
+                "wall_time_s": r.wall_time_s, "run": r.run})
     print(f"wrote {results}", flush=True)
 
 
@@ -269,10 +289,11 @@ def main():
     p.add_argument("--recipe-epochs", type=int, default=None, help=f"recipe step (default {RECIPE['epochs']})")
     p.add_argument("--steps", default="teacher,guide,recipe,views", help="which steps to run, comma-separated")
     p.add_argument("--views", type=int, default=VIEWS, help="views step: stored views per train image")
+    p.add_argument("--views-long", type=int, default=30, help="views step: epochs of the longer distilled run")
     args = p.parse_args()
     if args.quick:
         args.results, args.seeds, args.epochs, args.recipe_epochs = Path("/tmp/kdpipe-quick/results"), "0,1", 1, 1
-        args.views = 1
+        args.views, args.views_long = 1, 2
         args.work = Path("/tmp/kdpipe-quick/work")
     args.seed_list = [int(x) for x in args.seeds.split(",")]
     steps = set(args.steps.split(","))
@@ -290,7 +311,8 @@ def main():
                                  "bytes": r.bytes} for r in reports}})
     else:
         cache_teacher.run(CacheConfig(teacher=args.teacher, dataset=args.dataset, out=cache))  # reuses it
-    print(json.loads(teacher_file.read_text()))
+    if teacher_file.exists():
+        print(json.loads(teacher_file.read_text()))
     for seed in args.seed_list if "guide" in steps else []:
         for arm, overrides in ARMS.items():
             path = args.results / "guide" / f"{arm}-seed{seed}.json"
