@@ -240,6 +240,8 @@ def train_student_cmd(
     views: bool = typer.Option(False, "--views/--no-views", help="Train on the cache's stored augmented views (one per image per epoch)."),
     augment: str = typer.Option("none", help="none|flip: online augmentation the cached teacher did not see."),
     allow_inconsistent: bool = typer.Option(False, "--allow-inconsistent", help="Permit --augment with a KD term (warned in run.json)."),
+    mix: str = typer.Option("none", help="none|mixup|cutmix within each batch; soft targets mixed alike (approximate, see docs/views.md)."),
+    mix_alpha: float = typer.Option(1.0, help="Beta(a, a) of the mixing weight."),
 ):
     """Train a student against the cached teacher logits (the teacher is never loaded)."""
     from pipeline import train_student
@@ -253,7 +255,7 @@ def train_student_cmd(
                           schedule=schedule, warmup_ratio=warmup_ratio, bn_momentum=bn_momentum,
                           precise_bn=precise_bn, seed=seed, precision=precision, device=device, compile=compile,
                           out=out, name=name, resume=resume, views=views, augment=augment,
-                          allow_inconsistent=allow_inconsistent)
+                          allow_inconsistent=allow_inconsistent, mix=mix, mix_alpha=mix_alpha)
         from pipeline.runtime import distributed
 
         if distributed()[0] > 0:  # under torchrun: rank 0 alone reports
@@ -337,6 +339,9 @@ def sweep_cmd(
     schedule: Optional[str] = typer.Option(None, help="linear,cosine,constant."),
     bn_momentum: Optional[str] = typer.Option(None, help="BatchNorm momentum (PyTorch semantics)."),
     precise_bn: bool = typer.Option(False, "--precise-bn/--no-precise-bn", help="Recompute BN statistics before each evaluation."),
+    views: bool = typer.Option(False, "--views/--no-views", help="Train on the cache's stored augmented views."),
+    mix: Optional[str] = typer.Option(None, help="none,mixup,cutmix: mixing within each batch."),
+    mix_alpha: Optional[str] = typer.Option(None, help="Beta(a, a) of the mixing weight."),
     seeds: str = typer.Option("0,1,2", help="Seeds; every config runs every seed."),
     sampler: str = typer.Option("grid", help="grid (every config x seed) or tpe (Optuna's TPE, --trials configs)."),
     trials: Optional[int] = typer.Option(None, help="tpe: how many configs to try."),
@@ -357,12 +362,12 @@ def sweep_cmd(
     with user_errors():
         flags = {"temperature": temperature, "alpha": alpha, "lr": lr, "batch_size": batch_size, "epochs": epochs,
                  "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "schedule": schedule,
-                 "bn_momentum": bn_momentum}
+                 "bn_momentum": bn_momentum, "mix": mix, "mix_alpha": mix_alpha}
         fixed, space = split_space(flags)
         searched_alpha = space.get("alpha") is not None
         train = TrainConfig(cache=cache, dataset=dataset, student=student, student_config=parse_overrides(student_config),
-                            precise_bn=precise_bn, test_split=test_split or None, precision=precision, device=device,
-                            **{"alpha": 0.0 if searched_alpha and cache is None else TrainConfig.alpha, **fixed})
+                            precise_bn=precise_bn, views=views, test_split=test_split or None, precision=precision,
+                            device=device, **{"alpha": 0.0 if searched_alpha and cache is None else TrainConfig.alpha, **fixed})
         cfg = SweepConfig(train=train, space=space, seeds=_ints(seeds, "--seeds"), sampler=sampler, trials=trials,
                           prune=prune, storage=storage, out=out, name=name, stale_after_s=stale_after)
         console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {sampler}, seeds {cfg.seeds}, "

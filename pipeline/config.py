@@ -3,7 +3,7 @@ and names the flag in its error, so the CLI and the Python API refuse the same t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import KdpipeError
@@ -13,6 +13,7 @@ from .views import ViewPolicy
 DATA_ROOT = Path("data")
 SCHEDULES = ("linear", "cosine", "constant")
 AUGMENTS = ("none", "flip")
+MIXES = ("none", "mixup", "cutmix")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -90,6 +91,8 @@ class TrainConfig:
     views: bool = False  # train on the cache's stored augmented views (cache-teacher --views K), one per epoch
     augment: str = "none"  # online augmentation the cache does not cover ("flip"): inconsistent with the teacher
     allow_inconsistent: bool = False  # permit --augment with a KD term (recorded as a warning in run.json)
+    mix: str = "none"  # mixup|cutmix of each batch with its own permutation, soft targets mixed alike (approximate)
+    mix_alpha: float = 1.0  # Beta(a, a) for the mixing weight; 1.0 = uniform, as in CutMix (Yun et al., 2019)
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
@@ -112,6 +115,8 @@ class TrainConfig:
                f"--augment {self.augment} changes the student's input but not the cached teacher's, so the KD "
                "targets would belong to another image; cache views (cache-teacher --views K) and train with "
                "--views, or pass --allow-inconsistent")
+        _check(self.mix in MIXES, f"--mix must be one of {', '.join(MIXES)}")
+        _positive("mix_alpha", self.mix_alpha, "--mix-alpha")
         _check(self.alpha == 0 or self.cache is not None,
                "--cache is required when --alpha > 0 (the KD term needs teacher logits); use --alpha 0 for a "
                "from-scratch baseline")
@@ -141,6 +146,13 @@ class TrainConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
+def without_new_defaults(now: dict, saved: dict) -> dict:
+    """`now` (a TrainConfig.to_dict(), or part of one) less the settings `saved` lacks that hold their default:
+    a later kdpipe added them, and their default is what the earlier one did, so runs and sweeps started
+    before the upgrade still resume."""
+    return {k: v for k, v in now.items() if k in saved or k not in TRAIN_DEFAULTS or v != TRAIN_DEFAULTS[k]}
+
+
 def parse_overrides(text: str | None, flag: str = "--student-config") -> dict:
     """`key=value,key=value` -> dict with ints, floats and booleans parsed."""
     if not text:
@@ -167,7 +179,8 @@ def _parse_scalar(value: str):
 
 # Train-student settings a sweep can search, with their types (flags: --temperature, --alpha, ...).
 SWEEPABLE = {"temperature": float, "alpha": float, "lr": float, "batch_size": int, "epochs": int,
-             "weight_decay": float, "warmup_ratio": float, "schedule": str, "bn_momentum": float}
+             "weight_decay": float, "warmup_ratio": float, "schedule": str, "bn_momentum": float, "mix": str,
+             "mix_alpha": float}
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("none", "median", "halving")
 
@@ -220,6 +233,10 @@ def parse_dimension(name: str, text: str) -> Dimension:
 def _valid_setting(name: str, value) -> None:
     """Apply train-student's own checks (and error messages) to one searched value."""
     TrainConfig(**{"alpha": 0.0, "cache": ".", "dataset": ".", name: value})
+
+
+TRAIN_DEFAULTS = {f.name: (f.default if f.default is not MISSING else f.default_factory())
+                  for f in fields(TrainConfig) if f.default is not MISSING or f.default_factory is not MISSING}
 
 
 @dataclass

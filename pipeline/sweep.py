@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Callable
 
 from . import train_student
-from .config import SweepConfig, TrainConfig
+from .config import SweepConfig, TrainConfig, without_new_defaults
 from .errors import KdpipeError
 
 SPEC_FILE = "sweep.json"
 SHORT = {"temperature": "T", "alpha": "a", "lr": "lr", "batch_size": "bs", "epochs": "e", "weight_decay": "wd",
-         "warmup_ratio": "wu", "schedule": "", "bn_momentum": "bnm"}
+         "warmup_ratio": "wu", "schedule": "", "bn_momentum": "bnm", "mix": "", "mix_alpha": "ma"}
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,16 @@ def open_study(cfg: SweepConfig, out: Path):
     saved = study.user_attrs.get("kdpipe_sweep")
     if saved is None:
         study.set_user_attr("kdpipe_sweep", spec)
-    elif saved != spec:
+    elif saved != (spec := _as_saved(spec, saved)):
         differs = sorted(k for k in spec if spec[k] != saved.get(k))
         raise KdpipeError(f"study {cfg.study_name()!r} was started with other settings ({', '.join(differs)}); "
                           "use the same flags to resume or join it, or another --out/--name")
     return study
+
+
+def _as_saved(spec: dict, saved: dict) -> dict:
+    """`spec` without the train settings a sweep started by an earlier kdpipe lacks and that hold their default."""
+    return {**spec, "train": without_new_defaults(spec["train"], saved.get("train", {}))}
 
 
 def open_storage(url: str | None, out: Path):
@@ -127,6 +132,7 @@ def _claim_folder(cfg: SweepConfig, out: Path) -> None:
         os.link(tmp, path)  # atomic create-if-absent: of two workers starting together, one writes
     except FileExistsError:
         saved = json.loads(path.read_text())
+        record["spec"] = _as_saved(record["spec"], saved["spec"])
         if saved["spec"] != record["spec"] or saved["study_name"] != record["study_name"]:
             differs = sorted(k for k in record["spec"] if record["spec"][k] != saved["spec"].get(k))
             raise KdpipeError(f"--out {out} holds a sweep with other settings ({', '.join(differs) or 'study name'});"

@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import locking, logit_store, metrics, pixels, runtime, views
-from .config import TrainConfig
+from . import locking, logit_store, metrics, mixing, pixels, runtime, views
+from .config import TrainConfig, without_new_defaults
 from .data import ImageDataset, open_dataset, reopen_dataset
 from .errors import KdpipeError
 from .logit_store import TopK
@@ -232,6 +232,10 @@ def _consistency(cfg: TrainConfig, cache: dict | None) -> dict:
     if not out["consistent"]:
         out["warning"] = (f"--augment {cfg.augment} with --allow-inconsistent: the student's inputs are not the "
                           "inputs of the cached teacher logits it is distilled from")
+    if cfg.mix != "none":
+        out["mix"] = {"kind": cfg.mix, "alpha": cfg.mix_alpha,
+                      "note": "inputs mixed within each batch, teacher distributions mixed in the same proportion: "
+                              "an approximation, the teacher never saw the mixed images"}
     return out
 
 
@@ -280,10 +284,12 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
         if cfg.augment == "flip":  # online, not seen by the teacher: only with alpha 0 or --allow-inconsistent
             flip = (torch.rand(len(idx), generator=s.generator) < 0.5).to(s.device)
             batch["pixels"] = torch.where(flip[:, None, None, None], batch["pixels"].flip(2), batch["pixels"])
+        x = student_inputs(s, batch)  # (B, 3, H, W)
+        mix = mixing.sample(cfg.mix, cfg.mix_alpha, x.shape, s.generator) if cfg.mix != "none" else None
         with runtime.autocast(s.device, s.precision):
-            student_logits = s.forward(pixel_values=student_inputs(s, batch)).logits  # (B, C)
+            student_logits = s.forward(pixel_values=mixing.apply(x, mix) if mix else x).logits  # (B, C)
         parts = distillation_loss(student_logits, batch["labels"], batch.get("teacher_logits"),
-                                  cfg.temperature, cfg.alpha)
+                                  cfg.temperature, cfg.alpha, mix)
         parts["loss"].backward()
         s.optimizer.step()
         s.scheduler.step()
@@ -487,7 +493,8 @@ def resume(s: Setup) -> bool:
     if not path.exists():
         return False
     state = _read_checkpoint(path)
-    saved, now = dict(state["config"]), s.cfg.to_dict()
+    saved = dict(state["config"])
+    now = without_new_defaults(s.cfg.to_dict(), saved)
     differs = [k for k in now if k not in ("resume", "out", "device", "workers") and saved.get(k) != now[k]]
     if differs:
         raise KdpipeError(f"--resume: {s.out} was started with other settings ({', '.join(differs)}); "

@@ -185,3 +185,23 @@ def test_joining_a_sweep_with_other_settings_is_refused(run_cli, cache_dir, tmp_
     assert code == 1 and "other settings (space)" in out, out
     with pytest.raises(KdpipeError, match="no sweep.json"):
         sweep_report.build(tmp_path)
+
+
+def test_a_sweep_started_before_a_setting_existed_still_resumes(run_cli, cache_dir, tmp_path, monkeypatch):
+    base = ["sweep", "--cache", cache_dir, "--epochs", "1", "--seeds", "0", "--out", tmp_path / "sw", *TINY,
+            "--temperature", "2,5"]
+    spec = SweepConfig.spec
+
+    def older_spec(self):  # what a kdpipe without --mix wrote into sweep.json and the study
+        out = spec(self)
+        out["train"] = {k: v for k, v in out["train"].items() if k not in ("mix", "mix_alpha")}
+        return out
+
+    monkeypatch.setattr(SweepConfig, "spec", older_spec)
+    assert run_cli(*base)[0] == 0
+    monkeypatch.undo()
+    assert "mix" not in json.loads((tmp_path / "sw" / "sweep.json").read_text())["spec"]["train"]
+    code, out = run_cli(*base)
+    assert code == 0 and "other settings" not in out, out
+    code, out = run_cli(*base[:-2], "--temperature", "2,5", "--mix", "mixup")  # a real change is still refused
+    assert code == 1 and "other settings (train)" in out, out
