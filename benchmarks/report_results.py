@@ -122,7 +122,9 @@ def bn_choice(rows: list[dict]) -> list[str]:
     return out
 
 
-def plot(runs: dict[str, list[dict]], path: Path) -> Path | None:
+def plot_curves(series: list[tuple[str, list[list[float]], str, str]], title: str, path: Path) -> Path | None:
+    """Validation accuracy per epoch: for each (label, curves over seeds, colour, line style), the mean
+    over seeds and a min..max band. None without matplotlib."""
     try:
         import matplotlib
 
@@ -131,21 +133,16 @@ def plot(runs: dict[str, list[dict]], path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    colours = {"scratch": "tab:blue", "distilled": "tab:orange"}
-    for arm in ARMS:
-        for variant, style in (("upstream", ":"), ("precise", "-")):
-            curves = [r["summary"][variant]["validation_accuracy_per_epoch"] for r in runs[arm]]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            epochs = range(1, n + 1)
-            mean = [100 * sum(c[i] for c in curves) / len(curves) for i in range(n)]
-            ax.plot(epochs, mean, style, color=colours[arm], label=f"{arm}, {variant} BN ({len(curves)} seeds)")
-            ax.fill_between(epochs, [100 * min(c[i] for c in curves) for i in range(n)],
-                            [100 * max(c[i] for c in curves) for i in range(n)], color=colours[arm], alpha=0.12)
+    for label, curves, colour, style in series:
+        n = min(len(c) for c in curves)
+        epochs = range(1, n + 1)
+        ax.plot(epochs, [100 * sum(c[i] for c in curves) / len(curves) for i in range(n)], style, color=colour,
+                label=f"{label} ({len(curves)} seeds)")
+        ax.fill_between(epochs, [100 * min(c[i] for c in curves) for i in range(n)],
+                        [100 * max(c[i] for c in curves) for i in range(n)], color=colour, alpha=0.12)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("MobileNetV2 on Beans, the guide's setup: mean over seeds, band = min..max", fontsize=10)
+    ax.set_title(f"{title}: mean over seeds, band = min..max", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -153,12 +150,20 @@ def plot(runs: dict[str, list[dict]], path: Path) -> Path | None:
     plt.close(fig)
     return path
 
-RECIPE_ARMS = (  # (results folder, arm file prefix, label)
+
+def plot(runs: dict[str, list[dict]], path: Path) -> Path | None:
+    colours = {"scratch": "tab:blue", "distilled": "tab:orange"}
+    series = [(f"{arm}, {variant} BN", [r["summary"][variant]["validation_accuracy_per_epoch"] for r in runs[arm]],
+               colours[arm], style) for arm in ARMS for variant, style in (("upstream", ":"), ("precise", "-"))
+              if runs[arm]]
+    return plot_curves(series, "MobileNetV2 on Beans, the guide's setup", path)
+
+
+RECIPE_ARMS = (  # (results folder, arm file prefix, label); views/distilled-e<N> arms are found as they come
     ("recipe", "scratch", "no views, from scratch (λ = 0)"),
     ("recipe", "distilled", "no views, distilled (T 5, λ 0.9)"),
-    ("views", "scratch", "8 views, from scratch (λ = 0)"),
-    ("views", "distilled", "8 views, distilled (T 5, λ 0.9)"),
-    ("views", "distilled-e30", "8 views, distilled, 30 epochs"),
+    ("views", "scratch", "stored views, from scratch (λ = 0)"),
+    ("views", "distilled", "stored views, distilled (T 5, λ 0.9)"),
 )
 VIEWS_RULE = ("the distilled budget on views is the one with the higher mean best-epoch validation accuracy; "
               "within 1 pp (about one validation image) the shorter one wins")
@@ -176,26 +181,30 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
     return ma - mb, t * math.sqrt(va + vb)
 
 
-def recipe_runs(results: Path) -> dict[tuple[str, str], list[dict]]:
+def recipe_arms(results: Path) -> list[tuple[str, str, str]]:
+    longer = sorted({p.name.split("-seed")[0] for p in (results / "views").glob("distilled-e*-seed*.json")},
+                    key=lambda arm: int(arm.removeprefix("distilled-e")))
+    return [*RECIPE_ARMS, *(("views", arm, f"stored views, distilled, {arm.removeprefix('distilled-e')} epochs")
+                            for arm in longer)]
+
+
+def recipe_runs(results: Path) -> dict[tuple[str, str, str], list[dict]]:
+    """(folder, arm, label) -> the result files of its seeds, for the arms with any."""
     runs = {}
-    for folder, arm, _ in RECIPE_ARMS:
-        found = [json.loads(p.read_text()) for p in sorted((results / folder).glob(f"{arm}-seed*.json"))]
+    for key in recipe_arms(results):
+        found = [json.loads(p.read_text()) for p in sorted((results / key[0]).glob(f"{key[1]}-seed*.json"))]
         if found:
-            runs[(folder, arm)] = found
+            runs[key] = found
     return runs
 
 
-def recipe_markdown(runs: dict[tuple[str, str], list[dict]]) -> str:
+def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
     out = ["# The recipe with and without stored views (generated by benchmarks/report_results.py)", "",
            "| arm | epochs | seeds | test accuracy (best val epoch) | its val accuracy | test agreement with teacher "
            "| per seed (test) | wall time per run |", "|---|---|---|---|---|---|---|---|"]
-    for folder, arm, label in RECIPE_ARMS:
-        rs = runs.get((folder, arm))
-        if not rs:
-            continue
-        epochs = len(rs[0]["validation_accuracy_per_epoch"])
+    for (_, _, label), rs in runs.items():
         test = [r["test"]["accuracy"] for r in rs]
-        out.append(f"| {label} | {epochs} | {len(rs)} | {pct(test)} | "
+        out.append(f"| {label} | {_epochs(rs)} | {len(rs)} | {pct(test)} | "
                    f"{pct([r['validation']['accuracy'] for r in rs])} | "
                    f"{pct([r['test']['teacher_agreement'] for r in rs])} | "
                    f"{', '.join(f'{100 * t:.1f}' for t in test)} | "
@@ -203,56 +212,46 @@ def recipe_markdown(runs: dict[tuple[str, str], list[dict]]) -> str:
     out += ["", "Mean ± sample standard deviation over seeds; each run's best epoch is chosen on validation.", ""]
     chosen = views_choice(runs)
     if chosen:
-        out += [f"Rule: {VIEWS_RULE}. Chosen: **{chosen}**.", ""]
-    out += ["## Distilled against the same recipe with λ = 0 (test, Welch 95 % interval of the difference)", ""]
-    for folder, distilled in (("recipe", "distilled"), ("views", chosen)):
-        gap = welch([r["test"]["accuracy"] for r in runs.get((folder, distilled), [])],
-                    [r["test"]["accuracy"] for r in runs.get((folder, "scratch"), [])])
+        out += [f"Rule: {VIEWS_RULE}. Chosen: **{chosen[2]}** ({_epochs(runs[chosen])} epochs).", ""]
+    by_arm = {(folder, arm): rs for (folder, arm, _), rs in runs.items()}
+    out += ["## Distilled against the recipe with λ = 0 (test, Welch 95 % interval of the difference)", ""]
+    for distilled in (("recipe", "distilled"), chosen[:2] if chosen else None):
+        scratch = by_arm.get((distilled[0], "scratch")) if distilled else None
+        gap = welch([r["test"]["accuracy"] for r in by_arm.get(distilled, [])],
+                    [r["test"]["accuracy"] for r in scratch]) if scratch else None
         if gap:
-            out.append(f"- {folder}: {distilled} − scratch = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp")
+            out.append(f"- {distilled[0]}: distilled ({_epochs(by_arm[distilled])} epochs) − from scratch "
+                       f"({_epochs(scratch)} epochs) = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp")
     return "\n".join(out) + "\n"
 
 
-def views_choice(runs: dict[tuple[str, str], list[dict]]) -> str | None:
-    """VIEWS_RULE; None until both distilled budgets have results."""
-    short, long = runs.get(("views", "distilled")), runs.get(("views", "distilled-e30"))
-    if not short or not long:
-        return "distilled" if short else None
-    val = {arm: mean_std([r["validation"]["accuracy"] for r in rs])[0] for arm, rs in (("distilled", short),
-                                                                                     ("distilled-e30", long))}
-    return "distilled-e30" if val["distilled-e30"] - val["distilled"] >= 0.01 else "distilled"
+def _epochs(rs: list[dict]) -> int:
+    return len(rs[0]["validation_accuracy_per_epoch"])
 
 
-def recipe_plot(runs: dict[tuple[str, str], list[dict]], path: Path) -> Path | None:
-    try:
-        import matplotlib
+def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str, str] | None:
+    """VIEWS_RULE over the distilled arms on views, shortest budget first; None before any has results."""
+    chosen, best = None, -1.0
+    for key in sorted((k for k in runs if k[0] == "views" and k[1].startswith("distilled")),
+                      key=lambda k: _epochs(runs[k])):
+        val = mean_std([r["validation"]["accuracy"] for r in runs[key]])[0]
+        if chosen is None or val >= best + 0.01:
+            chosen, best = key, val
+    return chosen
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (folder, arm, label) in enumerate(RECIPE_ARMS):
-        curves = [r["validation_accuracy_per_epoch"] for r in runs.get((folder, arm), [])]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        epochs = range(1, n + 1)
-        colour = f"C{i}"
-        ax.plot(epochs, [100 * sum(c[j] for c in curves) / len(curves) for j in range(n)], color=colour,
-                linestyle="-" if folder == "views" else ":", label=f"{label} ({len(curves)} seeds)")
-        ax.fill_between(epochs, [100 * min(c[j] for c in curves) for j in range(n)],
-                        [100 * max(c[j] for c in curves) for j in range(n)], color=colour, alpha=0.1)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_ylim(40, 100)
-    ax.set_title("MobileNetV2 on Beans, the recipe: mean over seeds, band = min..max", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+
+def recipe_plot(runs: dict[tuple[str, str, str], list[dict]], path: Path) -> Path | None:
+    series = [(label, [r["validation_accuracy_per_epoch"] for r in rs], f"C{i}", "-" if folder == "views" else ":")
+              for i, ((folder, _, label), rs) in enumerate(runs.items())]
+    return plot_curves(series, "MobileNetV2 on Beans, the recipe", path)
+
+
+def write_report(path: Path, text: str, png: Path | None) -> None:
+    if png:
+        text += f"\n![validation accuracy per epoch]({png.name})\n"
+    path.write_text(text)
+    print(text)
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,21 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     ratio = json.loads(stage_two.read_text())["ratios"]["online_over_cached"] if stage_two.exists() else None
     text = markdown(summary_rows(runs), runs, json.loads(teacher_file.read_text()) if teacher_file.exists() else None,
                     ratio)
-    png = plot(runs, args.results / "guide.png")
-    if png:
-        text += f"\n![validation accuracy per epoch]({png.name})\n"
-    (args.results / "guide.md").write_text(text)
-    print(text)
-    print(f"wrote {args.results / 'guide.md'}" + (f" and {png}" if png else ""))
+    write_report(args.results / "guide.md", text, plot(runs, args.results / "guide.png"))
     recipe = recipe_runs(args.results)
     if recipe:
-        text = recipe_markdown(recipe)
-        png = recipe_plot(recipe, args.results / "recipe.png")
-        if png:
-            text += f"\n![validation accuracy per epoch]({png.name})\n"
-        (args.results / "recipe.md").write_text(text)
-        print(text)
-        print(f"wrote {args.results / 'recipe.md'}" + (f" and {png}" if png else ""))
+        write_report(args.results / "recipe.md", recipe_markdown(recipe),
+                     recipe_plot(recipe, args.results / "recipe.png"))
     return 0
 
 

@@ -100,7 +100,7 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
     monkeypatch.setattr(reproduce, "RECIPE", {**reproduce.RECIPE, "batch_size": 8, "student_config": {
         "image_size": 32, "depth_multiplier": 0.35}, "precision": "fp32", "device": "cpu", "log_tensorboard": False})
     args = SimpleNamespace(results=tmp_path / "results", work=tmp_path / "work", recipe_epochs=1, seed_list=[0, 1],
-                           views=2)
+                           views=2, views_long=2)
     reproduce.write_json(args.results / "recipe" / "screen.json", {"configs": [
         {"config": "a0-lr0.003", "params": {"alpha": 0.0, "lr": 3e-3}, "val_mean": 0.9},
         {"config": "a0.5-lr0.003", "params": {"alpha": 0.5, "lr": 3e-3}, "val_mean": 0.5},
@@ -112,3 +112,31 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
         r = json.loads((args.results / "views" / f"distilled-seed{seed}.json").read_text())
         config = r["run"]["config"]
         assert config["views"] and config["alpha"] == 0.5 and config["lr"] == 3e-3 and config["seed"] == seed
+        for arm, alpha, epochs in (("scratch", 0.0, 1), ("distilled-e2", 0.5, 2)):  # the other two arms
+            r = json.loads((args.results / "views" / f"{arm}-seed{seed}.json").read_text())
+            assert (r["alpha"], r["epochs"], len(r["validation_accuracy_per_epoch"])) == (alpha, epochs, epochs)
+            assert r["run"]["config"]["views"] and r["run"]["config"]["seed"] == seed
+
+
+def _result(folder, arm, seed, val, test, epochs, root):
+    import json
+
+    path = root / folder / f"{arm}-seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"validation": {"accuracy": val}, "test": {"accuracy": test, "teacher_agreement": test},
+                                "validation_accuracy_per_epoch": [val] * epochs, "wall_time_s": 60.0}))
+
+
+@pytest.mark.parametrize("long_val, chosen", [(0.905, "15 epochs"), (0.92, "30 epochs")])
+def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chosen, tmp_path):
+    spec = importlib.util.spec_from_file_location("report_results", REPO / "benchmarks" / "report_results.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for seed, (a, b) in enumerate(((0.90, 0.80), (0.90, 0.84))):
+        _result("views", "distilled", seed, 0.90, a, 15, tmp_path)
+        _result("views", "scratch", seed, 0.85, b, 15, tmp_path)
+        _result("views", "distilled-e30", seed, long_val, a + 0.05, 30, tmp_path)
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert f"({chosen})" in text  # a longer budget must win by 1 pp of validation accuracy
+    gap = "+13.0 ± 25.4 pp" if chosen == "30 epochs" else "+8.0 ± 25.4 pp"  # Welch, 1 dof: t = 12.71
+    assert f"= {gap}" in text
