@@ -182,10 +182,11 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
 
 
 def recipe_arms(results: Path) -> list[tuple[str, str, str]]:
-    longer = sorted({p.name.split("-seed")[0] for p in (results / "views").glob("distilled-e*-seed*.json")},
-                    key=lambda arm: int(arm.removeprefix("distilled-e")))
-    return [*RECIPE_ARMS, *(("views", arm, f"stored views, distilled, {arm.removeprefix('distilled-e')} epochs")
-                            for arm in longer)]
+    longer = sorted({p.name.split("-seed")[0] for p in (results / "views").glob("*-e*-seed*.json")},
+                    key=lambda arm: (int(arm.rpartition("-e")[2]), arm))
+    what = {"scratch": "from scratch (λ = 0)", "distilled": "distilled"}
+    return [*RECIPE_ARMS, *(("views", arm, f"stored views, {what[arm.rpartition('-e')[0]]}, {arm.rpartition('-e')[2]} "
+                                           "epochs") for arm in longer)]
 
 
 def recipe_runs(results: Path) -> dict[tuple[str, str, str], list[dict]]:
@@ -216,8 +217,11 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
     by_arm = {(folder, arm): rs for (folder, arm, _), rs in runs.items()}
     out += ["## Distilled against the recipe with λ = 0 (test, Welch 95 % interval of the difference)", ""]
     for distilled in (("recipe", "distilled"), chosen[:2] if chosen else None):
-        scratch = by_arm.get((distilled[0], "scratch")) if distilled else None
-        gap = welch([r["test"]["accuracy"] for r in by_arm.get(distilled, [])],
+        if distilled is None:
+            continue
+        twin = distilled[1].replace("distilled", "scratch")  # the same budget without the teacher
+        scratch = by_arm.get((distilled[0], twin)) or by_arm.get((distilled[0], "scratch"))
+        gap = welch([r["test"]["accuracy"] for r in by_arm[distilled]],
                     [r["test"]["accuracy"] for r in scratch]) if scratch else None
         if gap:
             out.append(f"- {distilled[0]}: distilled ({_epochs(by_arm[distilled])} epochs) − from scratch "

@@ -64,9 +64,9 @@ SCREEN = {"lr": "1e-3,3e-3", "alpha": "0,0.5,0.9"}
 VIEWS = 8  # per train image, besides the image itself: in 15 epochs each view is used once or twice
 # step 4's arms, one sweep each, in the order they are started: the chosen distilled recipe on views; the same
 # with the guide's full 30-epoch budget (a "patient" teacher, Beyer et al. 2022; --views-long sets the epochs,
-# 0 skips it); its alpha = 0 twin (the same augmentation without a teacher). Which distilled budget is
-# reported is chosen on validation (benchmarks/report_results.py).
-VIEW_ARMS = {"distilled": {}, "distilled-long": None, "scratch": {"alpha": 0.0}}
+# 0 skips it); the alpha = 0 twin of each (the same augmentation without a teacher). Which distilled budget
+# is reported is chosen on validation (benchmarks/report_results.py).
+VIEW_ARMS = {"distilled": {}, "distilled-long": {}, "scratch": {"alpha": 0.0}, "scratch-long": {"alpha": 0.0}}
 
 
 class ShadowBN:
@@ -239,7 +239,7 @@ def cache_when_free(cfg: CacheConfig):
 
 
 def views_step(args, teacher: str, dataset: str) -> None:
-    """Step 4: the chosen recipe on stored augmented views, one sweep per arm (VIEW_ARMS). All three are
+    """Step 4: the chosen recipe on stored augmented views, one sweep per arm (VIEW_ARMS). All are
     started before any is waited for, so parallel processes of this script never sit idle."""
     results, cache = args.results / "views", args.work / f"cache-views{args.views}"
     t0 = time.perf_counter()
@@ -256,11 +256,11 @@ def views_step(args, teacher: str, dataset: str) -> None:
     base = TrainConfig(cache=cache, views=True, **{**RECIPE, "epochs": epochs}, **params)
     sweeps = {}  # arm -> sweep
     for arm, overrides in VIEW_ARMS.items():
-        if arm == "distilled-long":
+        if arm.endswith("-long"):
             if not args.views_long:
                 continue
-            arm, overrides = f"distilled-e{args.views_long}", {"epochs": args.views_long}
-        name = "views" if arm == "distilled" else f"views-{arm.removeprefix('distilled-')}"
+            arm, overrides = arm.replace("long", f"e{args.views_long}"), {**overrides, "epochs": args.views_long}
+        name = {"distilled": "views"}.get(arm, f"views-{arm.removeprefix('distilled-')}")
         sweeps[arm] = SweepConfig(train=dataclasses.replace(base, **overrides), seeds=args.seed_list,
                                   out=args.work / "sweeps" / name)
     for cfg in sweeps.values():

@@ -112,7 +112,7 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
         r = json.loads((args.results / "views" / f"distilled-seed{seed}.json").read_text())
         config = r["run"]["config"]
         assert config["views"] and config["alpha"] == 0.5 and config["lr"] == 3e-3 and config["seed"] == seed
-        for arm, alpha, epochs in (("scratch", 0.0, 1), ("distilled-e2", 0.5, 2)):  # the other two arms
+        for arm, alpha, epochs in (("scratch", 0.0, 1), ("distilled-e2", 0.5, 2), ("scratch-e2", 0.0, 2)):
             r = json.loads((args.results / "views" / f"{arm}-seed{seed}.json").read_text())
             assert (r["alpha"], r["epochs"], len(r["validation_accuracy_per_epoch"])) == (alpha, epochs, epochs)
             assert r["run"]["config"]["views"] and r["run"]["config"]["seed"] == seed
@@ -136,7 +136,9 @@ def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chos
         _result("views", "distilled", seed, 0.90, a, 15, tmp_path)
         _result("views", "scratch", seed, 0.85, b, 15, tmp_path)
         _result("views", "distilled-e30", seed, long_val, a + 0.05, 30, tmp_path)
+        _result("views", "scratch-e30", seed, 0.85, b + 0.02, 30, tmp_path)
     text = report.recipe_markdown(report.recipe_runs(tmp_path))
     assert f"({chosen})" in text  # a longer budget must win by 1 pp of validation accuracy
-    gap = "+13.0 ± 25.4 pp" if chosen == "30 epochs" else "+8.0 ± 25.4 pp"  # Welch, 1 dof: t = 12.71
-    assert f"= {gap}" in text
+    # against the twin with the same budget; Welch with 1 degree of freedom: t = 12.71
+    gap = "(30 epochs) = +11.0 ± 25.4 pp" if chosen == "30 epochs" else "(15 epochs) = +8.0 ± 25.4 pp"
+    assert f"from scratch {gap}" in text and "stored views, from scratch (λ = 0), 30 epochs | 30 | 2 |" in text
