@@ -193,6 +193,16 @@ def sweep_to_the_end(cfg: SweepConfig):
         time.sleep(30)
 
 
+def run_record(arm: str, seed: int, run_dir: Path, **extra) -> dict:
+    """A finished train-student run as a result file: its best epoch's scores, the validation curve, and
+    run.json (config, provenance, versions)."""
+    r = train_student.load_report(run_dir)
+    return {"arm": arm, "seed": seed, "run_dir": str(run_dir), **extra, "best_epoch": r.best_epoch,
+            "validation": r.validation, "test": r.test,
+            "validation_accuracy_per_epoch": [e["validation"]["accuracy"] for e in r.history],
+            "wall_time_s": r.wall_time_s, "run": r.run}
+
+
 def recipe(args, cache: Path) -> None:
     """Step 3: screen on validation (seed 0), then the chosen config and its alpha = 0 twin on more seeds."""
     results, work = args.results / "recipe", args.work / "sweeps"
@@ -212,12 +222,7 @@ def recipe(args, cache: Path) -> None:
         for seed in args.seed_list:
             run_dir = (screen / "runs" / f"{sweep.config_key(params)}-seed{seed}" if seed == 0 else
                        final / "runs" / f"{sweep.config_key({'alpha': alpha})}-seed{seed}")
-            r = train_student.load_report(run_dir)
-            write_json(results / f"{arm}-seed{seed}.json", {
-                "arm": arm, "seed": seed, "run_dir": str(run_dir), "best_epoch": r.best_epoch,
-                "validation": r.validation, "test": r.test,
-                "validation_accuracy_per_epoch": [e["validation"]["accuracy"] for e in r.history],
-                "wall_time_s": r.wall_time_s, "run": r.run})  # run.json: config, provenance, versions
+            write_json(results / f"{arm}-seed{seed}.json", run_record(arm, seed, run_dir))
     print(f"wrote {results}", flush=True)
 
 
@@ -268,12 +273,8 @@ def views_step(args, teacher: str, dataset: str) -> None:
     for arm, cfg in sweeps.items():
         out, _ = sweep_to_the_end(cfg)
         for seed in args.seed_list:
-            r = train_student.load_report(out / "runs" / f"base-seed{seed}")
-            write_json(results / f"{arm}-seed{seed}.json", {
-                "arm": f"{arm}+views", "seed": seed, "epochs": cfg.train.epochs, "alpha": cfg.train.alpha,
-                "best_epoch": r.best_epoch, "validation": r.validation, "test": r.test,
-                "validation_accuracy_per_epoch": [e["validation"]["accuracy"] for e in r.history],
-                "wall_time_s": r.wall_time_s, "run": r.run})
+            write_json(results / f"{arm}-seed{seed}.json", run_record(
+                f"{arm}+views", seed, out / "runs" / f"base-seed{seed}", epochs=cfg.train.epochs, alpha=cfg.train.alpha))
     print(f"wrote {results}", flush=True)
 
 

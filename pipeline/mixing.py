@@ -44,10 +44,10 @@ def sample(kind: str, alpha: float, shape: torch.Size, generator: torch.Generato
 
 def apply(x: torch.Tensor, mix: Mix) -> torch.Tensor:
     """The mixed batch (a new tensor; x is left as it is). x: (B, 3, H, W)."""
-    other = x[mix.perm.to(x.device)]
+    perm = mix.perm.to(x.device)
     if mix.box is None:
-        return x * mix.lam + other * (1.0 - mix.lam)
+        return x * mix.lam + x[perm] * (1.0 - mix.lam)
     top, left, bottom, right = mix.box
     out = x.clone()
-    out[:, :, top:bottom, left:right] = other[:, :, top:bottom, left:right]
+    out[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]  # copies the box only
     return out
