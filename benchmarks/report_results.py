@@ -165,8 +165,9 @@ RECIPE_ARMS = (  # (results folder, arm file prefix, label); views/distilled-e<N
     ("views", "scratch", "stored views, from scratch (λ = 0)"),
     ("views", "distilled", "stored views, distilled (T 5, λ 0.9)"),
 )
-VIEWS_RULE = ("the distilled budget on views is the one with the higher mean best-epoch validation accuracy; "
-              "within 1 pp (about one validation image) the shorter one wins")
+VIEWS_RULE = ("the distilled arms on views are taken cheapest first (fewer epochs, then no input mixing); "
+              "a later one replaces the choice only with a mean best-epoch validation accuracy at least 1 pp "
+              "(about one validation image) higher")
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 8: 2.31, 10: 2.23}  # Student t, 97.5 % quantile
 
 
@@ -181,12 +182,19 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
     return ma - mb, t * math.sqrt(va + vb)
 
 
+def _mix(arm: str) -> str:
+    """The input mix in a views arm's name: 'distilled-cutmix-e30' -> 'cutmix'; '' for 'distilled-e30'."""
+    return arm.rpartition("-e")[0].partition("-")[2]
+
+
 def recipe_arms(results: Path) -> list[tuple[str, str, str]]:
+    """RECIPE_ARMS, then the views arms named <kind>[-<mix>]-e<epochs> as their result files appear."""
     longer = sorted({p.name.split("-seed")[0] for p in (results / "views").glob("*-e*-seed*.json")},
-                    key=lambda arm: (int(arm.rpartition("-e")[2]), arm))
+                    key=lambda arm: (int(arm.rpartition("-e")[2]), _mix(arm), arm))
     what = {"scratch": "from scratch (λ = 0)", "distilled": "distilled"}
-    return [*RECIPE_ARMS, *(("views", arm, f"stored views, {what[arm.rpartition('-e')[0]]}, {arm.rpartition('-e')[2]} "
-                                           "epochs") for arm in longer)]
+    return [*RECIPE_ARMS, *(("views", arm, f"stored views{' + ' + _mix(arm) if _mix(arm) else ''}, "
+                                           f"{what[arm.partition('-')[0]]}, {arm.rpartition('-e')[2]} epochs")
+                            for arm in longer)]
 
 
 def recipe_runs(results: Path) -> dict[tuple[str, str, str], list[dict]]:
@@ -237,7 +245,7 @@ def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str
     """VIEWS_RULE over the distilled arms on views, shortest budget first; None before any has results."""
     chosen, best = None, -1.0
     for key in sorted((k for k in runs if k[0] == "views" and k[1].startswith("distilled")),
-                      key=lambda k: _epochs(runs[k])):
+                      key=lambda k: (_epochs(runs[k]), bool(_mix(k[1])))):
         val = mean_std([r["validation"]["accuracy"] for r in runs[key]])[0]
         if chosen is None or val >= best + 0.01:
             chosen, best = key, val

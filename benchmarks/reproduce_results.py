@@ -33,6 +33,8 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
 4. `views/`: the chosen distilled recipe again, trained on VIEWS stored augmented views per image
    (cache-teacher --views, train-student --views; issue 6), seeds as above: `views/distilled-seed<k>.json`,
    and `views/cache.json` (teacher pass time and storage with views). Compared with recipe/distilled-*.
+   Also the guide's 30-epoch budget, CutMix of the stored views, and the alpha = 0 twin of each (VIEW_ARMS).
+   Only the seeds without a result file run, so a later session (whose data/ may be gone) completes an arm.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ VIEWS = 8  # per train image, besides the image itself: in 15 epochs each view i
 # with the guide's full 30-epoch budget (a "patient" teacher, Beyer et al. 2022; --views-long sets the epochs,
 # 0 skips it); the alpha = 0 twin of each (the same augmentation without a teacher). Which distilled budget
 # is reported is chosen on validation (benchmarks/report_results.py).
-VIEW_ARMS = {"distilled": {}, "distilled-long": {}, "scratch": {"alpha": 0.0}, "scratch-long": {"alpha": 0.0}}
+# Then the longer budget with CutMix of the stored views (train-student --mix cutmix; each region of a mixed
+# image is still a real view the teacher saw, which mixup's blend is not) and its alpha = 0 twin.
+VIEW_ARMS = {"distilled": {}, "distilled-long": {}, "scratch": {"alpha": 0.0}, "scratch-long": {"alpha": 0.0},
+             "distilled-cutmix-long": {"mix": "cutmix"}, "scratch-cutmix-long": {"alpha": 0.0, "mix": "cutmix"}}
 
 
 class ShadowBN:
@@ -259,20 +264,25 @@ def views_step(args, teacher: str, dataset: str) -> None:
     params = chosen_recipe(args)
     epochs = args.recipe_epochs or RECIPE["epochs"]
     base = TrainConfig(cache=cache, views=True, **{**RECIPE, "epochs": epochs}, **params)
-    sweeps = {}  # arm -> sweep
+    sweeps = {}  # arm -> sweep over the seeds that have no result file yet (run folders may be gone)
     for arm, overrides in VIEW_ARMS.items():
         if arm.endswith("-long"):
             if not args.views_long:
                 continue
             arm, overrides = arm.replace("long", f"e{args.views_long}"), {**overrides, "epochs": args.views_long}
+        seeds = [s for s in args.seed_list if not (results / f"{arm}-seed{s}.json").exists()]
+        if not seeds:
+            continue
         name = {"distilled": "views"}.get(arm, f"views-{arm.removeprefix('distilled-')}")
-        sweeps[arm] = SweepConfig(train=dataclasses.replace(base, **overrides), seeds=args.seed_list,
+        if seeds != args.seed_list:
+            name += "-seeds" + "_".join(map(str, seeds))
+        sweeps[arm] = SweepConfig(train=dataclasses.replace(base, **overrides), seeds=seeds,
                                   out=args.work / "sweeps" / name)
     for cfg in sweeps.values():
         sweep.run(cfg)  # take whatever trial is free in each sweep before waiting on any
     for arm, cfg in sweeps.items():
         out, _ = sweep_to_the_end(cfg)
-        for seed in args.seed_list:
+        for seed in cfg.seeds:
             write_json(results / f"{arm}-seed{seed}.json", run_record(
                 f"{arm}+views", seed, out / "runs" / f"base-seed{seed}", epochs=cfg.train.epochs, alpha=cfg.train.alpha))
     print(f"wrote {results}", flush=True)

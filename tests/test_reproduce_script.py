@@ -112,10 +112,21 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
         r = json.loads((args.results / "views" / f"distilled-seed{seed}.json").read_text())
         config = r["run"]["config"]
         assert config["views"] and config["alpha"] == 0.5 and config["lr"] == 3e-3 and config["seed"] == seed
-        for arm, alpha, epochs in (("scratch", 0.0, 1), ("distilled-e2", 0.5, 2), ("scratch-e2", 0.0, 2)):
+        for arm, alpha, epochs, mix in (("scratch", 0.0, 1, "none"), ("distilled-e2", 0.5, 2, "none"),
+                                        ("scratch-e2", 0.0, 2, "none"), ("distilled-cutmix-e2", 0.5, 2, "cutmix"),
+                                        ("scratch-cutmix-e2", 0.0, 2, "cutmix")):
             r = json.loads((args.results / "views" / f"{arm}-seed{seed}.json").read_text())
             assert (r["alpha"], r["epochs"], len(r["validation_accuracy_per_epoch"])) == (alpha, epochs, epochs)
             assert r["run"]["config"]["views"] and r["run"]["config"]["seed"] == seed
+            assert r["run"]["config"]["mix"] == mix
+
+    # a later session without the run folders reruns only the seeds whose result files are missing
+    lost = args.results / "views" / "scratch-e2-seed1.json"
+    kept = (args.results / "views" / "distilled-seed0.json").read_text()
+    lost.unlink()
+    reproduce.views_step(args, str(teacher_dir), str(image_folder))
+    assert json.loads(lost.read_text())["seed"] == 1 and (args.work / "sweeps" / "views-scratch-e2-seeds1").is_dir()
+    assert (args.results / "views" / "distilled-seed0.json").read_text() == kept
 
 
 def _result(folder, arm, seed, val, test, epochs, root):
@@ -142,3 +153,21 @@ def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chos
     # against the twin with the same budget; Welch with 1 degree of freedom: t = 12.71
     gap = "(30 epochs) = +11.0 ± 25.4 pp" if chosen == "30 epochs" else "(15 epochs) = +8.0 ± 25.4 pp"
     assert f"from scratch {gap}" in text and "stored views, from scratch (λ = 0), 30 epochs | 30 | 2 |" in text
+
+
+@pytest.mark.parametrize("mix_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
+                                             (0.935, "stored views + cutmix, distilled, 30 epochs")])
+def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(mix_val, chosen, tmp_path):
+    spec = importlib.util.spec_from_file_location("report_results", REPO / "benchmarks" / "report_results.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for seed in (0, 1):
+        _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
+        _result("views", "scratch-e30", seed, 0.90, 0.86 + 0.02 * seed, 30, tmp_path)
+        _result("views", "distilled-cutmix-e30", seed, mix_val, 0.90, 30, tmp_path)
+        _result("views", "scratch-cutmix-e30", seed, 0.90, 0.80 + 0.02 * seed, 30, tmp_path)
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert f"Chosen: **{chosen}**" in text  # same epochs: the mix must win by 1 pp of validation accuracy
+    assert "| stored views + cutmix, from scratch (λ = 0), 30 epochs | 30 | 2 |" in text
+    twin_gap = "+9.0 ± 12.7 pp" if "cutmix" in chosen else "+1.0 ± 12.7 pp"  # each against its own twin
+    assert twin_gap in text
