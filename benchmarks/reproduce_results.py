@@ -266,6 +266,8 @@ def views_step(args, teacher: str, dataset: str) -> None:
     base = TrainConfig(cache=cache, views=True, **{**RECIPE, "epochs": epochs}, **params)
     sweeps = {}  # arm -> sweep over the seeds that have no result file yet (run folders may be gone)
     for arm, overrides in VIEW_ARMS.items():
+        if arm not in args.view_arms:
+            continue
         if arm.endswith("-long"):
             if not args.views_long:
                 continue
@@ -301,7 +303,12 @@ def main():
     p.add_argument("--steps", default="teacher,guide,recipe,views", help="which steps to run, comma-separated")
     p.add_argument("--views", type=int, default=VIEWS, help="views step: stored views per train image")
     p.add_argument("--views-long", type=int, default=30, help="views step: epochs of the longer distilled run")
+    p.add_argument("--view-arms", default=",".join(VIEW_ARMS), help="views step: which arms, comma-separated")
     args = p.parse_args()
+    args.view_arms = set(args.view_arms.split(","))
+    if args.view_arms - set(VIEW_ARMS):
+        p.error(f"--view-arms: unknown {', '.join(sorted(args.view_arms - set(VIEW_ARMS)))}; "
+                f"choose from {', '.join(VIEW_ARMS)}")
     if args.quick:
         args.results, args.seeds, args.epochs, args.recipe_epochs = Path("/tmp/kdpipe-quick/results"), "0,1", 1, 1
         args.views, args.views_long = 1, 2

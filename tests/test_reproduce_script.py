@@ -100,7 +100,7 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
     monkeypatch.setattr(reproduce, "RECIPE", {**reproduce.RECIPE, "batch_size": 8, "student_config": {
         "image_size": 32, "depth_multiplier": 0.35}, "precision": "fp32", "device": "cpu", "log_tensorboard": False})
     args = SimpleNamespace(results=tmp_path / "results", work=tmp_path / "work", recipe_epochs=1, seed_list=[0, 1],
-                           views=2, views_long=2)
+                           views=2, views_long=2, view_arms=set(reproduce.VIEW_ARMS))
     reproduce.write_json(args.results / "recipe" / "screen.json", {"configs": [
         {"config": "a0-lr0.003", "params": {"alpha": 0.0, "lr": 3e-3}, "val_mean": 0.9},
         {"config": "a0.5-lr0.003", "params": {"alpha": 0.5, "lr": 3e-3}, "val_mean": 0.5},
@@ -124,6 +124,9 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
     lost = args.results / "views" / "scratch-e2-seed1.json"
     kept = (args.results / "views" / "distilled-seed0.json").read_text()
     lost.unlink()
+    reproduce.views_step(SimpleNamespace(**{**vars(args), "view_arms": {"distilled", "scratch"}}), str(teacher_dir),
+                         str(image_folder))
+    assert not lost.exists()  # not among the arms asked for
     reproduce.views_step(args, str(teacher_dir), str(image_folder))
     assert json.loads(lost.read_text())["seed"] == 1 and (args.work / "sweeps" / "views-scratch-e2-seeds1").is_dir()
     assert (args.results / "views" / "distilled-seed0.json").read_text() == kept
