@@ -233,7 +233,7 @@ def train_student_cmd(
     seed: int = typer.Option(0, help="Seed for init and data order."),
     precision: str = typer.Option("auto", help="auto|fp32|bf16|fp16."),
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the student."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the student (2-core CPU: 1.08x per step after ~76 s compiling; see docs/benchmarks.md)."),
     out: Optional[Path] = typer.Option(None, help="Run folder [default: data/runs/<name>]."),
     name: Optional[str] = typer.Option(None, help="Run name [default: from the settings]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch."),
