@@ -53,7 +53,9 @@ def test_view_zero_equals_the_plain_cache(view_cache, cache_dir):
         plain = logit_store.read_split(cache_dir / f"{name}.parquet")
         with_views = logit_store.read_split(view_cache / f"{name}.parquet").view0()
         assert with_views.ids == plain.ids
-        np.testing.assert_array_equal(with_views.logits, plain.logits)  # same code path, fp32: bit-equal
+        # same code path, fp32; bit-equal at 2 threads, but the batches mix in augmented views, and at other
+        # thread counts the convolution kernels sum in a batch-dependent order (seen: 3e-8 at 1 thread)
+        np.testing.assert_allclose(with_views.logits, plain.logits, rtol=1e-5, atol=1e-6)
 
 
 def test_the_student_sees_exactly_the_teachers_view(view_cache, image_folder, teacher_dir, tmp_path):
