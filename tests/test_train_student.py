@@ -19,7 +19,9 @@ from pipeline.student import batchnorm_layers
 
 
 def test_a_student_learns_separable_data(cache_dir, tmp_path):
-    report = train_student.run(tiny_train_config(cache=cache_dir, epochs=6, lr=3e-3, precise_bn=True, alpha=0.0,
+    # 20 epochs of 5 steps: at 6, seeds 0 and 4 of this tiny MobileNetV2 still sat at 2 of 3 classes (0.67) on
+    # one install and passed on another; at 20, seeds 0-4 reach 0.92-1.0 on validation
+    report = train_student.run(tiny_train_config(cache=cache_dir, epochs=20, lr=3e-3, precise_bn=True, alpha=0.0,
                                                  out=tmp_path / "run"))
     assert report.validation["accuracy"] >= 0.8  # chance is 1/3
     assert report.history[-1]["train"]["loss"] < report.history[0]["train"]["loss"]
