@@ -6,6 +6,9 @@ import resource
 
 import torch
 
+from pipeline import runtime
+from pipeline.loss import distillation_loss
+
 
 def cpu_seconds() -> float:
     """CPU time of this process and its reaped children (DataLoader workers). CPU seconds per wall second
@@ -36,3 +39,13 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
         print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:
             print("  " + "  ".join("-" * w for w in widths))
+
+
+def kd_step(forward, optimizer, x, labels, teacher_logits, device, precision, temperature: float, alpha: float) -> None:
+    """The bare minimum of one training step: forward under autocast, the KD loss, backward, optimizer step.
+    x: (B, 3, H, W) normalised, channels_last; labels: (B,); teacher_logits: (B, C) or None."""
+    with runtime.autocast(device, precision):
+        logits = forward(pixel_values=x).logits  # (B, C)
+    distillation_loss(logits, labels, teacher_logits, temperature, alpha)["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

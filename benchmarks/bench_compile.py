@@ -1,8 +1,8 @@
 """Is `train-student --compile` worth it here? Eager against torch.compile'd training steps, side by side.
 
 The same student (MobileNetV2 from random init, `pipeline.student.build_student`, channels_last via
-`runtime.prepare_model`) takes the same AdamW steps on the same random batch with the KD loss
-(`loss.distillation_loss`, T 5, alpha 0.9, random teacher logits), under the pipeline's precision
+`runtime.prepare_model`) takes the same AdamW steps (`_common.kd_step`) on the same random batch with the
+KD loss (T 5, alpha 0.9, random teacher logits), under the pipeline's precision
 (`runtime.resolve_precision("auto")`: bf16 autocast on a CPU with native bf16). Each variant first takes
 two warm-up steps (for the compiled one, that is where compilation happens, into an empty inductor cache,
 as on a first run), then --repeats timings of --steps steps each, the variants alternating (AB, BA, ...) so
@@ -31,9 +31,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import print_table, sync  # noqa: E402
+from _common import kd_step, print_table, sync  # noqa: E402
 from pipeline import runtime  # noqa: E402
-from pipeline.loss import distillation_loss  # noqa: E402
 from pipeline.student import build_student  # noqa: E402
 
 
@@ -48,11 +47,8 @@ class Trainer:
         self.batch, self.device, self.precision = batch, device, precision
 
     def step(self) -> None:
-        with runtime.autocast(self.device, self.precision):
-            logits = self.forward(pixel_values=self.batch["x"]).logits  # (B, 3)
-        distillation_loss(logits, self.batch["labels"], self.batch["teacher"], 5.0, 0.9)["loss"].backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        b = self.batch
+        kd_step(self.forward, self.optimizer, b["x"], b["labels"], b["teacher"], self.device, self.precision, 5.0, 0.9)
 
     def seconds(self, steps: int) -> float:
         start = time.perf_counter()

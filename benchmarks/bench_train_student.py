@@ -56,7 +56,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _common import busy_note, cpu_seconds, print_table, sync  # noqa: E402
+from _common import busy_note, cpu_seconds, kd_step, print_table, sync  # noqa: E402
 from pipeline import logit_store, pixels, runtime, train_student  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.loss import distillation_loss  # noqa: E402
@@ -142,12 +142,8 @@ class BareLoop:
     def epoch(self, limit: int | None = None) -> None:
         self.model.train()
         for x, y, t in self.batches[:limit]:
-            with runtime.autocast(self.device, self.precision):
-                logits = self.model(pixel_values=x).logits
-            loss = distillation_loss(logits, y, t, self.cfg.temperature, self.cfg.alpha)["loss"]
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            kd_step(self.model, self.optimizer, x, y, t, self.device, self.precision, self.cfg.temperature,
+                    self.cfg.alpha)
 
 
 def warm_up(s: Setup, run, steps: int = 2) -> None:
