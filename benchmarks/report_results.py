@@ -222,23 +222,32 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
     chosen = views_choice(runs)
     if chosen:
         out += [f"Rule: {VIEWS_RULE}. Chosen: **{chosen[2]}** ({_epochs(runs[chosen])} epochs).", ""]
-    by_arm = {(folder, arm): rs for (folder, arm, _), rs in runs.items()}
-    out += ["## Distilled against the recipe with λ = 0 (test, Welch 95 % interval of the difference)", ""]
-    for distilled in (("recipe", "distilled"), chosen[:2] if chosen else None):
-        if distilled is None:
-            continue
-        twin = distilled[1].replace("distilled", "scratch")  # the same budget without the teacher
-        scratch = by_arm.get((distilled[0], twin)) or by_arm.get((distilled[0], "scratch"))
-        gap = welch([r["test"]["accuracy"] for r in by_arm[distilled]],
-                    [r["test"]["accuracy"] for r in scratch]) if scratch else None
+    out += ["## Distilled against the same recipe with λ = 0 (test, Welch 95 % interval of the difference)", "",
+            "Each distilled arm against its twin: the same data, augmentation and budget without the teacher.", ""]
+    by_arm = {(folder, arm): (label, rs) for (folder, arm, label), rs in runs.items()}
+    test = {key: [r["test"]["accuracy"] for r in rs] for key, (_, rs) in by_arm.items()}
+    for (folder, arm), (label, rs) in by_arm.items():
+        twin = (folder, arm.replace("distilled", "scratch"))
+        gap = welch(test[folder, arm], test[twin]) if arm.startswith("distilled") and twin in test else None
         if gap:
-            out.append(f"- {distilled[0]}: distilled ({_epochs(by_arm[distilled])} epochs) − from scratch "
-                       f"({_epochs(scratch)} epochs) = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp")
+            mark = " (chosen)" if chosen and chosen[:2] == (folder, arm) else ""
+            out.append(f"- {_named(label, rs)}{mark} − its λ = 0 twin = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp")
+    plain = ("recipe", "distilled")
+    gap = welch(test[chosen[:2]], test[plain]) if chosen and plain in test else None
+    if gap:
+        out += ["", f"Views against no views, both distilled: {_named(chosen[2], runs[chosen])} − "
+                    f"{_named(*by_arm[plain])} = "
+                    f"{100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"]
     return "\n".join(out) + "\n"
 
 
 def _epochs(rs: list[dict]) -> int:
     return len(rs[0]["validation_accuracy_per_epoch"])
+
+
+def _named(label: str, rs: list[dict]) -> str:
+    """An arm's label with its budget, unless the label already says it."""
+    return label if label.endswith(" epochs") else f"{label}, {_epochs(rs)} epochs"
 
 
 def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str, str] | None:

@@ -153,9 +153,12 @@ def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chos
         _result("views", "scratch-e30", seed, 0.85, b + 0.02, 30, tmp_path)
     text = report.recipe_markdown(report.recipe_runs(tmp_path))
     assert f"({chosen})" in text  # a longer budget must win by 1 pp of validation accuracy
-    # against the twin with the same budget; Welch with 1 degree of freedom: t = 12.71
-    gap = "(30 epochs) = +11.0 ± 25.4 pp" if chosen == "30 epochs" else "(15 epochs) = +8.0 ± 25.4 pp"
-    assert f"from scratch {gap}" in text and "stored views, from scratch (λ = 0), 30 epochs | 30 | 2 |" in text
+    # each distilled arm against the twin with the same budget; Welch with 1 degree of freedom: t = 12.71
+    assert "stored views, distilled, 30 epochs" + " (chosen)" * (chosen == "30 epochs") + \
+        " − its λ = 0 twin = +11.0 ± 25.4 pp" in text
+    assert "stored views, distilled (T 5, λ 0.9), 15 epochs" + " (chosen)" * (chosen == "15 epochs") + \
+        " − its λ = 0 twin = +8.0 ± 25.4 pp" in text
+    assert "stored views, from scratch (λ = 0), 30 epochs | 30 | 2 |" in text
 
 
 @pytest.mark.parametrize("mix_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
@@ -173,4 +176,21 @@ def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(m
     assert f"Chosen: **{chosen}**" in text  # same epochs: the mix must win by 1 pp of validation accuracy
     assert "| stored views + cutmix, from scratch (λ = 0), 30 epochs | 30 | 2 |" in text
     twin_gap = "+9.0 ± 12.7 pp" if "cutmix" in chosen else "+1.0 ± 12.7 pp"  # each against its own twin
-    assert twin_gap in text
+    assert f"{chosen} (chosen) − its λ = 0 twin = {twin_gap}" in text
+
+
+def test_the_recipe_report_compares_a_budget_only_with_the_same_budget(tmp_path):
+    spec = importlib.util.spec_from_file_location("report_results", REPO / "benchmarks" / "report_results.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for seed in (0, 1):
+        _result("recipe", "distilled", seed, 0.90, 0.86 + 0.02 * seed, 15, tmp_path)
+        _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
+        _result("views", "scratch-e30", seed, 0.90, 0.84 + 0.02 * seed, 30, tmp_path)
+        _result("views", "distilled-e60", seed, 0.94, 0.90 + 0.02 * seed, 60, tmp_path)  # no alpha = 0 twin
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert "Chosen: **stored views, distilled, 60 epochs**" in text
+    assert "(chosen) −" not in text  # the 60-epoch arm has no twin: not compared with a shorter one
+    assert "stored views, distilled, 30 epochs − its λ = 0 twin = +3.0 ± 12.7 pp" in text
+    assert ("Views against no views, both distilled: stored views, distilled, 60 epochs − no views, distilled "
+            "(T 5, λ 0.9), 15 epochs = +4.0 ± 6.1 pp") in text  # Welch: 2 degrees of freedom, t = 4.30
