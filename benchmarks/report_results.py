@@ -235,7 +235,7 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
     plain = ("recipe", "distilled")
     gap = welch(test[chosen[:2]], test[plain]) if chosen and plain in test else None
     if gap:
-        out += ["", f"Views against no views, both distilled: {_named(chosen[2], runs[chosen])} − "
+        out += ["", f"Views against no views, both distilled: {_named(*by_arm[chosen[:2]])} − "
                     f"{_named(*by_arm[plain])} = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"]
     return "\n".join(out) + "\n"
 

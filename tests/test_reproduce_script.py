@@ -11,13 +11,23 @@ import pytest
 from conftest import REPO, tiny_train_config
 
 
-@pytest.fixture(scope="module")
-def reproduce():
+def _script(name: str):
+    """A benchmarks/ script imported as a module (benchmarks/ is not a package)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("reproduce_results", REPO / "benchmarks" / "reproduce_results.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    return _script("reproduce_results")
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _script("report_results")
 
 
 def _cfg(cache_dir, out):
@@ -51,10 +61,7 @@ def test_a_run_cut_short_resumes_to_the_same_records(reproduce, cache_dir, tmp_p
                 b["variants"][variant]["test"]["kl_to_teacher"], rel=1e-4)
 
 
-def test_the_report_tabulates_finished_runs(reproduce, cache_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("report_results", REPO / "benchmarks" / "report_results.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+def test_the_report_tabulates_finished_runs(reproduce, report, cache_dir, tmp_path):
     results = tmp_path / "results"
     for arm, alpha in (("scratch", 0.0), ("distilled", 0.5)):
         for seed in (0, 1):
@@ -142,10 +149,7 @@ def _result(folder, arm, seed, val, test, epochs, root):
 
 
 @pytest.mark.parametrize("long_val, chosen", [(0.905, "15 epochs"), (0.92, "30 epochs")])
-def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chosen, tmp_path):
-    spec = importlib.util.spec_from_file_location("report_results", REPO / "benchmarks" / "report_results.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chosen, report, tmp_path):
     for seed, (a, b) in enumerate(((0.90, 0.80), (0.90, 0.84))):
         _result("views", "distilled", seed, 0.90, a, 15, tmp_path)
         _result("views", "scratch", seed, 0.85, b, 15, tmp_path)
@@ -163,10 +167,7 @@ def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chos
 
 @pytest.mark.parametrize("mix_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
                                              (0.935, "stored views + cutmix, distilled, 30 epochs")])
-def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(mix_val, chosen, tmp_path):
-    spec = importlib.util.spec_from_file_location("report_results", REPO / "benchmarks" / "report_results.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(mix_val, chosen, report, tmp_path):
     for seed in (0, 1):
         _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
         _result("views", "scratch-e30", seed, 0.90, 0.86 + 0.02 * seed, 30, tmp_path)
@@ -179,10 +180,7 @@ def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(m
     assert f"{chosen} (chosen) − its λ = 0 twin = {twin_gap}" in text
 
 
-def test_the_recipe_report_compares_a_budget_only_with_the_same_budget(tmp_path):
-    spec = importlib.util.spec_from_file_location("report_results", REPO / "benchmarks" / "report_results.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+def test_the_recipe_report_compares_a_budget_only_with_the_same_budget(report, tmp_path):
     for seed in (0, 1):
         _result("recipe", "distilled", seed, 0.90, 0.86 + 0.02 * seed, 15, tmp_path)
         _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
