@@ -14,7 +14,8 @@ online/cached ratio measured by bench_train_student.py).
 
 Steps 3 and 4 (the recipe, with and without stored views): one row per arm with test accuracy of the
 best validation epoch, mean ± std over seeds; the distilled budget on views (15 or 30 epochs) is chosen on
-validation by VIEWS_RULE; the gap between distilled and its alpha = 0 twin gets a Welch 95 % interval.
+validation by VIEWS_RULE; the gap between distilled and its alpha = 0 twin gets a Welch 95 % interval and
+the number of seeds per arm that would separate a gap that size from zero (seeds_needed).
 """
 
 from __future__ import annotations
@@ -182,6 +183,16 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
     return ma - mb, t * math.sqrt(va + vb)
 
 
+def seeds_needed(a: list[float], b: list[float]) -> int | None:
+    """Seeds per arm for a 95 % interval of the difference to exclude zero with 80 % power, if the true
+    gap and spreads were the measured ones (normal approximation, n = 2 (z.975 + z.8)² s² / gap²,
+    s² = the mean of the two variances); None when the measured gap is not positive."""
+    gap = mean_std(a)[0] - mean_std(b)[0]
+    if gap <= 0 or min(len(a), len(b)) < 2:
+        return None
+    return math.ceil(2 * (1.960 + 0.842) ** 2 * (mean_std(a)[1] ** 2 + mean_std(b)[1] ** 2) / 2 / gap ** 2)
+
+
 def _mix(arm: str) -> str:
     """The input mix in a views arm's name: 'distilled-cutmix-e30' -> 'cutmix'; '' for 'distilled-e30'."""
     return arm.rpartition("-e")[0].partition("-")[2]
@@ -231,7 +242,10 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
         gap = welch(test[folder, arm], test[twin]) if arm.startswith("distilled") and twin in test else None
         if gap:
             mark = " (chosen)" if chosen and chosen[:2] == (folder, arm) else ""
-            out.append(f"- {_named(label, rs)}{mark} − its λ = 0 twin = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp")
+            n = seeds_needed(test[folder, arm], test[twin])
+            power = f"; {n} seeds per arm would separate such a gap from zero (80 % power)" if n else ""
+            out.append(f"- {_named(label, rs)}{mark} − its λ = 0 twin = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"
+                       f"{power}")
     plain = ("recipe", "distilled")
     gap = welch(test[chosen[:2]], test[plain]) if chosen and plain in test else None
     if gap:

@@ -192,3 +192,14 @@ def test_the_recipe_report_compares_a_budget_only_with_the_same_budget(report, t
     assert "stored views, distilled, 30 epochs − its λ = 0 twin = +3.0 ± 12.7 pp" in text
     assert ("Views against no views, both distilled: stored views, distilled, 60 epochs − no views, distilled "
             "(T 5, λ 0.9), 15 epochs = +4.0 ± 6.1 pp") in text  # Welch: 2 degrees of freedom, t = 4.30
+
+
+def test_the_seeds_needed_to_separate_a_gap_grow_with_the_spread(report, tmp_path):
+    assert report.seeds_needed([0.90, 0.92], [0.88, 0.90]) == 8  # 2 (1.960 + 0.842)² · 0.0002 / 0.02² = 7.85
+    assert report.seeds_needed([0.90, 0.94], [0.88, 0.92]) == 32  # twice the spread: four times the seeds
+    assert report.seeds_needed([0.88, 0.90], [0.90, 0.92]) is None  # no positive gap to separate
+    for seed in (0, 1):
+        _result("views", "distilled-e30", seed, 0.92, 0.90 + 0.02 * seed, 30, tmp_path)
+        _result("views", "scratch-e30", seed, 0.90, 0.88 + 0.02 * seed, 30, tmp_path)
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert "twin = +2.0 ± 6.1 pp; 8 seeds per arm would separate such a gap from zero (80 % power)" in text
