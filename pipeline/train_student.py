@@ -572,10 +572,11 @@ def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[
         runtime.start_distributed(runtime.resolve_device(cfg.device))
     with locking.exclusive_for_job(cfg.out_dir()):
         s = setup(cfg, progress, shared)
-        if cfg.resume:
-            resume(s)
+        earlier = 0.0  # seconds the interrupted attempts spent on the epochs resumed from
+        if cfg.resume and resume(s):
+            earlier = sum(r["epoch_time_s"] for r in s.history)
         fit(s, progress, on_epoch)
-        return finish(s, time.perf_counter() - start)
+        return finish(s, time.perf_counter() - start + earlier)
 
 
 def _sha256(path: Path) -> str:

@@ -141,8 +141,13 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(cache_dir, tm
         if record["epoch"] == 1:
             raise Stop
 
+    def slow_first_epoch(task, done, total, info=""):  # so that epoch 1 outlasts the resumed process's own time
+        if task.startswith("epoch 1/") and done == 1:
+            time.sleep(3)
+
     with pytest.raises(Stop):
-        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"), on_epoch=stop_after_first)
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"), progress=slow_first_epoch,
+                          on_epoch=stop_after_first)
     assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "run.json").exists()
     with pytest.raises(KdpipeError, match="--resume"):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"))
@@ -152,6 +157,9 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(cache_dir, tm
         assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-5)
         assert a["validation"]["accuracy"] == b["validation"]["accuracy"]
     assert resumed.test["accuracy"] == full.test["accuracy"]
+    # the run's total time counts the interrupted attempt's epoch too, not only the resumed process
+    assert resumed.history[0]["epoch_time_s"] >= 3
+    assert resumed.run["total_time_s"] >= sum(r["epoch_time_s"] for r in resumed.history)
     with pytest.raises(Stop):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "lr"), on_epoch=stop_after_first)
     with pytest.raises(KdpipeError, match="other settings"):
