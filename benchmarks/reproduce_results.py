@@ -36,7 +36,7 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
    Also the guide's 30-epoch budget, CutMix of the stored views, and the alpha = 0 twin of each (VIEW_ARMS).
    Only the seeds without a result file run, so a later session (whose data/ may be gone) completes an arm.
    The runs behind docs/results.md: `--steps views` (every arm, seeds 0-2), then `--seeds 3,4 --view-arms
-   distilled-long,scratch-long`, then `--seeds 0,1,2 --views-long 60 --view-arms distilled-long`.
+   distilled-long,scratch-long`, then `--seeds 0,1,2 --views-long 60 --view-arms distilled-long,scratch-long`.
 """
 
 from __future__ import annotations
