@@ -183,13 +183,13 @@ def inspect_cache_cmd(
     storage = first.get("logits_storage", logit_store.FULL)
     console.print("[bold]logits[/]   " + ("all C raw logits, float32" if storage["kind"] == "full" else
                                           f"top-{storage['k']} raw logits ({storage['dtype']}) + logsumexp"))
-    table = Table()
-    for col in ("split", "rows", "views/image", "classes", "teacher acc", "images/s", "fingerprint", "size"):
-        table.add_column(col)
+    table = Table()  # fits 80 columns: views per image, the teacher's accuracy, the dataset split's fingerprint
+    for col in ("split", "rows", "views", "classes", "acc", "img/s", "dataset", "size"):
+        table.add_column(col, no_wrap=True, justify="left" if col in ("split", "dataset") else "right")
     for name, split, acc, size in rows:
         m = split.meta
-        table.add_row(name, str(m["rows"]), str(m.get("views", 1)), str(m["num_classes"]), f"{acc:.2%}",
-                      f"{m['images_per_s']:.1f}", m["dataset_fingerprint"][:10], _human_bytes(size))
+        table.add_row(name, str(m["rows"]), str(m.get("views", 1)), str(m["num_classes"]), f"{acc:.1%}",
+                      f"{m['images_per_s']:.1f}", m["dataset_fingerprint"][:8], _human_bytes(size))
     console.print(table)
     for name, split, _, _ in rows:
         if split.meta.get("augment"):
