@@ -160,13 +160,14 @@ def plot(runs: dict[str, list[dict]], path: Path) -> Path | None:
     return plot_curves(series, "MobileNetV2 on Beans, the guide's setup", path)
 
 
-RECIPE_ARMS = (  # (results folder, arm file prefix, label); views/distilled-e<N> arms are found as they come
+RECIPE_ARMS = (  # (results folder, arm file prefix, label); the other views arms are found as they come
     ("recipe", "scratch", "no views, from scratch (λ = 0)"),
     ("recipe", "distilled", "no views, distilled (T 5, λ 0.9)"),
     ("views", "scratch", "stored views, from scratch (λ = 0)"),
     ("views", "distilled", "stored views, distilled (T 5, λ 0.9)"),
 )
-VIEWS_RULE = ("the distilled arms on views are taken cheapest first (fewer epochs, then no input mixing); "
+VIEWS_RULE = ("the distilled arms on views are taken cheapest first (fewer epochs, then no input mixing, then "
+              "fewer stored views per image); "
               "a later one replaces the choice only with a mean best-epoch validation accuracy at least 1 pp "
               "(about one validation image) higher")
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 8: 2.31, 10: 2.23}  # Student t, 97.5 % quantile
@@ -198,14 +199,39 @@ def _mix(arm: str) -> str:
     return arm.rpartition("-e")[0].partition("-")[2]
 
 
+def views_per_image(folder: str) -> int | None:
+    """Stored views per image of a views step's result folder (reproduce_results.views_folder): views/
+    holds 8, views<K>/ holds K; None for any other folder."""
+    k = folder.removeprefix("views")
+    return None if folder == k or not (k == "" or k.isdigit()) else int(k or 8)
+
+
+def view_folders(results: Path) -> dict[str, int]:
+    """The views step's result folders under `results` -> stored views per image, fewest first."""
+    found = {p.name: views_per_image(p.name) for p in results.iterdir() if p.is_dir()}
+    return dict(sorted(((f, k) for f, k in found.items() if k), key=lambda f: f[1]))
+
+
 def recipe_arms(results: Path) -> list[tuple[str, str, str]]:
-    """RECIPE_ARMS, then the views arms named <kind>[-<mix>]-e<epochs> as their result files appear."""
-    longer = sorted({p.name.split("-seed")[0] for p in (results / "views").glob("*-e*-seed*.json")},
-                    key=lambda arm: (int(arm.rpartition("-e")[2]), _mix(arm), arm))
+    """RECIPE_ARMS, then the views arms named <kind>[-<mix>]-e<epochs> as their result files appear (in
+    views<K>/ also the 15-epoch <kind> arms), labelled with K unless K is the default 8."""
     what = {"scratch": "from scratch (λ = 0)", "distilled": "distilled"}
-    return [*RECIPE_ARMS, *(("views", arm, f"stored views{' + ' + _mix(arm) if _mix(arm) else ''}, "
-                                           f"{what[arm.partition('-')[0]]}, {arm.rpartition('-e')[2]} epochs")
-                            for arm in longer)]
+    arms = []
+    for folder, k in view_folders(results).items():
+        names = {p.name.split("-seed")[0] for p in (results / folder).glob("*-seed*.json")}
+        for arm in sorted(names - ({"scratch", "distilled"} if folder == "views" else set()),
+                          key=lambda arm: (_budget(arm), _mix(arm), arm)):
+            views = "stored views" if folder == "views" else f"{k} stored views"
+            budget = f", {_budget(arm)} epochs" if _budget(arm) else ""
+            arms.append((folder, arm, f"{views}{' + ' + _mix(arm) if _mix(arm) else ''}, "
+                                      f"{what[arm.partition('-')[0]]}{budget}"))
+    return [*RECIPE_ARMS, *arms]
+
+
+def _budget(arm: str) -> int:
+    """The epochs in a views arm's name: 'distilled-cutmix-e30' -> 30; 0 for 'distilled' (the recipe's)."""
+    head, _, tail = arm.rpartition("-e")
+    return int(tail) if head and tail.isdigit() else 0
 
 
 def recipe_runs(results: Path) -> dict[tuple[str, str, str], list[dict]]:
@@ -266,8 +292,9 @@ def _named(label: str, rs: list[dict]) -> str:
 def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str, str] | None:
     """VIEWS_RULE over the distilled arms on views, shortest budget first; None before any has results."""
     chosen, best = None, -1.0
-    for key in sorted((k for k in runs if k[0] == "views" and k[1].startswith("distilled")),
-                      key=lambda k: (_epochs(runs[k]), bool(_mix(k[1])))):
+    views = {k[0]: views_per_image(k[0]) for k in runs if views_per_image(k[0])}
+    for key in sorted((k for k in runs if k[0] in views and k[1].startswith("distilled")),
+                      key=lambda k: (_epochs(runs[k]), bool(_mix(k[1])), views[k[0]])):
         val = mean_std([r["validation"]["accuracy"] for r in runs[key]])[0]
         if chosen is None or val >= best + 0.01:
             chosen, best = key, val
@@ -275,7 +302,7 @@ def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str
 
 
 def recipe_plot(runs: dict[tuple[str, str, str], list[dict]], path: Path) -> Path | None:
-    series = [(label, [r["validation_accuracy_per_epoch"] for r in rs], f"C{i}", "-" if folder == "views" else ":")
+    series = [(label, [r["validation_accuracy_per_epoch"] for r in rs], f"C{i}", "-" if views_per_image(folder) else ":")
               for i, ((folder, _, label), rs) in enumerate(runs.items())]
     return plot_curves(series, "MobileNetV2 on Beans, the recipe", path)
 

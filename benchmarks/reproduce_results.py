@@ -32,7 +32,8 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
    sweeps hand each trial to exactly one of them.
 4. `views/`: the chosen distilled recipe again, trained on VIEWS stored augmented views per image
    (cache-teacher --views, train-student --views; issue 6), seeds as above: `views/distilled-seed<k>.json`,
-   and `views/cache.json` (teacher pass time and storage with views). Compared with recipe/distilled-*.
+   and `views/cache.json` (teacher pass time and storage with views); `--views K` other than 8 writes to
+   `views<K>/` (and its own cache and sweeps) instead. Compared with recipe/distilled-*.
    Also the guide's 30-epoch budget, CutMix of the stored views, and the alpha = 0 twin of each (VIEW_ARMS).
    Only the seeds without a result file run, so a later session (whose data/ may be gone) completes an arm.
    The runs behind docs/results.md: `--steps views` (every arm, seeds 0-2), then `--seeds 3,4 --view-arms
@@ -250,10 +251,17 @@ def cache_when_free(cfg: CacheConfig):
             time.sleep(10)
 
 
+def views_folder(k: int) -> str:
+    """Where the views step keeps results for k stored views per image: views/ for the default VIEWS (the
+    runs behind docs/results.md), views<k>/ for any other k, so arms with different k never mix."""
+    return "views" if k == VIEWS else f"views{k}"
+
+
 def views_step(args, teacher: str, dataset: str) -> None:
     """Step 4: the chosen recipe on stored augmented views, one sweep per arm (VIEW_ARMS). All are
     started before any is waited for, so parallel processes of this script never sit idle."""
-    results, cache = args.results / "views", args.work / f"cache-views{args.views}"
+    folder = views_folder(args.views)
+    results, cache = args.results / folder, args.work / f"cache-views{args.views}"
     t0 = time.perf_counter()
     reports = cache_when_free(CacheConfig(teacher=teacher, dataset=dataset, out=cache, views=args.views))
     if not (results / "cache.json").exists() and not all(r.reused for r in reports):
@@ -277,7 +285,7 @@ def views_step(args, teacher: str, dataset: str) -> None:
         seeds = [s for s in args.seed_list if not (results / f"{arm}-seed{s}.json").exists()]
         if not seeds:
             continue
-        name = {"distilled": "views"}.get(arm, f"views-{arm.removeprefix('distilled-')}")
+        name = {"distilled": folder}.get(arm, f"{folder}-{arm.removeprefix('distilled-')}")
         if seeds != args.seed_list:
             name += "-seeds" + "_".join(map(str, seeds))
         sweeps[arm] = SweepConfig(train=dataclasses.replace(base, **overrides), seeds=seeds,

@@ -113,30 +113,32 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
         {"config": "a0.5-lr0.003", "params": {"alpha": 0.5, "lr": 3e-3}, "val_mean": 0.5},
         {"config": "a0.9-lr0.001", "params": {"alpha": 0.9, "lr": 1e-3}, "val_mean": 0.4}]})
     reproduce.views_step(args, str(teacher_dir), str(image_folder))
-    cache = json.loads((args.results / "views" / "cache.json").read_text())
+    folder = args.results / "views2"  # 2 views per image: not the 8-view results in views/
+    assert not (args.results / "views").exists()
+    cache = json.loads((folder / "cache.json").read_text())
     assert cache["splits"]["train"]["views"] == 3 and cache["splits"]["validation"]["views"] == 1
     for seed in (0, 1):
-        r = json.loads((args.results / "views" / f"distilled-seed{seed}.json").read_text())
+        r = json.loads((folder / f"distilled-seed{seed}.json").read_text())
         config = r["run"]["config"]
         assert config["views"] and config["alpha"] == 0.5 and config["lr"] == 3e-3 and config["seed"] == seed
         for arm, alpha, epochs, mix in (("scratch", 0.0, 1, "none"), ("distilled-e2", 0.5, 2, "none"),
                                         ("scratch-e2", 0.0, 2, "none"), ("distilled-cutmix-e2", 0.5, 2, "cutmix"),
                                         ("scratch-cutmix-e2", 0.0, 2, "cutmix")):
-            r = json.loads((args.results / "views" / f"{arm}-seed{seed}.json").read_text())
+            r = json.loads((folder / f"{arm}-seed{seed}.json").read_text())
             assert (r["alpha"], r["epochs"], len(r["validation_accuracy_per_epoch"])) == (alpha, epochs, epochs)
             assert r["run"]["config"]["views"] and r["run"]["config"]["seed"] == seed
             assert r["run"]["config"]["mix"] == mix
 
     # a later session without the run folders reruns only the seeds whose result files are missing
-    lost = args.results / "views" / "scratch-e2-seed1.json"
-    kept = (args.results / "views" / "distilled-seed0.json").read_text()
+    lost = folder / "scratch-e2-seed1.json"
+    kept = (folder / "distilled-seed0.json").read_text()
     lost.unlink()
     reproduce.views_step(SimpleNamespace(**{**vars(args), "view_arms": {"distilled", "scratch"}}), str(teacher_dir),
                          str(image_folder))
     assert not lost.exists()  # not among the arms asked for
     reproduce.views_step(args, str(teacher_dir), str(image_folder))
-    assert json.loads(lost.read_text())["seed"] == 1 and (args.work / "sweeps" / "views-scratch-e2-seeds1").is_dir()
-    assert (args.results / "views" / "distilled-seed0.json").read_text() == kept
+    assert json.loads(lost.read_text())["seed"] == 1 and (args.work / "sweeps" / "views2-scratch-e2-seeds1").is_dir()
+    assert (folder / "distilled-seed0.json").read_text() == kept
 
 
 def _result(folder, arm, seed, val, test, epochs, root):
@@ -203,3 +205,19 @@ def test_the_seeds_needed_to_separate_a_gap_grow_with_the_spread(report, tmp_pat
         _result("views", "scratch-e30", seed, 0.90, 0.88 + 0.02 * seed, 30, tmp_path)
     text = report.recipe_markdown(report.recipe_runs(tmp_path))
     assert "twin = +2.0 ± 6.1 pp; 8 seeds per arm would separate such a gap from zero (80 % power)" in text
+
+
+@pytest.mark.parametrize("k16_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
+                                             (0.935, "16 stored views, distilled, 30 epochs")])
+def test_the_recipe_report_reads_other_view_counts_apart_and_prefers_fewer_views(k16_val, chosen, report, tmp_path):
+    for seed in (0, 1):
+        _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
+        _result("views16", "distilled", seed, 0.90, 0.86, 15, tmp_path)
+        _result("views16", "scratch", seed, 0.88, 0.82 + 0.02 * seed, 15, tmp_path)
+        _result("views16", "distilled-e30", seed, k16_val, 0.90, 30, tmp_path)
+        _result("views16x", "distilled-e30", seed, 0.99, 0.99, 30, tmp_path)  # not a views folder: ignored
+    assert report.view_folders(tmp_path) == {"views": 8, "views16": 16}
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert f"Chosen: **{chosen}**" in text  # same epochs, no mixing: more views must win by 1 pp of validation
+    assert "| 16 stored views, from scratch (λ = 0) | 15 | 2 |" in text and "99.0" not in text
+    assert "16 stored views, distilled, 15 epochs − its λ = 0 twin = +3.0 ± 12.7 pp" in text
