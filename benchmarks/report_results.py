@@ -13,8 +13,8 @@ the training epochs would have cost with the guide's online ViT-B/16 teacher (tr
 online/cached ratio measured by bench_train_student.py).
 
 Steps 3 and 4 (the recipe, with and without stored views): one row per arm with test accuracy of the
-best validation epoch, mean ± std over seeds; the distilled budget on views (15 or 30 epochs) is chosen on
-validation by VIEWS_RULE; the gap between distilled and its alpha = 0 twin gets a Welch 95 % interval and
+best validation epoch, mean ± std over seeds; which distilled arm on views (budget, input mix, stored views
+per image) is reported is chosen on validation by VIEWS_RULE; the gap between distilled and its alpha = 0 twin gets a Welch 95 % interval and
 the number of seeds per arm that would separate a gap that size from zero (seeds_needed).
 """
 
@@ -292,8 +292,8 @@ def _named(label: str, rs: list[dict]) -> str:
 def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str, str] | None:
     """VIEWS_RULE over the distilled arms on views, shortest budget first; None before any has results."""
     chosen, best = None, -1.0
-    views = {k[0]: views_per_image(k[0]) for k in runs if views_per_image(k[0])}
-    for key in sorted((k for k in runs if k[0] in views and k[1].startswith("distilled")),
+    views = {k[0]: views_per_image(k[0]) for k in runs}
+    for key in sorted((k for k in runs if views[k[0]] and k[1].startswith("distilled")),
                       key=lambda k: (_epochs(runs[k]), bool(_mix(k[1])), views[k[0]])):
         val = mean_std([r["validation"]["accuracy"] for r in runs[key]])[0]
         if chosen is None or val >= best + 0.01:
