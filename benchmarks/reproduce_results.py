@@ -59,6 +59,7 @@ from pipeline import cache_teacher, logit_store, runtime, sweep, sweep_report, t
 from pipeline.errors import KdpipeError  # noqa: E402
 from pipeline.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
 from pipeline.student import batchnorm_layers  # noqa: E402
+from pipeline.views import ViewPolicy  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ARMS = {"scratch": {"alpha": 0.0}, "distilled": {"alpha": 0.5, "temperature": 5.0}}
@@ -67,6 +68,7 @@ RECIPE = {"batch_size": 32, "schedule": "cosine", "warmup_ratio": 0.05, "weight_
           "temperature": 5.0, "student_config": {"classifier_dropout_prob": 0.2}}
 SCREEN = {"lr": "1e-3,3e-3", "alpha": "0,0.5,0.9"}
 VIEWS = 8  # per train image, besides the image itself: in 15 epochs each view is used once or twice
+VIEW_SCALE = ViewPolicy().scale[0]  # smallest crop area of a view, as a fraction of the image (cache-teacher's)
 # step 4's arms, one sweep each, in the order they are started: the chosen distilled recipe on views; the same
 # with the guide's full 30-epoch budget (a "patient" teacher, Beyer et al. 2022; --views-long sets the epochs,
 # 0 skips it); the alpha = 0 twin of each (the same augmentation without a teacher). Which distilled budget
@@ -251,19 +253,26 @@ def cache_when_free(cfg: CacheConfig):
             time.sleep(10)
 
 
-def views_folder(k: int) -> str:
-    """Where the views step keeps results for k stored views per image: views/ for the default VIEWS (the
-    runs behind docs/results.md), views<k>/ for any other k, so arms with different k never mix."""
-    return "views" if k == VIEWS else f"views{k}"
+def views_folder(k: int, scale: float = VIEW_SCALE, lr: float | None = None) -> str:
+    """Where the views step keeps results: views/ for the default VIEWS stored views per image, crop area
+    and learning rate (the runs behind docs/results.md); views<k>/ for another k, then -scale<min> for
+    another smallest crop area and -lr<lr> for a learning rate other than the chosen recipe's, so arms
+    that differ in any of these never mix (report_results.view_variant reads the name back)."""
+    name = "views" if k == VIEWS else f"views{k}"
+    return name + (f"-scale{scale:g}" if scale != VIEW_SCALE else "") + (f"-lr{lr:g}" if lr else "")
 
 
 def views_step(args, teacher: str, dataset: str) -> None:
     """Step 4: the chosen recipe on stored augmented views, one sweep per arm (VIEW_ARMS). All are
     started before any is waited for, so parallel processes of this script never sit idle."""
-    folder = views_folder(args.views)
-    results, cache = args.results / folder, args.work / f"cache-views{args.views}"
+    folder = views_folder(args.views, args.view_scale, args.view_lr)
+    scale = f"-scale{args.view_scale:g}" if args.view_scale != VIEW_SCALE else ""  # the lr does not change the cache
+    cache = args.work / f"cache-views{args.views}{scale}"
+    results = args.results / folder
     t0 = time.perf_counter()
-    reports = cache_when_free(CacheConfig(teacher=teacher, dataset=dataset, out=cache, views=args.views))
+    policy = ViewPolicy(scale=(args.view_scale, 1.0))
+    reports = cache_when_free(CacheConfig(teacher=teacher, dataset=dataset, out=cache, views=args.views,
+                                          augment=policy))
     if not (results / "cache.json").exists() and not all(r.reused for r in reports):
         write_json(results / "cache.json", {
             "views": args.views, "wall_time_s": round(time.perf_counter() - t0, 1),
@@ -271,7 +280,7 @@ def views_step(args, teacher: str, dataset: str) -> None:
                                  **{k: v for k, v in logit_store.read_meta(r.path).items()
                                     if k in ("views", "views_teacher_accuracy", "teacher_inputs_per_s",
                                              "wall_time_s", "augment")}} for r in reports}})
-    params = chosen_recipe(args)
+    params = {**chosen_recipe(args), **({"lr": args.view_lr} if args.view_lr else {})}
     epochs = args.recipe_epochs or RECIPE["epochs"]
     base = TrainConfig(cache=cache, views=True, **{**RECIPE, "epochs": epochs}, **params)
     sweeps = {}  # arm -> sweep over the seeds that have no result file yet (run folders may be gone)
@@ -313,6 +322,10 @@ def main():
     p.add_argument("--steps", default="teacher,guide,recipe,views", help="which steps to run, comma-separated")
     p.add_argument("--views", type=int, default=VIEWS, help="views step: stored views per train image")
     p.add_argument("--views-long", type=int, default=30, help="views step: epochs of the longer distilled run")
+    p.add_argument("--view-scale", type=float, default=VIEW_SCALE,
+                   help="views step: smallest crop area (fraction of the image); another value writes views-scale<x>/")
+    p.add_argument("--view-lr", type=float, default=None,
+                   help="views step: learning rate instead of the chosen recipe's; writes views-lr<x>/")
     p.add_argument("--view-arms", default=",".join(VIEW_ARMS), help="views step: which arms, comma-separated")
     args = p.parse_args()
     args.view_arms = set(args.view_arms.split(","))
