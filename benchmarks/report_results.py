@@ -14,7 +14,7 @@ online/cached ratio measured by bench_train_student.py).
 
 Steps 3 and 4 (the recipe, with and without stored views): one row per arm with test accuracy of the
 best validation epoch, mean ± std over seeds; which distilled arm on views (budget, input mix, stored views
-per image) is reported is chosen on validation by VIEWS_RULE; the gap between distilled and its alpha = 0 twin gets a Welch 95 % interval and
+per image, crop area, learning rate) is reported is chosen on validation by VIEWS_RULE; the gap between distilled and its alpha = 0 twin gets a Welch 95 % interval and
 the number of seeds per arm that would separate a gap that size from zero (seeds_needed).
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -167,7 +168,7 @@ RECIPE_ARMS = (  # (results folder, arm file prefix, label); the other views arm
     ("views", "distilled", "stored views, distilled (T 5, λ 0.9)"),
 )
 VIEWS_RULE = ("the distilled arms on views are taken cheapest first (fewer epochs, then no input mixing, then "
-              "fewer stored views per image); "
+              "fewer stored views per image, then the recipe's crops and learning rate before other values); "
               "a later one replaces the choice only with a mean best-epoch validation accuracy at least 1 pp "
               "(about one validation image) higher")
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 8: 2.31, 10: 2.23}  # Student t, 97.5 % quantile
@@ -199,29 +200,59 @@ def _mix(arm: str) -> str:
     return arm.rpartition("-e")[0].partition("-")[2]
 
 
+VIEW_FOLDER = re.compile(r"views(?P<k>\d*)(?:-scale(?P<scale>[\d.]+))?(?:-lr(?P<lr>[\d.e+-]+))?")
+
+
+def view_variant(folder: str) -> dict | None:
+    """What a views step's result folder holds (reproduce_results.views_folder): views/ = 8 stored views per
+    image with the default crops and the chosen recipe's learning rate; views<K>/ = K views; -scale<x> = a
+    smallest crop area of x; -lr<x> = learning rate x. None for any other folder."""
+    m = VIEW_FOLDER.fullmatch(folder)
+    if not m:
+        return None
+    return {"views": int(m["k"] or 8), "scale": float(m["scale"]) if m["scale"] else None,
+            "lr": float(m["lr"]) if m["lr"] else None}
+
+
 def views_per_image(folder: str) -> int | None:
-    """Stored views per image of a views step's result folder (reproduce_results.views_folder): views/
-    holds 8, views<K>/ holds K; None for any other folder."""
-    k = folder.removeprefix("views")
-    return None if folder == k or not (k == "" or k.isdigit()) else int(k or 8)
+    """Stored views per image of a views step's result folder; None for any other folder."""
+    variant = view_variant(folder)
+    return variant["views"] if variant else None
 
 
 def view_folders(results: Path) -> dict[str, int]:
-    """The views step's result folders under `results` -> stored views per image, fewest first."""
-    found = {p.name: views_per_image(p.name) for p in results.iterdir() if p.is_dir()}
-    return dict(sorted(((f, k) for f, k in found.items() if k), key=lambda f: f[1]))
+    """The views step's result folders under `results` -> stored views per image, fewest first, then the
+    default crops and learning rate before other values (by name)."""
+    found = {p.name: view_variant(p.name) for p in results.iterdir() if p.is_dir()}
+    found = {f: v for f, v in found.items() if v}
+    return {f: found[f]["views"] for f in sorted(found, key=lambda f: (found[f]["views"], _varied(f), f))}
+
+
+def _varied(folder: str) -> bool:
+    """Whether a views folder changes the crops or the learning rate of the chosen recipe."""
+    variant = view_variant(folder)
+    return bool(variant and (variant["scale"] or variant["lr"]))
+
+
+def _views_label(folder: str) -> str:
+    """'stored views' for views/; the number of views unless it is the default 8, the smallest crop area
+    and the learning rate where a folder changes them: 'views16-scale0.5' -> '16 stored views (crop area ≥ 0.5)'."""
+    variant = view_variant(folder)
+    label = "stored views" if folder == "views" else f"{variant['views']} stored views"
+    label += f" (crop area ≥ {variant['scale']:g})" if variant["scale"] else ""
+    return label + (f", lr {variant['lr']:g}" if variant["lr"] else "")
 
 
 def recipe_arms(results: Path) -> list[tuple[str, str, str]]:
     """RECIPE_ARMS, then the views arms named <kind>[-<mix>]-e<epochs> as their result files appear (in
-    views<K>/ also the 15-epoch <kind> arms), labelled with K unless K is the default 8."""
+    views<K>/ also the 15-epoch <kind> arms), labelled by what their folder changes (_views_label)."""
     what = {"scratch": "from scratch (λ = 0)", "distilled": "distilled"}
     arms = []
-    for folder, k in view_folders(results).items():
+    for folder in view_folders(results):
         names = {p.name.split("-seed")[0] for p in (results / folder).glob("*-seed*.json")}
         for arm in sorted(names - ({"scratch", "distilled"} if folder == "views" else set()),
                           key=lambda arm: (_budget(arm), _mix(arm), arm)):
-            views = "stored views" if folder == "views" else f"{k} stored views"
+            views = _views_label(folder)
             budget = f", {_budget(arm)} epochs" if _budget(arm) else ""
             arms.append((folder, arm, f"{views}{' + ' + _mix(arm) if _mix(arm) else ''}, "
                                       f"{what[arm.partition('-')[0]]}{budget}"))
@@ -294,7 +325,7 @@ def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str
     chosen, best = None, -1.0
     views = {k[0]: views_per_image(k[0]) for k in runs}
     for key in sorted((k for k in runs if views[k[0]] and k[1].startswith("distilled")),
-                      key=lambda k: (_epochs(runs[k]), bool(_mix(k[1])), views[k[0]])):
+                      key=lambda k: (_epochs(runs[k]), bool(_mix(k[1])), views[k[0]], _varied(k[0]))):
         val = mean_std([r["validation"]["accuracy"] for r in runs[key]])[0]
         if chosen is None or val >= best + 0.01:
             chosen, best = key, val

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,7 +108,8 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
     monkeypatch.setattr(reproduce, "RECIPE", {**reproduce.RECIPE, "batch_size": 8, "student_config": {
         "image_size": 32, "depth_multiplier": 0.35}, "precision": "fp32", "device": "cpu", "log_tensorboard": False})
     args = SimpleNamespace(results=tmp_path / "results", work=tmp_path / "work", recipe_epochs=1, seed_list=[0, 1],
-                           views=2, views_long=2, view_arms=set(reproduce.VIEW_ARMS))
+                           views=2, views_long=2, view_arms=set(reproduce.VIEW_ARMS), view_scale=reproduce.VIEW_SCALE,
+                           view_lr=None)
     reproduce.write_json(args.results / "recipe" / "screen.json", {"configs": [
         {"config": "a0-lr0.003", "params": {"alpha": 0.0, "lr": 3e-3}, "val_mean": 0.9},
         {"config": "a0.5-lr0.003", "params": {"alpha": 0.5, "lr": 3e-3}, "val_mean": 0.5},
@@ -139,6 +141,24 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
     reproduce.views_step(args, str(teacher_dir), str(image_folder))
     assert json.loads(lost.read_text())["seed"] == 1 and (args.work / "sweeps" / "views2-scratch-e2-seeds1").is_dir()
     assert (folder / "distilled-seed0.json").read_text() == kept
+
+    # milder crops and another learning rate: their own cache and results, the rest of the recipe unchanged
+    varied = SimpleNamespace(**{**vars(args), "view_arms": {"distilled"}, "seed_list": [0], "view_scale": 0.5,
+                                "view_lr": 1e-3})
+    reproduce.views_step(varied, str(teacher_dir), str(image_folder))
+    config = json.loads((args.results / "views2-scale0.5-lr0.001" / "distilled-seed0.json").read_text())["run"]["config"]
+    assert config["lr"] == 1e-3 and config["alpha"] == 0.5 and Path(config["cache"]).name == "cache-views2-scale0.5"
+    cache = json.loads((args.results / "views2-scale0.5-lr0.001" / "cache.json").read_text())
+    assert cache["splits"]["train"]["augment"]["policy"]["scale"] == [0.5, 1.0]
+    assert (folder / "distilled-seed0.json").read_text() == kept
+
+
+@pytest.mark.parametrize("k, scale, lr", [(8, 0.25, None), (16, 0.25, None), (8, 0.5, None), (8, 0.25, 6e-3),
+                                          (16, 0.35, 1e-4)])
+def test_a_views_folder_name_reads_back_as_what_it_varies(k, scale, lr, reproduce, report):
+    folder = reproduce.views_folder(k, scale, lr)
+    assert report.view_variant(folder) == {"views": k, "scale": None if scale == 0.25 else scale, "lr": lr}
+    assert report.view_variant(folder + "x") is None
 
 
 def _result(folder, arm, seed, val, test, epochs, root):
@@ -221,3 +241,16 @@ def test_the_recipe_report_reads_other_view_counts_apart_and_prefers_fewer_views
     assert f"Chosen: **{chosen}**" in text  # same epochs, no mixing: more views must win by 1 pp of validation
     assert "| 16 stored views, from scratch (λ = 0) | 15 | 2 |" in text and "99.0" not in text
     assert "16 stored views, distilled, 15 epochs − its λ = 0 twin = +3.0 ± 12.7 pp" in text
+
+
+@pytest.mark.parametrize("lr_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
+                                            (0.935, "8 stored views, lr 0.006, distilled, 30 epochs")])
+def test_the_recipe_report_adopts_another_lr_or_crop_only_when_it_wins_on_validation(lr_val, chosen, report, tmp_path):
+    for seed in (0, 1):
+        _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
+        _result("views-lr0.006", "distilled-e30", seed, lr_val, 0.90, 30, tmp_path)
+        _result("views-scale0.5", "distilled-e30", seed, lr_val - 0.001, 0.99, 30, tmp_path)
+    assert list(report.view_folders(tmp_path)) == ["views", "views-lr0.006", "views-scale0.5"]
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert f"Chosen: **{chosen}**" in text  # the same cost: a variant must win by 1 pp of validation
+    assert "| 8 stored views (crop area ≥ 0.5), distilled, 30 epochs | 30 | 2 |" in text
