@@ -134,19 +134,19 @@ def plot_curves(series: list[tuple[str, list[list[float]], str, str]], title: st
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     for label, curves, colour, style in series:
         n = min(len(c) for c in curves)
         epochs = range(1, n + 1)
         ax.plot(epochs, [100 * sum(c[i] for c in curves) / len(curves) for i in range(n)], style, color=colour,
-                label=f"{label} ({len(curves)} seeds)")
+                label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
         ax.fill_between(epochs, [100 * min(c[i] for c in curves) for i in range(n)],
                         [100 * max(c[i] for c in curves) for i in range(n)], color=colour, alpha=0.12)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{title}: mean over seeds, band = min..max", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -235,10 +235,10 @@ def _varied(folder: str) -> bool:
 
 
 def _views_label(folder: str) -> str:
-    """'stored views' for views/; the number of views unless it is the default 8, the smallest crop area
-    and the learning rate where a folder changes them: 'views16-scale0.5' -> '16 stored views (crop area ≥ 0.5)'."""
+    """'stored views', with the number of views unless it is the default 8, the smallest crop area and the
+    learning rate where a folder changes them: 'views16-scale0.5' -> '16 stored views (crop area ≥ 0.5)'."""
     variant = view_variant(folder)
-    label = "stored views" if folder == "views" else f"{variant['views']} stored views"
+    label = "stored views" if variant["views"] == 8 else f"{variant['views']} stored views"
     label += f" (crop area ≥ {variant['scale']:g})" if variant["scale"] else ""
     return label + (f", lr {variant['lr']:g}" if variant["lr"] else "")
 
@@ -332,10 +332,20 @@ def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str
     return chosen
 
 
+def recipe_series(runs: dict[tuple[str, str, str], list[dict]]) -> list[tuple[str, list[list[float]], str, str]]:
+    """plot_curves' series for the arms with at least 3 seeds (one-seed screens are only tabulated): one
+    colour per input and budget, solid for distilled, dashed for its λ = 0 twin."""
+    colours, series = {}, []
+    for (folder, arm, label), rs in runs.items():
+        if len(rs) >= 3:
+            colour = colours.setdefault((folder, arm.partition("-")[2]), f"C{len(colours)}")
+            series.append((label, [r["validation_accuracy_per_epoch"] for r in rs], colour,
+                           "-" if arm.startswith("distilled") else "--"))
+    return series
+
+
 def recipe_plot(runs: dict[tuple[str, str, str], list[dict]], path: Path) -> Path | None:
-    series = [(label, [r["validation_accuracy_per_epoch"] for r in rs], f"C{i}", "-" if views_per_image(folder) else ":")
-              for i, ((folder, _, label), rs) in enumerate(runs.items())]
-    return plot_curves(series, "MobileNetV2 on Beans, the recipe", path)
+    return plot_curves(recipe_series(runs), "MobileNetV2 on Beans, the recipe", path)
 
 
 def write_report(path: Path, text: str, png: Path | None) -> None:
