@@ -261,16 +261,19 @@ def views_folder(k: int, scale: float = VIEW_SCALE, lr: float | None = None) -> 
     and learning rate (the runs behind docs/results.md); views<k>/ for another k, then -scale<min> for
     another smallest crop area and -lr<lr> for a learning rate other than the chosen recipe's, so arms
     that differ in any of these never mix (report_results.view_variant reads the name back)."""
-    name = "views" if k == VIEWS else f"views{k}"
-    return name + (f"-scale{scale:g}" if scale != VIEW_SCALE else "") + (f"-lr{lr:g}" if lr else "")
+    return ("views" if k == VIEWS else f"views{k}") + _scale_tag(scale) + (f"-lr{lr:g}" if lr else "")
+
+
+def _scale_tag(scale: float) -> str:
+    """'-scale<x>' for a smallest crop area other than VIEW_SCALE: in result, sweep and cache folder names."""
+    return f"-scale{scale:g}" if scale != VIEW_SCALE else ""
 
 
 def views_step(args, teacher: str, dataset: str) -> None:
     """Step 4: the chosen recipe on stored augmented views, one sweep per arm (VIEW_ARMS). All are
     started before any is waited for, so parallel processes of this script never sit idle."""
     folder = views_folder(args.views, args.view_scale, args.view_lr)
-    scale = f"-scale{args.view_scale:g}" if args.view_scale != VIEW_SCALE else ""  # the lr does not change the cache
-    cache = args.work / f"cache-views{args.views}{scale}"
+    cache = args.work / f"cache-views{args.views}{_scale_tag(args.view_scale)}"  # the lr does not change the cache
     results = args.results / folder
     t0 = time.perf_counter()
     policy = ViewPolicy(scale=(args.view_scale, 1.0))
