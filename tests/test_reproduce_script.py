@@ -161,6 +161,12 @@ def test_a_views_folder_name_reads_back_as_what_it_varies(k, scale, lr, reproduc
     assert report.view_variant(folder + "x") is None
 
 
+@pytest.fixture
+def two_seed_rule(report, monkeypatch):
+    """The choice rule's comparisons on two seeds per arm (its real minimum is report.CHOICE_SEEDS = 3)."""
+    monkeypatch.setattr(report, "CHOICE_SEEDS", 2)
+
+
 def _result(folder, arm, seed, val, test, epochs, root):
     import json
 
@@ -171,7 +177,7 @@ def _result(folder, arm, seed, val, test, epochs, root):
 
 
 @pytest.mark.parametrize("long_val, chosen", [(0.905, "15 epochs"), (0.92, "30 epochs")])
-def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chosen, report, tmp_path):
+def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chosen, report, tmp_path, two_seed_rule):
     for seed, (a, b) in enumerate(((0.90, 0.80), (0.90, 0.84))):
         _result("views", "distilled", seed, 0.90, a, 15, tmp_path)
         _result("views", "scratch", seed, 0.85, b, 15, tmp_path)
@@ -189,7 +195,7 @@ def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chos
 
 @pytest.mark.parametrize("mix_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
                                              (0.935, "stored views + cutmix, distilled, 30 epochs")])
-def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(mix_val, chosen, report, tmp_path):
+def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(mix_val, chosen, report, tmp_path, two_seed_rule):
     for seed in (0, 1):
         _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
         _result("views", "scratch-e30", seed, 0.90, 0.86 + 0.02 * seed, 30, tmp_path)
@@ -202,7 +208,7 @@ def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(m
     assert f"{chosen} (chosen) − its λ = 0 twin = {twin_gap}" in text
 
 
-def test_the_recipe_report_compares_a_budget_only_with_the_same_budget(report, tmp_path):
+def test_the_recipe_report_compares_a_budget_only_with_the_same_budget(report, tmp_path, two_seed_rule):
     for seed in (0, 1):
         _result("recipe", "distilled", seed, 0.90, 0.86 + 0.02 * seed, 15, tmp_path)
         _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
@@ -229,7 +235,7 @@ def test_the_seeds_needed_to_separate_a_gap_grow_with_the_spread(report, tmp_pat
 
 @pytest.mark.parametrize("k16_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
                                              (0.935, "16 stored views, distilled, 30 epochs")])
-def test_the_recipe_report_reads_other_view_counts_apart_and_prefers_fewer_views(k16_val, chosen, report, tmp_path):
+def test_the_recipe_report_reads_other_view_counts_apart_and_prefers_fewer_views(k16_val, chosen, report, tmp_path, two_seed_rule):
     for seed in (0, 1):
         _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
         _result("views16", "distilled", seed, 0.90, 0.86, 15, tmp_path)
@@ -245,7 +251,7 @@ def test_the_recipe_report_reads_other_view_counts_apart_and_prefers_fewer_views
 
 @pytest.mark.parametrize("lr_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
                                             (0.935, "stored views, lr 0.006, distilled, 30 epochs")])
-def test_the_recipe_report_adopts_another_lr_or_crop_only_when_it_wins_on_validation(lr_val, chosen, report, tmp_path):
+def test_the_recipe_report_adopts_another_lr_or_crop_only_when_it_wins_on_validation(lr_val, chosen, report, tmp_path, two_seed_rule):
     for seed in (0, 1):
         _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
         _result("views-lr0.006", "distilled-e30", seed, lr_val, 0.90, 30, tmp_path)
@@ -268,3 +274,13 @@ def test_the_recipe_plot_shows_arms_with_three_seeds_and_pairs_each_with_its_twi
                             "stored views, distilled, 60 epochs", "stored views, from scratch (λ = 0), 60 epochs"]
     (d30, s30, d60, s60) = series.values()
     assert d30 == (s30[0], "-") and s30[1] == "--" and d60[0] == s60[0] != d30[0]
+
+
+def test_a_one_seed_screen_is_never_chosen_however_high_its_validation(report, tmp_path):
+    for seed in (0, 1, 2):
+        _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
+    _result("views16", "distilled-e60", 0, 0.99, 0.95, 60, tmp_path)
+    assert "Chosen: **stored views, distilled, 30 epochs**" in report.recipe_markdown(report.recipe_runs(tmp_path))
+    for seed in (1, 2):  # the screen earned its seeds: now its mean decides
+        _result("views16", "distilled-e60", seed, 0.94, 0.95, 60, tmp_path)
+    assert "Chosen: **16 stored views, distilled, 60 epochs**" in report.recipe_markdown(report.recipe_runs(tmp_path))
