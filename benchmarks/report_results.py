@@ -14,8 +14,9 @@ online/cached ratio measured by bench_train_student.py).
 
 Steps 3 and 4 (the recipe, with and without stored views): one row per arm with test accuracy of the
 best validation epoch, mean ± std over seeds; which distilled arm on views (budget, input mix, stored views
-per image, crop area, learning rate) is reported is chosen on validation by VIEWS_RULE; the gap between distilled and its alpha = 0 twin gets a Welch 95 % interval and
-the number of seeds per arm that would separate a gap that size from zero (seeds_needed).
+per image, crop area, learning rate) is reported is chosen on validation by VIEWS_RULE; the gap between
+distilled and its alpha = 0 twin gets a Welch 95 % interval and the number of seeds per arm that would
+separate a gap that size from zero (seeds_needed).
 """
 
 from __future__ import annotations
@@ -327,7 +328,8 @@ def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str
     decides whether an arm gets more seeds), shortest budget first; None before any qualifies."""
     chosen, best = None, -1.0
     views = {k[0]: views_per_image(k[0]) for k in runs}
-    for key in sorted((k for k in runs if views[k[0]] and k[1].startswith("distilled") and len(runs[k]) >= CHOICE_SEEDS),
+    eligible = [k for k in runs if views[k[0]] and k[1].startswith("distilled") and len(runs[k]) >= CHOICE_SEEDS]
+    for key in sorted(eligible,
                       key=lambda k: (_epochs(runs[k]), bool(_mix(k[1])), views[k[0]], _varied(k[0]))):
         val = mean_std([r["validation"]["accuracy"] for r in runs[key]])[0]
         if chosen is None or val >= best + 0.01:
