@@ -70,6 +70,7 @@ MOMENTA = {"upstream": 0.997, "momentum0.1": 0.1}
 RECIPE = {"batch_size": 32, "schedule": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.05, "epochs": 15,
           "temperature": 5.0, "student_config": {"classifier_dropout_prob": 0.2}}
 SCREEN = {"lr": "1e-3,3e-3", "alpha": "0,0.5,0.9"}
+SEEDS = [0, 1, 2]  # every arm's first seeds; more are added per arm with --seeds
 VIEWS = 8  # per train image, besides the image itself: in 15 epochs each view is used once or twice
 VIEW_SCALE = ViewPolicy().scale[0]  # smallest crop area of a view, as a fraction of the image (cache-teacher's)
 # step 4's arms, one sweep each, in the order they are started: the chosen distilled recipe on views; the same
@@ -301,7 +302,7 @@ def views_step(args, teacher: str, dataset: str) -> None:
         if not seeds:
             continue
         name = {"distilled": folder}.get(arm, f"{folder}-{arm.removeprefix('distilled-')}")
-        if seeds != args.seed_list:
+        if seeds != SEEDS:  # a sweep folder holds one set of seeds: another set (or what is left of one) gets its own
             name += "-seeds" + "_".join(map(str, seeds))
         sweeps[arm] = SweepConfig(train=dataclasses.replace(base, **overrides), seeds=seeds,
                                   out=args.work / "sweeps" / name)
@@ -322,7 +323,7 @@ def main():
     p.add_argument("--teacher", default=str(SHARED / "teachers" / "beans-efficientnet-lite0"))
     p.add_argument("--results", type=Path, default=Path("docs/results"))
     p.add_argument("--work", type=Path, default=Path("data/reproduce"), help="caches and run folders")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--epochs", type=int, default=30, help="guide step")
     p.add_argument("--recipe-epochs", type=int, default=None, help=f"recipe step (default {RECIPE['epochs']})")
     p.add_argument("--steps", default="teacher,guide,recipe,views", help="which steps to run, comma-separated")

@@ -141,6 +141,10 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
     reproduce.views_step(args, str(teacher_dir), str(image_folder))
     assert json.loads(lost.read_text())["seed"] == 1 and (args.work / "sweeps" / "views2-scratch-e2-seeds1").is_dir()
     assert (folder / "distilled-seed0.json").read_text() == kept
+    # more seeds for an arm later (--seeds 2) get a sweep of their own beside the first seeds' one
+    reproduce.views_step(SimpleNamespace(**{**vars(args), "view_arms": {"distilled"}, "seed_list": [2]}),
+                         str(teacher_dir), str(image_folder))
+    assert json.loads((folder / "distilled-seed2.json").read_text())["seed"] == 2
 
     # milder crops and another learning rate: their own cache and results, the rest of the recipe unchanged
     varied = SimpleNamespace(**{**vars(args), "view_arms": {"distilled"}, "seed_list": [0], "view_scale": 0.5,
