@@ -150,9 +150,10 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
     varied = SimpleNamespace(**{**vars(args), "view_arms": {"distilled"}, "seed_list": [0], "view_scale": 0.5,
                                 "view_lr": 1e-3})
     reproduce.views_step(varied, str(teacher_dir), str(image_folder))
-    config = json.loads((args.results / "views2-scale0.5-lr0.001" / "distilled-seed0.json").read_text())["run"]["config"]
+    varied_folder = args.results / "views2-scale0.5-lr0.001"
+    config = json.loads((varied_folder / "distilled-seed0.json").read_text())["run"]["config"]
     assert config["lr"] == 1e-3 and config["alpha"] == 0.5 and Path(config["cache"]).name == "cache-views2-scale0.5"
-    cache = json.loads((args.results / "views2-scale0.5-lr0.001" / "cache.json").read_text())
+    cache = json.loads((varied_folder / "cache.json").read_text())
     assert cache["splits"]["train"]["augment"]["policy"]["scale"] == [0.5, 1.0]
     assert (folder / "distilled-seed0.json").read_text() == kept
 
@@ -181,7 +182,8 @@ def _result(folder, arm, seed, val, test, epochs, root):
 
 
 @pytest.mark.parametrize("long_val, chosen", [(0.905, "15 epochs"), (0.92, "30 epochs")])
-def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chosen, report, tmp_path, two_seed_rule):
+@pytest.mark.usefixtures("two_seed_rule")
+def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chosen, report, tmp_path):
     for seed, (a, b) in enumerate(((0.90, 0.80), (0.90, 0.84))):
         _result("views", "distilled", seed, 0.90, a, 15, tmp_path)
         _result("views", "scratch", seed, 0.85, b, 15, tmp_path)
@@ -199,7 +201,8 @@ def test_the_recipe_report_chooses_the_views_budget_on_validation(long_val, chos
 
 @pytest.mark.parametrize("mix_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
                                              (0.935, "stored views + cutmix, distilled, 30 epochs")])
-def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(mix_val, chosen, report, tmp_path, two_seed_rule):
+@pytest.mark.usefixtures("two_seed_rule")
+def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(mix_val, chosen, report, tmp_path):
     for seed in (0, 1):
         _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
         _result("views", "scratch-e30", seed, 0.90, 0.86 + 0.02 * seed, 30, tmp_path)
@@ -212,7 +215,8 @@ def test_the_recipe_report_adopts_input_mixing_only_when_it_wins_on_validation(m
     assert f"{chosen} (chosen) − its λ = 0 twin = {twin_gap}" in text
 
 
-def test_the_recipe_report_compares_a_budget_only_with_the_same_budget(report, tmp_path, two_seed_rule):
+@pytest.mark.usefixtures("two_seed_rule")
+def test_the_recipe_report_compares_a_budget_only_with_the_same_budget(report, tmp_path):
     for seed in (0, 1):
         _result("recipe", "distilled", seed, 0.90, 0.86 + 0.02 * seed, 15, tmp_path)
         _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
@@ -239,7 +243,8 @@ def test_the_seeds_needed_to_separate_a_gap_grow_with_the_spread(report, tmp_pat
 
 @pytest.mark.parametrize("k16_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
                                              (0.935, "16 stored views, distilled, 30 epochs")])
-def test_the_recipe_report_reads_other_view_counts_apart_and_prefers_fewer_views(k16_val, chosen, report, tmp_path, two_seed_rule):
+@pytest.mark.usefixtures("two_seed_rule")
+def test_the_recipe_report_reads_other_view_counts_apart_and_prefers_fewer_views(k16_val, chosen, report, tmp_path):
     for seed in (0, 1):
         _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
         _result("views16", "distilled", seed, 0.90, 0.86, 15, tmp_path)
@@ -255,7 +260,8 @@ def test_the_recipe_report_reads_other_view_counts_apart_and_prefers_fewer_views
 
 @pytest.mark.parametrize("lr_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
                                             (0.935, "stored views, lr 0.006, distilled, 30 epochs")])
-def test_the_recipe_report_adopts_another_lr_or_crop_only_when_it_wins_on_validation(lr_val, chosen, report, tmp_path, two_seed_rule):
+@pytest.mark.usefixtures("two_seed_rule")
+def test_the_recipe_report_adopts_another_lr_or_crop_only_when_it_wins_on_validation(lr_val, chosen, report, tmp_path):
     for seed in (0, 1):
         _result("views", "distilled-e30", seed, 0.92, 0.88, 30, tmp_path)
         _result("views-lr0.006", "distilled-e30", seed, lr_val, 0.90, 30, tmp_path)
