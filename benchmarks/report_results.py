@@ -239,9 +239,10 @@ def _varied(folder: str) -> bool:
 
 def _views_label(folder: str) -> str:
     """'stored views', with the number of views unless it is the default 8, the smallest crop area and the
-    learning rate where a folder changes them: 'views16-scale0.5' -> '16 stored views (crop area ≥ 0.5)'."""
+    learning rate where a folder changes them: 'views16-scale0.5' -> '16 stored views (crop area ≥ 0.5)';
+    'views0' -> 'no views' (the views step's arms trained on the plain cache)."""
     variant = view_variant(folder)
-    label = "stored views" if variant["views"] == 8 else f"{variant['views']} stored views"
+    label = {0: "no views", 8: "stored views"}.get(variant["views"], f"{variant['views']} stored views")
     label += f" (crop area ≥ {variant['scale']:g})" if variant["scale"] else ""
     return label + (f", lr {variant['lr']:g}" if variant["lr"] else "")
 
@@ -306,8 +307,8 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
             power = f"; {n} seeds per arm would separate such a gap from zero (80 % power)" if n else ""
             out.append(f"- {_named(label, rs)}{mark} − its λ = 0 twin = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"
                        f"{power}")
-    plain = ("recipe", "distilled")
-    gap = welch(test[chosen[:2]], test[plain]) if chosen and plain in test else None
+    plain = next((k for k in (("views0", chosen[1]), ("recipe", "distilled")) if k in test), None) if chosen else None
+    gap = welch(test[chosen[:2]], test[plain]) if plain else None  # the same budget without views where it ran
     if gap:
         out += ["", f"Views against no views, both distilled: {_named(*by_arm[chosen[:2]])} − "
                     f"{_named(*by_arm[plain])} = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"]
@@ -325,7 +326,8 @@ def _named(label: str, rs: list[dict]) -> str:
 
 def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str, str] | None:
     """VIEWS_RULE over the distilled arms on views with at least CHOICE_SEEDS seeds (a one-seed screen only
-    decides whether an arm gets more seeds), shortest budget first; None before any qualifies."""
+    decides whether an arm gets more seeds), shortest budget first; None before any qualifies. views0/ (no
+    views, views_per_image 0) is a baseline, never the choice."""
     chosen, best = None, -1.0
     views = {k[0]: views_per_image(k[0]) for k in runs}
     eligible = [k for k in runs if views[k[0]] and k[1].startswith("distilled") and len(runs[k]) >= CHOICE_SEEDS]

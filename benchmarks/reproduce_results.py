@@ -289,7 +289,7 @@ def views_step(args, teacher: str, dataset: str) -> None:
                                              "wall_time_s", "augment")}} for r in reports}})
     params = {**chosen_recipe(args), **({"lr": args.view_lr} if args.view_lr else {})}
     epochs = args.recipe_epochs or RECIPE["epochs"]
-    base = TrainConfig(cache=cache, views=True, **{**RECIPE, "epochs": epochs}, **params)
+    base = TrainConfig(cache=cache, views=args.views > 0, **{**RECIPE, "epochs": epochs}, **params)
     sweeps = {}  # arm -> sweep over the seeds that have no result file yet (run folders may be gone)
     for arm, overrides in VIEW_ARMS.items():
         if arm not in args.view_arms:
@@ -327,7 +327,8 @@ def main():
     p.add_argument("--epochs", type=int, default=30, help="guide step")
     p.add_argument("--recipe-epochs", type=int, default=None, help=f"recipe step (default {RECIPE['epochs']})")
     p.add_argument("--steps", default="teacher,guide,recipe,views", help="which steps to run, comma-separated")
-    p.add_argument("--views", type=int, default=VIEWS, help="views step: stored views per train image")
+    p.add_argument("--views", type=int, default=VIEWS,
+                   help="views step: stored views per train image; 0 = the same arms without views (views0/)")
     p.add_argument("--views-long", type=int, default=30, help="views step: epochs of the longer distilled run")
     p.add_argument("--view-scale", type=float, default=VIEW_SCALE,
                    help="views step: smallest crop area (fraction of the image); another value writes views-scale<x>/")

@@ -157,9 +157,16 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
     assert cache["splits"]["train"]["augment"]["policy"]["scale"] == [0.5, 1.0]
     assert (folder / "distilled-seed0.json").read_text() == kept
 
+    # --views 0: the same arms on the plain cache, the baseline for views at an equal budget
+    plain = SimpleNamespace(**{**vars(args), "views": 0, "view_arms": {"distilled-long"}, "seed_list": [0]})
+    reproduce.views_step(plain, str(teacher_dir), str(image_folder))
+    r = json.loads((args.results / "views0" / "distilled-e2-seed0.json").read_text())
+    assert not r["run"]["config"]["views"] and (r["alpha"], r["epochs"]) == (0.5, 2)
+    assert json.loads((args.results / "views0" / "cache.json").read_text())["splits"]["train"]["views"] == 1
+
 
 @pytest.mark.parametrize("k, scale, lr", [(8, 0.25, None), (16, 0.25, None), (8, 0.5, None), (8, 0.25, 6e-3),
-                                          (16, 0.35, 1e-4)])
+                                          (16, 0.35, 1e-4), (0, 0.25, None)])
 def test_a_views_folder_name_reads_back_as_what_it_varies(k, scale, lr, reproduce, report):
     folder = reproduce.views_folder(k, scale, lr)
     assert report.view_variant(folder) == {"views": k, "scale": None if scale == 0.25 else scale, "lr": lr}
@@ -228,6 +235,14 @@ def test_the_recipe_report_compares_a_budget_only_with_the_same_budget(report, t
     assert "stored views, distilled, 30 epochs − its λ = 0 twin = +3.0 ± 12.7 pp" in text
     assert ("Views against no views, both distilled: stored views, distilled, 60 epochs − no views, distilled "
             "(T 5, λ 0.9), 15 epochs = +4.0 ± 6.1 pp") in text  # Welch: 2 degrees of freedom, t = 4.30
+    # once the same budget has run without views (--views 0), views are judged against that instead
+    for seed in (0, 1):
+        _result("views0", "distilled-e60", seed, 0.99, 0.84 + 0.02 * seed, 60, tmp_path)
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert "Chosen: **stored views, distilled, 60 epochs**" in text  # no views is the baseline, never the choice
+    assert "| no views, distilled, 60 epochs | 60 | 2 |" in text
+    assert ("Views against no views, both distilled: stored views, distilled, 60 epochs − no views, distilled, "
+            "60 epochs = +6.0 ± 6.1 pp") in text
 
 
 def test_the_seeds_needed_to_separate_a_gap_grow_with_the_spread(report, tmp_path):
