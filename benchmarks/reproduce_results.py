@@ -34,13 +34,15 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
    (cache-teacher --views, train-student --views; issue 6), seeds as above: `views/distilled-seed<k>.json`,
    and `views/cache.json` (teacher pass time and storage with views); `--views K` other than 8 writes to
    `views<K>/` (and its own cache and sweeps) instead; likewise `--view-scale x` (smallest crop area) and
-   `--view-lr x` (instead of the chosen recipe's) write to `views[<K>]-scale<x>-lr<x>/`. Compared with
-   recipe/distilled-*.
+   `--view-lr x` (instead of the chosen recipe's) write to `views[<K>]-scale<x>-lr<x>/`; `--views 0` runs
+   the same arms without views (the plain cache) into `views0/`, the baseline at an equal budget.
    Also the guide's 30-epoch budget, CutMix of the stored views, and the alpha = 0 twin of each (VIEW_ARMS).
    Only the seeds without a result file run, so a later session (whose data/ may be gone) completes an arm.
    The runs behind docs/results.md: `--steps views` (every arm, seeds 0-2), then `--seeds 3,4 --view-arms
    distilled-long,scratch-long`, then `--seeds 0,1,2 --views-long 60 --view-arms distilled-long,scratch-long`;
-   one-seed screens: `--seeds 0 --view-arms distilled-long` with `--views 16`, `--view-scale 0.5`, `--view-lr 6e-3`.
+   one-seed screens: `--seeds 0 --view-arms distilled-long` with `--views 16`, `--view-scale 0.5`, `--view-lr 6e-3`
+   (and `--views-long 60 --views 16`, which passed: `--seeds 1,2`); the baseline `--views 0 --views-long 60
+   --view-arms distilled-long`.
 """
 
 from __future__ import annotations
