@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -81,10 +82,11 @@ def _bars(bar: Progress):
 
 
 def _pair(text: str, flag: str) -> tuple[float, float]:
+    """Two numbers, each a decimal or a fraction ("3/4,4/3" is exactly the library's default ratio range)."""
     try:
-        lo, hi = (float(x) for x in text.split(","))
-    except ValueError:
-        raise KdpipeError(f"{flag} takes two numbers, e.g. 0.25,1 (got {text!r})") from None
+        lo, hi = (float(Fraction(x.strip())) for x in text.split(","))
+    except (ValueError, ZeroDivisionError):
+        raise KdpipeError(f"{flag} takes two numbers, e.g. 0.25,1 or 3/4,4/3 (got {text!r})") from None
     return lo, hi
 
 
@@ -116,9 +118,11 @@ def cache_teacher_cmd(
     views: int = typer.Option(0, help="K random augmented views per image of --view-splits, besides the image itself."),
     view_splits: str = typer.Option("train", help="Comma-separated splits that get views (evaluation splits should not)."),
     view_scale: str = typer.Option("0.25,1", help="Random-resized-crop area range, as fractions of the image."),
-    view_ratio: str = typer.Option("0.75,1.3333", help="Random-resized-crop aspect-ratio range (width / height)."),
+    view_ratio: str = typer.Option("3/4,4/3", help="Random-resized-crop aspect-ratio range (width / height)."),
     view_flip: float = typer.Option(0.5, help="Probability of a horizontal flip per view."),
     view_seed: int = typer.Option(0, help="Seed of the views (a view is a function of seed, image id, index)."),
+    view_mixup: float = typer.Option(0.0, help="Blend views with another image's view, share ~ Beta(a, a), before the teacher sees them (0 = off)."),
+    view_mixup_p: float = typer.Option(0.5, help="With --view-mixup: probability that an augmented view is blended."),
 ):
     """Run the teacher once over every split and write its raw logits to Parquet."""
     from pipeline import cache_teacher
@@ -127,7 +131,7 @@ def cache_teacher_cmd(
 
     with user_errors():
         policy = ViewPolicy(scale=_pair(view_scale, "--view-scale"), ratio=_pair(view_ratio, "--view-ratio"),
-                            flip=view_flip, seed=view_seed)
+                            flip=view_flip, seed=view_seed, mixup=view_mixup, mixup_p=view_mixup_p)
         cfg = CacheConfig(teacher=teacher, revision=revision, dataset=dataset, dataset_revision=dataset_revision,
                           splits=_splits(splits), image_column=image_column, label_column=label_column, out=out,
                           batch_size=batch_size, precision=precision, device=device, workers=workers, force=force,
@@ -204,7 +208,8 @@ def inspect_cache_cmd(
 
         with user_errors():
             r = cache_teacher.replay(path if path.is_dir() else path.parent, verify, teacher, dataset, device)
-        console.print(f"replayed {r['pairs']} cached rows ({r['augmented_views']} augmented views) through the live "
+        console.print(f"replayed {r['pairs']} cached rows ({r['augmented_views']} augmented views, {r['mixed_views']} "
+                      "of them mixed) through the live "
                       f"teacher ({r['precision']}, {r['device']}): max |Δlogit| {r['max_abs_diff']:.2e}, "
                       f"KL mean {r['mean_kl']:.2e} max {r['max_kl']:.2e}, argmax agreement {r['agreement']:.2%}")
 

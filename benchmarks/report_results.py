@@ -203,18 +203,20 @@ def _mix(arm: str) -> str:
     return arm.rpartition("-e")[0].partition("-")[2]
 
 
-VIEW_FOLDER = re.compile(r"views(?P<k>\d*)(?:-scale(?P<scale>[\d.]+))?(?:-lr(?P<lr>[\d.e+-]+))?")
+VIEW_FOLDER = re.compile(r"views(?P<k>\d*)(?:-scale(?P<scale>[\d.]+))?(?:-mixup(?P<mixup>[\d.]+))?"
+                         r"(?:-lr(?P<lr>[\d.e+-]+))?")
 
 
 def view_variant(folder: str) -> dict | None:
     """What a views step's result folder holds (reproduce_results.views_folder): views/ = 8 stored views per
     image with the default crops and the chosen recipe's learning rate; views<K>/ = K views; -scale<x> = a
-    smallest crop area of x; -lr<x> = learning rate x. None for any other folder."""
+    smallest crop area of x; -mixup<a> = views blended before the teacher saw them, share ~ Beta(a, a);
+    -lr<x> = learning rate x. None for any other folder."""
     m = VIEW_FOLDER.fullmatch(folder)
     if not m:
         return None
-    return {"views": int(m["k"] or 8), "scale": float(m["scale"]) if m["scale"] else None,
-            "lr": float(m["lr"]) if m["lr"] else None}
+    number = lambda key: float(m[key]) if m[key] else None  # noqa: E731
+    return {"views": int(m["k"] or 8), "scale": number("scale"), "mixup": number("mixup"), "lr": number("lr")}
 
 
 def views_per_image(folder: str) -> int | None:
@@ -232,9 +234,9 @@ def view_folders(results: Path) -> dict[str, int]:
 
 
 def _varied(folder: str) -> bool:
-    """Whether a views folder changes the crops or the learning rate of the chosen recipe."""
+    """Whether a views folder changes the crops, the mixing or the learning rate of the chosen recipe."""
     variant = view_variant(folder)
-    return bool(variant and (variant["scale"] or variant["lr"]))
+    return bool(variant and (variant["scale"] or variant["mixup"] or variant["lr"]))
 
 
 def _views_label(folder: str) -> str:
@@ -244,6 +246,7 @@ def _views_label(folder: str) -> str:
     variant = view_variant(folder)
     label = {0: "no views", 8: "stored views"}.get(variant["views"], f"{variant['views']} stored views")
     label += f" (crop area ≥ {variant['scale']:g})" if variant["scale"] else ""
+    label += f", half blended before the teacher (mixup {variant['mixup']:g})" if variant["mixup"] else ""
     return label + (f", lr {variant['lr']:g}" if variant["lr"] else "")
 
 

@@ -34,7 +34,8 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
    (cache-teacher --views, train-student --views; issue 6), seeds as above: `views/distilled-seed<k>.json`,
    and `views/cache.json` (teacher pass time and storage with views); `--views K` other than 8 writes to
    `views<K>/` (and its own cache and sweeps) instead; likewise `--view-scale x` (smallest crop area) and
-   `--view-lr x` (instead of the chosen recipe's) write to `views[<K>]-scale<x>-lr<x>/`; `--views 0` runs
+   `--view-lr x` (instead of the chosen recipe's) write to `views[<K>]-scale<x>-lr<x>/`, and `--view-mixup a`
+   (half the views blended with another image's before the teacher saw them) to `views-mixup<a>/`; `--views 0` runs
    the same arms without views (the plain cache) into `views0/`, the baseline at an equal budget.
    Also the guide's 30-epoch budget, CutMix of the stored views, and the alpha = 0 twin of each (VIEW_ARMS).
    Only the seeds without a result file run, so a later session (whose data/ may be gone) completes an arm.
@@ -259,27 +260,29 @@ def cache_when_free(cfg: CacheConfig):
             time.sleep(10)
 
 
-def views_folder(k: int, scale: float = VIEW_SCALE, lr: float | None = None) -> str:
+def views_folder(k: int, scale: float = VIEW_SCALE, lr: float | None = None, mixup: float = 0.0) -> str:
     """Where the views step keeps results: views/ for the default VIEWS stored views per image, crop area
     and learning rate (the runs behind docs/results.md); views<k>/ for another k, then -scale<min> for
-    another smallest crop area and -lr<lr> for a learning rate other than the chosen recipe's, so arms
-    that differ in any of these never mix (report_results.view_variant reads the name back)."""
-    return ("views" if k == VIEWS else f"views{k}") + _scale_tag(scale) + (f"-lr{lr:g}" if lr else "")
+    another smallest crop area, -mixup<a> for views blended before the teacher saw them, and -lr<lr> for
+    a learning rate other than the chosen recipe's, so arms that differ in any of these never mix
+    (report_results.view_variant reads the name back)."""
+    return ("views" if k == VIEWS else f"views{k}") + _cache_tag(scale, mixup) + (f"-lr{lr:g}" if lr else "")
 
 
-def _scale_tag(scale: float) -> str:
-    """'-scale<x>' for a smallest crop area other than VIEW_SCALE: in result, sweep and cache folder names."""
-    return f"-scale{scale:g}" if scale != VIEW_SCALE else ""
+def _cache_tag(scale: float, mixup: float) -> str:
+    """'-scale<x>' for a smallest crop area other than VIEW_SCALE and '-mixup<a>' for mixed views: what
+    changes the cache, in result, sweep and cache folder names."""
+    return (f"-scale{scale:g}" if scale != VIEW_SCALE else "") + (f"-mixup{mixup:g}" if mixup else "")
 
 
 def views_step(args, teacher: str, dataset: str) -> None:
     """Step 4: the chosen recipe on stored augmented views, one sweep per arm (VIEW_ARMS). All are
     started before any is waited for, so parallel processes of this script never sit idle."""
-    folder = views_folder(args.views, args.view_scale, args.view_lr)
-    cache = args.work / f"cache-views{args.views}{_scale_tag(args.view_scale)}"  # the lr does not change the cache
+    folder = views_folder(args.views, args.view_scale, args.view_lr, args.view_mixup)
+    cache = args.work / f"cache-views{args.views}{_cache_tag(args.view_scale, args.view_mixup)}"  # not the lr
     results = args.results / folder
     t0 = time.perf_counter()
-    policy = ViewPolicy(scale=(args.view_scale, 1.0))
+    policy = ViewPolicy(scale=(args.view_scale, 1.0), mixup=args.view_mixup)
     reports = cache_when_free(CacheConfig(teacher=teacher, dataset=dataset, out=cache, views=args.views,
                                           augment=policy))
     if not (results / "cache.json").exists() and not all(r.reused for r in reports):
@@ -334,6 +337,9 @@ def main():
     p.add_argument("--views-long", type=int, default=30, help="views step: epochs of the longer distilled run")
     p.add_argument("--view-scale", type=float, default=VIEW_SCALE,
                    help="views step: smallest crop area (fraction of the image); another value writes views-scale<x>/")
+    p.add_argument("--view-mixup", type=float, default=0.0,
+                   help="views step: blend half the views with another image's before the teacher sees them, "
+                        "share ~ Beta(a, a) (cache-teacher --view-mixup); writes views-mixup<a>/")
     p.add_argument("--view-lr", type=float, default=None,
                    help="views step: learning rate instead of the chosen recipe's; writes views-lr<x>/")
     p.add_argument("--view-arms", default=",".join(VIEW_ARMS), help="views step: which arms, comma-separated")

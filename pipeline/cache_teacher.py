@@ -44,6 +44,7 @@ class Batch:
     logits: np.ndarray  # (R, C) float32 raw, teacher label order
     boxes: np.ndarray | None = None  # (R, 4) float32 crop boxes, with views
     flips: np.ndarray | None = None  # (R,) bool, with views
+    mixes: views.Mixes | None = None  # with mixed views: partners as split ids
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,15 @@ class ViewSpec:
     inputs: dict  # views.processor_inputs: size, resample, mean, std
 
 
-def view_input(image, processor, view: tuple | None = None, inputs: dict | None = None) -> np.ndarray:
+def view_input(image, processor, view: tuple | None = None, inputs: dict | None = None,
+               mix: tuple | None = None) -> np.ndarray:
     """The teacher's float input (3, H, W) for an image: view 0 (`view` None) through its own processor;
-    a stored view (box, flip) rendered with views.render at the processor's `inputs`, then normalised."""
+    a stored view (box, flip) rendered with views.render at the processor's `inputs`, blended with
+    `mix` = (partner image, box, flip, share) for a mixed view, then normalised."""
     if view is None:
         return processor(images=image, return_tensors="np")["pixel_values"][0]
     box, flip = view
-    return views.normalise(views.render(image, box, bool(flip), inputs["size"], inputs["resample"]),
+    return views.normalise(views.render_mixed(image, box, bool(flip), inputs["size"], inputs["resample"], mix),
                            inputs["mean"], inputs["std"])
 
 
@@ -84,10 +87,27 @@ class _TeacherInputs(torch.utils.data.Dataset):
         pixels = [view_input(image, self.processor)]  # view 0: (3, H, W)
         item = {"row": row}
         if self.spec is not None:
-            boxes, flips = views.sample(self.spec.policy, self.split.ids[row], *image.size, self.spec.k)
-            pixels += [view_input(image, self.processor, (boxes[v], flips[v]), self.spec.inputs)
-                       for v in range(1, self.spec.k + 1)]
+            k, policy = self.spec.k, self.spec.policy
+            boxes, flips = views.sample(policy, self.split.ids[row], *image.size, k)
+            partners = {}  # split index -> decoded image, each decoded once
+
+            def partner(j):
+                if j not in partners:
+                    partners[j] = self.split.image(j)
+                return partners[j]
+
+            try:
+                m = views.sample_mixes(policy, self.split.ids, row, k, lambda j: partner(j).size)
+            except KdpipeError as e:
+                return {"error": str(e)}
+            mix = [(partner(m.partners[v]), m.boxes[v], m.flips[v], m.weights[v]) if m.weights[v] else None
+                   for v in range(k + 1)]
+            pixels += [view_input(image, self.processor, (boxes[v], flips[v]), self.spec.inputs, mix[v])
+                       for v in range(1, k + 1)]
             item.update(boxes=torch.from_numpy(boxes), flips=torch.from_numpy(flips))
+            if policy.mixup:
+                item.update(mix_partners=torch.from_numpy(m.partners), mix_boxes=torch.from_numpy(m.boxes),
+                            mix_flips=torch.from_numpy(m.flips), mix_weights=torch.from_numpy(m.weights))
         item["pixel_values"] = torch.from_numpy(np.stack(pixels).astype(np.float32, copy=False))  # (V, 3, H, W)
         return item
 
@@ -98,8 +118,9 @@ def _collate(items):
             return {"error": item["error"]}
     out = {"pixel_values": torch.cat([x["pixel_values"] for x in items]),
            "rows": torch.tensor([x["row"] for x in items])}
-    if "boxes" in items[0]:
-        out.update(boxes=torch.cat([x["boxes"] for x in items]), flips=torch.cat([x["flips"] for x in items]))
+    for key in ("boxes", "flips", "mix_partners", "mix_boxes", "mix_flips", "mix_weights"):
+        if key in items[0]:
+            out[key] = torch.cat([x[key] for x in items])
     return out
 
 
@@ -120,7 +141,12 @@ def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precis
         for batch in loader:
             if "error" in batch:
                 raise KdpipeError(batch["error"])
-            params = {k: batch.pop(k).numpy() for k in ("boxes", "flips") if k in batch}
+            params = {k: batch.pop(k).numpy() for k in ("boxes", "flips", "mix_partners", "mix_boxes", "mix_flips",
+                                                        "mix_weights") if k in batch}
+            mixes = None
+            if "mix_partners" in params:  # split indices -> ids, the form stored
+                ids = np.array([split.ids[j] if j >= 0 else "" for j in params["mix_partners"]], dtype=object)
+                mixes = views.Mixes(ids, params["mix_boxes"], params["mix_flips"], params["mix_weights"])
             batch = runtime.to_device(batch, device)
             pixel_values = batch["pixel_values"].contiguous(memory_format=torch.channels_last)  # (B*V, 3, H, W)
             logits = teacher.model(pixel_values=pixel_values).logits.float()  # (B*V, C)
@@ -129,7 +155,7 @@ def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precis
             if progress:
                 progress(split.name, done, len(rows))
             yield Batch(np.repeat(images, per_image), np.tile(np.arange(per_image, dtype=np.int16), len(images)),
-                        logits.cpu().numpy(), params.get("boxes"), params.get("flips"))
+                        logits.cpu().numpy(), params.get("boxes"), params.get("flips"), mixes)
 
 
 def teacher_logits(teacher: Teacher, split: Split, device: torch.device, precision: str, batch_size: int,
@@ -178,8 +204,11 @@ def _merge_parts(split: Split, out_dir: Path, world: int, batch_size: int, per_i
         cols = [logit_store._columns(c)[1] for c in chunks]
         joined = {name: np.concatenate([c[name] for c in cols])[order] for name in cols[0]}
         done += len(images)
+        mixes = None
+        if "mix_id" in joined:
+            mixes = views.Mixes(joined["mix_id"], joined["mix_box"], joined["mix_flip"], joined["mix_weight"])
         yield Batch(np.repeat(images, per_image), joined["view"], joined["logits"], joined.get("view_box"),
-                    joined.get("view_flip"))
+                    joined.get("view_flip"), mixes)
     for path in paths:
         path.unlink()
 
@@ -249,9 +278,10 @@ def _cache_split(job: _Job, split: Split, progress, rank: int, world: int) -> Sp
                               np.arange(rank, len(split), world), spec)
     if world > 1:  # every rank writes its part; rank 0 merges them once all are complete
         with logit_store.SplitWriter(_part_path(job.out_dir, split.name, rank, world), len(job.perm),
-                                     with_views=spec is not None) as part:
+                                     with_views=spec is not None, with_mixes=_mixes(spec)) as part:
             for b in batches:  # teacher label order; rank 0 maps them in _write
-                part.write([split.ids[i] for i in b.rows], split.labels[b.rows], b.logits, b.views, b.boxes, b.flips)
+                part.write([split.ids[i] for i in b.rows], split.labels[b.rows], b.logits, b.views, b.boxes, b.flips,
+                           b.mixes)
             part.close({"split": split.name, "part": rank, "parts": world})
         torch.distributed.barrier()
         if rank != 0:  # wait for rank 0's file, then report from it
@@ -271,13 +301,19 @@ def _write(job: _Job, split: Split, path: Path, batches, key: dict, spec: ViewSp
            world: int) -> dict:
     """Stream the batches into the split's file (dataset label order) and close it with its metadata."""
     correct = np.zeros(2, dtype=np.int64)  # right on view 0, right on the other views
+    index = {id_: i for i, id_ in enumerate(split.ids)}
     with logit_store.SplitWriter(path, len(job.perm), job.cfg.topk, job.cfg.topk_dtype,
-                                 with_views=spec is not None) as writer:
+                                 with_views=spec is not None, with_mixes=_mixes(spec)) as writer:
         for b in batches:
             logits = b.logits[:, job.perm]  # (R, C) dataset label order
-            right = logits.argmax(1) == split.labels[b.rows]
+            labels = split.labels[b.rows]
+            if b.mixes is not None:  # a mixed view counts as right on the label with the larger share
+                major = b.mixes.weights > 0.5
+                labels = np.where(major, split.labels[[index.get(p, 0) for p in b.mixes.partners]], labels)
+            right = logits.argmax(1) == labels
             correct += [right[b.views == 0].sum(), right[b.views > 0].sum()]
-            writer.write([split.ids[i] for i in b.rows], split.labels[b.rows], logits, b.views, b.boxes, b.flips)
+            writer.write([split.ids[i] for i in b.rows], split.labels[b.rows], logits, b.views, b.boxes, b.flips,
+                         b.mixes)
         wall = time.perf_counter() - start
         meta = {
             **key,
@@ -299,6 +335,10 @@ def _write(job: _Job, split: Split, path: Path, batches, key: dict, spec: ViewSp
         if world > 1:
             meta["processes"] = world
         return writer.close(meta)
+
+
+def _mixes(spec: ViewSpec | None) -> bool:
+    return spec is not None and bool(spec.policy.mixup)
 
 
 def _storage(cfg: CacheConfig, num_classes: int) -> dict:
@@ -333,7 +373,7 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
            device: str = "auto", seed: int = 0) -> dict:
     """Fidelity check: re-run the teacher live on `n` random cached (image, view) rows of every split,
     rebuilding each input from the stored parameters alone (view 0: the teacher's processor; view v > 0:
-    views.render with the stored box and flip), and compare with the cached logits. Returns the largest
+    views.render with the stored box and flip, blended with the stored partner view), and compare with the cached logits. Returns the largest
     |Δlogit|, mean and max KL(cached ‖ live) at T = 1, and argmax agreement. Top-K caches are compared on
     their dense reconstruction (TopK.dense) and, for |Δlogit|, on the stored top-K entries only."""
     cached = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
@@ -356,7 +396,14 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
                               "pass the dataset it was built from with --dataset")
         image = split.image(index[name][c.ids[j]])
         stored_view = None if c.views[j] == 0 else (c.boxes[j], c.flips[j])  # rebuilt from the stored parameters
-        pixels.append(view_input(image, teacher.processor, stored_view, inputs))
+        mix = None
+        if c.mixes is not None and c.mixes.weights[j]:
+            partner = c.mixes.partners[j]
+            if partner not in index[name]:
+                raise KdpipeError(f"{cache_dir}: partner {partner!r} of a mixed view is not in the dataset's "
+                                  f"{name!r} split; pass the dataset it was built from with --dataset")
+            mix = (split.image(index[name][partner]), c.mixes.boxes[j], c.mixes.flips[j], c.mixes.weights[j])
+        pixels.append(view_input(image, teacher.processor, stored_view, inputs, mix))
         row = c.take(np.array([j]))
         stored.append(row.teacher_logits()[0])
         sparse.append(None if row.topk is None else (row.topk.indices[0], row.topk.values[0]))
@@ -376,6 +423,7 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
                                     torch.log_softmax(torch.from_numpy(stored), 1), log_target=True,
                                     reduction="none").sum(1).numpy()  # KL(stored || live) per row
     return {"pairs": len(picked), "augmented_views": int(sum(cached[n].views[j] > 0 for n, j in picked)),
+            "mixed_views": int(sum(cached[n].mixes is not None and cached[n].mixes.weights[j] > 0 for n, j in picked)),
             "max_abs_diff": float(diff), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
             "agreement": float((live.argmax(1) == stored.argmax(1)).mean()), "precision": meta["precision"],
             "device": runtime.describe(dev)}

@@ -50,6 +50,7 @@ class CacheConfig:
     def __post_init__(self):
         _positive("batch_size", self.batch_size, "--batch-size")
         _check(self.views >= 0, f"--views must be >= 0 (got {self.views})")
+        _check(not self.augment.mixup or self.views > 0, "--view-mixup blends the augmented views: add --views K")
         _check(self.topk is None or self.topk > 0, f"--topk must be > 0 (got {self.topk})")
         _check(self.topk_dtype in ("float32", "float16"), "--topk-dtype must be float32 or float16")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")

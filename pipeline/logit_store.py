@@ -5,6 +5,12 @@ Columns (see docs/cache-format.md):
     view    int16               0 = the un-augmented image (room for K augmented views per image)
     label   int64               dataset label index, in `label_names` order
     logits  fixed_size_list<float32>[C]   raw teacher logits, columns in dataset label order
+with augmented views (`cache-teacher --views K`), before the teacher columns:
+    view_box   fixed_size_list<float32>[4]  crop box (x0, y0, x1, y1) in source pixels
+    view_flip  bool                         horizontal flip
+and with mixed views (`--view-mixup a`), after them:
+    mix_id, mix_box, mix_flip  string, as view_box, bool   the partner image blended in, its crop and flip
+    mix_weight                 float32                      the partner's share (0 = not mixed)
 or, for large label spaces (`cache-teacher --topk K`), instead of `logits`:
     topk_values   fixed_size_list<float32|float16>[K]  the K largest raw logits, largest first
     topk_indices  fixed_size_list<int32>[K]            their classes (dataset label order)
@@ -28,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import KdpipeError
+from .views import Mixes
 
 FORMAT = "kdpipe.teacher-logits"
 FORMAT_VERSION = 2  # 2: checksum per column, so files are written as rows stream in
@@ -86,11 +93,12 @@ class LogitSplit:
     topk: TopK | None = None  # (when stored as top-K)
     boxes: np.ndarray | None = None  # (N, 4) float32 crop box (x0, y0, x1, y1) in source pixels (cache --views)
     flips: np.ndarray | None = None  # (N,) bool horizontal flip (cache --views)
+    mixes: Mixes | None = None  # what each view is blended with (cache --views K --view-mixup a)
 
     def take(self, rows: np.ndarray) -> "LogitSplit":
-        pick = lambda a: None if a is None else a.take(rows) if isinstance(a, TopK) else a[rows]  # noqa: E731
+        pick = lambda a: None if a is None else a.take(rows) if isinstance(a, (TopK, Mixes)) else a[rows]  # noqa: E731
         return LogitSplit([self.ids[i] for i in rows], self.views[rows], self.labels[rows], pick(self.logits),
-                          self.meta, pick(self.topk), pick(self.boxes), pick(self.flips))
+                          self.meta, pick(self.topk), pick(self.boxes), pick(self.flips), pick(self.mixes))
 
     @property
     def views_per_image(self) -> int:
@@ -156,10 +164,13 @@ class _ColumnHashes:
 
     def update(self, ids: list[str], arrays: list[np.ndarray]) -> None:
         if ids:
-            self.hashes["id"].update((("\0" if self.rows else "") + "\0".join(ids)).encode())
+            self.hashes["id"].update(self._joined(ids))
         for (name, h), a in zip(list(self.hashes.items())[1:], arrays):
-            h.update(_bytes(a))
+            h.update(self._joined(list(a)) if a.dtype == object else _bytes(a))  # strings like ids, else bytes
         self.rows += len(ids)
+
+    def _joined(self, strings: list[str]) -> bytes:
+        return (("\0" if self.rows and strings else "") + "\0".join(strings)).encode()
 
     def hexdigest(self) -> str:
         return hashlib.sha256(b"".join(h.digest() for h in self.hashes.values())).hexdigest()
@@ -185,12 +196,15 @@ class SplitWriter:
     """
 
     def __init__(self, path: Path, num_classes: int, topk: int | None = None, topk_dtype: str = "float32",
-                 rows_per_group: int | None = None, with_views: bool = False):
+                 rows_per_group: int | None = None, with_views: bool = False, with_mixes: bool = False):
         self.path, self.c, self.topk, self.topk_dtype = Path(path), num_classes, topk, topk_dtype
-        self.with_views = with_views
+        self.with_views, self.with_mixes = with_views, with_mixes
         fields = [("id", pa.string()), ("view", pa.int16()), ("label", pa.int64())]
         if with_views:  # each row's view parameters, so a view can be rendered again exactly (views.render)
             fields += [("view_box", pa.list_(pa.float32(), 4)), ("view_flip", pa.bool_())]
+        if with_mixes:  # and what it is blended with (views.render_mixed)
+            fields += [("mix_id", pa.string()), ("mix_box", pa.list_(pa.float32(), 4)), ("mix_flip", pa.bool_()),
+                       ("mix_weight", pa.float32())]
         if topk is None:
             self.storage = FULL
             fields.append(("logits", pa.list_(pa.float32(), num_classes)))
@@ -222,9 +236,9 @@ class SplitWriter:
         self.writer = pq.ParquetWriter(self.tmp, self.schema, use_dictionary=False)  # unique ids, float logits
 
     def write(self, ids: list[str], labels: np.ndarray, logits: np.ndarray, views: np.ndarray | None = None,
-              boxes: np.ndarray | None = None, flips: np.ndarray | None = None) -> None:
+              boxes: np.ndarray | None = None, flips: np.ndarray | None = None, mixes: Mixes | None = None) -> None:
         """Append rows: `logits` (B, C) raw, in dataset label order; with views, each row's `boxes` (B, 4)
-        and `flips` (B,)."""
+        and `flips` (B,); with mixed views, its `mixes` (partners as ids)."""
         logits = np.ascontiguousarray(logits, dtype=np.float32)  # (B, C)
         if logits.ndim != 2 or logits.shape[1] != self.c or not len(ids) == len(logits) == len(labels):
             raise ValueError(f"rows do not fit: {len(ids)} ids, {len(labels)} labels, logits {logits.shape}, "
@@ -242,12 +256,17 @@ class SplitWriter:
             columns = [pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), self.topk),
                        pa.FixedSizeListArray.from_arrays(pa.array(sparse.indices.reshape(-1), pa.int32()), self.topk),
                        pa.array(sparse.logsumexp, pa.float32())]
+        if self.with_mixes:
+            m = Mixes(np.asarray(mixes.partners, dtype=object), _box_array(mixes.boxes, n),
+                      np.asarray(mixes.flips, bool), np.asarray(mixes.weights, np.float32))
+            arrays = [m.partners, m.boxes, m.flips, m.weights, *arrays]
+            columns = [pa.array(list(m.partners), pa.string()), _box_column(m.boxes), pa.array(m.flips, pa.bool_()),
+                       pa.array(m.weights, pa.float32()), *columns]
         if self.with_views:
-            boxes = np.ascontiguousarray(boxes, dtype=np.float32).reshape(n, 4)
+            boxes = _box_array(boxes, n)
             flips = np.asarray(flips, dtype=bool).reshape(n)
             arrays = [boxes, flips, *arrays]
-            columns = [pa.FixedSizeListArray.from_arrays(pa.array(boxes.reshape(-1), pa.float32()), 4),
-                       pa.array(flips, pa.bool_()), *columns]
+            columns = [_box_column(boxes), pa.array(flips, pa.bool_()), *columns]
         self.hashes.update(list(ids), [views, labels, *arrays])
         batch = pa.RecordBatch.from_arrays([pa.array(list(ids), pa.string()), pa.array(views, pa.int16()),
                                             pa.array(labels, pa.int64()), *columns], schema=self.schema)
@@ -305,6 +324,14 @@ def write_split(path: Path, ids: list[str], labels: np.ndarray, logits: np.ndarr
     with SplitWriter(path, logits.shape[1], topk, topk_dtype) as w:
         w.write(ids, labels, logits, views)
         return w.close(meta)
+
+
+def _box_array(boxes, n: int) -> np.ndarray:
+    return np.ascontiguousarray(boxes, dtype=np.float32).reshape(n, 4)
+
+
+def _box_column(boxes: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(boxes.reshape(-1), pa.float32()), 4)
 
 
 def read_meta(path: Path) -> dict:
@@ -368,7 +395,11 @@ def read_split(path: Path) -> LogitSplit:
         raise KdpipeError(f"{path}: top-K class indices out of range; rebuild it with --force")
     boxes = cols.get("view_box")
     flips = cols["view_flip"].astype(bool) if "view_flip" in cols else None
-    return LogitSplit(ids, views, labels, logits, meta, sparse, boxes, flips)
+    mixes = None
+    if "mix_id" in cols:
+        mixes = Mixes(cols["mix_id"].astype(object), cols["mix_box"], cols["mix_flip"].astype(bool),
+                      cols["mix_weight"].astype(np.float32))
+    return LogitSplit(ids, views, labels, logits, meta, sparse, boxes, flips, mixes)
 
 
 def verify(path: Path) -> dict:

@@ -12,7 +12,7 @@ from .mixing import Mix
 
 def distillation_loss(
     student_logits: torch.Tensor,  # (B, C)
-    labels: torch.Tensor,  # (B,) int
+    labels: torch.Tensor,  # (B,) int, or (B, C) label distributions (mixed views)
     teacher_logits: torch.Tensor | None = None,  # (B, C) raw, cached
     temperature: float = 5.0,
     alpha: float = 0.5,
@@ -25,7 +25,9 @@ def distillation_loss(
     KL is summed over classes and averaged over the batch ("batchmean"); the T^2 factor keeps the soft
     term's gradients on the scale of the hard term's as T changes (Hinton et al., 2015, section 2).
     `alpha` is the guide's lambda. With alpha = 0 the teacher is not needed and `kd` is reported as 0.
-    Computed in fp32 whatever the autocast dtype of the logits.
+    Computed in fp32 whatever the autocast dtype of the logits. `labels` may be label distributions
+    (B, C), mixup's targets for views blended before the teacher saw them (views.Mixes): CE is then
+    -sum_c y_c log softmax(s)_c, and the teacher's logits are its own answer on the blend.
 
     With `mix` (the inputs were mixed with a permutation of the batch, weight lam; pipeline.mixing) both
     targets are mixed alike: CE = lam * CE(s, y) + (1 - lam) * CE(s, y[perm]), and the teacher's distribution

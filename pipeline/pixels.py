@@ -45,19 +45,31 @@ def load_or_build(split: Split, size: tuple[int, int], resample: int = 2, root: 
 
 
 def load_or_build_views(split: Split, size: tuple[int, int], resample: int, boxes: np.ndarray, flips: np.ndarray,
-                        root: Path = DEFAULT_ROOT, progress=None) -> np.ndarray:
+                        root: Path = DEFAULT_ROOT, progress=None, mixes: views.Mixes | None = None) -> np.ndarray:
     """Stored views rendered for the student (views.render, decoding each image once): (N * V, H, W, 3)
-    uint8, row i * V + v = view v of image i; keyed also by the view parameters (boxes (N, V, 4), flips (N, V))."""
+    uint8, row i * V + v = view v of image i; keyed also by the view parameters (boxes (N, V, 4), flips
+    (N, V)). Mixed views (`mixes`, rows i * V + v, partners as split indices) are blended as the teacher's
+    were (views.render_mixed)."""
     n, v = flips.shape
     params = hashlib.sha256(np.ascontiguousarray(boxes, np.float32).tobytes() + np.asarray(flips, bool).tobytes())
+    if mixes is not None:
+        for a in (np.asarray(mixes.partners, np.int64), np.asarray(mixes.boxes, np.float32),
+                  np.asarray(mixes.flips, bool), np.asarray(mixes.weights, np.float32)):
+            params.update(np.ascontiguousarray(a).tobytes())
     key = store_key(split.fingerprint(), size, resample) + "-views-" + params.hexdigest()[:16]
+
+    def mix(row: int) -> tuple | None:
+        if mixes is None or not mixes.weights[row]:
+            return None
+        return (split.image(int(mixes.partners[row])), mixes.boxes[row], bool(mixes.flips[row]), mixes.weights[row])
 
     def render_all(i: int) -> list[np.ndarray]:
         image = split.image(i)
-        return [views.render(image, boxes[i, k], bool(flips[i, k]), size, resample) for k in range(v)]
+        return [views.render_mixed(image, boxes[i, k], bool(flips[i, k]), size, resample, mix(i * v + k))
+                for k in range(v)]
 
     return _store(root, split, key, f"{split.name}.views{v}", n * v, size, render_all, progress,
-                  {"resample": resample, "views": v})
+                  {"resample": resample, "views": v, "mixed": mixes is not None})
 
 
 def _store(root: Path, split: Split, key: str, name: str, rows: int, size: tuple[int, int], build_rows, progress,

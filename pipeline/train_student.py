@@ -43,14 +43,18 @@ class SplitData:
     teacher_logits: torch.Tensor | TopK | None  # (N * V, C) float32, dataset label order; TopK: densified per batch
     views: int = 1  # V stored views per image (cache-teacher --views): pixels and teacher rows i * V + v
     view_of: torch.Tensor | None = None  # (N,) the view each image uses this epoch (views.epoch_views)
+    targets: torch.Tensor | None = None  # (N * V, C) float32 label distributions of mixed views, else None
 
     def __len__(self):
         return len(self.ids)
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> dict:
-        """Images `idx` (B,): pixels (B, H, W, 3) uint8, labels (B,), teacher_logits (B, C) of the same view."""
+        """Images `idx` (B,): pixels (B, H, W, 3) uint8, labels (B,) (or (B, C) label distributions of mixed
+        views), teacher_logits (B, C) of the same view."""
         rows = idx if self.views == 1 else idx * self.views + self.view_of[idx.to(self.view_of.device)].to(idx.device)
-        out = {"pixels": self.pixels[rows.to(self.pixels.device)], "labels": self.labels[idx.to(self.labels.device)]}
+        labels = (self.labels[idx.to(self.labels.device)] if self.targets is None
+                  else self.targets[rows.to(self.targets.device)])
+        out = {"pixels": self.pixels[rows.to(self.pixels.device)], "labels": labels}
         if isinstance(self.teacher_logits, TopK):
             out["teacher_logits"] = torch.from_numpy(self.teacher_logits.take(rows.cpu().numpy()).dense())  # (B, C)
         elif self.teacher_logits is not None:
@@ -153,11 +157,33 @@ def _load_views(cache: dict | None, split, inputs: dict, device, progress) -> Sp
         raise KdpipeError(f"{where} is missing; build the cache with kdpipe cache-teacher --views K")
     stored = cache[split.name].aligned_views(split.ids, split.labels, where)  # rows i * V + v
     v, n = stored.views_per_image, len(split)
+    mixes, targets = _mixed_views(stored, split, where)
     u8 = pixels.load_or_build_views(split, inputs["size"], inputs["resample"], stored.boxes.reshape(n, v, 4),
-                                    stored.flips.reshape(n, v), progress=progress)
+                                    stored.flips.reshape(n, v), progress=progress, mixes=mixes)
     teacher = stored.topk if stored.topk is not None else torch.from_numpy(stored.logits).to(device)
     return SplitData(split.name, split.ids, pixels.as_tensor(u8, device), torch.from_numpy(split.labels).to(device),
-                     teacher, views=v)
+                     teacher, views=v, targets=None if targets is None else targets.to(device))
+
+
+def _mixed_views(stored: logit_store.LogitSplit, split, where: str) -> tuple[views.Mixes | None, torch.Tensor | None]:
+    """For a cache of mixed views: their Mixes with partners as split indices, and each view's label
+    distribution (1 - w) * onehot(y) + w * onehot(y_partner) (N * V, C), mixup's target for the CE term."""
+    if stored.mixes is None:
+        return None, None
+    index = {id_: i for i, id_ in enumerate(split.ids)}
+    m = stored.mixes
+    mixed = m.weights > 0
+    missing = sorted({p for p in m.partners[mixed] if p not in index})
+    if missing:
+        raise KdpipeError(f"{where}: mixed views blend images missing from the dataset (e.g. {missing[0]}); "
+                          "use the dataset the cache was built from")
+    partners = np.array([index[p] if w > 0 else -1 for p, w in zip(m.partners, m.weights)], dtype=np.int64)
+    rows = np.repeat(np.arange(len(split)), stored.views_per_image)
+    w = torch.from_numpy(m.weights.astype(np.float32))[:, None]  # (N * V, 1)
+    eye = torch.eye(stored.meta["num_classes"])
+    own = eye[torch.from_numpy(split.labels[rows])]
+    other = eye[torch.from_numpy(split.labels[np.where(partners >= 0, partners, rows)])]
+    return views.Mixes(partners, m.boxes, m.flips, m.weights), (1 - w) * own + w * other
 
 
 def _claim_out_dir(out: Path, cfg: TrainConfig) -> None:

@@ -10,6 +10,12 @@ the whole image, unflipped: the un-augmented input of a cache without views.
 Rendering is one PIL call, `image.resize(size, resample, box=box)`, which resamples the box straight to
 the output size (no intermediate crop), then the flip; so a view is fully determined by (image, box,
 flip, size, filter), and the student at the teacher's resolution gets exactly the teacher's pixels.
+
+Mixed views (`ViewPolicy.mixup` > 0) are mixup (Zhang et al. 2018) done before the teacher runs: a view
+is blended with a view of another image of the split, and the teacher's logits are those of the blend,
+so the student is matched to the teacher's answer on the very image it sees ("function matching",
+Beyer et al. 2022), not to a mixture of two answers. The partner, its box and flip and the blend weight
+are stored with the view (Mixes) and replayed like the box.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class ViewPolicy:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height
     flip: float = 0.5  # probability of a horizontal flip
     seed: int = 0  # views are a pure function of (seed, image id, view index)
+    mixup: float = 0.0  # Beta(a, a) of the partner's share in a mixed view; 0 = no mixed views
+    mixup_p: float = 0.5  # probability that an augmented view is mixed: half stay single images
 
     def __post_init__(self):
         lo, hi = self.scale
@@ -42,10 +50,37 @@ class ViewPolicy:
             raise KdpipeError(f"--view-ratio must be two ratios 0 < min <= max (got {lo}, {hi})")
         if not 0 <= self.flip <= 1:
             raise KdpipeError(f"--view-flip must be a probability in [0, 1] (got {self.flip})")
+        if self.mixup < 0:
+            raise KdpipeError(f"--view-mixup must be >= 0, the Beta(a, a) parameter; 0 turns it off (got {self.mixup})")
+        if not 0 <= self.mixup_p <= 1:
+            raise KdpipeError(f"--view-mixup-p must be a probability in [0, 1] (got {self.mixup_p})")
 
     def to_dict(self) -> dict:
-        return {"kind": "random-resized-crop+hflip", **{k: list(v) if isinstance(v, tuple) else v
-                                                       for k, v in asdict(self).items()}}
+        """As stored in a cache's metadata; without the mixup fields when there is no mixing, so a cache
+        made before mixed views existed keeps its reuse key."""
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not self.mixup:
+            del fields["mixup"], fields["mixup_p"]
+            return {"kind": "random-resized-crop+hflip", **fields}
+        return {"kind": "random-resized-crop+hflip+mixup", **fields}
+
+
+@dataclass(frozen=True)
+class Mixes:
+    """What each view is blended with (ViewPolicy.mixup), one entry per view row: the partner image (its
+    id in the cache; its index in the split while sampling), the partner's crop box and flip, and the
+    partner's share `weight` of the blend (0 = a single image: view 0 and unmixed views)."""
+    partners: np.ndarray  # (R,) str ids ("" when not mixed), or int64 split indices (-1) while sampling
+    boxes: np.ndarray  # (R, 4) float32, in the partner's source pixels
+    flips: np.ndarray  # (R,) bool
+    weights: np.ndarray  # (R,) float32
+
+    def take(self, rows) -> "Mixes":
+        return Mixes(self.partners[rows], self.boxes[rows], self.flips[rows], self.weights[rows])
+
+    @staticmethod
+    def concat(parts: list["Mixes"]) -> "Mixes":
+        return Mixes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("partners", "boxes", "flips", "weights")))
 
 
 def sample(policy: ViewPolicy, image_id: str, width: int, height: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,11 +89,36 @@ def sample(policy: ViewPolicy, image_id: str, width: int, height: int, k: int) -
     flips = np.zeros(k + 1, dtype=bool)
     boxes[0] = (0, 0, width, height)
     for v in range(1, k + 1):
-        digest = hashlib.sha256(f"{policy.seed}\0{image_id}\0{v}".encode()).digest()
-        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        rng = _rng(policy.seed, image_id, v)
         boxes[v] = _random_resized_crop(rng, width, height, policy.scale, policy.ratio)
         flips[v] = rng.random() < policy.flip
     return boxes, flips
+
+
+def sample_mixes(policy: ViewPolicy, ids: list[str], i: int, k: int, size_of) -> Mixes:
+    """What views 1..k of image i (of the split whose ids are `ids`) are blended with: with probability
+    mixup_p a partner drawn uniformly among the split's other images, a random-resized crop and flip of it
+    (`size_of(j)` gives image j's (width, height)), and its share ~ Beta(mixup, mixup), stored as float32.
+    A pure function of (seed, ids, i, view index), like `sample`. Partners are split indices here."""
+    mixes = Mixes(np.full(k + 1, -1, np.int64), np.zeros((k + 1, 4), np.float32), np.zeros(k + 1, bool),
+                  np.zeros(k + 1, np.float32))
+    if not policy.mixup or len(ids) < 2:
+        return mixes
+    for v in range(1, k + 1):
+        rng = _rng(policy.seed, ids[i], v, "mix")
+        if rng.random() >= policy.mixup_p:
+            continue
+        j = int(rng.integers(len(ids) - 1))
+        j += j >= i  # any image but this one
+        mixes.partners[v], mixes.weights[v] = j, rng.beta(policy.mixup, policy.mixup)
+        mixes.boxes[v] = _random_resized_crop(rng, *size_of(j), policy.scale, policy.ratio)
+        mixes.flips[v] = rng.random() < policy.flip
+    return mixes
+
+
+def _rng(seed: int, image_id: str, v: int, purpose: str = "") -> np.random.Generator:
+    key = f"{seed}\0{image_id}\0{v}" + (f"\0{purpose}" if purpose else "")  # "" keeps the views drawn before mixing
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
 
 
 def _random_resized_crop(rng, width: int, height: int, scale, ratio) -> tuple[float, float, float, float]:
@@ -86,6 +146,25 @@ def render(image: Image.Image, box, flip: bool, size: tuple[int, int], resample:
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)
+
+
+def render_mixed(image: Image.Image, box, flip: bool, size: tuple[int, int], resample: int,
+                 mix: tuple | None = None) -> np.ndarray:
+    """`render`, then blended with `mix` = (partner image, its box, its flip, its share) when it is given
+    and the share is not 0."""
+    own = render(image, box, flip, size, resample)
+    if mix is None or not mix[3]:
+        return own
+    partner, partner_box, partner_flip, weight = mix
+    return blend(own, render(partner, partner_box, partner_flip, size, resample), weight)
+
+
+def blend(own: np.ndarray, partner: np.ndarray, weight: float) -> np.ndarray:
+    """A mixed view as uint8 (H, W, 3): round((1 - weight) * own + weight * partner), in float32, so the
+    teacher (at caching) and the student (pixels.load_or_build_views) get the same bytes."""
+    w = np.float32(weight)
+    out = own.astype(np.float32) * (np.float32(1) - w) + partner.astype(np.float32) * w
+    return np.rint(out).astype(np.uint8)
 
 
 def processor_inputs(processor: dict, where: str) -> dict:

@@ -12,25 +12,34 @@ import pytest
 from conftest import REPO
 from pipeline import cache_teacher, logit_store
 from pipeline.config import CacheConfig
+from pipeline.views import ViewPolicy
 
 
 @pytest.mark.slow
-def test_two_processes_cache_the_same_logits_as_one(image_folder, teacher_dir, tmp_path):
+@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "mixed-views"])
+def test_two_processes_cache_the_same_logits_as_one(image_folder, teacher_dir, tmp_path, mixed):
     single = tmp_path / "single"
+    views = {"views": 2, "augment": ViewPolicy(mixup=1.0)} if mixed else {}
+    flags = ["--views", "2", "--view-mixup", "1"] if mixed else []
     cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=single, precision="fp32",
-                                  workers=0, batch_size=4))
+                                  workers=0, batch_size=4, **views))
     sharded = tmp_path / "sharded"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "cli", "cache-teacher", "--teacher", str(teacher_dir), "--dataset", str(image_folder),
                            "--out", str(sharded), "--precision", "fp32", "--device", "cpu", "--workers", "0",
-                           "--batch-size", "4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           "--batch-size", "4", *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("train", "validation", "test"):
         a = logit_store.read_split(logit_store.split_path(single, name))
         b = logit_store.read_split(logit_store.split_path(sharded, name))
-        assert a.ids == b.ids and np.array_equal(a.labels, b.labels)
+        assert a.ids == b.ids and np.array_equal(a.labels, b.labels) and np.array_equal(a.views, b.views)
+        if mixed and name == "train":  # the view parameters travel through the parts unchanged
+            np.testing.assert_array_equal(b.boxes, a.boxes)
+            for f in ("partners", "boxes", "flips", "weights"):
+                np.testing.assert_array_equal(getattr(b.mixes, f), getattr(a.mixes, f))
+            assert (a.mixes.weights > 0).any()
         np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5)
         assert b.meta["processes"] == 2 and b.meta["teacher_accuracy"] == a.meta["teacher_accuracy"]
     assert not list((sharded / ".parts").glob("*"))  # the parts were joined and removed

@@ -109,7 +109,7 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
         "image_size": 32, "depth_multiplier": 0.35}, "precision": "fp32", "device": "cpu", "log_tensorboard": False})
     args = SimpleNamespace(results=tmp_path / "results", work=tmp_path / "work", recipe_epochs=1, seed_list=[0, 1],
                            views=2, views_long=2, view_arms=set(reproduce.VIEW_ARMS), view_scale=reproduce.VIEW_SCALE,
-                           view_lr=None)
+                           view_lr=None, view_mixup=0.0)
     reproduce.write_json(args.results / "recipe" / "screen.json", {"configs": [
         {"config": "a0-lr0.003", "params": {"alpha": 0.0, "lr": 3e-3}, "val_mean": 0.9},
         {"config": "a0.5-lr0.003", "params": {"alpha": 0.5, "lr": 3e-3}, "val_mean": 0.5},
@@ -164,12 +164,27 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
     assert not r["run"]["config"]["views"] and (r["alpha"], r["epochs"]) == (0.5, 2)
     assert json.loads((args.results / "views0" / "cache.json").read_text())["splits"]["train"]["views"] == 1
 
+    # mixed views: their own cache (blended views stored) and results; both arms train on them
+    mixed = SimpleNamespace(**{**vars(args), "view_arms": {"distilled", "scratch"}, "seed_list": [0],
+                               "view_mixup": 1.0})
+    reproduce.views_step(mixed, str(teacher_dir), str(image_folder))
+    for arm, alpha in (("distilled", 0.5), ("scratch", 0.0)):
+        config = json.loads((args.results / "views2-mixup1" / f"{arm}-seed0.json").read_text())["run"]["config"]
+        assert Path(config["cache"]).name == "cache-views2-mixup1" and config["views"] and config["alpha"] == alpha
+    from pipeline import logit_store
 
-@pytest.mark.parametrize("k, scale, lr", [(8, 0.25, None), (16, 0.25, None), (8, 0.5, None), (8, 0.25, 6e-3),
-                                          (16, 0.35, 1e-4), (0, 0.25, None)])
-def test_a_views_folder_name_reads_back_as_what_it_varies(k, scale, lr, reproduce, report):
-    folder = reproduce.views_folder(k, scale, lr)
-    assert report.view_variant(folder) == {"views": k, "scale": None if scale == 0.25 else scale, "lr": lr}
+    train = logit_store.read_split(args.work / "cache-views2-mixup1" / "train.parquet")
+    assert train.meta["augment"]["policy"]["mixup"] == 1.0 and (train.mixes.weights > 0).any()
+
+
+@pytest.mark.parametrize("k, scale, lr, mixup", [(8, 0.25, None, 0), (16, 0.25, None, 0), (8, 0.5, None, 0),
+                                                 (8, 0.25, 6e-3, 0), (16, 0.35, 1e-4, 0), (0, 0.25, None, 0),
+                                                 (8, 0.25, None, 1.0), (16, 0.5, 1e-3, 0.4)])
+def test_a_views_folder_name_reads_back_as_what_it_varies(k, scale, lr, mixup, reproduce, report):
+    folder = reproduce.views_folder(k, scale, lr, mixup)
+    assert report.view_variant(folder) == {"views": k, "scale": None if scale == 0.25 else scale,
+                                           "mixup": mixup or None, "lr": lr}
+    assert (f"(mixup {mixup:g})" in report._views_label(folder)) == bool(mixup)
     assert report.view_variant(folder + "x") is None
 
 
