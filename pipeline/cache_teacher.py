@@ -373,8 +373,9 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
            device: str = "auto", seed: int = 0) -> dict:
     """Fidelity check: re-run the teacher live on `n` random cached (image, view) rows of every split,
     rebuilding each input from the stored parameters alone (view 0: the teacher's processor; view v > 0:
-    views.render with the stored box and flip, blended with the stored partner view), and compare with the cached logits. Returns the largest
-    |Δlogit|, mean and max KL(cached ‖ live) at T = 1, and argmax agreement. Top-K caches are compared on
+    views.render with the stored box and flip, blended with the stored partner view where there is one),
+    and compare with the cached logits. Returns the largest |Δlogit|, mean and max KL(cached ‖ live) at
+    T = 1, and argmax agreement. Top-K caches are compared on
     their dense reconstruction (TopK.dense) and, for |Δlogit|, on the stored top-K entries only."""
     cached = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
     meta = next(iter(cached.values())).meta
