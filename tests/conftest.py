@@ -128,3 +128,17 @@ def read_cache_table(path: Path):
 
     meta = pq.read_metadata(path).metadata[b"kdpipe"]
     return pq.read_table(path).replace_schema_metadata({b"kdpipe": meta})
+
+
+def student_and_teacher_views(cache, image_folder, teacher_dir, out, k, policy):
+    """Both sides of a view cache's train split: the student's setup (32 px, the teacher's size), the
+    stored split, the dataset split, and stage one's teacher inputs rebuilt (item i: (V, 3, H, W))."""
+    from pipeline import cache_teacher, data, logit_store, train_student, views
+
+    s = train_student.setup(tiny_train_config(cache=cache, views=True, out=out,
+                                              student_config={"image_size": 32, "depth_multiplier": 0.35}))
+    stored = logit_store.read_split(cache / "train.parquet")
+    split = data.open_dataset(str(image_folder)).splits["train"]
+    teacher = cache_teacher.load_teacher(str(teacher_dir), None, False)
+    spec = cache_teacher.ViewSpec(k, policy, views.processor_inputs(stored.meta["processor"], "test"))
+    return s, stored, split, cache_teacher._TeacherInputs(split, teacher.processor, np.arange(len(split)), spec)

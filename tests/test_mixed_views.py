@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_STUDENT, read_cache_table, tiny_train_config
+from conftest import TINY_STUDENT, read_cache_table, student_and_teacher_views
 from pipeline import cache_teacher, data, logit_store, pixels, train_student, views
 from pipeline.config import CacheConfig
 from pipeline.errors import KdpipeError
@@ -88,14 +88,9 @@ def test_a_changed_partner_fails_the_checksum(mixed_cache, tmp_path):
 
 def test_the_student_sees_the_teachers_blend_and_learns_its_label_mixture(mixed_cache, image_folder, teacher_dir,
                                                                          tmp_path):
-    s = train_student.setup(tiny_train_config(cache=mixed_cache, views=True, out=tmp_path / "run",
-                                              student_config={"image_size": 32, "depth_multiplier": 0.35}))
+    s, stored, split, teacher_inputs = student_and_teacher_views(mixed_cache, image_folder, teacher_dir,
+                                                                 tmp_path / "run", K, POLICY)
     train = s.splits["train"]
-    stored = logit_store.read_split(mixed_cache / "train.parquet")
-    split = data.open_dataset(str(image_folder)).splits["train"]
-    teacher = cache_teacher.load_teacher(str(teacher_dir), None, False)
-    spec = cache_teacher.ViewSpec(K, POLICY, views.processor_inputs(stored.meta["processor"], "test"))
-    teacher_inputs = cache_teacher._TeacherInputs(split, teacher.processor, np.arange(len(split)), spec)
     checked = 0
     for i in range(len(split)):
         seen_by_teacher = teacher_inputs[i]["pixel_values"]  # (V, 3, H, W)
@@ -164,3 +159,13 @@ def test_bad_mixup_flags_are_one_line_errors(image_folder, teacher_dir, tmp_path
     code, out = run_cli("cache-teacher", *common, "--views", "2", "--view-mixup", "1", "--view-mixup-p", "2")
     assert code == 1 and "--view-mixup-p" in out
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("*.parquet"))
+
+
+def test_a_partner_missing_from_the_dataset_is_a_clear_error(mixed_cache, image_folder):
+    split = data.open_dataset(str(image_folder)).splits["train"]
+    stored = logit_store.read_split(mixed_cache / "train.parquet").aligned_views(split.ids, split.labels, "t")
+    mixes, targets = train_student._mixed_views(stored, split, "t")
+    assert targets.shape == (len(split) * (K + 1), 3) and (mixes.partners[mixes.weights > 0] >= 0).all()
+    stored.mixes.partners[np.flatnonzero(stored.mixes.weights > 0)[0]] = "elsewhere/gone.png"
+    with pytest.raises(KdpipeError, match="missing from the dataset.*gone.png"):
+        train_student._mixed_views(stored, split, "t")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_STUDENT, tiny_train_config
+from conftest import TINY_STUDENT, student_and_teacher_views
 from pipeline import cache_teacher, data, logit_store, pixels, train_student, views
 from pipeline.config import CacheConfig, TrainConfig
 from pipeline.errors import KdpipeError
@@ -59,14 +59,9 @@ def test_view_zero_equals_the_plain_cache(view_cache, cache_dir):
 
 
 def test_the_student_sees_exactly_the_teachers_view(view_cache, image_folder, teacher_dir, tmp_path):
-    s = train_student.setup(tiny_train_config(cache=view_cache, views=True, out=tmp_path / "run",
-                                              student_config={"image_size": 32, "depth_multiplier": 0.35}))
+    s, stored, split, teacher_inputs = student_and_teacher_views(view_cache, image_folder, teacher_dir,
+                                                                 tmp_path / "run", K, views.ViewPolicy())
     train = s.splits["train"]
-    stored = logit_store.read_split(view_cache / "train.parquet")
-    split = data.open_dataset(str(image_folder)).splits["train"]
-    teacher = cache_teacher.load_teacher(str(teacher_dir), None, False)
-    spec = cache_teacher.ViewSpec(K, views.ViewPolicy(), views.processor_inputs(stored.meta["processor"], "test"))
-    teacher_inputs = cache_teacher._TeacherInputs(split, teacher.processor, np.arange(len(split)), spec)
     for i in (0, 5, len(split) - 1):
         seen_by_teacher = teacher_inputs[i]["pixel_values"]  # (V, 3, H, W), what stage one fed the teacher
         for v in range(K + 1):
