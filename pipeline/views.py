@@ -78,10 +78,6 @@ class Mixes:
     def take(self, rows) -> "Mixes":
         return Mixes(self.partners[rows], self.boxes[rows], self.flips[rows], self.weights[rows])
 
-    @staticmethod
-    def concat(parts: list["Mixes"]) -> "Mixes":
-        return Mixes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("partners", "boxes", "flips", "weights")))
-
 
 def sample(policy: ViewPolicy, image_id: str, width: int, height: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (k + 1, 4) float32 and flips (k + 1,) bool for one image; row 0 is the whole image."""
