@@ -47,6 +47,10 @@ class Batch:
     mixes: views.Mixes | None = None  # with mixed views: partners as split ids
 
 
+# per-view parameters a _TeacherInputs item carries besides its pixels (views; mixed views)
+VIEW_PARAMS = ("boxes", "flips", "mix_partners", "mix_boxes", "mix_flips", "mix_weights")
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     """K random views per image drawn by `policy`, rendered at the teacher processor's `inputs`."""
@@ -118,7 +122,7 @@ def _collate(items):
             return {"error": item["error"]}
     out = {"pixel_values": torch.cat([x["pixel_values"] for x in items]),
            "rows": torch.tensor([x["row"] for x in items])}
-    for key in ("boxes", "flips", "mix_partners", "mix_boxes", "mix_flips", "mix_weights"):
+    for key in VIEW_PARAMS:
         if key in items[0]:
             out[key] = torch.cat([x[key] for x in items])
     return out
@@ -141,8 +145,7 @@ def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precis
         for batch in loader:
             if "error" in batch:
                 raise KdpipeError(batch["error"])
-            params = {k: batch.pop(k).numpy() for k in ("boxes", "flips", "mix_partners", "mix_boxes", "mix_flips",
-                                                        "mix_weights") if k in batch}
+            params = {k: batch.pop(k).numpy() for k in VIEW_PARAMS if k in batch}
             mixes = None
             if "mix_partners" in params:  # split indices -> ids, the form stored
                 ids = np.array([split.ids[j] if j >= 0 else "" for j in params["mix_partners"]], dtype=object)
