@@ -15,8 +15,8 @@ online/cached ratio measured by bench_train_student.py).
 Steps 3 and 4 (the recipe, with and without stored views): one row per arm with test accuracy of the
 best validation epoch, mean ± std over seeds; which distilled arm on views (budget, input mix, stored views
 per image, crop area, learning rate) is reported is chosen on validation by VIEWS_RULE; the gap between
-distilled and its alpha = 0 twin gets a Welch 95 % interval and the number of seeds per arm that would
-separate a gap that size from zero (seeds_needed).
+distilled and its alpha = 0 twin gets a Welch 95 % interval, a paired one over the seeds both ran (paired),
+and the number of seeds per arm that would separate a gap that size from zero (seeds_needed).
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ VIEWS_RULE = (f"the distilled arms on views with at least {CHOICE_SEEDS} seeds a
               "learning rate before other values); "
               "a later one replaces the choice only with a mean best-epoch validation accuracy at least 1 pp "
               "(about one validation image) higher")
-T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 8: 2.31, 10: 2.23}  # Student t, 97.5 % quantile
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+        15: 2.13, 20: 2.09, 30: 2.04}  # Student t, 97.5 % quantile, by degrees of freedom (the nearest is used)
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
@@ -186,6 +187,18 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
     dof = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1)) + (vb ** 2 / (len(b) - 1))) if va + vb > 0 else 10
     t = T975[min(T975, key=lambda k: abs(k - dof))]
     return ma - mb, t * math.sqrt(va + vb)
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int] | None:
+    """Mean of the per-seed differences a[seed] - b[seed] over the seeds both have, the half-width of its
+    95 % t interval, and the number of pairs (None below 2). A seed fixes a run's initial weights, batch
+    order, views and dropout draws whatever its loss (test_train_student), so the two arms of a seed
+    differ only in the teacher's term."""
+    seeds = sorted(a.keys() & b.keys())
+    if len(seeds) < 2:
+        return None
+    m, s = mean_std([a[k] - b[k] for k in seeds])
+    return m, T975[min(T975, key=lambda k: abs(k - (len(seeds) - 1)))] * s / math.sqrt(len(seeds)), len(seeds)
 
 
 def seeds_needed(a: list[float], b: list[float]) -> int | None:
@@ -298,7 +311,9 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
     if chosen:
         out += [f"Rule: {VIEWS_RULE}. Chosen: **{chosen[2]}** ({_epochs(runs[chosen])} epochs).", ""]
     out += ["## Distilled against the same recipe with λ = 0 (test, Welch 95 % interval of the difference)", "",
-            "Each distilled arm against its twin: the same data, augmentation and budget without the teacher.", ""]
+            "Each distilled arm against its twin: the same data, augmentation and budget without the teacher. "
+            "Paired: the mean of the per-seed differences (a seed fixes the initial weights, batch order, views and "
+            "dropout in both arms), with its 95 % t interval.", ""]
     by_arm = {(folder, arm): (label, rs) for (folder, arm, label), rs in runs.items()}
     test = {key: [r["test"]["accuracy"] for r in rs] for key, (_, rs) in by_arm.items()}
     for (folder, arm), (label, rs) in by_arm.items():
@@ -308,8 +323,12 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
             mark = " (chosen)" if chosen and chosen[:2] == (folder, arm) else ""
             n = seeds_needed(test[folder, arm], test[twin])
             power = f"; {n} seeds per arm would separate such a gap from zero (80 % power)" if n else ""
+            pair = paired(*({r["seed"]: r["test"]["accuracy"] for r in by_arm[k][1] if "seed" in r}
+                            for k in ((folder, arm), twin)))
+            pair = (f"; paired by seed, {100 * pair[0]:+.1f} ± {100 * pair[1]:.1f} pp over {pair[2]} seeds"
+                    if pair else "")
             out.append(f"- {_named(label, rs)}{mark} − its λ = 0 twin = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"
-                       f"{power}")
+                       f"{pair}{power}")
     plain = next((k for k in (("views0", chosen[1]), ("recipe", "distilled")) if k in test), None) if chosen else None
     gap = welch(test[chosen[:2]], test[plain]) if plain else None  # the same budget without views where it ran
     if gap:

@@ -199,7 +199,8 @@ def _result(folder, arm, seed, val, test, epochs, root):
 
     path = root / folder / f"{arm}-seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"validation": {"accuracy": val}, "test": {"accuracy": test, "teacher_agreement": test},
+    path.write_text(json.dumps({"seed": seed, "validation": {"accuracy": val},
+                                "test": {"accuracy": test, "teacher_agreement": test},
                                 "validation_accuracy_per_epoch": [val] * epochs, "wall_time_s": 60.0}))
 
 
@@ -268,7 +269,15 @@ def test_the_seeds_needed_to_separate_a_gap_grow_with_the_spread(report, tmp_pat
         _result("views", "distilled-e30", seed, 0.92, 0.90 + 0.02 * seed, 30, tmp_path)
         _result("views", "scratch-e30", seed, 0.90, 0.88 + 0.02 * seed, 30, tmp_path)
     text = report.recipe_markdown(report.recipe_runs(tmp_path))
-    assert "twin = +2.0 ± 6.1 pp; 8 seeds per arm would separate such a gap from zero (80 % power)" in text
+    assert ("twin = +2.0 ± 6.1 pp; paired by seed, +2.0 ± 0.0 pp over 2 seeds; 8 seeds per arm would separate "
+            "such a gap from zero (80 % power)") in text  # each seed gains exactly 2 pp: no spread when paired
+
+
+def test_the_paired_gap_uses_only_the_seeds_both_arms_ran(report):
+    gap, half, n = report.paired({0: 0.90, 1: 0.92, 2: 0.95}, {0: 0.88, 1: 0.91, 3: 0.50})
+    assert (n, gap) == (2, pytest.approx(0.015))  # seeds 0 and 1: differences 0.02 and 0.01
+    assert half == pytest.approx(12.71 * 0.01 / 2 ** 0.5 / 2 ** 0.5)  # t(1 dof) · sd / √n, sd = 0.01 / √2
+    assert report.paired({0: 0.90}, {0: 0.80, 1: 0.85}) is None  # one shared seed: no interval
 
 
 @pytest.mark.parametrize("k16_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),

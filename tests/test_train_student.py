@@ -291,6 +291,21 @@ def test_bn_settings_do_not_change_the_training_trajectory(cache_dir, tmp_path):
         assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
 
 
+def test_a_seed_fixes_everything_the_two_arms_share(cache_dir, tmp_path):
+    """The two arms of a seed (alpha 0 and distilled) start from the same weights and draw the same batch
+    order and dropout masks: their difference is the teacher's term alone (report_results.paired)."""
+    arms = []
+    for alpha in (0.0, 0.5):
+        s = train_student.setup(tiny_train_config(cache=cache_dir, alpha=alpha, seed=3, out=tmp_path / str(alpha)))
+        start = {k: v.clone() for k, v in s.model.state_dict().items()}
+        train_student.fit(s)
+        arms.append((start, s.generator.get_state(), torch.get_rng_state(), s.model.state_dict()))
+    (start0, order0, dropout0, end0), (start1, order1, dropout1, end1) = arms
+    assert all(torch.equal(start0[k], start1[k]) for k in start0)
+    assert torch.equal(order0, order1) and torch.equal(dropout0, dropout1)  # the same draws during training
+    assert not all(torch.equal(end0[k], end1[k]) for k in end0)  # while the loss did differ
+
+
 def test_shadow_bn_statistics_equal_pytorch_momentum_updates(cache_dir, tmp_path):
     import importlib.util
     from pathlib import Path
