@@ -175,7 +175,12 @@ VIEWS_RULE = (f"the distilled arms on views with at least {CHOICE_SEEDS} seeds a
               "a later one replaces the choice only with a mean best-epoch validation accuracy at least 1 pp "
               "(about one validation image) higher")
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
-        15: 2.13, 20: 2.09, 30: 2.04}  # Student t, 97.5 % quantile, by degrees of freedom (the nearest is used)
+        15: 2.13, 20: 2.09, 30: 2.04}  # Student t, 97.5 % quantile, by degrees of freedom
+
+
+def t975(dof: float) -> float:
+    """Student t's 97.5 % quantile at the tabulated degrees of freedom nearest `dof`."""
+    return T975[min(T975, key=lambda k: abs(k - dof))]
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
@@ -185,8 +190,7 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
     dof = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1)) + (vb ** 2 / (len(b) - 1))) if va + vb > 0 else 10
-    t = T975[min(T975, key=lambda k: abs(k - dof))]
-    return ma - mb, t * math.sqrt(va + vb)
+    return ma - mb, t975(dof) * math.sqrt(va + vb)
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int] | None:
@@ -198,7 +202,7 @@ def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]
     if len(seeds) < 2:
         return None
     m, s = mean_std([a[k] - b[k] for k in seeds])
-    return m, T975[min(T975, key=lambda k: abs(k - (len(seeds) - 1)))] * s / math.sqrt(len(seeds)), len(seeds)
+    return m, t975(len(seeds) - 1) * s / math.sqrt(len(seeds)), len(seeds)
 
 
 def seeds_needed(a: list[float], b: list[float]) -> int | None:
@@ -316,6 +320,8 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
             "dropout in both arms), with its 95 % t interval.", ""]
     by_arm = {(folder, arm): (label, rs) for (folder, arm, label), rs in runs.items()}
     test = {key: [r["test"]["accuracy"] for r in rs] for key, (_, rs) in by_arm.items()}
+    test_by_seed = {key: {r["seed"]: r["test"]["accuracy"] for r in rs if "seed" in r}
+                    for key, (_, rs) in by_arm.items()}
     for (folder, arm), (label, rs) in by_arm.items():
         twin = (folder, arm.replace("distilled", "scratch"))
         gap = welch(test[folder, arm], test[twin]) if arm.startswith("distilled") and twin in test else None
@@ -323,8 +329,7 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
             mark = " (chosen)" if chosen and chosen[:2] == (folder, arm) else ""
             n = seeds_needed(test[folder, arm], test[twin])
             power = f"; {n} seeds per arm would separate such a gap from zero (80 % power)" if n else ""
-            pair = paired(*({r["seed"]: r["test"]["accuracy"] for r in by_arm[k][1] if "seed" in r}
-                            for k in ((folder, arm), twin)))
+            pair = paired(test_by_seed[folder, arm], test_by_seed[twin])
             pair = (f"; paired by seed, {100 * pair[0]:+.1f} ± {100 * pair[1]:.1f} pp over {pair[2]} seeds"
                     if pair else "")
             out.append(f"- {_named(label, rs)}{mark} − its λ = 0 twin = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"
