@@ -16,7 +16,8 @@ Steps 3 and 4 (the recipe, with and without stored views): one row per arm with 
 best validation epoch, mean ± std over seeds; which distilled arm on views (budget, input mix, stored views
 per image, crop area, learning rate) is reported is chosen on validation by VIEWS_RULE; the gap between
 distilled and its alpha = 0 twin gets a Welch 95 % interval, a paired one over the seeds both ran (paired),
-and the number of seeds per arm that would separate a gap that size from zero (seeds_needed).
+and the number of seeds per arm that would separate a gap that size from zero (seeds_needed); a gap whose
+seed count was fixed before its runs is marked interim until it has them all (verdict).
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ VIEWS_RULE = (f"the distilled arms on views with at least {CHOICE_SEEDS} seeds a
               "learning rate before other values); "
               "a later one replaces the choice only with a mean best-epoch validation accuracy at least 1 pp "
               "(about one validation image) higher")
+VERDICTS = {("views", "distilled-e30"): (15, "498bf37")}  # (folder, arm): seeds per arm fixed before the runs, commit
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
         15: 2.13, 20: 2.09, 30: 2.04}  # Student t, 97.5 % quantile, by degrees of freedom
 
@@ -333,13 +335,28 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
             pair = (f"; paired by seed, {100 * pair[0]:+.1f} ± {100 * pair[1]:.1f} pp over {pair[2]} seeds"
                     if pair else "")
             out.append(f"- {_named(label, rs)}{mark} − its λ = 0 twin = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"
-                       f"{pair}{power}")
+                       f"{pair}{power}{verdict((folder, arm), gap, min(len(rs), len(test[twin])))}")
     plain = next((k for k in (("views0", chosen[1]), ("recipe", "distilled")) if k in test), None) if chosen else None
     gap = welch(test[chosen[:2]], test[plain]) if plain else None  # the same budget without views where it ran
     if gap:
         out += ["", f"Views against no views, both distilled: {_named(*by_arm[chosen[:2]])} − "
                     f"{_named(*by_arm[plain])} = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"]
     return "\n".join(out) + "\n"
+
+
+def verdict(key: tuple[str, str], gap: tuple[float, float], seeds: int) -> str:
+    """For a gap with a seed count fixed before its runs (VERDICTS): marked interim below that count, so
+    that adding seeds until the interval clears zero cannot decide it; at the count, whether the Welch
+    interval excludes zero."""
+    if key not in VERDICTS:
+        return ""
+    planned, commit = VERDICTS[key]
+    if seeds < planned:
+        return (f"; interim: {seeds} of the {planned} seeds per arm fixed before the runs (commit {commit}), "
+                f"judged at {planned}")
+    found = ("above λ = 0, zero outside the interval" if gap[0] - gap[1] > 0
+             else "not clearly above λ = 0, zero inside the interval")
+    return f"; the verdict at the {planned} seeds per arm fixed before the runs (commit {commit}): {found}"
 
 
 def _epochs(rs: list[dict]) -> int:

@@ -273,6 +273,23 @@ def test_the_seeds_needed_to_separate_a_gap_grow_with_the_spread(report, tmp_pat
             "such a gap from zero (80 % power)") in text  # each seed gains exactly 2 pp: no spread when paired
 
 
+def test_a_gap_with_a_planned_seed_count_is_judged_only_at_that_count(report, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "VERDICTS", {("views", "distilled-e30"): (3, "abc1234")})
+    for seed in (0, 1):
+        _result("views", "distilled-e30", seed, 0.92, 0.90 + 0.02 * seed, 30, tmp_path)
+        _result("views", "scratch-e30", seed, 0.90, 0.80 + 0.02 * seed, 30, tmp_path)
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert "interim: 2 of the 3 seeds per arm fixed before the runs (commit abc1234), judged at 3" in text
+    _result("views", "distilled-e30", 2, 0.92, 0.94, 30, tmp_path)
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert "interim: 2 of the 3" in text  # the λ = 0 arm still has 2 seeds
+    _result("views", "scratch-e30", 2, 0.90, 0.84, 30, tmp_path)
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert "the verdict at the 3 seeds per arm fixed before the runs (commit abc1234): above λ = 0" in text
+    assert report.verdict(("views", "distilled-e30"), (0.02, 0.03), 3).endswith("zero inside the interval")
+    assert report.verdict(("views", "distilled-e60"), (0.02, 0.01), 3) == ""  # no planned count: no verdict
+
+
 def test_the_paired_gap_uses_only_the_seeds_both_arms_ran(report):
     gap, half, n = report.paired({0: 0.90, 1: 0.92, 2: 0.95}, {0: 0.88, 1: 0.91, 3: 0.50})
     assert (n, gap) == (2, pytest.approx(0.015))  # seeds 0 and 1: differences 0.02 and 0.01
