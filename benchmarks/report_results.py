@@ -45,9 +45,14 @@ def pct(values: list[float]) -> str:
     return f"{100 * m:.1f} %" if math.isnan(s) else f"{100 * m:.1f} ± {100 * s:.1f} %"
 
 
+def by_seed(paths) -> list[Path]:
+    """Result files `<arm>-seed<k>.json` in seed order (seed 10 after seed 9, not after seed 1)."""
+    return sorted(paths, key=lambda p: (p.name.split("-seed")[0], int(p.stem.rpartition("-seed")[2])))
+
+
 def load_runs(results: Path) -> dict[str, list[dict]]:
     runs = {arm: [] for arm in ARMS}
-    for path in sorted((results / "guide").glob("*-seed*.json")):
+    for path in by_seed((results / "guide").glob("*-seed*.json")):
         arm = path.name.split("-seed")[0]
         if arm in runs:
             runs[arm].append(json.loads(path.read_text()))
@@ -295,7 +300,7 @@ def recipe_runs(results: Path) -> dict[tuple[str, str, str], list[dict]]:
     """(folder, arm, label) -> the result files of its seeds, for the arms with any."""
     runs = {}
     for key in recipe_arms(results):
-        found = [json.loads(p.read_text()) for p in sorted((results / key[0]).glob(f"{key[1]}-seed*.json"))]
+        found = [json.loads(p.read_text()) for p in by_seed((results / key[0]).glob(f"{key[1]}-seed*.json"))]
         if found:
             runs[key] = found
     return runs

@@ -290,6 +290,13 @@ def test_a_gap_with_a_planned_seed_count_is_judged_only_at_that_count(report, tm
     assert report.verdict(("views", "distilled-e60"), (0.02, 0.01), 3) == ""  # no planned count: no verdict
 
 
+def test_per_seed_figures_are_listed_in_seed_order(report, tmp_path):
+    for seed in (10, 2, 9):
+        _result("views", "distilled-e30", seed, 0.92, seed / 100, 30, tmp_path)
+    text = report.recipe_markdown(report.recipe_runs(tmp_path))
+    assert "| 2.0, 9.0, 10.0 |" in text  # not 10.0, 2.0, 9.0 (the files' name order)
+
+
 def test_the_paired_gap_uses_only_the_seeds_both_arms_ran(report):
     gap, half, n = report.paired({0: 0.90, 1: 0.92, 2: 0.95}, {0: 0.88, 1: 0.91, 3: 0.50})
     assert (n, gap) == (2, pytest.approx(0.015))  # seeds 0 and 1: differences 0.02 and 0.01
