@@ -29,6 +29,8 @@ import re
 import sys
 from pathlib import Path
 
+from pipeline.sweep_report import t975
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("upstream", "momentum0.1", "precise")
 ARMS = ("scratch", "distilled")
@@ -181,13 +183,6 @@ VIEWS_RULE = (f"the distilled arms on views with at least {CHOICE_SEEDS} seeds a
               "a later one replaces the choice only with a mean best-epoch validation accuracy at least 1 pp "
               "(about one validation image) higher")
 VERDICTS = {("views", "distilled-e30"): (15, "498bf37")}  # (folder, arm): seeds per arm fixed before the runs, commit
-T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
-        15: 2.13, 20: 2.09, 30: 2.04}  # Student t, 97.5 % quantile, by degrees of freedom
-
-
-def t975(dof: float) -> float:
-    """Student t's 97.5 % quantile at the tabulated degrees of freedom nearest `dof`."""
-    return T975[min(T975, key=lambda k: abs(k - dof))]
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:

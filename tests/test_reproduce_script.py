@@ -300,7 +300,7 @@ def test_per_seed_figures_are_listed_in_seed_order(report, tmp_path):
 def test_the_paired_gap_uses_only_the_seeds_both_arms_ran(report):
     gap, half, n = report.paired({0: 0.90, 1: 0.92, 2: 0.95}, {0: 0.88, 1: 0.91, 3: 0.50})
     assert (n, gap) == (2, pytest.approx(0.015))  # seeds 0 and 1: differences 0.02 and 0.01
-    assert half == pytest.approx(12.71 * 0.01 / 2 ** 0.5 / 2 ** 0.5)  # t(1 dof) · sd / √n, sd = 0.01 / √2
+    assert half == pytest.approx(12.706 * 0.01 / 2 ** 0.5 / 2 ** 0.5)  # t(1 dof) · sd / √n, sd = 0.01 / √2
     assert report.paired({0: 0.90}, {0: 0.80, 1: 0.85}) is None  # one shared seed: no interval
 
 

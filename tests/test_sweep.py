@@ -205,3 +205,9 @@ def test_a_sweep_started_before_a_setting_existed_still_resumes(run_cli, cache_d
     assert code == 0 and "other settings" not in out, out
     code, out = run_cli(*base[:-2], "--temperature", "2,5", "--mix", "mixup")  # a real change is still refused
     assert code == 1 and "other settings (train)" in out, out
+
+
+@pytest.mark.parametrize("dof, exact", [(2, 4.303), (7.4, 2.3390), (17.81, 2.1025), (45, 2.0141), (120, 1.9799)])
+def test_the_t_quantile_holds_between_the_tabulated_degrees_of_freedom(dof, exact):
+    # exact: scipy.stats.t.ppf(0.975, dof); Welch's degrees of freedom are fractional
+    assert sweep_report.t975(dof) == pytest.approx(exact, abs=0.002)
