@@ -40,7 +40,7 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
    Also the guide's 30-epoch budget, CutMix of the stored views, and the alpha = 0 twin of each (VIEW_ARMS).
    Only the seeds without a result file run, so a later session (whose data/ may be gone) completes an arm.
    The runs behind docs/results.md: `--steps views` (every arm, seeds 0-2), then `--seeds 3,4 --view-arms
-   distilled-long,scratch-long` (later also `--seeds 5`, `6`, ..., `13`, two processes each), then `--seeds 0,1,2
+   distilled-long,scratch-long` (later also `--seeds 5`, `6`, ..., `14`, two processes each), then `--seeds 0,1,2
    --views-long 60 --view-arms distilled-long,scratch-long`;
    one-seed screens: `--seeds 0 --view-arms distilled-long` with `--views 16`, `--view-scale 0.5`, `--view-lr 6e-3`
    (and `--views-long 60 --views 16`, which passed: `--seeds 1,2`); the baseline `--views 0 --views-long 60
