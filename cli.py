@@ -415,7 +415,7 @@ def _print_sweep(s) -> None:
     for i, r in enumerate(s.rows, 1):
         ci = "-" if math.isnan(r.val_ci95) else f"± {r.val_ci95:.2%}"
         style = "bold green" if r is s.best else None
-        table.add_row(str(i), *(f"{r.params[n]:g}" if isinstance(r.params.get(n), float) else str(r.params.get(n))
+        table.add_row(str(i), *(f"{r.params[n]:g}" if isinstance(r.params.get(n), float) else str(r.params.get(n, "-"))
                                 for n in names), str(len(r.seeds)), f"{r.val_mean:.2%} ± {r.val_std:.2%}", ci,
                       str(r.pruned), style=style)
     console.print(table)
@@ -424,14 +424,30 @@ def _print_sweep(s) -> None:
     console.print(f"trials: {counts}; epochs run {s.epochs['run']} of {s.epochs['planned']} planned "
                   f"({saved:.0%} saved by pruning); training time {s.seconds:.0f} s")
     if s.best is not None:
-        from pipeline.sweep_report import mean_std_ci
+        from pipeline.stats import mean_std_ci
 
         line = f"chosen on validation: [bold]{s.best.key}[/] (val {s.best.val_mean:.2%} ± {s.best.val_std:.2%})"
         if s.best.test:
             m, sd, _ = mean_std_ci(s.best.test)
             line += f"; its test accuracy, reported not used: [bold]{m:.2%} ± {sd:.2%}[/] over {len(s.best.test)} seeds"
         console.print(line)
+    if s.teacher_gain:
+        _print_gain(s.teacher_gain)
     console.print("wrote " + ", ".join(str(f) for f in s.files))
+
+
+def _print_gain(g: dict) -> None:
+    """The teacher's gain: the best distilled config minus its alpha = 0 twin, in percentage points."""
+    def pp(split: str) -> str:
+        d = g[split]
+        text = f"{split}{' (reported, not used)' if split == 'test' else ''} {100 * d['gap']:+.1f}"
+        text += f" ± {100 * d['welch95']:.1f} pp (Welch 95%)" if d["welch95"] is not None else " pp (one seed: no interval)"
+        if d["paired"]:
+            text += f", paired by seed {100 * d['paired']['gap']:+.1f} ± {100 * d['paired']['ci95']:.1f} pp"
+        return text
+
+    parts = [pp(split) for split in ("validation", "test") if split in g]
+    console.print(f"teacher's gain, {g['distilled']} − its λ = 0 twin {g['twin']}: " + "; ".join(parts))
 
 
 def main():

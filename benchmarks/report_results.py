@@ -29,7 +29,7 @@ import re
 import sys
 from pathlib import Path
 
-from pipeline.sweep_report import t975
+from pipeline.stats import mean_std_ci, paired, seeds_needed, welch
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("upstream", "momentum0.1", "precise")
@@ -38,8 +38,9 @@ EXTRA_PASSES = {"upstream": 0, "momentum0.1": 0, "precise": 1}  # forwards over 
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan"))
+    """Mean and sample std; the std of one value is nan (printed as no spread at all)."""
+    m, s, _ = mean_std_ci(values)
+    return m, (s if len(values) > 1 else math.nan)
 
 
 def pct(values: list[float]) -> str:
@@ -183,38 +184,6 @@ VIEWS_RULE = (f"the distilled arms on views with at least {CHOICE_SEEDS} seeds a
               "a later one replaces the choice only with a mean best-epoch validation accuracy at least 1 pp "
               "(about one validation image) higher")
 VERDICTS = {("views", "distilled-e30"): (15, "498bf37")}  # (folder, arm): seeds per arm fixed before the runs, commit
-
-
-def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
-    """Difference of means a - b and the half-width of its 95 % Welch interval (None below 2 seeds each)."""
-    if min(len(a), len(b)) < 2:
-        return None
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
-    dof = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1)) + (vb ** 2 / (len(b) - 1))) if va + vb > 0 else 10
-    return ma - mb, t975(dof) * math.sqrt(va + vb)
-
-
-def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int] | None:
-    """Mean of the per-seed differences a[seed] - b[seed] over the seeds both have, the half-width of its
-    95 % t interval, and the number of pairs (None below 2). A seed fixes a run's initial weights, batch
-    order, views and dropout draws whatever its loss (test_train_student), so the two arms of a seed
-    differ only in the teacher's term."""
-    seeds = sorted(a.keys() & b.keys())
-    if len(seeds) < 2:
-        return None
-    m, s = mean_std([a[k] - b[k] for k in seeds])
-    return m, t975(len(seeds) - 1) * s / math.sqrt(len(seeds)), len(seeds)
-
-
-def seeds_needed(a: list[float], b: list[float]) -> int | None:
-    """Seeds per arm for a 95 % interval of the difference to exclude zero with 80 % power, if the true
-    gap and spreads were the measured ones (normal approximation, n = 2 (z.975 + z.8)² s² / gap²,
-    s² = the mean of the two variances); None when the measured gap is not positive."""
-    gap = mean_std(a)[0] - mean_std(b)[0]
-    if gap <= 0 or min(len(a), len(b)) < 2:
-        return None
-    return math.ceil(2 * (1.960 + 0.842) ** 2 * (mean_std(a)[1] ** 2 + mean_std(b)[1] ** 2) / 2 / gap ** 2)
 
 
 def _mix(arm: str) -> str:

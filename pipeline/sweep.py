@@ -5,7 +5,8 @@ train-student run folder under `<sweep>/runs/`, and the study (which trials exis
 state and results) lives in an Optuna storage: by default a journal file inside the sweep folder, or
 any RDB URL (`--storage postgresql://...`) shared by workers on several machines.
 
-grid (default)  one trial per (config, seed) of the full product. Workers claim points through the
+grid (default)  one trial per (config, seed) of the full product (alpha = 0 once, whatever the
+                temperatures: grid_points). Workers claim points through the
                 storage: a worker picks a point nobody holds, creates a trial carrying its parameters,
                 then looks again; if another live trial holds the same point it steps back (its trial is
                 marked FAIL, user attr "duplicate"). Of two claims, the later check always sees the
@@ -67,10 +68,17 @@ def config_key(params: dict) -> str:
 
 
 def grid_points(cfg: SweepConfig) -> list[Point]:
+    """Every config of the product x every seed, except that alpha = 0 runs once per setting of the rest:
+    without the KD term the temperature changes nothing, so it is left out of those configs."""
     dims = cfg.dimensions()
     names = sorted(dims)
-    configs = [dict(zip(names, values)) for values in itertools.product(*(dims[n].choices for n in names))]
-    return [Point(c, seed) for c in configs for seed in cfg.seeds]
+    configs = {}
+    for values in itertools.product(*(dims[n].choices for n in names)):
+        c = dict(zip(names, values))
+        if c.get("alpha", cfg.train.alpha) == 0:
+            c.pop("temperature", None)
+        configs.setdefault(config_key(c), c)
+    return [Point(c, seed) for c in configs.values() for seed in cfg.seeds]
 
 
 # ------------------------------------------------------------------------------------- storage, study
@@ -287,7 +295,8 @@ def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None
         rivals = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number and key is not None
                   and t.user_attrs.get("point") == key
                   and t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)]
-        if key is None or rivals:  # another worker took the queued trial, or claimed the point too: step back
+        if key not in points or rivals:  # another worker took the queued trial, claimed the point too, or
+            # queued it under an older kdpipe whose grid had other points: step back
             trial.set_user_attr("duplicate", rivals[0].number if rivals else "nothing queued")
             study.tell(trial, state=TrialState.FAIL)
             time.sleep(rng.uniform(0.05, 0.5))
@@ -295,9 +304,9 @@ def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None
             continue
         collided = False
         trial.set_user_attr("owner", _owner())
-        for name in sorted(choices):  # the queued values, recorded as Optuna parameters
-            trial.suggest_categorical(name, choices[name])
         point = points[key]
+        for name in sorted(point.params.keys() | {"seed"}):  # the queued values, recorded as Optuna parameters
+            trial.suggest_categorical(name, choices[name])
         with _failing_on_error(study, trial):
             run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress, shared)
         result = _finish_trial(study, trial, point.key, point.params, [point.seed], [run])

@@ -2,7 +2,8 @@
 
 Per config, over its seeds: mean, sample std and a 95% Student-t interval of the best-epoch validation
 accuracy. The chosen config is the best mean validation accuracy; test accuracy is read for that config
-only (reading test for every config invites choosing on it). Written next to the study:
+only (reading test for every config invites choosing on it). When the sweep has alpha = 0 configs, the
+teacher's gain: the best distilled config minus its alpha = 0 twin (teacher_gain). Written next to the study:
 results.csv (one row per config), results.json (configs, every run, the choice) and, when the sweep
 varies both T and alpha and matplotlib is installed, heatmap.png of mean validation accuracy over T x alpha.
 """
@@ -18,32 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import KdpipeError
-
-# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96)
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def mean_std_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean, sample standard deviation (ddof 1; 0 for one value) and the half-width of a 95% t-interval
-    of the mean (nan for one value: one seed says nothing about the spread)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n == 1:
-        return mean, 0.0, math.nan
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, std, t975(n - 1) * std / math.sqrt(n)
-
-
-def t975(dof: float) -> float:
-    """Student t's 97.5 % quantile at `dof` (Welch's are fractional): linear in 1/dof between the tabulated
-    integers, and between 30 and the normal limit beyond (within 0.002 of the exact quantile from 2 on)."""
-    if dof <= 1:
-        return T95[0]
-    lo = min(int(dof), len(T95))
-    upper, t_upper = (lo + 1, T95[lo]) if lo < len(T95) else (math.inf, 1.96)
-    w = (1 / lo - 1 / dof) / (1 / lo - 1 / upper)
-    return T95[lo - 1] + w * (t_upper - T95[lo - 1])
+from .stats import mean_std_ci, paired, welch
 
 
 @dataclass
@@ -72,6 +48,7 @@ class SweepSummary:
     counts: dict  # trials per state
     epochs: dict  # run, planned (for pruning's savings)
     seconds: float  # summed epoch time of every run
+    teacher_gain: dict | None = None  # the best distilled config against its alpha = 0 twin (teacher_gain())
     files: list[Path] = field(default_factory=list)
 
 
@@ -119,11 +96,41 @@ def build(out: Path, write: bool = True) -> SweepSummary:
     best = rows[0] if rows else None
     if best is not None:
         best.test = [r["test"] for r in groups[best.key]["runs"] if r.get("test") is not None] or None
+    gain = teacher_gain(rows, {key: g["runs"] for key, g in groups.items()})
     summary = SweepSummary(out, record["study_name"], record["spec"], rows, best, counts,
-                           {"run": epochs_run, "planned": epochs_planned}, seconds)
+                           {"run": epochs_run, "planned": epochs_planned}, seconds, gain)
     if write:
         summary.files = _write(summary)
     return summary
+
+
+def teacher_gain(rows: list[ConfigRow], runs: dict[str, list[dict]]) -> dict | None:
+    """Does the teacher help? The best config with alpha > 0 (rows are best first) against its twin: the
+    same settings with alpha = 0 (any temperature: it changes nothing there). Differences of best-epoch
+    validation accuracy, Welch's 95 % interval and paired by seed (a seed fixes initial weights, batch
+    order and dropout in both). The distilled config won on validation against the others, so its
+    validation gap is flattered by that choice. The test gap is not; it is given when the distilled config
+    is the chosen one (test is read for the chosen config only, here as a difference). None without a pair."""
+    def settings(r: ConfigRow) -> dict:
+        return {k: v for k, v in r.params.items() if k not in ("alpha", "temperature")}
+
+    distilled = next((r for r in rows if r.params.get("alpha", 0) > 0), None)
+    if distilled is None:
+        return None
+    twins = [r for r in rows if r.params.get("alpha") == 0 and settings(r) == settings(distilled)]
+    if not twins:
+        return None
+    twin = next((r for r in twins if r.params.get("temperature") in (None, distilled.params.get("temperature"))),
+                twins[0])
+    out = {"distilled": distilled.key, "twin": twin.key}
+    for split in ("validation", "test") if distilled is rows[0] else ("validation",):
+        a, b = ({r["seed"]: r[split] for r in runs[row.key] if r.get(split) is not None} for row in (distilled, twin))
+        welch_gap, pair = welch(list(a.values()), list(b.values())), paired(a, b)
+        if a and b:
+            out[split] = {"gap": sum(a.values()) / len(a) - sum(b.values()) / len(b), "seeds": [len(a), len(b)],
+                          "welch95": welch_gap[1] if welch_gap else None,
+                          "paired": {"gap": pair[0], "ci95": pair[1], "seeds": pair[2]} if pair else None}
+    return out
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
@@ -164,7 +171,8 @@ def to_dict(s: SweepSummary) -> dict:
             m, sd, ci = mean_std_ci(s.best.test)
             best.update(test_mean=m, test_std=sd, test_ci95=None if math.isnan(ci) else ci)
     return {"study_name": s.study_name, "spec": s.spec, "trials": s.counts, "epochs": s.epochs,
-            "train_seconds": round(s.seconds, 2), "configs": [row(r) for r in s.rows], "best": best}
+            "train_seconds": round(s.seconds, 2), "configs": [row(r) for r in s.rows], "best": best,
+            "teacher_gain": s.teacher_gain}
 
 
 def heatmap(s: SweepSummary, path: Path) -> Path | None:
@@ -185,8 +193,11 @@ def heatmap(s: SweepSummary, path: Path) -> Path | None:
 
     grid = np.full((len(alphas), len(temps)), np.nan)
     for r in s.rows:
-        i, j = alphas.index(r.params["alpha"]), temps.index(r.params["temperature"])
-        grid[i, j] = np.nanmax([grid[i, j], r.val_mean])
+        if "alpha" not in r.params:
+            continue
+        i = alphas.index(r.params["alpha"])
+        for j in [temps.index(r.params["temperature"])] if "temperature" in r.params else range(len(temps)):
+            grid[i, j] = np.nanmax([grid[i, j], r.val_mean])  # alpha = 0 runs once, for every T
     fig, ax = plt.subplots(figsize=(1.2 * len(temps) + 2.5, 0.8 * len(alphas) + 2))
     im = ax.imshow(grid * 100, cmap="viridis", origin="lower", aspect="auto")
     ax.set_xticks(range(len(temps)), [f"{t:g}" for t in temps])

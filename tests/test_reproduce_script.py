@@ -297,13 +297,6 @@ def test_per_seed_figures_are_listed_in_seed_order(report, tmp_path):
     assert "| 2.0, 9.0, 10.0 |" in text  # not 10.0, 2.0, 9.0 (the files' name order)
 
 
-def test_the_paired_gap_uses_only_the_seeds_both_arms_ran(report):
-    gap, half, n = report.paired({0: 0.90, 1: 0.92, 2: 0.95}, {0: 0.88, 1: 0.91, 3: 0.50})
-    assert (n, gap) == (2, pytest.approx(0.015))  # seeds 0 and 1: differences 0.02 and 0.01
-    assert half == pytest.approx(12.706 * 0.01 / 2 ** 0.5 / 2 ** 0.5)  # t(1 dof) · sd / √n, sd = 0.01 / √2
-    assert report.paired({0: 0.90}, {0: 0.80, 1: 0.85}) is None  # one shared seed: no interval
-
-
 @pytest.mark.parametrize("k16_val, chosen", [(0.925, "stored views, distilled, 30 epochs"),
                                              (0.935, "16 stored views, distilled, 30 epochs")])
 @pytest.mark.usefixtures("two_seed_rule")

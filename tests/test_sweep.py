@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 import signal
+import statistics
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from conftest import TINY_STUDENT, make_image_folder, make_teacher, spawn_kdpipe
 from pipeline import sweep, sweep_report
 from pipeline.config import SweepConfig
 from pipeline.errors import KdpipeError
+from pipeline.stats import welch
 
 TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
 
@@ -207,7 +209,60 @@ def test_a_sweep_started_before_a_setting_existed_still_resumes(run_cli, cache_d
     assert code == 1 and "other settings (train)" in out, out
 
 
-@pytest.mark.parametrize("dof, exact", [(2, 4.303), (7.4, 2.3390), (17.81, 2.1025), (45, 2.0141), (120, 1.9799)])
-def test_the_t_quantile_holds_between_the_tabulated_degrees_of_freedom(dof, exact):
-    # exact: scipy.stats.t.ppf(0.975, dof); Welch's degrees of freedom are fractional
-    assert sweep_report.t975(dof) == pytest.approx(exact, abs=0.002)
+@pytest.mark.parametrize("space, fixed_alpha, configs", [
+    ({"temperature": "2,5", "alpha": "0,0.5"}, 0.5, ["T2-a0.5", "T5-a0.5", "a0"]),  # λ = 0 once, not once per T
+    ({"temperature": "2,5", "lr": "1e-3,3e-3"}, 0.0, ["lr0.001", "lr0.003"]),  # --alpha 0 fixed: T is moot
+    ({"temperature": "2,5", "alpha": "0.25,0.5"}, 0.5, ["T2-a0.25", "T2-a0.5", "T5-a0.25", "T5-a0.5"]),
+])
+def test_the_grid_runs_alpha_zero_once_per_setting_of_the_rest(space, fixed_alpha, configs, tmp_path):
+    from conftest import tiny_train_config
+
+    cfg = SweepConfig(train=tiny_train_config(cache=tmp_path, alpha=fixed_alpha), space=space, seeds=[0, 1])
+    points = sweep.grid_points(cfg)
+    assert sorted({p.config_key for p in points}) == configs
+    assert len(points) == 2 * len(configs) and len({p.key for p in points}) == len(points)
+
+
+def test_the_teacher_gain_is_the_best_distilled_config_minus_its_alpha_zero_twin(run_cli, cache_dir, tmp_path):
+    sw = tmp_path / "sw"
+    code, out = run_cli("sweep", "--cache", cache_dir, "--temperature", "2,5", "--alpha", "0,0.5", "--epochs", "2",
+                        "--seeds", "0,1,2", "--out", sw, *TINY)
+    assert code == 0, out
+    runs = {p.name for p in (sw / "runs").iterdir()}
+    assert runs == {f"{c}-seed{s}" for c in ("T2-a0.5", "T5-a0.5", "a0") for s in (0, 1, 2)}
+    result = json.loads((sw / "results.json").read_text())
+    gain = result["teacher_gain"]
+    distilled = next(c["config"] for c in result["configs"] if c["params"].get("alpha", 0) > 0)  # best first
+    assert (gain["distilled"], gain["twin"]) == (distilled, "a0")
+    for split in ("validation", "test"):  # recomputed from the run folders' own results
+        acc = {c: [json.loads((sw / "runs" / f"{c}-seed{s}" / "run.json").read_text())[split]["accuracy"]
+                   for s in (0, 1, 2)] for c in (distilled, "a0")}
+        diffs = [a - b for a, b in zip(acc[distilled], acc["a0"])]
+        assert gain[split]["gap"] == pytest.approx(sum(diffs) / 3)
+        assert gain[split]["paired"]["gap"] == pytest.approx(sum(diffs) / 3) and gain[split]["paired"]["seeds"] == 3
+        assert gain[split]["seeds"] == [3, 3] and gain[split]["welch95"] is not None
+    assert f"teacher's gain, {distilled} − its λ = 0 twin a0: validation" in " ".join(out.split())
+    assert (sw / "heatmap.png").exists()  # the α = 0 row fills every T column
+
+
+def test_the_teacher_gain_pairs_the_twin_with_the_same_other_settings():
+    def row(key, params, val):
+        return sweep_report.ConfigRow(key, params, [0, 1, 2], val, 0)
+
+    val = {"T5-a0.5-lr0.001": [0.90, 0.92, 0.95], "T2-a0.5-lr0.001": [0.80, 0.81, 0.82],
+           "a0-lr0.001": [0.88, 0.91, 0.90], "a0-lr0.003": [0.99, 0.99, 0.99]}
+    params = {"T5-a0.5-lr0.001": {"temperature": 5.0, "alpha": 0.5, "lr": 1e-3},
+              "T2-a0.5-lr0.001": {"temperature": 2.0, "alpha": 0.5, "lr": 1e-3},
+              "a0-lr0.001": {"alpha": 0.0, "lr": 1e-3}, "a0-lr0.003": {"alpha": 0.0, "lr": 3e-3}}
+    rows = sorted((row(k, params[k], v) for k, v in val.items()), key=lambda r: -r.val_mean)
+    runs = {k: [{"seed": s, "validation": v[s], "test": v[s] - 0.01 * s} for s in range(3)] for k, v in val.items()}
+    gain = sweep_report.teacher_gain(rows, runs)
+    assert (gain["distilled"], gain["twin"]) == ("T5-a0.5-lr0.001", "a0-lr0.001")  # not the λ = 0 config that won
+    assert gain["validation"]["gap"] == pytest.approx((0.02 + 0.01 + 0.05) / 3)
+    assert gain["validation"]["welch95"] == pytest.approx(welch(val["T5-a0.5-lr0.001"], val["a0-lr0.001"])[1])
+    sd = statistics.stdev([0.02, 0.01, 0.05])  # the per-seed differences
+    assert gain["validation"]["paired"]["ci95"] == pytest.approx(4.30265 * sd / 3 ** 0.5, rel=1e-4)
+    assert "test" not in gain  # a λ = 0 config was chosen: the distilled one's test is not read
+    chosen = sweep_report.teacher_gain([r for r in rows if r.key != "a0-lr0.003"], runs)
+    assert chosen["test"]["gap"] == pytest.approx(gain["validation"]["gap"])  # the same shift in both arms
+    assert sweep_report.teacher_gain([r for r in rows if r.key != "a0-lr0.001"], runs) is None  # no twin
