@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 
+
 @functools.lru_cache(maxsize=None)
 def t975(dof: float) -> float:
     """Student t's 97.5 % quantile at `dof` degrees of freedom, fractional ones too (Welch's): the t with

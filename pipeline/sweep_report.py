@@ -125,11 +125,12 @@ def teacher_gain(rows: list[ConfigRow], runs: dict[str, list[dict]]) -> dict | N
     out = {"distilled": distilled.key, "twin": twin.key}
     for split in ("validation", "test") if distilled is rows[0] else ("validation",):
         a, b = ({r["seed"]: r[split] for r in runs[row.key] if r.get(split) is not None} for row in (distilled, twin))
-        welch_gap, pair = welch(list(a.values()), list(b.values())), paired(a, b)
-        if a and b:
-            out[split] = {"gap": sum(a.values()) / len(a) - sum(b.values()) / len(b), "seeds": [len(a), len(b)],
-                          "welch95": welch_gap[1] if welch_gap else None,
-                          "paired": {"gap": pair[0], "ci95": pair[1], "seeds": pair[2]} if pair else None}
+        if not (a and b):
+            continue
+        gap, pair = welch(list(a.values()), list(b.values())), paired(a, b)
+        out[split] = {"gap": mean_std_ci(list(a.values()))[0] - mean_std_ci(list(b.values()))[0],
+                      "seeds": [len(a), len(b)], "welch95": gap[1] if gap else None,
+                      "paired": {"gap": pair[0], "ci95": pair[1], "seeds": pair[2]} if pair else None}
     return out
 
 
