@@ -150,10 +150,10 @@ def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precis
             if "mix_partners" in params:  # split indices -> ids, the form stored
                 ids = np.array([split.ids[j] if j >= 0 else "" for j in params["mix_partners"]], dtype=object)
                 mixes = views.Mixes(ids, params["mix_boxes"], params["mix_flips"], params["mix_weights"])
+            images = batch.pop("rows").numpy()  # stays on the host: no round trip through the device
             batch = runtime.to_device(batch, device)
             pixel_values = batch["pixel_values"].contiguous(memory_format=torch.channels_last)  # (B*V, 3, H, W)
             logits = teacher.model(pixel_values=pixel_values).logits.float()  # (B*V, C)
-            images = batch["rows"].cpu().numpy()
             done += len(images)
             if progress:
                 progress(split.name, done, len(rows))
@@ -238,6 +238,7 @@ def _setup(cfg: CacheConfig) -> _Job:
     perm = label_mapping(teacher.label_names, dataset.label_names)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
+    runtime.configure_backends(device, precision)
     teacher.model = runtime.prepare_model(teacher.model, device)
     processor = teacher.processor.to_dict()
     spec = None
@@ -255,7 +256,7 @@ def _setup(cfg: CacheConfig) -> _Job:
         "format_version": logit_store.FORMAT_VERSION,
         "logits_storage": _storage(cfg, len(dataset.label_names)),
     })
-    workers = runtime.default_workers() if cfg.workers is None else cfg.workers
+    workers = runtime.default_workers(device) if cfg.workers is None else cfg.workers
     return _Job(cfg, dataset, teacher, perm, device, precision, workers, cfg.out_dir(), spec, common)
 
 
@@ -413,7 +414,9 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
         sparse.append(None if row.topk is None else (row.topk.indices[0], row.topk.values[0]))
     perm = np.asarray(meta["teacher"]["label_map"])
     live = []
-    with torch.inference_mode(), runtime.autocast(dev, meta["precision"]):
+    precision = runtime.precision_on(meta["precision"], dev)  # a GPU's fp16 cache is replayed in fp32 on a CPU
+    runtime.configure_backends(dev, precision)
+    with torch.inference_mode(), runtime.autocast(dev, precision):
         for start in range(0, len(pixels), 32):
             x = torch.from_numpy(np.stack(pixels[start:start + 32]).astype(np.float32)).to(dev)
             live.append(teacher.model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits.float().cpu())
@@ -429,5 +432,6 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
     return {"pairs": len(picked), "augmented_views": int(sum(cached[n].views[j] > 0 for n, j in picked)),
             "mixed_views": int(sum(cached[n].mixes is not None and cached[n].mixes.weights[j] > 0 for n, j in picked)),
             "max_abs_diff": float(diff), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-            "agreement": float((live.argmax(1) == stored.argmax(1)).mean()), "precision": meta["precision"],
+            "agreement": float((live.argmax(1) == stored.argmax(1)).mean()), "precision": precision,
+            "cache_precision": meta["precision"],
             "device": runtime.describe(dev)}

@@ -109,10 +109,17 @@ def as_tensor(pixels: np.ndarray, device: torch.device, headroom: float = 0.5) -
     """The store as a uint8 tensor for batching. On a GPU, the whole store moves to device memory when it
     takes at most `headroom` of what is free there. Otherwise (and always on CPU) it stays a zero-copy view
     of the memory map: the OS pages it in and out, so memory does not grow with the dataset and a store
-    larger than RAM still trains (batches are gathered on demand)."""
-    if device.type == "cuda" and pixels.nbytes <= headroom * torch.cuda.mem_get_info(device)[0]:
+    larger than RAM still trains (batches are gathered on demand, then copied to the device)."""
+    if fits_on_device(pixels.nbytes, device, headroom):
         return torch.from_numpy(np.asarray(pixels)).to(device)
     return torch.from_numpy(pixels)
+
+
+def fits_on_device(nbytes: int, device: torch.device, headroom: float = 0.5) -> bool:
+    """Whether a store of `nbytes` goes to device memory: only on a GPU, and only while it takes at most
+    `headroom` of the memory free there now (each split is asked in turn, so train, validation and test
+    together stay under 1 - (1 - headroom)^3 of it; the student and its activations need the rest)."""
+    return device.type == "cuda" and nbytes <= headroom * torch.cuda.mem_get_info(device)[0]
 
 
 def normalise(batch_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -35,8 +37,12 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise KdpipeError("--device cuda: no CUDA device is visible here; use --device cpu (or auto)")
-    if name == "cuda" and distributed()[1] > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+    if name == "cuda" and distributed()[1] > 1:  # one GPU per process: the launcher's LOCAL_RANK
+        local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= count:
+            raise KdpipeError(f"LOCAL_RANK {local}: only {count} CUDA device(s) visible on this machine; launch at "
+                              f"most {count} processes per machine (torchrun --nproc_per_node {count})")
+        return torch.device("cuda", local)
     return torch.device(name)
 
 
@@ -46,10 +52,14 @@ def distributed() -> tuple[int, int]:
 
 
 def start_distributed(device: torch.device) -> None:
-    """Join the process group the launcher described (NCCL between GPUs, gloo on CPUs)."""
+    """Join the process group the launcher described (NCCL between GPUs, gloo on CPUs). On a GPU the
+    process first makes its own device current: NCCL runs collectives and barrier() on the current
+    device, which is otherwise cuda:0 in every process (all ranks would share one GPU)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
@@ -62,8 +72,42 @@ def resolve_precision(name: str, device: torch.device) -> str:
             raise KdpipeError("--precision fp16 is for CUDA; on the CPU use bf16 or fp32")
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_has_fast_bf16(device) else "fp16"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def cuda_has_fast_bf16(device: torch.device) -> bool:
+    """True on GPUs with bf16 tensor cores (compute capability 8.0, Ampere, and later). Not
+    torch.cuda.is_bf16_supported(), which by default also counts the slow emulation of older GPUs."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def precision_on(precision: str, device: torch.device) -> str:
+    """A recorded precision (a run's or a cache's) as it can be replayed on `device`: fp16 is CUDA-only
+    (resolve_precision refuses it on a CPU, where it is emulated), so a GPU's fp16 becomes fp32 on a CPU."""
+    return "fp32" if precision == "fp16" and device.type != "cuda" else precision
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 training (Micikevicius et al. 2018, "Mixed Precision Training",
+    arXiv:1710.03740): the loss is multiplied by S before backward so small gradients do not underflow
+    fp16's range (below 6e-8 they become 0), and the gradients are divided by S before the step, which is
+    skipped (and S halved) when they overflow. fp16 only: bf16 has fp32's exponent range and needs none,
+    so for bf16 and fp32 the scaler is disabled (scale() and step() pass through)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def configure_backends(device: torch.device, precision: str) -> None:
+    """Set the process-wide numerics a run's flags promise, before it starts. cuDNN: deterministic
+    algorithms and no autotuning (`benchmark` picks kernels by timing, so two runs of one seed could
+    differ, and a resumed run would not follow the uninterrupted one). TF32 (Ampere and later: fp32
+    matmuls and convolutions with a 10-bit mantissa) only where the run is low-precision anyway: `fp32`
+    means IEEE fp32, so an fp32 cache made on a GPU matches the CPU's to float rounding. No effect on a CPU."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def autocast(device: torch.device, precision: str):
@@ -78,9 +122,47 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return model.to(device=device, memory_format=torch.channels_last)
 
 
+def compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile (inductor) cannot work on `device`, or None: it generates Triton kernels on a GPU
+    (Triton installed, compute capability 7.0 or newer) and C++ on a CPU (a compiler on PATH)."""
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile needs Triton on a GPU and it is not installed (pip install triton)"
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (7, 0):
+            return f"Triton needs a GPU of compute capability 7.0 or newer; this one is {major}.{minor}"
+    elif device.type == "cpu":
+        if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c):
+            return "torch.compile on a CPU needs a C++ compiler (g++ or clang++) and none is on PATH"
+    return None
+
+
+def compile_model(model: torch.nn.Module, device: torch.device):
+    """torch.compile(model), refused up front with a one-line error where it cannot work (compile_problem)
+    instead of failing inside the first training step."""
+    problem = compile_problem(device)
+    if problem:
+        raise KdpipeError(f"--compile: {problem}; install it, or drop --compile (eager mode trains the same model)")
+    return torch.compile(model)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    """The one function that moves a batch: tensors go to `device` without blocking."""
+    """The one function that moves a batch: tensors go to `device` without blocking. Host to GPU only:
+    from pinned memory (stage one's DataLoader pins on CUDA) the copy overlaps compute; from pageable
+    memory CUDA stages it synchronously, which is safe. Results come back with .cpu(), which waits."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def device_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The random state of `device`'s own generator (dropout on a GPU draws from it, not from the CPU's),
+    for checkpoints; None on a CPU, whose state torch.get_rng_state() holds."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_device_rng_state(device: torch.device, state: torch.Tensor | None) -> None:
+    """Restore device_rng_state; a no-op for a CPU or a checkpoint without one (resumed on another device)."""
+    if state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -91,14 +173,29 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def default_workers() -> int:
-    """Data-loading workers: one per spare core, none on a 1-core box (workers would only compete)."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and taskset narrow), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(device: torch.device | None = None) -> int:
+    """Data-loading workers for stage one, from this process's share of the cores (cores / processes on
+    this machine under torchrun, LOCAL_WORLD_SIZE). CPU teacher: one per spare core, at most 4, none on a
+    1-core box (the teacher needs the cores too). GPU teacher: decoding is the bottleneck (one core decodes
+    ~150 Beans images/s, a GPU runs a ViT-B/16 at thousands; docs/scaling.md), so every spare core, at most 32."""
+    share = max(1, cpu_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if device is not None and device.type == "cuda":
+        return max(1, min(32, share - 1))
+    return max(0, min(4, share - 1))
 
 
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm {major}.{minor}, {cpu_cores()} CPU cores)"
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, bf16 {'native' if cpu_has_fast_bf16() else 'emulated'})"
 
 

@@ -79,6 +79,7 @@ class Setup:
     generator: torch.Generator
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"epoch": None, "accuracy": -1.0, "state": None})
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (runtime.grad_scaler); None = plain steps
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -109,6 +110,7 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     set_bn_momentum(model, cfg.bn_momentum)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
+    runtime.configure_backends(device, precision)
     inputs = _input_spec(model, cache)
     view_split = cfg.train_split if cfg.views else None
     splits = shared.get(("splits", *source, inputs["size"], inputs["resample"], str(device), view_split),
@@ -117,12 +119,12 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
         raise KdpipeError(f"--cache {cfg.cache} has no {cfg.train_split!r} split; cache it or use --alpha 0")
     model = runtime.prepare_model(model, device)
     optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits[cfg.train_split]) / cfg.batch_size))
-    forward = torch.compile(model) if cfg.compile else model
+    forward = runtime.compile_model(model, device) if cfg.compile else model
     if runtime.distributed()[1] > 1:  # data-parallel: gradients averaged across processes every step
         forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     provenance = _provenance(cfg, cache, dataset, device, precision)
     return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
-                 _with_tensors(inputs, device), out, provenance, generator)
+                 _with_tensors(inputs, device), out, provenance, generator, scaler=runtime.grad_scaler(device, precision))
 
 
 def _open_source(cfg: TrainConfig) -> tuple[dict | None, ImageDataset]:
@@ -316,8 +318,13 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
             student_logits = s.forward(pixel_values=mixing.apply(x, mix) if mix else x).logits  # (B, C)
         parts = distillation_loss(student_logits, batch["labels"], batch.get("teacher_logits"),
                                   cfg.temperature, cfg.alpha, mix)
-        parts["loss"].backward()
-        s.optimizer.step()
+        if s.scaler is not None:  # fp16: scaled backward, unscaled (or skipped) step
+            s.scaler.scale(parts["loss"]).backward()
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+        else:
+            parts["loss"].backward()
+            s.optimizer.step()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         n = len(batch["labels"])
@@ -479,6 +486,8 @@ def _write_checkpoint(s: Setup) -> None:
     state = {"model": _cpu_state(s.model), "optimizer": s.optimizer.state_dict(),
              "scheduler": s.scheduler.state_dict(), "generator": s.generator.get_state(),
              "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
+             "device_rng": runtime.device_rng_state(s.device),  # ... or, on a GPU, from the GPU's
+             "scaler": s.scaler.state_dict() if s.scaler is not None else {},
              "best_epoch": s.best["epoch"], "best_accuracy": s.best["accuracy"], "best_state": s.best["state"],
              "config": s.cfg.to_dict(), "history": json.dumps(s.history)}
     buf = io.BytesIO()
@@ -530,6 +539,9 @@ def resume(s: Setup) -> bool:
     s.scheduler.load_state_dict(state["scheduler"])
     s.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    runtime.set_device_rng_state(s.device, state.get("device_rng"))  # None from a CPU run; absent in older checkpoints
+    if s.scaler is not None and state.get("scaler"):
+        s.scaler.load_state_dict(state["scaler"])
     s.best = {"epoch": state["best_epoch"], "accuracy": state["best_accuracy"], "state": state["best_state"]}
     s.history = json.loads(state["history"])  # the checkpoint's own, never ahead of or behind its weights
     return True
@@ -653,7 +665,9 @@ def evaluate(run_dir: Path, split: str = "test", dataset: str | None = None, dev
                                                            progress=progress), dev),
                      torch.from_numpy(source.labels), teacher)
     model = runtime.prepare_model(model, dev)
-    logits = predict(model, data, dev, r["precision"], inputs)
+    precision = runtime.precision_on(r["precision"], dev)  # a GPU's fp16 run is evaluated in fp32 on a CPU
+    runtime.configure_backends(dev, precision)
+    logits = predict(model, data, dev, precision, inputs)
     report = metrics.classification_report(logits, source.labels, teacher.numpy() if teacher is not None else None)
     report["confusion_matrix"] = metrics.confusion_matrix(logits.argmax(1), source.labels, len(ds.label_names)).tolist()
     return report
