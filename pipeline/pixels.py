@@ -5,14 +5,24 @@ on the device. The store is keyed by the split's content fingerprint, the size a
 filter, so any change of data or resolution builds a new one. Resizing uses the teacher processor's
 filter on the same decoded RGB image, so with the teacher's size the student sees exactly the teacher's
 pixels (docs/cache-format.md).
+
+Stored views (cache-teacher --views K) are not stored as pixels: the split's images are decoded once at
+their source resolution (`load_or_build_originals`, capped at ORIGINALS_MAX_BYTES) and each view is
+rendered when a batch needs it (`ViewSource`, on background threads) with the function stage one used,
+views.render_mixed, so K costs only the cache's view parameters (docs/views.md).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
+import shutil
+import threading
+from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,6 +33,7 @@ from .data import Split
 from .errors import KdpipeError
 
 DEFAULT_ROOT = Path("data") / "pixels"
+ORIGINALS_MAX_BYTES = 64 << 30  # one split's decode-once originals at most (and at most half the free disk)
 
 
 def store_key(fingerprint: str, size: tuple[int, int], resample: int) -> str:
@@ -103,6 +114,220 @@ def _store(root: Path, split: Split, key: str, name: str, rows: int, size: tuple
         tmp.unlink(missing_ok=True)
         raise
     return np.load(path, mmap_mode="c")
+
+
+class Originals:
+    """A split's images decoded once (data.Split.image: RGB, EXIF orientation applied) at their source
+    resolution: uint8 pixels back to back in one read-only memory-mapped file, image i being the
+    h_i * w_i * 3 bytes from offset_i, row by row (index: (N, 3) int64 offset, height, width). The OS pages
+    it in and out, so memory does not grow with the dataset."""
+
+    def __init__(self, data: np.ndarray, index: np.ndarray):
+        self.data, self.index = data, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def array(self, i: int) -> np.ndarray:
+        """Image i as a (H, W, 3) uint8 view of the memory map."""
+        offset, h, w = (int(x) for x in self.index[i])
+        return np.asarray(self.data[offset:offset + h * w * 3]).reshape(h, w, 3)
+
+    def image(self, i: int) -> Image.Image:
+        """Image i as a PIL RGB image: the very pixels Split.image(i) decodes to (PIL keeps its own copy)."""
+        return Image.fromarray(self.array(i))
+
+
+def originals_key(fingerprint: str) -> str:
+    return hashlib.sha256(f"{fingerprint}|originals".encode()).hexdigest()[:20]
+
+
+def load_or_build_originals(split: Split, root: Path = DEFAULT_ROOT, progress=None,
+                            max_bytes: int | None = None) -> Originals | None:
+    """The split's decode-once originals, building the store if needed: in `<root>/<originals_key>/`,
+    `<split>.originals.u8` (the pixels), `.npy` (the index) and `.json` (ids, bytes), each written under a
+    temporary name and renamed, the JSON last, so a store is complete or absent. Capped: None when the
+    pixels would exceed min(`max_bytes` or ORIGINALS_MAX_BYTES, half the disk space free when the build
+    starts); the caller then decodes each image when a view of it is rendered (the same pixels, more CPU),
+    and a marker keeps later runs from decoding the split again to find that out."""
+    folder = Path(root) / originals_key(split.fingerprint())
+    name = f"{split.name}.originals"
+    data_path, index_path, meta_path = folder / f"{name}.u8", folder / f"{name}.npy", folder / f"{name}.json"
+    cap = max_bytes or ORIGINALS_MAX_BYTES
+    meta = _read_json(meta_path)
+    if meta is not None and meta.get("ids") == split.ids:
+        if meta.get("over_cap"):
+            if meta["bytes_at_least"] > cap:
+                return None
+        elif data_path.exists() and data_path.stat().st_size == meta["bytes"] and index_path.exists():
+            return _open_originals(data_path, index_path, meta["bytes"])
+    folder.mkdir(parents=True, exist_ok=True)
+    _sweep_dead_temporaries(folder, name)
+    cap = min(cap, shutil.disk_usage(folder).free // 2)
+    pid = os.getpid()
+    tmp_data, tmp_index = folder / f".{name}.u8.tmp-{pid}", folder / f".{name}.npy.tmp-{pid}"
+    index = np.zeros((len(split), 3), np.int64)
+    total = 0
+    try:
+        with open(tmp_data, "wb") as f:
+            for i in range(len(split)):
+                u8 = np.ascontiguousarray(split.image(i), dtype=np.uint8)  # (H, W, 3)
+                if total + u8.nbytes > cap:  # over the cap: views will decode their image when rendered
+                    tmp_data.unlink(missing_ok=True)
+                    _write_json(meta_path, {"split": split.name, "fingerprint": split.fingerprint(), "ids": split.ids,
+                                            "over_cap": True, "bytes_at_least": total + u8.nbytes, "cap": cap})
+                    return None
+                index[i] = total, u8.shape[0], u8.shape[1]
+                f.write(u8.tobytes())
+                total += u8.nbytes
+                if progress and ((i + 1) % 64 == 0 or i + 1 == len(split)):
+                    progress(f"decode {split.name}", i + 1, len(split))
+        with open(tmp_index, "wb") as f:
+            np.save(f, index)
+        os.replace(tmp_data, data_path)
+        os.replace(tmp_index, index_path)
+        _write_json(meta_path, {"split": split.name, "fingerprint": split.fingerprint(), "bytes": total,
+                                "ids": split.ids})
+    except OSError as e:
+        tmp_data.unlink(missing_ok=True)
+        tmp_index.unlink(missing_ok=True)
+        raise KdpipeError(f"cannot write the originals store {data_path}: {e.strerror or e}; free space") from None
+    except BaseException:
+        tmp_data.unlink(missing_ok=True)
+        tmp_index.unlink(missing_ok=True)
+        raise
+    return _open_originals(data_path, index_path, total)
+
+
+def _open_originals(data_path: Path, index_path: Path, nbytes: int) -> Originals:
+    data = np.memmap(data_path, np.uint8, "r") if nbytes else np.zeros(0, np.uint8)  # mmap refuses 0 bytes
+    return Originals(data, np.load(index_path, allow_pickle=False))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sweep_dead_temporaries(folder: Path, name: str) -> None:
+    """Remove `.<name>.*.tmp-<pid>` files whose writer is gone (killed mid-build; they can be large)."""
+    for stale in folder.glob(f".{name}.*.tmp-*"):
+        try:
+            pid = int(stale.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not ours to judge
+            pass
+
+
+def default_render_threads() -> int:
+    """Background rendering threads: half the cores (the student's steps keep the rest), 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+class ViewSource:
+    """The student's pixels for stored views, rendered when a batch needs them. Row i * V + v is view v of
+    image i: its crop box and flip and, for a mixed view, the partner (a split index), its box and flip and
+    the partner's share, rendered at `size` by views.render_mixed, the function stage one fed the teacher
+    with, from `image(i)` (Originals.image, or Split.image over the cap): at the teacher's size the student
+    gets the teacher's very pixels, at another size the same box, flip and blend resampled to it.
+
+    `plan(batches)` hands the coming batches (row arrays, in the order they will be taken) to `threads`
+    background threads, which keep up to `depth` batches rendered ahead of the training loop; PIL's resize
+    and numpy release the GIL, so rendering overlaps the student's steps. `take(rows)` returns a batch
+    (B, H, W, 3) uint8: its planned render (batches planned before it but never taken are dropped), or,
+    when it was not planned, one rendered in place. Rendering is deterministic, so the result never
+    depends on threads or timing."""
+
+    def __init__(self, image: Callable[[int], Image.Image], boxes: np.ndarray, flips: np.ndarray,
+                 size: tuple[int, int], resample: int, mixes: views.Mixes | None = None, threads: int | None = None,
+                 depth: int | None = None):
+        n, v = np.shape(flips)
+        self.image, self.views, self.size, self.resample = image, v, (int(size[0]), int(size[1])), int(resample)
+        self.boxes = np.asarray(boxes, np.float32).reshape(n * v, 4)
+        self.flips = np.asarray(flips, bool).reshape(n * v)
+        self.mixes = mixes  # rows i * V + v, partners as split indices (-1: not mixed)
+        self.threads = threads or default_render_threads()
+        self.depth = depth or max(4, 2 * self.threads)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._plan: deque = deque()  # [key, rows, future or None], in the order they will be taken
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.flips)
+
+    def render(self, rows) -> np.ndarray:
+        """Rows (B,) -> (B, H, W, 3) uint8, rendered now on the calling thread."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        out = np.empty((len(rows), *self.size, 3), np.uint8)
+        for k, r in enumerate(rows.tolist()):
+            mix = None
+            if self.mixes is not None and self.mixes.weights[r]:
+                mix = (self.image(int(self.mixes.partners[r])), self.mixes.boxes[r], bool(self.mixes.flips[r]),
+                       self.mixes.weights[r])
+            out[k] = views.render_mixed(self.image(r // self.views), self.boxes[r], bool(self.flips[r]), self.size,
+                                        self.resample, mix)
+        return out
+
+    def plan(self, batches) -> None:
+        """Render these batches of rows on the background threads, in this order (replaces an earlier plan)."""
+        with self._lock:
+            for entry in self._plan:
+                if entry[2] is not None:
+                    entry[2].cancel()
+            self._plan = deque([[b.tobytes(), b, None] for b in (np.asarray(x, np.int64).reshape(-1) for x in batches)])
+            self._submit()
+
+    def take(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        key = rows.tobytes()
+        future = None
+        with self._lock:
+            at = next((j for j, entry in enumerate(self._plan) if entry[0] == key), None)
+            if at is not None:
+                for _ in range(at):  # planned but skipped (e.g. a step a process sits out): dropped
+                    skipped = self._plan.popleft()
+                    if skipped[2] is not None:
+                        skipped[2].cancel()
+                future = self._plan.popleft()[2]
+                self._submit()
+        return future.result() if future is not None else self.render(rows)
+
+    def close(self) -> None:
+        with self._lock:
+            for entry in self._plan:
+                if entry[2] is not None:
+                    entry[2].cancel()
+            self._plan.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+    def _submit(self) -> None:
+        """Keep the first `depth` planned batches submitted (called with the lock held)."""
+        for j, entry in enumerate(self._plan):
+            if j >= self.depth:
+                break
+            if entry[2] is None:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="kdpipe-render")
+                entry[2] = self._pool.submit(self.render, entry[1])
 
 
 def as_tensor(pixels: np.ndarray, device: torch.device, headroom: float = 0.5) -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""Views rendered when used (pixels.Originals, pixels.ViewSource): the decode-once originals are the decoded
+images, capped; rendering from them, in place or on background threads, gives the bytes of the prebuilt
+view store (pixels.load_or_build_views) at any size, mixed views included; a fresh view every epoch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import data, pixels, views
+from pipeline.errors import KdpipeError
+
+POLICY = views.ViewPolicy(mixup=1.0, mixup_p=0.5)
+K = 5
+
+
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory):
+    """Images of several sizes and modes (RGB, L, P, RGBA): the originals keep each at its own resolution."""
+    root = tmp_path_factory.mktemp("odd") / "ds"
+    rng = np.random.default_rng(0)
+    shapes = [(40, 40), (37, 53), (64, 29), (50, 50), (33, 47), (45, 31)]
+    for j, (h, w) in enumerate(shapes):
+        folder = root / "train" / ("a" if j % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        img = [img, img.convert("L"), img.convert("P"), img.convert("RGBA")][j % 4]
+        img.save(folder / f"img{j}.png")
+    return root
+
+
+def _split(folder):
+    return data.open_dataset(str(folder), splits=["train"]).splits["train"]
+
+
+def _views(split, k=K, policy=POLICY):
+    """Boxes (N, V, 4), flips (N, V) and Mixes (rows i * V + v, partners as split indices), as stage one draws them."""
+    n = len(split)
+    sizes = [split.image(i).size for i in range(n)]
+    boxes, flips, parts = [], [], []
+    for i in range(n):
+        b, f = views.sample(policy, split.ids[i], *sizes[i], k)
+        boxes.append(b)
+        flips.append(f)
+        parts.append(views.sample_mixes(policy, split.ids, i, k, lambda j: sizes[j]))
+    mixes = views.Mixes(*(np.concatenate([getattr(m, f) for m in parts]) for f in ("partners", "boxes", "flips",
+                                                                                      "weights")))
+    return np.stack(boxes), np.stack(flips), mixes
+
+
+def test_originals_are_the_decoded_images_stored_once(odd_folder, tmp_path, monkeypatch):
+    split = _split(odd_folder)
+    store = pixels.load_or_build_originals(split, root=tmp_path)
+    assert len(store) == len(split)
+    for i in range(len(split)):
+        decoded = np.asarray(split.image(i))
+        np.testing.assert_array_equal(store.array(i), decoded)  # source resolution, RGB
+        np.testing.assert_array_equal(np.asarray(store.image(i)), decoded)
+    assert store.nbytes == sum(np.asarray(split.image(i)).nbytes for i in range(len(split)))
+    folder = next(tmp_path.iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == ["train.originals.json", "train.originals.npy",
+                                                        "train.originals.u8"]  # no temporaries left
+    monkeypatch.setattr(type(split), "image", lambda self, i: pytest.fail("decoded again"))
+    again = pixels.load_or_build_originals(split, root=tmp_path)  # reused, not rebuilt
+    np.testing.assert_array_equal(again.array(2), store.array(2))
+
+
+def test_originals_over_the_cap_are_decoded_when_used(odd_folder, tmp_path, monkeypatch):
+    split = _split(odd_folder)
+    assert pixels.load_or_build_originals(split, root=tmp_path, max_bytes=5000) is None  # the first image: 4,800 B
+    calls = []
+    real = type(split).image
+    monkeypatch.setattr(type(split), "image", lambda self, i: calls.append(i) or real(self, i))
+    assert pixels.load_or_build_originals(split, root=tmp_path, max_bytes=5000) is None and calls == []  # marker
+    assert not list(next(tmp_path.iterdir()).glob("*.u8"))
+    monkeypatch.undo()
+    assert len(pixels.load_or_build_originals(split, root=tmp_path)) == len(split)  # a larger cap builds it
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 20)], ids=["teacher-size", "other-size"])
+def test_views_rendered_when_used_are_the_prebuilt_store_bit_for_bit(odd_folder, tmp_path, size):
+    split = _split(odd_folder)
+    boxes, flips, mixes = _views(split)
+    assert (mixes.weights > 0).sum() >= 5
+    prebuilt = pixels.load_or_build_views(split, size, 2, boxes, flips, root=tmp_path, mixes=mixes)  # (N * V, H, W, 3)
+    originals = pixels.load_or_build_originals(split, root=tmp_path)
+    rows = np.arange(len(split) * (K + 1))
+    for image in (originals.image, split.image):  # from the originals, or decoded when used (over the cap)
+        source = pixels.ViewSource(image, boxes, flips, size, 2, mixes)
+        np.testing.assert_array_equal(source.render(rows), prebuilt)
+    unmixed = pixels.ViewSource(originals.image, boxes, flips, size, 2)
+    plain = pixels.load_or_build_views(split, size, 2, boxes, flips, root=tmp_path)
+    np.testing.assert_array_equal(unmixed.render(rows), plain)
+
+
+def test_background_rendering_gives_the_same_batches_in_any_order_of_asking(odd_folder, tmp_path):
+    split = _split(odd_folder)
+    boxes, flips, mixes = _views(split)
+    originals = pixels.load_or_build_originals(split, root=tmp_path)
+    source = pixels.ViewSource(originals.image, boxes, flips, (16, 16), 3, mixes, threads=2, depth=2)
+    rng = np.random.default_rng(0)
+    batches = [rng.choice(len(source), 4, replace=False) for _ in range(7)]
+    expected = [source.render(b) for b in batches]
+    source.plan(batches)
+    for b, e in zip(batches, expected):
+        np.testing.assert_array_equal(source.take(b), e)
+    source.plan(batches)
+    np.testing.assert_array_equal(source.take(batches[3]), expected[3])  # 0-2 skipped: dropped from the plan
+    assert len(source._plan) == 3
+    np.testing.assert_array_equal(source.take(batches[0]), expected[0])  # not planned any more: rendered in place
+    np.testing.assert_array_equal(source.take(batches[4]), expected[4])
+    source.close()
+
+    def broken(i):
+        raise KdpipeError(f"cannot decode image {i}")
+
+    bad = pixels.ViewSource(broken, boxes, flips, (16, 16), 2, threads=1)
+    bad.plan(batches[:2])
+    with pytest.raises(KdpipeError, match="cannot decode image"):  # raised where the batch is taken
+        bad.take(batches[0])
+    bad.close()
+
+
+def test_a_split_data_batch_renders_this_epochs_view(odd_folder, tmp_path):
+    from pipeline.train_student import SplitData
+
+    split = _split(odd_folder)
+    boxes, flips, _ = _views(split)
+    n, v = flips.shape
+    originals = pixels.load_or_build_originals(split, root=tmp_path)
+    source = pixels.ViewSource(originals.image, boxes, flips, (16, 16), 2)
+    logits = torch.randn(n * v, 2)
+    train = SplitData("train", split.ids, None, torch.from_numpy(split.labels), logits, views=v, source=source)
+    train.view_of = torch.from_numpy(views.epoch_views(n, v, 3, seed=0))
+    order = torch.randperm(n)
+    train.plan([order[:4], order[4:]])
+    for idx in (order[:4], order[4:]):
+        batch = train.batch(idx, torch.device("cpu"))
+        rows = (idx * v + train.view_of[idx]).numpy()
+        np.testing.assert_array_equal(batch["pixels"].numpy(), source.render(rows))
+        torch.testing.assert_close(batch["teacher_logits"], logits[rows], atol=0, rtol=0)
+
+
+def test_with_at_least_as_many_views_as_epochs_no_view_is_used_twice():
+    for k, epochs in ((29, 30), (99, 100), (300, 300)):
+        seen = np.stack([views.epoch_views(64, k + 1, e, seed=3) for e in range(epochs)])  # (epochs, images)
+        assert all(len(set(seen[:, i])) == epochs for i in range(64))  # a fresh view every epoch, for every image
