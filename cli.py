@@ -227,6 +227,10 @@ def train_student_cmd(
     student_config: Optional[str] = typer.Option(None, help="Config overrides, e.g. depth_multiplier=0.75,image_size=160."),
     temperature: float = typer.Option(5.0, "--temperature", "-T", help="Softmax temperature T of the KD term."),
     alpha: float = typer.Option(0.5, "--alpha", "--lambda", help="Weight of the KD term (0 = from scratch)."),
+    loss: str = typer.Option("kd", help="KD term: kd (Hinton) | dkd (decoupled, Zhao 2022) | dist (correlations, Huang 2022)."),
+    standardize: bool = typer.Option(False, "--standardize/--no-standardize", help="z-score both logit vectors before T (Sun 2024); kd and dkd."),
+    dkd_beta: float = typer.Option(8.0, help="dkd: weight of the non-target term (mdistiller's CIFAR-100 default)."),
+    dist_gamma: float = typer.Option(1.0, help="dist: weight of the intra-class term relative to the inter-class one."),
     lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW)."),
     batch_size: int = typer.Option(8, help="Training batch size."),
     epochs: int = typer.Option(30, help="Training epochs."),
@@ -256,7 +260,8 @@ def train_student_cmd(
         cfg = TrainConfig(cache=cache, dataset=dataset, image_column=image_column, label_column=label_column,
                           train_split=train_split, val_split=val_split, test_split=test_split or None,
                           student=student, student_config=parse_overrides(student_config), temperature=temperature,
-                          alpha=alpha, lr=lr, batch_size=batch_size, epochs=epochs, weight_decay=weight_decay,
+                          alpha=alpha, loss=loss, standardize=standardize, dkd_beta=dkd_beta, dist_gamma=dist_gamma,
+                          lr=lr, batch_size=batch_size, epochs=epochs, weight_decay=weight_decay,
                           schedule=schedule, warmup_ratio=warmup_ratio, bn_momentum=bn_momentum,
                           precise_bn=precise_bn, seed=seed, precision=precision, device=device, compile=compile,
                           out=out, name=name, resume=resume, views=views, augment=augment,
@@ -336,6 +341,10 @@ def sweep_cmd(
     student_config: Optional[str] = typer.Option(None, help="Config overrides, e.g. depth_multiplier=0.75."),
     temperature: Optional[str] = typer.Option(None, "--temperature", "-T", help=f"T of the KD term. {SWEEP_HELP}"),
     alpha: Optional[str] = typer.Option(None, "--alpha", "--lambda", help="Weight of the KD term (0 = from scratch)."),
+    loss: Optional[str] = typer.Option(None, help="kd,dkd,dist: the KD term (λ = 0 runs once, whatever the loss)."),
+    standardize: Optional[str] = typer.Option(None, help="true,false: z-score logits before T (kd and dkd only)."),
+    dkd_beta: Optional[str] = typer.Option(None, help="dkd: weight of the non-target term, e.g. 0.5,8."),
+    dist_gamma: Optional[str] = typer.Option(None, help="dist: intra-class weight relative to inter-class."),
     lr: Optional[str] = typer.Option(None, help="Peak learning rate, e.g. 5e-5,1e-3 or 1e-5:1e-2:log."),
     batch_size: Optional[str] = typer.Option(None, help="Training batch size, e.g. 8,32."),
     epochs: Optional[str] = typer.Option(None, help="Training epochs [default: 30]."),
@@ -367,7 +376,8 @@ def sweep_cmd(
     with user_errors():
         flags = {"temperature": temperature, "alpha": alpha, "lr": lr, "batch_size": batch_size, "epochs": epochs,
                  "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "schedule": schedule,
-                 "bn_momentum": bn_momentum, "mix": mix, "mix_alpha": mix_alpha}
+                 "bn_momentum": bn_momentum, "mix": mix, "mix_alpha": mix_alpha, "loss": loss,
+                 "standardize": standardize, "dkd_beta": dkd_beta, "dist_gamma": dist_gamma}
         fixed, space = split_space(flags)
         searched_alpha = space.get("alpha") is not None
         train = TrainConfig(cache=cache, dataset=dataset, student=student, student_config=parse_overrides(student_config),

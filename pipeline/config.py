@@ -3,10 +3,12 @@ and names the flag in its error, so the CLI and the Python API refuse the same t
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import KdpipeError
+from .loss import LOSSES, STANDARDIZABLE
 from .runtime import DEVICES, PRECISIONS
 from .views import ViewPolicy
 
@@ -19,6 +21,11 @@ MIXES = ("none", "mixup", "cutmix")
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise KdpipeError(message)
+
+
+def _finite_at_least(name: str, value, flag: str, low: float = 0.0) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    _check(ok, f"{flag} must be a finite number >= {low:g} (got {value})")
 
 
 def _positive(name: str, value, flag: str) -> None:
@@ -81,6 +88,10 @@ class TrainConfig:
     student_config: dict = field(default_factory=dict)  # overrides, e.g. {"depth_multiplier": 0.75}
     temperature: float = 5.0  # the guide's T
     alpha: float = 0.5  # the guide's lambda: weight of the KD term; 0 = plain cross-entropy
+    loss: str = "kd"  # the KD term: Hinton et al. (2015), the guide's; dkd | dist (docs/training.md)
+    standardize: bool = False  # z-score both logit vectors before T (Sun et al., 2024); kd and dkd only
+    dkd_beta: float = 8.0  # DKD's non-target weight: Zhao et al.'s CIFAR-100 value, mdistiller's default
+    dist_gamma: float = 1.0  # DIST's intra- to inter-class weight: Huang et al. (2022) set beta = gamma = 1
     lr: float = 5e-5  # transformers Trainer default, which the guide uses
     batch_size: int = 8  # the guide's per-device batch size
     epochs: int = 30  # the guide's num_train_epochs
@@ -117,6 +128,14 @@ class TrainConfig:
                "targets would belong to another image; cache views (cache-teacher --views K) and train with "
                "--views, or pass --allow-inconsistent")
         _check(self.mix in MIXES, f"--mix must be one of {', '.join(MIXES)}")
+        _check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
+        _check(not self.standardize or self.loss in STANDARDIZABLE,
+               f"--standardize applies to --loss {' or '.join(STANDARDIZABLE)} (Sun et al. 2024), not --loss {self.loss}")
+        _check(self.loss != "dkd" or self.mix == "none",
+               f"--loss dkd splits each example's target class from the others, and --mix {self.mix} blends two "
+               "examples with two targets; use --loss kd or dist with --mix")
+        _finite_at_least("dkd_beta", self.dkd_beta, "--dkd-beta")
+        _finite_at_least("dist_gamma", self.dist_gamma, "--dist-gamma")
         _positive("mix_alpha", self.mix_alpha, "--mix-alpha")
         _check(self.alpha == 0 or self.cache is not None,
                "--cache is required when --alpha > 0 (the KD term needs teacher logits); use --alpha 0 for a "
@@ -181,7 +200,20 @@ def _parse_scalar(value: str):
 # Train-student settings a sweep can search, with their types (flags: --temperature, --alpha, ...).
 SWEEPABLE = {"temperature": float, "alpha": float, "lr": float, "batch_size": int, "epochs": int,
              "weight_decay": float, "warmup_ratio": float, "schedule": str, "bn_momentum": float, "mix": str,
-             "mix_alpha": float}
+             "mix_alpha": float, "loss": str, "standardize": bool, "dkd_beta": float, "dist_gamma": float}
+# Settings of one loss only (the losses each applies to): a config of another loss leaves them out.
+LOSS_SETTINGS = {"standardize": STANDARDIZABLE, "dkd_beta": ("dkd",), "dist_gamma": ("dist",)}
+
+
+def applicable(params: dict, base: TrainConfig) -> dict:
+    """`params` (searched settings of one config) less those that change nothing in it: with alpha = 0 the
+    temperature, the loss and its settings (there is no KD term); otherwise the settings of other losses."""
+    if params.get("alpha", base.alpha) == 0:
+        return {k: v for k, v in params.items() if k not in ("temperature", "loss", *LOSS_SETTINGS)}
+    loss = params.get("loss", base.loss)
+    return {k: v for k, v in params.items() if k not in LOSS_SETTINGS or loss in LOSS_SETTINGS[k]}
+
+
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("none", "median", "halving")
 
@@ -212,7 +244,7 @@ def parse_dimension(name: str, text: str) -> Dimension:
     try:
         if ":" in text:
             parts = text.split(":")
-            _check(len(parts) in (2, 3) and (len(parts) == 2 or parts[2] == "log") and kind is not str,
+            _check(len(parts) in (2, 3) and (len(parts) == 2 or parts[2] == "log") and kind not in (str, bool),
                    f"{flag}: a range is low:high or low:high:log (got {text!r})")
             low, high = kind(parts[0]), kind(parts[1])
             _check(low < high, f"{flag}: range low must be below high (got {text!r})")
@@ -221,7 +253,7 @@ def parse_dimension(name: str, text: str) -> Dimension:
             for v in (low, high):
                 _valid_setting(name, v)
             return dim
-        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        values = [(_bool if kind is bool else kind)(v.strip()) for v in text.split(",") if v.strip()]
     except ValueError:
         raise KdpipeError(f"{flag}: cannot read {text!r} as {kind.__name__} values (e.g. 1,2,5 or 1e-5:1e-2:log)") from None
     _check(bool(values), f"{flag}: empty search space; give values like 1,2,5")
@@ -229,6 +261,12 @@ def parse_dimension(name: str, text: str) -> Dimension:
     for v in values:
         _valid_setting(name, v)
     return Dimension(name, choices=tuple(values))
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(text)
+    return text.lower() == "true"
 
 
 def _valid_setting(name: str, value) -> None:
@@ -271,6 +309,13 @@ class SweepConfig:
         else:
             _check(self.trials is not None and self.trials > 0, "--sampler tpe needs --trials N (N > 0)")
             _check(bool(dims), "--sampler tpe needs at least one searched setting, e.g. --lr 1e-5:1e-2:log")
+        losses = dims["loss"].choices if "loss" in dims else (self.train.loss,)
+        mixes = dims["mix"].choices if "mix" in dims else (self.train.mix,)
+        _check("dkd" not in losses or set(mixes) == {"none"},
+               "--loss dkd cannot run with --mix (one target class per example); sweep dkd and --mix separately")
+        _check(not (self.train.standardize and "dist" in losses),
+               "--standardize true does not apply to --loss dist; search --standardize true,false instead "
+               "(dist configs run without it)")
         alpha = dims.get("alpha")
         alphas = (self.train.alpha,) if alpha is None else alpha.choices or (alpha.low, alpha.high)
         _check(self.train.cache is not None or max(alphas) == 0,

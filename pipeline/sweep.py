@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import Callable
 
 from . import train_student
-from .config import SweepConfig, TrainConfig, without_new_defaults
+from .config import LOSS_SETTINGS, SweepConfig, TrainConfig, applicable, without_new_defaults
 from .errors import KdpipeError
 
 SPEC_FILE = "sweep.json"
 SHORT = {"temperature": "T", "alpha": "a", "lr": "lr", "batch_size": "bs", "epochs": "e", "weight_decay": "wd",
-         "warmup_ratio": "wu", "schedule": "", "bn_momentum": "bnm", "mix": "", "mix_alpha": "ma"}
+         "warmup_ratio": "wu", "schedule": "", "bn_momentum": "bnm", "mix": "", "mix_alpha": "ma", "loss": "",
+         "standardize": "ls", "dkd_beta": "b", "dist_gamma": "g"}
 
 
 @dataclass(frozen=True)
@@ -62,21 +63,25 @@ class Point:
 
 
 def config_key(params: dict) -> str:
-    """A readable folder-safe name for a config, e.g. T5-a0.5-lr5e-05 ("base" when nothing is searched)."""
-    return "-".join(f"{SHORT[k]}{params[k]:g}" if isinstance(params[k], float) else f"{SHORT[k]}{params[k]}"
-                    for k in SHORT if k in params) or "base"
+    """A readable folder-safe name for a config, e.g. T5-a0.5-lr5e-05 or T4-a0.5-dkd-b8-ls1 ("base" when
+    nothing is searched)."""
+    def part(k) -> str:
+        v = params[k]
+        return f"{SHORT[k]}{int(v)}" if isinstance(v, bool) else f"{SHORT[k]}{v:g}" if isinstance(v, float) \
+            else f"{SHORT[k]}{v}"
+
+    return "-".join(part(k) for k in SHORT if k in params) or "base"
 
 
 def grid_points(cfg: SweepConfig) -> list[Point]:
     """Every config of the product x every seed, except that alpha = 0 runs once per setting of the rest:
-    without the KD term the temperature changes nothing, so it is left out of those configs."""
+    without the KD term the temperature and the loss change nothing, so they are left out of those configs;
+    likewise a loss's own settings (e.g. --dkd-beta) are left out of the other losses' configs (applicable)."""
     dims = cfg.dimensions()
     names = sorted(dims)
     configs = {}
     for values in itertools.product(*(dims[n].choices for n in names)):
-        c = dict(zip(names, values))
-        if c.get("alpha", cfg.train.alpha) == 0:
-            c.pop("temperature", None)
+        c = applicable(dict(zip(names, values)), cfg.train)
         configs.setdefault(config_key(c), c)
     return [Point(c, seed) for c in configs.values() for seed in cfg.seeds]
 
@@ -340,7 +345,9 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
             study.tell(trial, state=TrialState.FAIL)
             return
         params = {}
-        for name, d in sorted(dims.items()):
+        for name, d in sorted(dims.items(), key=lambda item: (item[0] not in ("alpha", "loss"), item[0])):
+            if name in LOSS_SETTINGS and params.get("loss", cfg.train.loss) not in LOSS_SETTINGS[name]:
+                continue  # another loss's setting: not sampled, so TPE never learns from a value that changed nothing
             if not d.is_range:
                 params[name] = trial.suggest_categorical(name, list(d.choices))
             elif isinstance(d.low, int):

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import LOSS_SETTINGS
 from .errors import KdpipeError
 from .stats import mean_std_ci, paired, welch
 
@@ -111,8 +112,8 @@ def teacher_gain(rows: list[ConfigRow], runs: dict[str, list[dict]]) -> dict | N
     order and dropout in both). The distilled config won on validation against the others, so its
     validation gap is flattered by that choice. The test gap is not; it is given when the distilled config
     is the chosen one (test is read for the chosen config only, here as a difference). None without a pair."""
-    def settings(r: ConfigRow) -> dict:
-        return {k: v for k, v in r.params.items() if k not in ("alpha", "temperature")}
+    def settings(r: ConfigRow) -> dict:  # what a twin shares: not alpha, T, the loss or its own settings
+        return {k: v for k, v in r.params.items() if k not in ("alpha", "temperature", "loss", *LOSS_SETTINGS)}
 
     distilled = next((r for r in rows if r.params.get("alpha", 0) > 0), None)
     if distilled is None:

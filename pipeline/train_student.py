@@ -21,12 +21,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import locking, logit_store, metrics, mixing, pixels, runtime, views
+from . import locking, logit_store, loss, metrics, mixing, pixels, runtime, views
 from .config import TrainConfig, without_new_defaults
 from .data import ImageDataset, open_dataset, reopen_dataset
 from .errors import KdpipeError
 from .logit_store import TopK
-from .loss import distillation_loss
 from .student import batchnorm_layers, build_student, image_size, save_student, set_bn_momentum
 
 Progress = Callable[[str, int, int, str], None]  # (task, done, total, info)
@@ -117,6 +116,8 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
                         lambda: _load_splits(cache, dataset, inputs, device, progress, view_split))
     if cfg.alpha > 0 and splits[cfg.train_split].teacher_logits is None:
         raise KdpipeError(f"--cache {cfg.cache} has no {cfg.train_split!r} split; cache it or use --alpha 0")
+    if cfg.alpha > 0:
+        _check_targets(cfg, splits[cfg.train_split])
     model = runtime.prepare_model(model, device)
     optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits[cfg.train_split]) / cfg.batch_size))
     forward = runtime.compile_model(model, device) if cfg.compile else model
@@ -125,6 +126,20 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     provenance = _provenance(cfg, cache, dataset, device, precision)
     return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
                  _with_tensors(inputs, device), out, provenance, generator, scaler=runtime.grad_scaler(device, precision))
+
+
+def _check_targets(cfg: TrainConfig, train: SplitData) -> None:
+    """Refuse a loss the cached targets cannot serve (docs/training.md, "Top-K caches and mixed targets")."""
+    teacher = train.teacher_logits
+    if isinstance(teacher, TopK) and teacher.values.shape[1] < teacher.num_classes:
+        why = loss.topk_refusal(cfg.loss, cfg.standardize)
+        if why:
+            raise KdpipeError(f"--loss {cfg.loss}{' --standardize' if cfg.standardize else ''}: {why} (--cache "
+                              f"{cfg.cache} keeps {teacher.values.shape[1]} of {teacher.num_classes}); use --loss kd "
+                              "or dkd without --standardize, or a cache of full logits")
+    if cfg.loss == "dkd" and train.targets is not None:
+        raise KdpipeError(f"--loss dkd needs one target class per example, and --cache {cfg.cache} holds views "
+                          "blended from two images (--view-mixup); use --loss kd or dist, or a cache without it")
 
 
 def _open_source(cfg: TrainConfig) -> tuple[dict | None, ImageDataset]:
@@ -302,7 +317,8 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     if data.views > 1:  # this epoch's view of every image; its teacher targets come with it (consistent)
         data.view_of = torch.from_numpy(views.epoch_views(len(data), data.views, epoch, cfg.seed))
     order = torch.randperm(len(data), generator=s.generator)
-    sums = torch.zeros(4, device=s.device)  # loss, ce, kd (summed over examples), examples
+    names = loss.PARTS[cfg.loss]  # loss, ce, kd and the loss's own parts
+    sums = torch.zeros(len(names) + 1, device=s.device)  # each part summed over examples, then the examples
     steps = math.ceil(len(data) / cfg.batch_size)
     for step in range(steps):
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
@@ -316,8 +332,9 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
         mix = mixing.sample(cfg.mix, cfg.mix_alpha, x.shape, s.generator) if cfg.mix != "none" else None
         with runtime.autocast(s.device, s.precision):
             student_logits = s.forward(pixel_values=mixing.apply(x, mix) if mix else x).logits  # (B, C)
-        parts = distillation_loss(student_logits, batch["labels"], batch.get("teacher_logits"),
-                                  cfg.temperature, cfg.alpha, mix)
+        parts = loss.compute(cfg.loss, student_logits, batch["labels"], batch.get("teacher_logits"),
+                             temperature=cfg.temperature, alpha=cfg.alpha, mix=mix, standardize=cfg.standardize,
+                             dkd_beta=cfg.dkd_beta, dist_gamma=cfg.dist_gamma)
         if s.scaler is not None:  # fp16: scaled backward, unscaled (or skipped) step
             s.scaler.scale(parts["loss"]).backward()
             s.scaler.step(s.optimizer)
@@ -328,14 +345,12 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         n = len(batch["labels"])
-        sums += torch.stack([parts["loss"].detach() * n, parts["ce"] * n, parts["kd"] * n,
-                             torch.tensor(float(n), device=s.device)])
+        sums += torch.stack([parts[k].detach() * n for k in names] + [torch.tensor(float(n), device=s.device)])
         if progress and (step % LOG_EVERY == 0 or step == steps - 1):
-            progress(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, steps, f"loss {(sums[0] / sums[3]).item():.4f}")
+            progress(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, steps, f"loss {(sums[0] / sums[-1]).item():.4f}")
     if world > 1:
         torch.distributed.all_reduce(sums)  # every process's examples
-    loss, ce, kd = (sums[:3] / sums[3]).tolist()
-    return {"loss": loss, "ce": ce, "kd": kd}
+    return dict(zip(names, (sums[:-1] / sums[-1]).tolist()))
 
 
 @torch.no_grad()
@@ -451,8 +466,8 @@ def _tensorboard(s: Setup):
 
 def _log_scalars(board, record: dict) -> None:
     step = record["epoch"]
-    for part in ("loss", "ce", "kd"):
-        board.add_scalar(f"train/{part}", record["train"][part], step)
+    for part, value in record["train"].items():
+        board.add_scalar(f"train/{part}", value, step)
     for key, value in record["validation"].items():
         if key != "n" and isinstance(value, (int, float)):
             board.add_scalar(f"validation/{key}", value, step)
