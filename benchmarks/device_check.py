@@ -13,6 +13,8 @@ start after --budget-s is recorded as skipped, as are those --only/--skip leave 
                            pixels.as_tensor)
   data_path.plain_host     the same with the store kept as a host memory map (a store too big for the GPU): a
                            gather and a host-to-device copy per batch (GPU only; on a CPU it is data_path.plain)
+  data_path.gather_host    the host's half of that path alone: uint8 batches gathered from the memory map (no
+                           normalising, no copy): what the CPU must deliver to feed a device from a host store
   data_path.views          batches of stored views as train-student --views gets them (train_student._load_views
                            on a cache-teacher --views K cache; rendered on CPU threads from decode-once originals)
   stage_one.decode         JPEG decode + the teacher's processor in DataLoader workers (cache_teacher._TeacherInputs
@@ -63,7 +65,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from _common import kd_step, print_table, sync  # noqa: E402
+from _common import cpu_seconds, kd_step, print_table, sync  # noqa: E402
 from bench_cache_teacher import preprocess, time_bare_forward  # noqa: E402
 from pipeline import cache_teacher, logit_store, pixels, runtime, train_student, views  # noqa: E402
 from pipeline.config import CacheConfig, TrainConfig  # noqa: E402
@@ -296,7 +298,7 @@ class Check:
             return record
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), cpu_seconds()
         try:
             record.update(fn(*args) or {})
             record["status"] = "ok"
@@ -307,6 +309,7 @@ class Check:
             if self.cuda:
                 torch.cuda.empty_cache()  # what the failed measurement held, for the next ones
         record["seconds"] = round(time.perf_counter() - start, 3)
+        record["cores_busy"] = round((cpu_seconds() - cpu0) / max(record["seconds"], 1e-9), 2)  # CPU s per wall s
         if self.cuda:
             record["peak_device_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         self.results[name] = record
@@ -316,36 +319,41 @@ class Check:
                                                              if record["status"] != "ok" else ""), flush=True)
         return record
 
-    def timed(self, one_pass, images: int) -> float:
-        """images/s of one_pass() (which handles `images` images), repeated until --min-time has passed."""
-        passes, start = 0, time.perf_counter()
+    def timed(self, one_pass, images: int) -> dict:
+        """images/s of one_pass() (which handles `images` images), repeated until --min-time has passed; also
+        per CPU second of this process (what its cores deliver when others share the machine)."""
+        passes, start, cpu0 = 0, time.perf_counter(), cpu_seconds()
         while True:
             one_pass()
             sync(self.device)
             passes += 1
             seconds = time.perf_counter() - start
             if seconds >= self.sizes["min_time"]:
-                return passes * images / seconds
+                cpu = cpu_seconds() - cpu0
+                return {"images_per_s": round(passes * images / seconds, 2),
+                        "images_per_cpu_s": round(passes * images / max(cpu, 1e-9), 2), "timed_passes": passes}
 
 
 # ------------------------------------------------------------------------------------ the data path
 
 
-def data_path_plain(c: Check, host: bool) -> dict:
-    if host and not c.cuda:
+def data_path_plain(c: Check, host: bool, normalise: bool = True) -> dict:
+    if host and not c.cuda and normalise:
         raise Skip("on a CPU the store always is a host memory map: data_path.plain")
     split, u8, inp = c.dataset("train"), c.store(), c.inputs()
     store = torch.from_numpy(u8) if host else pixels.as_tensor(u8, c.device)
     data = SplitData("train", split.ids, store, torch.from_numpy(split.labels).to(c.device), None)
-    return {**_batches(c, data, inp), "store": "device" if store.device.type == "cuda" else "host memory map",
-            "store_mib": round(u8.nbytes / 2**20, 1), "image_size": list(inp["size"])}
+    device = c.device if normalise else torch.device("cpu")
+    return {**_batches(c, data, inp, device, normalise), "image_size": list(inp["size"]),
+            "store": "device" if store.device.type == "cuda" else "host memory map",
+            "store_mib": round(u8.nbytes / 2**20, 1)}
 
 
-def _batches(c: Check, data: SplitData, inp: dict) -> dict:
+def _batches(c: Check, data: SplitData, inp: dict, device: torch.device | None = None, normalise: bool = True) -> dict:
     """train_epoch's data path without the model: each epoch's view of every image (with views), shuffled
     batches handed to the split's renderer ahead (SplitData.plan, where it has one), gathered or rendered,
     moved, normalised."""
-    n, b = len(data), c.sizes["student_batch"]
+    n, b, device = len(data), c.sizes["student_batch"], device or c.device
     g = torch.Generator().manual_seed(0)
     epoch = [0]
 
@@ -358,13 +366,14 @@ def _batches(c: Check, data: SplitData, inp: dict) -> dict:
         if hasattr(data, "plan"):
             data.plan(batches)
         for idx in batches:
-            batch = data.batch(idx, c.device)
-            pixels.normalise(batch["pixels"], inp["mean_t"], inp["std_t"])
+            batch = data.batch(idx, device)
+            if normalise:
+                pixels.normalise(batch["pixels"], inp["mean_t"], inp["std_t"])
 
     if data.views > 1:
         data.view_of = torch.zeros(n, dtype=torch.long)
-    data.batch(torch.arange(min(b, n)), c.device)  # warm-up
-    return {"images_per_s": c.timed(one_pass, n), "images": n, "batch_size": b}
+    data.batch(torch.arange(min(b, n)), device)  # warm-up
+    return {**c.timed(one_pass, n), "images": n, "batch_size": b}
 
 
 def data_path_views(c: Check) -> dict:
@@ -398,34 +407,41 @@ def decode(c: Check) -> dict:
     rows = np.arange(min(len(split), c.sizes["decode_images"]))
     spec = cache_teacher.ViewSpec(c.sizes["views"], views.ViewPolicy(),
                                   views.processor_inputs(processor.to_dict(), "--teacher"))
-    out = {"images": len(rows), "by_workers": {}, "with_views_by_workers": {}}
+    out = {"images": len(rows), "by_workers": {}, "with_views_by_workers": {}, "per_cpu_s_by_workers": {},
+           "with_views_per_cpu_s_by_workers": {}}
     for w in c.workers:
-        out["by_workers"][str(w)] = round(_decode_rate(c, split, processor, rows, w, None), 2)
-        out["with_views_by_workers"][str(w)] = round(_decode_rate(c, split, processor, rows, w, spec), 2)
+        for key, view_spec in (("", None), ("with_views_", spec)):
+            ips, per_cpu = _decode_rate(c, split, processor, rows, w, view_spec)
+            out[f"{key}by_workers"][str(w)] = round(ips, 2)
+            out[f"{key}per_cpu_s_by_workers"][str(w)] = round(per_cpu, 2)
     rates = out["by_workers"]
     one = rates.get("1")
     best_w = max(rates, key=lambda k: rates[k])
     out.update(images_per_s=rates[best_w], best_workers=int(best_w),
                per_worker_images_per_s=one, views_per_image=c.sizes["views"] + 1,
                scaling_over_1_worker={w: round(r / one, 3) for w, r in rates.items()} if one else None,
-               note="teacher inputs/s (decode + processor, copied to the device); with_views: inputs incl. K views")
+               note="teacher inputs/s (decode + processor, copied to the device); with_views: inputs incl. K "
+                    "views; per_cpu_s: inputs per CPU second of the process and its workers (what a core delivers "
+                    "on a shared machine)")
     return out
 
 
-def _decode_rate(c: Check, split, processor, rows, workers: int, spec) -> float:
+def _decode_rate(c: Check, split, processor, rows, workers: int, spec) -> tuple[float, float]:
+    """(teacher inputs per wall second, per CPU second of this process and its workers)."""
     per_image = 1 if spec is None else spec.k + 1
     loader = torch.utils.data.DataLoader(
         cache_teacher._TeacherInputs(split, processor, rows, spec), batch_size=max(1, c.sizes["teacher_batch"] // per_image),
         shuffle=False, num_workers=workers, collate_fn=cache_teacher._collate, pin_memory=c.cuda,
         prefetch_factor=4 if workers else None)
-    start, inputs = time.perf_counter(), 0
-    for batch in loader:
+    start, cpu0, inputs = time.perf_counter(), cpu_seconds(), 0
+    for batch in loader:  # exhausting it joins the workers, so their CPU time is counted
         if "error" in batch:
             raise KdpipeError(batch["error"])
         inputs += len(batch["pixel_values"])
         batch["pixel_values"].to(c.device, non_blocking=True)
     sync(c.device)
-    return inputs / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+    return inputs / wall, inputs / max(cpu, 1e-9)
 
 
 def stage_one_vit(c: Check, precision: str) -> dict:
@@ -530,7 +546,7 @@ def bare_step(c: Check, variant: str) -> dict:
         kd_step(forward, optimizer, x, labels, teacher_logits, c.device, precision, 5.0, 0.5)
     sync(c.device)
     warm = time.perf_counter() - start
-    return {"images_per_s": round(c.timed(one_pass, n), 2), "warm_up_s": round(warm, 3), "precision": precision,
+    return {**c.timed(one_pass, n), "warm_up_s": round(warm, 3), "precision": precision,
             "channels_last": channels_last, "compiled": compiled, "batch_size": b, "images": n}
 
 
@@ -632,6 +648,7 @@ def torchrun(c: Check, stage: str) -> dict:
 def plan() -> list[tuple]:
     """Every measurement in order of importance (the budget cuts from the end)."""
     steps = [("data_path.plain", data_path_plain, False), ("data_path.plain_host", data_path_plain, True),
+             ("data_path.gather_host", data_path_plain, True, False),
              ("stage_one.decode", decode)]
     steps += [(f"stage_one.vit.{p}", stage_one_vit, p) for p in ("fp16", "bf16")]
     steps += [(f"stage_one.agreement.{p}", agreement, p) for p in PRECISIONS]
