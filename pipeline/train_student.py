@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import locking, logit_store, loss, metrics, mixing, pixels, runtime, views
+from . import locking, logit_store, loss, metrics, mixing, model_card, pixels, runtime, views
 from .config import TrainConfig, without_new_defaults
 from .data import ImageDataset, open_dataset, reopen_dataset
 from .errors import KdpipeError
@@ -593,19 +593,20 @@ def finish(s: Setup, wall_time: float) -> RunReport:
     shutil.rmtree(tmp, ignore_errors=True)
     save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
                  s.inputs["std"], s.inputs["resample"])
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
     epochs = s.history
     train_images = sum(len(s.splits[s.cfg.train_split]) for _ in epochs)
     run = {**s.provenance, "status": "complete", "seed": s.cfg.seed, "best_epoch": s.best["epoch"],
            "validation": val, "test": test, "test_confusion_matrix": confusion, "label_names": s.label_names,
            "student": {"architecture": type(s.model).__name__, "parameters": sum(p.numel() for p in s.model.parameters()),
-                       "weights_sha256": _sha256(model_dir / "model.safetensors"),
+                       "weights_sha256": _sha256(tmp / "model.safetensors"),
                        "inputs": {k: s.inputs[k] for k in ("size", "resample", "mean", "std")}},
            "epoch_time_s": [r["epoch_time_s"] for r in epochs],
            "train_images_per_s": round(train_images / sum(r["train_time_s"] for r in epochs), 2),
            "total_time_s": round(wall_time, 2),
            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    (tmp / "README.md").write_text(model_card.render(run, s.out.name))  # the Hub's model card, inside model/
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
     _atomic_write_text(s.out / "run.json", json.dumps(run, indent=2))
     for name in ("checkpoint.pt", "checkpoint.sha256"):  # the run is complete; model/ is the result
         (s.out / name).unlink(missing_ok=True)

@@ -488,5 +488,6 @@ def test_train_student_with_each_new_loss_through_the_cli(run_cli, cache_dir, tm
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert set(record["train"]) == {"loss", "ce", "kd", *own}
     assert all(math.isfinite(v) for v in record["train"].values())
+    assert (out / "model" / "README.md").exists()
     code, text = run_cli("train-student", "--cache", cache_dir, "--loss", loss, "--dkd-beta", "-1", "--out", tmp_path / "x")
     assert code == 1 and "--dkd-beta must be a finite number >= 0" in text and "Traceback" not in text

@@ -1,0 +1,174 @@
+"""The Hugging Face Hub model card (`model/README.md`) of a saved student, built from its run.json.
+
+Pure: `render(run, name)` turns a run.json-like dict into text; train_student.finish writes it into the
+model folder before that folder is renamed into place, so `model/` can be uploaded as it is (`hf upload`).
+
+The card is YAML metadata between `---` lines (https://huggingface.co/docs/hub/model-cards): library_name,
+pipeline_tag, tags, datasets, base_model and a `model-index` whose results follow the Hub's schema (task,
+dataset with its split, metrics with type, value and name; values as fractions, as metrics.py reports
+them). Then a short text: teacher, data fingerprint, recipe, metrics table and the command that reproduces
+the run. `base_model` and `datasets` name Hub repositories, so they are written only for a teacher or a
+dataset loaded from the Hub (a local folder's path would not resolve there); a local one is named in the
+text with its checksum or fingerprint instead.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import yaml
+
+from .config import TRAIN_DEFAULTS
+from .data import looks_like_hub_id
+
+LOSS_NAMES = {"kd": "Hinton et al. (2015) KD", "dkd": "decoupled KD (Zhao et al., CVPR 2022)",
+              "dist": "DIST (Huang et al., NeurIPS 2022)"}
+SPLITS = ("test", "validation")  # reported in this order; the best epoch is chosen on validation
+# Settings that do not change what is trained (where it runs, where it is written), left out of the command.
+NOT_RECIPE = ("out", "name", "resume", "device", "workers", "log_tensorboard", "precision")
+ALWAYS = ("cache", "dataset", "loss", "temperature", "alpha", "epochs", "seed")  # shown even at their default
+
+
+def render(run: dict, name: str) -> str:
+    """README.md text: YAML front matter (metadata(run, name)) and the card's body."""
+    front = yaml.safe_dump(metadata(run, name), sort_keys=False, allow_unicode=True, width=1000)
+    return f"---\n{front}---\n\n{_body(run, name)}"
+
+
+def metadata(run: dict, name: str) -> dict:
+    cfg, teacher, dataset = run["config"], _teacher(run), run["dataset"]
+    data_name = _dataset_name(dataset)
+    tags = ["knowledge-distillation", "kdpipe", "image-classification", f"loss-{cfg.get('loss', 'kd')}"]
+    meta = {"library_name": "transformers", "pipeline_tag": "image-classification", "tags": tags,
+            "metrics": ["accuracy", "f1"]}
+    if dataset.get("kind") == "hub":
+        meta["datasets"] = [dataset["spec"]]
+    if teacher and _on_hub(teacher):
+        meta["base_model"] = teacher["spec"]
+    results = []
+    for split in SPLITS:
+        m = run.get(split)
+        if not m:
+            continue
+        title = split.capitalize()
+        results.append({
+            "task": {"type": "image-classification", "name": "Image Classification"},
+            "dataset": {"name": data_name, "type": dataset["spec"] if dataset.get("kind") == "hub" else data_name,
+                        "split": split, **({"revision": dataset["revision"]} if dataset.get("revision") else {})},
+            "metrics": [{"type": "accuracy", "value": round(float(m["accuracy"]), 4), "name": f"{title} accuracy"},
+                        {"type": "f1", "value": round(float(m["macro_f1"]), 4), "name": f"{title} macro-F1",
+                         "args": {"average": "macro"}}]})
+    meta["model-index"] = [{"name": name, "results": results}]
+    return meta
+
+
+def reproduce_command(run: dict) -> str:
+    """The `kdpipe train-student` command of this run: the recipe's settings that differ from the defaults
+    (and those in ALWAYS), the precision it ran in, never where it ran or was written."""
+    cfg = run["config"]
+    args = ["kdpipe", "train-student"]
+    for key, value in cfg.items():
+        if key in NOT_RECIPE or key not in TRAIN_DEFAULTS:
+            continue
+        if key not in ALWAYS and value == TRAIN_DEFAULTS[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args += [flag] if value else ([f"--no-{key.replace('_', '-')}"] if TRAIN_DEFAULTS[key] else [])
+        elif value is None:
+            args += [flag, ""] if key == "test_split" else []  # student, dataset, columns: the CLI's defaults too
+        elif isinstance(value, dict):
+            args += [flag, ",".join(f"{k}={v}" for k, v in value.items())] if value else []
+        else:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]  # repr: exact
+    args += ["--precision", str(run.get("precision", cfg.get("precision", "auto")))]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _body(run: dict, name: str) -> str:
+    cfg, teacher, dataset, student = run["config"], _teacher(run), run["dataset"], run.get("student", {})
+    loss, alpha = cfg.get("loss", "kd"), cfg["alpha"]
+    lines = [f"# {name}", ""]
+    arch = student.get("architecture", "student")
+    params = f", {student['parameters'] / 1e6:.2f} M parameters" if student.get("parameters") else ""
+    if alpha > 0 and teacher:
+        lines.append(f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe "
+                     f"with knowledge distillation from cached logits of the teacher "
+                     f"`{teacher['spec']}`; the teacher was run once over the data and never loaded in training.")
+    else:
+        lines.append(f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone "
+                     "(λ = 0): the from-scratch twin against which distillation is measured.")
+    lines += ["", "## Teacher", ""]
+    if teacher:
+        where = (f"Hub model `{teacher['spec']}`" + (f" at revision `{teacher['revision']}`" if teacher.get("revision")
+                                                     else "")) if _on_hub(teacher) else \
+            f"local folder `{teacher['spec']}` (weights sha256 `{teacher.get('weights_sha256')}`)"
+        acc = {n: s.get("teacher_accuracy") for n, s in run["cache"].get("splits", {}).items()}
+        acc_text = ", ".join(f"{n} {a:.2%}" for n, a in acc.items() if isinstance(a, (int, float)))
+        lines.append(f"{teacher.get('architecture', 'teacher')}: {where}; logits cached in "
+                     f"{run['cache'].get('precision', '?')}" + (f"; its accuracy: {acc_text}." if acc_text else "."))
+        if alpha == 0:
+            lines.append("With λ = 0 the loss has no KD term: the teacher's logits were not used.")
+    else:
+        lines.append("None (λ = 0, trained without a cache).")
+    lines += ["", "## Data", ""]
+    hub = dataset.get("kind") == "hub"
+    lines.append(f"{'Hub dataset' if hub else 'Local dataset'} `{dataset['spec']}`"
+                 + (f" (revision `{dataset['revision']}`)" if dataset.get("revision") else "")
+                 + f", labels {', '.join(run.get('label_names') or dataset.get('label_names', []))}. Content "
+                 "fingerprints (sha256 over every example's id, image bytes and label):")
+    lines.append("")
+    for split, fp in (run.get("dataset_fingerprints") or {}).items():
+        lines.append(f"- {split}: `{fp}`")
+    if "cache_matches_dataset_contents" in run:
+        lines += ["", "The cached teacher logits were computed on exactly these contents: "
+                  f"{'yes' if run['cache_matches_dataset_contents'] else 'no'}."]
+    lines += ["", "## Recipe", "", "| setting | value |", "|---|---|"]
+    recipe = [("loss", LOSS_NAMES.get(loss, loss) + (" with logit standardisation (Sun et al., CVPR 2024)"
+                                                     if cfg.get("standardize") else "")),
+              ("combined as", "(1 − λ) · CE + λ · KD term"), ("temperature T", f"{cfg['temperature']:g}"),
+              ("λ (alpha)", f"{alpha:g}")]
+    if loss == "dkd":
+        recipe.append(("DKD β (non-target weight)", f"{cfg.get('dkd_beta'):g}"))
+    if loss == "dist":
+        recipe.append(("DIST γ (intra-class weight)", f"{cfg.get('dist_gamma'):g}"))
+    views = cfg.get("views")
+    recipe += [("epochs", str(cfg["epochs"])), ("best epoch (chosen on validation)", str(run.get("best_epoch"))),
+               ("views", "the cache's stored augmented views, one per image per epoch" if views else "none (the images themselves)"),
+               ("seed", str(run.get("seed", cfg.get("seed")))), ("optimizer", f"AdamW, lr {cfg['lr']:g}, weight decay "
+                                                                    f"{cfg['weight_decay']:g}, {cfg['schedule']} schedule"),
+               ("batch size", str(cfg["batch_size"])), ("precision", str(run.get("precision", "?")))]
+    if cfg.get("mix", "none") != "none":
+        recipe.append(("batch mixing", f"{cfg['mix']}, Beta({cfg['mix_alpha']:g}, {cfg['mix_alpha']:g})"))
+    lines += [f"| {k} | {v} |" for k, v in recipe]
+    lines += ["", "## Results", "", "| split | accuracy | macro-F1 | agreement with the teacher | images |", "|---|---|---|---|---|"]
+    for split in SPLITS:
+        m = run.get(split)
+        if m:
+            agree = f"{m['teacher_agreement']:.2%}" if "teacher_agreement" in m else "–"
+            lines.append(f"| {split} | {m['accuracy']:.2%} | {m['macro_f1']:.3f} | {agree} | {m.get('n', '?')} |")
+    lines += ["", "One run, one seed: compare runs over several seeds before drawing conclusions.", "",
+              "## Reproduce", "", "```bash", reproduce_command(run), "```", "",
+              "## Use", "", "```python", "from transformers import pipeline", "",
+              'classify = pipeline("image-classification", model="path/to/this/folder")  # or its Hub repo id',
+              'classify("leaf.jpg")', "```", ""]
+    return "\n".join(lines)
+
+
+def _teacher(run: dict) -> dict | None:
+    return (run.get("cache") or {}).get("teacher")
+
+
+def _on_hub(teacher: dict) -> bool:
+    """A Hub id that was loaded from the Hub (a local folder records its weights' checksum instead)."""
+    return looks_like_hub_id(teacher["spec"]) and not teacher.get("weights_sha256")
+
+
+def _dataset_name(dataset: dict) -> str:
+    spec = dataset["spec"].rstrip("/")
+    return spec if dataset.get("kind") == "hub" else spec.rsplit("/", 1)[-1] or spec
+
+
+def _labels(run: dict) -> str:
+    names = run.get("label_names") or []
+    return f"{len(names)} classes" if names else "image classes"
