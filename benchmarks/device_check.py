@@ -704,8 +704,9 @@ def table(c: Check, result: dict) -> None:
         if name == "stage_one.decode" and m.get("by_workers"):
             note = "workers " + ", ".join(f"{w}: {v:.0f}" for w, v in m["by_workers"].items())
         if name == "stage_two.resume" and m["status"] == "ok":
-            note = (f"loss rel diff {m['max_rel_train_loss_diff']:.1e}; test acc device {m['test_accuracy_device']:.3f}, "
-                    f"cpu evaluate {m['test_accuracy_cpu_evaluate']:.3f}, cpu pipeline() {m['test_accuracy_cpu_pipeline']:.3f}")
+            note = (f"loss rel diff {m['max_rel_train_loss_diff']:.1e}; test acc device "
+                    f"{m['test_accuracy_device']:.3f}, cpu evaluate {m['test_accuracy_cpu_evaluate']:.3f}, "
+                    f"cpu pipeline() {m['test_accuracy_cpu_pipeline']:.3f}")
         rows.append([name, m["status"], f"{ips:,.1f}" if ips else "", m.get("peak_device_mib", ""),
                      m.get("seconds", ""), note[:110]])
     print_table(f"device check: {result['environment']['device']}, auto precision {c.precision}, mode {c.mode}",
@@ -751,7 +752,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="include the torch.compile measurements (default: on a GPU only)")
     p.add_argument("--only", default=None, help="comma-separated measurement names or prefixes to run")
     p.add_argument("--skip", default=None, help="comma-separated measurement names or prefixes to leave out")
-    p.add_argument("--budget-s", type=float, default=480.0, help="start no measurement after this many seconds")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="start no measurement after this many seconds (420: the last one ends within ~8 min)")
     p.add_argument("--json", type=Path, default=None,
                    help="output (default docs/results/benchmarks/device_check_<device>.json; none with --tiny)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (caches, runs) and print its path")
