@@ -21,7 +21,11 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AMX or AVX512-BF16): autocast pays off there."""
+    """True where the CPU computes bf16 natively (AMX or AVX512-BF16): autocast pays off there. Also asks
+    torch which kernels it dispatches to: with them capped below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as CI does
+    to stand in for an AVX2-only CPU) bf16 would be emulated, so fp32 it is."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = f.read()

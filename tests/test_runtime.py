@@ -237,3 +237,23 @@ def test_a_scaled_epoch_trains_like_an_unscaled_one_and_its_scale_resumes(cache_
     again.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)
     assert train_student.resume(again)
     assert again.scaler.get_scale() == scaler.get_scale()
+
+
+@pytest.mark.parametrize("capability, flags, fast", [("AVX512", "fpu avx512_bf16 sse", True),
+                                                     ("AVX512", "fpu amx_bf16", True),
+                                                     ("AVX2", "fpu avx512_bf16", False),  # kernels capped below AVX-512
+                                                     ("AVX512", "fpu avx512f avx2", False)])
+def test_cpu_bf16_is_fast_only_with_the_flag_and_the_kernels_to_use_it(monkeypatch, tmp_path, capability, flags, fast):
+    import builtins
+
+    real_open = builtins.open
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"flags\t\t: {flags}\n")
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    runtime.cpu_has_fast_bf16.cache_clear()
+    try:
+        assert runtime.cpu_has_fast_bf16() is fast
+        assert runtime.resolve_precision("auto", torch.device("cpu")) == ("bf16" if fast else "fp32")
+    finally:
+        runtime.cpu_has_fast_bf16.cache_clear()
