@@ -132,16 +132,17 @@ def _body(run: dict, name: str) -> str:
         recipe.append(("DKD β (non-target weight)", f"{cfg.get('dkd_beta'):g}"))
     if loss == "dist":
         recipe.append(("DIST γ (intra-class weight)", f"{cfg.get('dist_gamma'):g}"))
-    views = cfg.get("views")
+    views = ("the cache's stored augmented views, one per image per epoch" if cfg.get("views")
+             else "none (the images themselves)")
+    optimizer = f"AdamW, lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['schedule']} schedule"
     recipe += [("epochs", str(cfg["epochs"])), ("best epoch (chosen on validation)", str(run.get("best_epoch"))),
-               ("views", "the cache's stored augmented views, one per image per epoch" if views else "none (the images themselves)"),
-               ("seed", str(run.get("seed", cfg.get("seed")))), ("optimizer", f"AdamW, lr {cfg['lr']:g}, weight decay "
-                                                                    f"{cfg['weight_decay']:g}, {cfg['schedule']} schedule"),
+               ("views", views), ("seed", str(run.get("seed", cfg.get("seed")))), ("optimizer", optimizer),
                ("batch size", str(cfg["batch_size"])), ("precision", str(run.get("precision", "?")))]
     if cfg.get("mix", "none") != "none":
         recipe.append(("batch mixing", f"{cfg['mix']}, Beta({cfg['mix_alpha']:g}, {cfg['mix_alpha']:g})"))
     lines += [f"| {k} | {v} |" for k, v in recipe]
-    lines += ["", "## Results", "", "| split | accuracy | macro-F1 | agreement with the teacher | images |", "|---|---|---|---|---|"]
+    lines += ["", "## Results", "", "| split | accuracy | macro-F1 | agreement with the teacher | images |",
+              "|---|---|---|---|---|"]
     for split in SPLITS:
         m = run.get(split)
         if m:

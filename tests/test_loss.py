@@ -131,7 +131,8 @@ def test_kd_keeps_todays_values():
     assert [parts[k].item() for k in ("loss", "ce", "kd")] == pytest.approx(
         [0.49120858311653137, 0.6216270923614502, 0.36079007387161255], rel=1e-6)
     parts = distillation_loss(S, Y, TEACHER, 1.0, 0.3)
-    assert [parts[k].item() for k in ("loss", "kd")] == pytest.approx([0.5073052048683167, 0.2405541092157364], rel=1e-6)
+    assert [parts[k].item() for k in ("loss", "kd")] == pytest.approx([0.5073052048683167, 0.2405541092157364],
+                                                                      rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- dkd
@@ -343,7 +344,8 @@ def test_standardisation_is_invariant_to_shift_and_scale_of_the_teachers_logits(
         for k in base:
             assert other[k].item() == pytest.approx(base[k].item(), rel=1e-5, abs=1e-7), (k, moved)
     # ... which the raw losses are not (shift is harmless to softmax; scale is not)
-    assert compute(name, S4, Y4, 3.0 * T4, **kw)["kd"].item() != pytest.approx(compute(name, S4, Y4, T4, **kw)["kd"].item(), rel=1e-3)
+    raw = compute(name, S4, Y4, T4, **kw)["kd"].item()
+    assert compute(name, S4, Y4, 3.0 * T4, **kw)["kd"].item() != pytest.approx(raw, rel=1e-3)
 
 
 def test_standardised_dkd_is_dkd_of_the_zscores():
@@ -489,5 +491,6 @@ def test_train_student_with_each_new_loss_through_the_cli(run_cli, cache_dir, tm
     assert set(record["train"]) == {"loss", "ce", "kd", *own}
     assert all(math.isfinite(v) for v in record["train"].values())
     assert (out / "model" / "README.md").exists()
-    code, text = run_cli("train-student", "--cache", cache_dir, "--loss", loss, "--dkd-beta", "-1", "--out", tmp_path / "x")
+    code, text = run_cli("train-student", "--cache", cache_dir, "--loss", loss, "--dkd-beta", "-1",
+                         "--out", tmp_path / "x")
     assert code == 1 and "--dkd-beta must be a finite number >= 0" in text and "Traceback" not in text

@@ -88,7 +88,7 @@ def test_every_saved_student_gets_a_card_whose_command_reproduces_it(run_cli, ca
     run = json.loads((first / "run.json").read_text())
     meta = front_matter(text)
     accuracy = {r["dataset"]["split"]: r["metrics"][0]["value"] for r in meta["model-index"][0]["results"]}
-    assert accuracy == {"test": round(run["test"]["accuracy"], 4), "validation": round(run["validation"]["accuracy"], 4)}
+    assert accuracy == {split: round(run[split]["accuracy"], 4) for split in ("test", "validation")}
     assert "base_model" not in meta  # the test teacher is a local folder
     command = text.split("```bash\n", 1)[1].split("\n```", 1)[0]
     args = shlex.split(command)
@@ -107,5 +107,6 @@ def test_a_from_scratch_student_gets_a_card_without_a_teacher(image_folder, tmp_
     text = (report.out / "model" / "README.md").read_text()
     meta = front_matter(text)
     assert "base_model" not in meta and meta["model-index"][0]["name"] == "s"
-    assert "trained by kdpipe on the labels alone (λ = 0)" in text and "None (λ = 0, trained without a cache)." in text
+    assert "trained by kdpipe on the labels alone (λ = 0)" in text
+    assert "None (λ = 0, trained without a cache)." in text
     assert "--alpha 0.0" in text and "--cache" not in text
