@@ -168,7 +168,9 @@ def inspect_cache_cmd(
     from pipeline import logit_store
 
     with user_errors():
-        files = {path.stem: path} if path.is_file() else logit_store.cache_splits(path)
+        if verify < 0:
+            raise KdpipeError(f"--verify takes a number of rows to replay, >= 0 (got {verify})")
+        files = {path.stem: path} if path.is_file() else logit_store.cache_splits(path, where=str(path))
         rows = []
         for name, f in files.items():
             split = logit_store.read_split(f)  # verifies format and checksum
@@ -178,6 +180,7 @@ def inspect_cache_cmd(
                 raise KdpipeError(f"{f}: stored teacher accuracy {split.meta['teacher_accuracy']:.4f} differs from "
                                   f"the recomputed {acc:.4f}; rebuild it with --force")
             rows.append((name, split, acc, f.stat().st_size))
+        logit_store.check_one_source({name: split.meta for name, split, _, _ in rows}, str(path))
     first = rows[0][1].meta
     console.print(f"[bold]teacher[/]  {first['teacher']['spec']}  revision={first['teacher']['revision']}  "
                   f"weights_sha256={str(first['teacher']['weights_sha256'])[:16]}")
@@ -249,6 +252,7 @@ def train_student_cmd(
     views: bool = typer.Option(False, "--views/--no-views", help="Train on the cache's stored augmented views (one per image per epoch)."),
     augment: str = typer.Option("none", help="none|flip: online augmentation the cached teacher did not see."),
     allow_inconsistent: bool = typer.Option(False, "--allow-inconsistent", help="Permit --augment with a KD term (warned in run.json)."),
+    allow_changed_data: bool = typer.Option(False, "--allow-changed-data", help="Train although images changed since the cache was built (recorded in run.json)."),
     mix: str = typer.Option("none", help="none|mixup|cutmix within each batch; soft targets mixed alike (approximate, see docs/views.md)."),
     mix_alpha: float = typer.Option(1.0, help="Beta(a, a) of the mixing weight."),
 ):
@@ -265,7 +269,8 @@ def train_student_cmd(
                           schedule=schedule, warmup_ratio=warmup_ratio, bn_momentum=bn_momentum,
                           precise_bn=precise_bn, seed=seed, precision=precision, device=device, compile=compile,
                           out=out, name=name, resume=resume, views=views, augment=augment,
-                          allow_inconsistent=allow_inconsistent, mix=mix, mix_alpha=mix_alpha)
+                          allow_inconsistent=allow_inconsistent, allow_changed_data=allow_changed_data, mix=mix,
+                          mix_alpha=mix_alpha)
         from pipeline.runtime import distributed
 
         if distributed()[0] > 0:  # under torchrun: rank 0 alone reports
@@ -285,10 +290,12 @@ def train_student_cmd(
 
 
 def _print_run(report) -> None:
-    table = Table(title=f"best epoch {report.best_epoch} (chosen on validation) -> {report.out}")
+    config = report.run.get("config", {})
+    val_split, test_split = config.get("val_split", "validation"), config.get("test_split") or "test"
+    table = Table(title=f"best epoch {report.best_epoch} (chosen on {val_split}) -> {report.out}")
     for col in ("split", "accuracy", "macro-F1", "teacher agreement", "KL to teacher"):
         table.add_column(col)
-    for name, m in (("validation", report.validation), ("test", report.test)):
+    for name, m in ((val_split, report.validation), (test_split, report.test)):
         if m:
             table.add_row(name, f"{m['accuracy']:.2%}", f"{m['macro_f1']:.3f}",
                           f"{m['teacher_agreement']:.2%}" if "teacher_agreement" in m else "-",
@@ -297,9 +304,9 @@ def _print_run(report) -> None:
     if report.confusion_matrix:
         _print_confusion(report.confusion_matrix, report.label_names, "test confusion (rows: true)")
     console.print(f"wall time {report.wall_time_s:.0f} s; student saved in {report.out / 'model'}")
-    warning = report.run.get("consistency", {}).get("warning")
-    if warning:
-        console.print(f"[yellow]warning[/]: {warning} (recorded in run.json)")
+    for warning in (report.run.get("consistency", {}).get("warning"), report.run.get("changed_data", {}).get("warning")):
+        if warning:
+            console.print(f"[yellow]warning[/]: {warning} (recorded in run.json)", highlight=False)
 
 
 def _print_confusion(cm, names, title) -> None:
@@ -367,6 +374,7 @@ def sweep_cmd(
     precision: str = typer.Option("auto", help="auto|fp32|bf16|fp16."),
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
     stale_after: float = typer.Option(3600.0, help="Seconds of silence after which another host's trial is rerun."),
+    allow_changed_data: bool = typer.Option(False, "--allow-changed-data", help="Train although images changed since the cache was built (recorded in each run.json)."),
 ):
     """Sweep student settings against one cache (an Optuna study; rerun the same command to resume or to add
     a worker). The teacher is never loaded."""
@@ -382,7 +390,7 @@ def sweep_cmd(
         searched_alpha = space.get("alpha") is not None
         train = TrainConfig(cache=cache, dataset=dataset, student=student, student_config=parse_overrides(student_config),
                             precise_bn=precise_bn, views=views, test_split=test_split or None, precision=precision,
-                            device=device, **{"alpha": 0.0 if searched_alpha and cache is None else TrainConfig.alpha, **fixed})
+                            device=device, allow_changed_data=allow_changed_data, **{"alpha": 0.0 if searched_alpha and cache is None else TrainConfig.alpha, **fixed})
         cfg = SweepConfig(train=train, space=space, seeds=_ints(seeds, "--seeds"), sampler=sampler, trials=trials,
                           prune=prune, storage=storage, out=out, name=name, stale_after_s=stale_after)
         console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {sampler}, seeds {cfg.seeds}, "
@@ -443,6 +451,9 @@ def _print_sweep(s) -> None:
         console.print(line)
     if s.teacher_gain:
         _print_gain(s.teacher_gain)
+    if s.interrupted:
+        console.print(f"[yellow]interrupted[/]: no process holds {', '.join(s.interrupted)} (its worker is gone); "
+                      "rerun the sweep to continue from the last checkpoint", highlight=False)
     console.print("wrote " + ", ".join(str(f) for f in s.files))
 
 

@@ -175,6 +175,7 @@ def run(cfg: CacheConfig, progress: Progress | None = None) -> list[SplitReport]
     with N processes, each caches every N-th row of each split into its own Parquet part and rank 0
     merges the parts into the split's file (_merge_parts)."""
     rank, world = runtime.distributed()
+    _check_out(cfg)
     if world > 1:
         runtime.start_distributed(runtime.resolve_device(cfg.device))
     with locking.exclusive_for_job(cfg.out_dir()):
@@ -231,6 +232,22 @@ class _Job:
     common: dict  # metadata shared by every split (and part of the reuse key)
 
 
+OTHER_KINDS = ("run.json", "checkpoint.pt", "metrics.jsonl", "sweep.json", "study.journal")  # train-student, sweep
+
+
+def _check_out(cfg: CacheConfig) -> None:
+    """Before anything is locked or written: --out is not a run or sweep folder, nor inside the dataset."""
+    out = cfg.out_dir()
+    other = [name for name in OTHER_KINDS if (out / name).exists()]
+    if other:
+        raise KdpipeError(f"--out {out} holds {other[0]}: it is a train-student run or a sweep, not a cache; choose "
+                          "another --out")
+    dataset = Path(cfg.dataset).expanduser()
+    if dataset.is_dir() and out.resolve().is_relative_to(dataset.resolve()):
+        raise KdpipeError(f"--out {out} is inside --dataset {cfg.dataset}: the split files would become part of the "
+                          "dataset; choose a folder outside it")
+
+
 def _setup(cfg: CacheConfig) -> _Job:
     dataset = open_dataset(cfg.dataset, splits=cfg.splits, image_column=cfg.image_column,
                            label_column=cfg.label_column, revision=cfg.dataset_revision)
@@ -262,7 +279,39 @@ def _setup(cfg: CacheConfig) -> _Job:
 
 def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int = 1) -> list[SplitReport]:
     job = _setup(cfg)
-    return [_cache_split(job, split, progress, rank, world) for split in job.dataset.splits.values()]
+    foreign = _foreign_splits(job)
+    reports = [_cache_split(job, split, progress, rank, world) for split in job.dataset.splits.values()]
+    if rank == 0:
+        for path in foreign:  # --force: the folder is rebuilt whole, once this dataset's splits are in place
+            path.unlink(missing_ok=True)
+    return reports
+
+
+def _foreign_splits(job: _Job) -> list[Path]:
+    """Split files already in --out that this run will not write and that come from another teacher or
+    dataset (logit_store.source): refused, or with --force returned to be removed. A cache is one teacher on
+    one dataset; splits of the same source (say, cached earlier with --splits test) are kept."""
+    mine = logit_store.source({**job.common, "dataset": job.dataset.identity})
+    foreign = []
+    for path in sorted(job.out_dir.glob("*.parquet")):
+        if path.stem in job.dataset.splits:
+            continue  # rebuilt or reused below
+        try:
+            meta = logit_store.read_meta(path)
+        except KdpipeError:
+            foreign.append((path, "an unreadable file", None))
+            continue
+        theirs = logit_store.source(meta)
+        differs = [p for p in ("dataset", "teacher", "labels") if theirs[p] != mine[p]]
+        if differs:
+            foreign.append((path, "another " + differs[0].replace("labels", "label set"), meta))
+    if foreign and not job.cfg.force:
+        path, what, meta = foreign[0]
+        where = f", {logit_store.describe_source(meta, 'dataset')}" if meta is not None and "dataset" in what else ""
+        raise KdpipeError(f"--out {job.out_dir} holds {len(foreign)} split file(s) of {what} ({path.name}{where}); a "
+                          "cache holds one teacher's logits on one dataset: choose another --out, or pass --force "
+                          "to rebuild the folder whole (removes them)")
+    return [path for path, _, _ in foreign]
 
 
 def _cache_split(job: _Job, split: Split, progress, rank: int, world: int) -> SplitReport:
@@ -306,18 +355,24 @@ def _write(job: _Job, split: Split, path: Path, batches, key: dict, spec: ViewSp
     """Stream the batches into the split's file (dataset label order) and close it with its metadata."""
     correct = np.zeros(2, dtype=np.int64)  # right on view 0, right on the other views
     index = {id_: i for i, id_ in enumerate(split.ids)}
+    digests = split.digests()  # (N, 32): stored per row, so train-student can name an image changed since
     with logit_store.SplitWriter(path, len(job.perm), job.cfg.topk, job.cfg.topk_dtype,
-                                 with_views=spec is not None, with_mixes=_mixes(spec)) as writer:
+                                 with_views=spec is not None, with_mixes=_mixes(spec), with_digests=True) as writer:
         for b in batches:
             logits = b.logits[:, job.perm]  # (R, C) dataset label order
             labels = split.labels[b.rows]
             if b.mixes is not None:  # a mixed view counts as right on the label with the larger share
                 major = b.mixes.weights > 0.5
                 labels = np.where(major, split.labels[[index.get(p, 0) for p in b.mixes.partners]], labels)
+            bad = ~np.isfinite(logits).all(1)
+            if bad.any():  # e.g. fp16 overflow: the KD term would be NaN from the first step that meets it
+                raise KdpipeError(f"--teacher {job.cfg.teacher} gave non-finite logits on {split.ids[b.rows[bad][0]]} "
+                                  f"(split {split.name!r}, precision {job.precision}); no split file was written: "
+                                  "retry with --precision fp32")
             right = logits.argmax(1) == labels
             correct += [right[b.views == 0].sum(), right[b.views > 0].sum()]
             writer.write([split.ids[i] for i in b.rows], split.labels[b.rows], logits, b.views, b.boxes, b.flips,
-                         b.mixes)
+                         b.mixes, digests[b.rows])
         wall = time.perf_counter() - start
         meta = {
             **key,

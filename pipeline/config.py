@@ -4,6 +4,7 @@ and names the flag in its error, so the CLI and the Python API refuse the same t
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -26,6 +27,19 @@ def _check(ok: bool, message: str) -> None:
 def _finite_at_least(name: str, value, flag: str, low: float = 0.0) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
     _check(ok, f"{flag} must be a finite number >= {low:g} (got {value})")
+
+
+FLAGS = {"temperature": "-T/--temperature", "stale_after_s": "--stale-after"}  # where not --<name>
+
+
+def _finite_floats(config) -> None:
+    """Every float setting must be a finite number: inf passes `> 0` checks and trains to NaN, and nan fails
+    every range check with a message that hides the real problem."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise KdpipeError(f"{FLAGS.get(f.name, '--' + f.name.replace('_', '-'))} must be a finite number "
+                              f"(got {value})")
 
 
 def _positive(name: str, value, flag: str) -> None:
@@ -63,6 +77,9 @@ class CacheConfig:
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
         _check(self.workers is None or self.workers >= 0, "--workers must be >= 0")
+        cores = os.cpu_count() or 1
+        _check(self.workers is None or self.workers <= 4 * cores, f"--workers {self.workers}: more than 4 decoding "
+               f"processes per core ({cores} here) only add memory; use at most {4 * cores}")
         if self.out is not None:
             self.out = Path(self.out)
 
@@ -103,6 +120,7 @@ class TrainConfig:
     views: bool = False  # train on the cache's stored augmented views (cache-teacher --views K), one per epoch
     augment: str = "none"  # online augmentation the cache does not cover ("flip"): inconsistent with the teacher
     allow_inconsistent: bool = False  # permit --augment with a KD term (recorded as a warning in run.json)
+    allow_changed_data: bool = False  # train although images changed since the cache was built (recorded)
     mix: str = "none"  # mixup|cutmix of each batch with its own permutation, soft targets mixed alike (approximate)
     mix_alpha: float = 1.0  # Beta(a, a) for the mixing weight; 1.0 = uniform, as in CutMix (Yun et al., 2019)
     seed: int = 0
@@ -116,6 +134,7 @@ class TrainConfig:
     log_tensorboard: bool = True  # when the tensorboard extra is installed
 
     def __post_init__(self):
+        _finite_floats(self)
         if self.cache is not None:
             self.cache = Path(self.cache)
         if self.out is not None:
@@ -182,6 +201,8 @@ def parse_overrides(text: str | None, flag: str = "--student-config") -> dict:
         key, sep, value = part.partition("=")
         _check(bool(sep and key.strip()), f"{flag}: expected key=value[,key=value...] (got {part!r})")
         out[key.strip()] = _parse_scalar(value.strip())
+        _check(not isinstance(out[key.strip()], float) or math.isfinite(out[key.strip()]),
+               f"{flag}: {part.strip()} is not a finite number")
     return out
 
 
@@ -247,6 +268,7 @@ def parse_dimension(name: str, text: str) -> Dimension:
             _check(len(parts) in (2, 3) and (len(parts) == 2 or parts[2] == "log") and kind not in (str, bool),
                    f"{flag}: a range is low:high or low:high:log (got {text!r})")
             low, high = kind(parts[0]), kind(parts[1])
+            _check(math.isfinite(low) and math.isfinite(high), f"{flag}: a range needs finite ends (got {text!r})")
             _check(low < high, f"{flag}: range low must be below high (got {text!r})")
             _check(len(parts) == 2 or low > 0, f"{flag}: a log range needs low > 0 (got {text!r})")
             dim = Dimension(name, low=low, high=high, log=len(parts) == 3)
@@ -292,6 +314,7 @@ class SweepConfig:
     stale_after_s: float = 3600.0  # a RUNNING trial of another host that is silent this long is rerun
 
     def __post_init__(self):
+        _finite_floats(self)
         if self.out is not None:
             self.out = Path(self.out)
         _check(self.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}")

@@ -34,6 +34,7 @@ class Split:
     labels: np.ndarray  # (N,) int64
     root: str | None = None  # the folder image paths are relative to, if local
     _fingerprint: str | None = field(default=None, repr=False)
+    _digests: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,13 +52,22 @@ class Split:
         """The i-th image decoded to RGB; an unreadable file is an error naming it, never skipped."""
         return decode_rgb(self.image_bytes(i), where=f"{self.ids[i]} (split {self.name!r}, row {i})")
 
+    def digests(self) -> np.ndarray:
+        """(N, 32) uint8: the SHA-256 of each row's image bytes (read once; a cache stores them, so an image
+        changed under the same id can be named)."""
+        if self._digests is None:
+            self._digests = np.array([np.frombuffer(hashlib.sha256(self.image_bytes(i)).digest(), np.uint8)
+                                      for i in range(len(self))], dtype=np.uint8).reshape(len(self), 32)
+        return self._digests
+
     def fingerprint(self) -> str:
-        """SHA-256 over (id, image bytes, label) of every row: equal fingerprints mean equal contents."""
+        """SHA-256 over (id, label, SHA-256 of the image bytes) of every row, in order: equal fingerprints
+        mean equal contents."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            for i, (id_, label) in enumerate(zip(self.ids, self.labels.tolist())):
+            for id_, label, digest in zip(self.ids, self.labels.tolist(), self.digests()):
                 h.update(f"{id_}\0{label}\0".encode())
-                h.update(hashlib.sha256(self.image_bytes(i)).digest())
+                h.update(digest.tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -123,14 +133,20 @@ def open_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     revision: str | None = None,
+    flags: dict[str, str] | None = None,
 ) -> ImageDataset:
-    """Open `spec` (hub id, image folder, or Parquet/Arrow file or folder) with ids and label names."""
+    """Open `spec` (hub id, image folder, or Parquet/Arrow file or folder) with ids and label names.
+    `flags` names the flag that asked for each split (e.g. {"validation": "--val-split"}) in errors;
+    --splits otherwise."""
     dsd, kind, root = _load(spec, revision)
     available = list(dsd.keys())
-    wanted = splits or available
+    wanted = list(dict.fromkeys(splits or available))
+    flags = flags or {}
     missing = [s for s in wanted if s not in dsd]
     if missing:
-        raise KdpipeError(f"--splits: {', '.join(missing)} not in dataset {spec} (it has: {', '.join(available)})")
+        flag = flags.get(missing[0], "--splits")
+        named = missing[:1] if flag != "--splits" else missing
+        raise KdpipeError(f"{flag} {','.join(named)}: not in dataset {spec} (it has: {', '.join(available)})")
     first = dsd[wanted[0]]
     img_col = _pick_column(first, image_column, IMAGE_COLUMNS, "Image", "--image-column", spec)
     lab_col = _pick_column(first, label_column, LABEL_COLUMNS, "ClassLabel", "--label-column", spec)
@@ -139,7 +155,8 @@ def open_dataset(
     for name in wanted:
         table = dsd[name]
         if len(table) == 0:
-            raise KdpipeError(f"split {name!r} of dataset {spec} has no rows; drop it with --splits")
+            fix = f"choose another {flags[name]}" if name in flags else "drop it with --splits"
+            raise KdpipeError(f"split {name!r} of dataset {spec} has no rows; {fix}")
         for col in (img_col, lab_col):
             if col not in table.column_names:
                 raise KdpipeError(f"split {name!r} of {spec} has no column {col!r}")
@@ -181,15 +198,17 @@ def _load(spec: str, revision: str | None):
 
 
 def _refuse_empty_parquet(path: Path) -> None:
-    """datasets fails on a 0-row Parquet file with a message that does not name it: name it here."""
+    """datasets fails on a 0-row or a truncated Parquet file with a message that does not name it: name it
+    here."""
     import pyarrow.parquet as pq
 
     files = [path] if path.suffix == ".parquet" else sorted(path.rglob("*.parquet")) if path.is_dir() else []
     for f in files:
         try:
             rows = pq.read_metadata(f).num_rows
-        except Exception:
-            continue  # unreadable: datasets reports it
+        except Exception as e:  # truncated or damaged: no footer to read
+            raise KdpipeError(f"--dataset: {f} is not a readable Parquet file ({type(e).__name__}); restore it, or "
+                              "remove it and choose the other splits with --splits") from None
         if rows == 0:
             raise KdpipeError(f"--dataset: {f} has no rows (an empty split cannot be cached); remove the file "
                               "or choose the other splits with --splits")
@@ -275,10 +294,11 @@ def slug(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "dataset"
 
 
-def reopen_dataset(identity: dict, override: str | None, splits: list[str], image_column=None, label_column=None):
+def reopen_dataset(identity: dict, override: str | None, splits: list[str], image_column=None, label_column=None,
+                   flags: dict[str, str] | None = None):
     """Open the dataset an artifact was made from (or `override`, e.g. the same data moved)."""
     spec = override or identity["spec"]
     if override is None and identity["kind"] == "local" and not Path(spec).exists() and identity.get("root"):
         spec = identity["root"]  # recorded as a relative path from another working folder
     return open_dataset(spec, splits=splits, image_column=image_column or identity.get("image_column"),
-                        label_column=label_column or identity.get("label_column"))
+                        label_column=label_column or identity.get("label_column"), flags=flags)

@@ -15,6 +15,8 @@ or, for large label spaces (`cache-teacher --topk K`), instead of `logits`:
     topk_values   fixed_size_list<float32|float16>[K]  the K largest raw logits, largest first
     topk_indices  fixed_size_list<int32>[K]            their classes (dataset label order)
     logsumexp     float32                              log sum exp of all C logits (computed in float64)
+and last, in files cache-teacher writes (format 3):
+    image_sha256  fixed_size_list<uint8>[32]  SHA-256 of the image's bytes, so an image changed since is named
 
 The schema metadata key `kdpipe` holds JSON (never pickles): format version, versions, teacher and
 processor, dataset identity and content fingerprint, precision, timings, teacher accuracy, and a
@@ -37,11 +39,12 @@ from .errors import KdpipeError
 from .views import Mixes
 
 FORMAT = "kdpipe.teacher-logits"
-FORMAT_VERSION = 2  # 2: checksum per column, so files are written as rows stream in
+FORMAT_VERSION = 3  # 2: checksum per column, so files are written as rows stream in; 3: image_sha256 column
+REUSABLE_FORMATS = (2, 3)  # 3 only adds a column: a version 2 file's logits are as good
 CHECKSUM = "sha256-of-column-sha256"
 META_KEY = b"kdpipe"
 # Metadata fields that determine the logits: a file is reusable only if all of them match.
-KEY_FIELDS = ("format_version", "teacher", "processor", "dataset_fingerprint", "label_names", "precision",
+KEY_FIELDS = ("teacher", "processor", "dataset_fingerprint", "label_names", "precision",
               "logits_storage", "augment")
 FULL = {"kind": "full", "dtype": "float32"}  # logits_storage of files written before it was recorded
 
@@ -94,11 +97,24 @@ class LogitSplit:
     boxes: np.ndarray | None = None  # (N, 4) float32 crop box (x0, y0, x1, y1) in source pixels (cache --views)
     flips: np.ndarray | None = None  # (N,) bool horizontal flip (cache --views)
     mixes: Mixes | None = None  # what each view is blended with (cache --views K --view-mixup a)
+    digests: np.ndarray | None = None  # (N, 32) uint8 SHA-256 of each row's image bytes (format 3)
 
     def take(self, rows: np.ndarray) -> "LogitSplit":
         pick = lambda a: None if a is None else a.take(rows) if isinstance(a, (TopK, Mixes)) else a[rows]  # noqa: E731
         return LogitSplit([self.ids[i] for i in rows], self.views[rows], self.labels[rows], pick(self.logits),
-                          self.meta, pick(self.topk), pick(self.boxes), pick(self.flips), pick(self.mixes))
+                          self.meta, pick(self.topk), pick(self.boxes), pick(self.flips), pick(self.mixes),
+                          pick(self.digests))
+
+    def changed_images(self, ids: list[str], digests: np.ndarray) -> list[str] | None:
+        """Of the images `ids` (each in this split), those whose bytes' SHA-256 (`digests`, (N, 32)) differs
+        from the one stored when the split was cached, in the order of `ids`; None when the file stores no
+        digests (written before format 3)."""
+        if self.digests is None:
+            return None
+        plain = self.view0()
+        index = {id_: i for i, id_ in enumerate(plain.ids)}
+        stored = plain.digests[[index[i] for i in ids]]  # (N, 32)
+        return [ids[i] for i in np.flatnonzero((stored != np.asarray(digests)).any(1))]
 
     @property
     def views_per_image(self) -> int:
@@ -196,9 +212,10 @@ class SplitWriter:
     """
 
     def __init__(self, path: Path, num_classes: int, topk: int | None = None, topk_dtype: str = "float32",
-                 rows_per_group: int | None = None, with_views: bool = False, with_mixes: bool = False):
+                 rows_per_group: int | None = None, with_views: bool = False, with_mixes: bool = False,
+                 with_digests: bool = False):
         self.path, self.c, self.topk, self.topk_dtype = Path(path), num_classes, topk, topk_dtype
-        self.with_views, self.with_mixes = with_views, with_mixes
+        self.with_views, self.with_mixes, self.with_digests = with_views, with_mixes, with_digests
         fields = [("id", pa.string()), ("view", pa.int16()), ("label", pa.int64())]
         if with_views:  # each row's view parameters, so a view can be rendered again exactly (views.render)
             fields += [("view_box", pa.list_(pa.float32(), 4)), ("view_flip", pa.bool_())]
@@ -214,6 +231,8 @@ class SplitWriter:
             fields += [("topk_values", pa.list_(pa.from_numpy_dtype(np.dtype(topk_dtype)), topk)),
                        ("topk_indices", pa.list_(pa.int32(), topk)), ("logsumexp", pa.float32())]
             row_bytes = (np.dtype(topk_dtype).itemsize + 4) * topk + 4
+        if with_digests:  # each row's image bytes, hashed: train-student names an image changed since
+            fields.append(("image_sha256", pa.list_(pa.uint8(), 32)))
         self.schema = pa.schema(fields)
         # ~4 MB of teacher values per row group: the most this writer buffers, whatever the split's size
         self.rows_per_group = rows_per_group or int(np.clip((4 << 20) // row_bytes, 256, 65536))
@@ -236,9 +255,11 @@ class SplitWriter:
         self.writer = pq.ParquetWriter(self.tmp, self.schema, use_dictionary=False)  # unique ids, float logits
 
     def write(self, ids: list[str], labels: np.ndarray, logits: np.ndarray, views: np.ndarray | None = None,
-              boxes: np.ndarray | None = None, flips: np.ndarray | None = None, mixes: Mixes | None = None) -> None:
+              boxes: np.ndarray | None = None, flips: np.ndarray | None = None, mixes: Mixes | None = None,
+              digests: np.ndarray | None = None) -> None:
         """Append rows: `logits` (B, C) raw, in dataset label order; with views, each row's `boxes` (B, 4)
-        and `flips` (B,); with mixed views, its `mixes` (partners as ids)."""
+        and `flips` (B,); with mixed views, its `mixes` (partners as ids); with digests, each row's image
+        SHA-256 `digests` (B, 32) uint8."""
         logits = np.ascontiguousarray(logits, dtype=np.float32)  # (B, C)
         if logits.ndim != 2 or logits.shape[1] != self.c or not len(ids) == len(logits) == len(labels):
             raise ValueError(f"rows do not fit: {len(ids)} ids, {len(labels)} labels, logits {logits.shape}, "
@@ -267,6 +288,10 @@ class SplitWriter:
             flips = np.asarray(flips, dtype=bool).reshape(n)
             arrays = [boxes, flips, *arrays]
             columns = [_box_column(boxes), pa.array(flips, pa.bool_()), *columns]
+        if self.with_digests:
+            digests = np.ascontiguousarray(digests, dtype=np.uint8).reshape(n, 32)
+            arrays = [*arrays, digests]
+            columns = [*columns, pa.FixedSizeListArray.from_arrays(pa.array(digests.reshape(-1), pa.uint8()), 32)]
         self.hashes.update(list(ids), [views, labels, *arrays])
         batch = pa.RecordBatch.from_arrays([pa.array(list(ids), pa.string()), pa.array(views, pa.int16()),
                                             pa.array(labels, pa.int64()), *columns], schema=self.schema)
@@ -399,7 +424,7 @@ def read_split(path: Path) -> LogitSplit:
     if "mix_id" in cols:
         mixes = Mixes(cols["mix_id"].astype(object), cols["mix_box"], cols["mix_flip"].astype(bool),
                       cols["mix_weight"].astype(np.float32))
-    return LogitSplit(ids, views, labels, logits, meta, sparse, boxes, flips, mixes)
+    return LogitSplit(ids, views, labels, logits, meta, sparse, boxes, flips, mixes, cols.get("image_sha256"))
 
 
 def verify(path: Path) -> dict:
@@ -459,18 +484,72 @@ def split_path(cache_dir: Path, split: str) -> Path:
     return Path(cache_dir) / f"{split}.parquet"
 
 
-def cache_splits(cache_dir: Path) -> dict[str, Path]:
-    """The split files of a cache folder, by split name."""
+def cache_splits(cache_dir: Path, where: str | None = None) -> dict[str, Path]:
+    """The split files of a cache folder, by split name (`where` names it in errors; default --cache DIR)."""
     cache_dir = Path(cache_dir)
+    where = where or f"--cache {cache_dir}"
+    if cache_dir.is_file():
+        raise KdpipeError(f"{where}: a file; pass the folder that holds the split files")
     if not cache_dir.is_dir():
-        raise KdpipeError(f"--cache {cache_dir}: no such folder; build it with kdpipe cache-teacher")
+        raise KdpipeError(f"{where}: no such folder; build it with kdpipe cache-teacher")
     files = {p.stem: p for p in sorted(cache_dir.glob("*.parquet"))}
     if not files:
-        raise KdpipeError(f"--cache {cache_dir}: holds no .parquet split files; build it with kdpipe cache-teacher")
+        raise KdpipeError(f"{where}: holds no .parquet split files; build it with kdpipe cache-teacher")
     return files
 
 
 def matches(meta: dict, key: dict) -> bool:
     """Whether an existing file was made from exactly the inputs in `key` (so it can be reused)."""
     defaults = {"logits_storage": FULL, "augment": None}
-    return all(meta.get(k, defaults.get(k)) == key.get(k, defaults.get(k)) for k in KEY_FIELDS)
+    return meta.get("format_version") in REUSABLE_FORMATS and \
+        all(meta.get(k, defaults.get(k)) == key.get(k, defaults.get(k)) for k in KEY_FIELDS)
+
+
+def source(meta: dict) -> dict:
+    """What every split of one cache shares: the teacher (its weights digest for a folder, else hub id and
+    revision; and its processor), the dataset (its folder, or hub id and revision) and the label names.
+    Splits may differ in everything else (views, top-K, precision)."""
+    t, d = meta.get("teacher") or {}, meta.get("dataset") or {}
+    teacher = {"weights_sha256": t["weights_sha256"]} if t.get("weights_sha256") else \
+        {"spec": t.get("spec"), "revision": t.get("revision")}
+    if d.get("kind") == "local":
+        spec = Path(d.get("spec") or "")
+        dataset = {"root": d.get("root"), "file": spec.name if spec.suffix in (".parquet", ".arrow") else None}
+    else:
+        dataset = {"spec": d.get("spec"), "revision": d.get("revision")}
+    return {"teacher": {**teacher, "processor": meta.get("processor")}, "dataset": dataset,
+            "labels": meta.get("label_names")}
+
+
+def describe_source(meta: dict, part: str) -> str:
+    """The teacher, dataset or labels of a split's metadata, for an error message."""
+    if part == "labels":
+        return str(meta.get("label_names"))
+    d = meta.get(part) or {}
+    if part == "teacher" and d.get("weights_sha256"):
+        return f"{d.get('spec')}, weights sha256 {d['weights_sha256'][:12]}"
+    if part == "dataset" and d.get("kind") == "local" and d.get("root"):
+        spec = Path(d.get("spec") or "")
+        return str(Path(d["root"]) / spec.name) if spec.suffix in (".parquet", ".arrow") else d["root"]
+    return f"{d.get('spec')}{'@' + str(d['revision'])[:12] if d.get('revision') else ''}"
+
+
+def check_one_source(metas: dict[str, dict], where: str) -> None:
+    """Refuse split files that come from different teachers, datasets or label sets (a folder reused
+    for another cache): names the odd splits and what differs. The reference is the source most splits
+    share (ties: the one of the `train` split, else the first)."""
+    groups: dict[str, list[str]] = {}
+    for name, meta in metas.items():
+        groups.setdefault(json.dumps(source(meta), sort_keys=True), []).append(name)
+    if len(groups) < 2:
+        return
+    ref = max(groups.values(), key=lambda names: (len(names), "train" in names))
+    odd = next(names for names in groups.values() if names is not ref)
+    a, b = source(metas[odd[0]]), source(metas[ref[0]])
+    part = next(p for p in ("dataset", "teacher", "labels") if a[p] != b[p])
+    what = {"dataset": "comes from another dataset", "teacher": "comes from another teacher",
+            "labels": "has other labels"}[part]
+    raise KdpipeError(f"{where}: split {', '.join(map(repr, odd))} {what} "
+                      f"({describe_source(metas[odd[0]], part)}) than {', '.join(map(repr, ref))} "
+                      f"({describe_source(metas[ref[0]], part)}); a cache holds one teacher's logits on one dataset: "
+                      "rebuild it with kdpipe cache-teacher --force, or use separate folders")

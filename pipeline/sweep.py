@@ -136,7 +136,14 @@ def open_storage(url: str | None, out: Path):
 
 def _claim_folder(cfg: SweepConfig, out: Path) -> None:
     """Write sweep.json (how to reopen the study) once, atomically; later workers check it matches."""
-    out.mkdir(parents=True, exist_ok=True)
+    from .locking import make_folder
+
+    make_folder(out)  # a file, a broken link or an unwritable place: one line naming --out
+    other = next((p.name for p in out.iterdir() if p.suffix == ".parquet" or p.name in ("run.json", "checkpoint.pt")),
+                 None)
+    if other:
+        raise KdpipeError(f"--out {out} holds {other}: it is a cache or a train-student run, not a sweep; choose "
+                          "another --out")
     record = {"study_name": cfg.study_name(), "storage": cfg.storage, "spec": json.loads(json.dumps(cfg.spec()))}
     path = out / SPEC_FILE
     tmp = out / f".{SPEC_FILE}.tmp-{os.getpid()}"

@@ -6,6 +6,10 @@ only (reading test for every config invites choosing on it). When the sweep has 
 teacher's gain: the best distilled config minus its alpha = 0 twin (teacher_gain). Written next to the study:
 results.csv (one row per config), results.json (configs, every run, the choice) and, when the sweep
 varies both T and alpha and matplotlib is installed, heatmap.png of mean validation accuracy over T x alpha.
+
+A trial the storage calls RUNNING is reported by what the locks say: running while a process holds its
+run folder's lock (or, on this host, while its worker's pid lives); "interrupted" when its worker is gone,
+which a rerun of the sweep continues from the run's last checkpoint.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import io
 import json
 import math
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import LOSS_SETTINGS
+from . import locking
 from .errors import KdpipeError
 from .stats import mean_std_ci, paired, welch
 
@@ -51,6 +57,7 @@ class SweepSummary:
     seconds: float  # summed epoch time of every run
     teacher_gain: dict | None = None  # the best distilled config against its alpha = 0 twin (teacher_gain())
     files: list[Path] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)  # run folders of RUNNING trials whose worker is gone
 
 
 def build(out: Path, write: bool = True) -> SweepSummary:
@@ -69,11 +76,17 @@ def build(out: Path, write: bool = True) -> SweepSummary:
     except KeyError:
         raise KdpipeError(f"{out}: study {record['study_name']!r} is not in its storage yet; start the sweep") from None
     trials = study.get_trials(deepcopy=False)
-    counts = {}
+    counts, interrupted = {}, []
     for t in trials:
         if t.state == TrialState.FAIL and "duplicate" in t.user_attrs:
             continue  # a claim that stepped back, not a result
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+        state = t.state.name.lower()
+        if t.state == TrialState.RUNNING:
+            alive, names = worker_alive(t, out, record["spec"])
+            if not alive:
+                state = "interrupted"
+                interrupted += names
+        counts[state] = counts.get(state, 0) + 1
     groups: dict[str, dict] = {}
     epochs_run = epochs_planned = 0
     seconds = 0.0
@@ -99,10 +112,35 @@ def build(out: Path, write: bool = True) -> SweepSummary:
         best.test = [r["test"] for r in groups[best.key]["runs"] if r.get("test") is not None] or None
     gain = teacher_gain(rows, {key: g["runs"] for key, g in groups.items()})
     summary = SweepSummary(out, record["study_name"], record["spec"], rows, best, counts,
-                           {"run": epochs_run, "planned": epochs_planned}, seconds, gain)
+                           {"run": epochs_run, "planned": epochs_planned}, seconds, gain, interrupted=interrupted)
     if write:
         summary.files = _write(summary)
     return summary
+
+
+def worker_alive(trial, out: Path, spec: dict) -> tuple[bool, list[str]]:
+    """Whether a RUNNING trial's worker still works on it, and the trial's run folder names. A process
+    holding one of its run folders' locks (locking.held) is alive, wherever it runs; otherwise a worker on
+    this host is judged by its pid, and one on another host is gone once its run folder exists unlocked
+    (before that folder exists there is nothing to tell by, and it counts as running)."""
+    config, point = trial.user_attrs.get("config"), trial.user_attrs.get("point")
+    if spec.get("sampler") == "tpe":
+        names = [f"{config}-seed{seed}" for seed in spec.get("seeds", [])] if config else []
+    else:
+        names = [point] if point else []
+    folders = [out / "runs" / name for name in names]
+    if any(locking.held(f) for f in folders):
+        return True, names
+    owner = trial.user_attrs.get("owner") or {}
+    if owner.get("host") == socket.gethostname() and owner.get("pid"):
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return False, names
+        except PermissionError:  # someone else's live process
+            pass
+        return True, names
+    return not any(f.is_dir() for f in folders), names
 
 
 def teacher_gain(rows: list[ConfigRow], runs: dict[str, list[dict]]) -> dict | None:
@@ -174,7 +212,7 @@ def to_dict(s: SweepSummary) -> dict:
             best.update(test_mean=m, test_std=sd, test_ci95=None if math.isnan(ci) else ci)
     return {"study_name": s.study_name, "spec": s.spec, "trials": s.counts, "epochs": s.epochs,
             "train_seconds": round(s.seconds, 2), "configs": [row(r) for r in s.rows], "best": best,
-            "teacher_gain": s.teacher_gain}
+            "teacher_gain": s.teacher_gain, "interrupted": s.interrupted}
 
 
 def heatmap(s: SweepSummary, path: Path) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,17 +32,27 @@ class Teacher:
 def load_teacher(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> Teacher:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    from .data import looks_like_hub_id
+
     local = Path(spec).expanduser()
+    if not local.exists() and not looks_like_hub_id(spec):  # a path (./x, /x, ~/x, a/b/c), not an owner/name id
+        raise KdpipeError(f"--teacher {spec}: no such folder; pass a save_pretrained folder or a Hub id "
+                          "like owner/name")
+    if local.exists() and not local.is_dir():
+        raise KdpipeError(f"--teacher {spec}: a file; pass the save_pretrained folder that holds config.json and "
+                          "the weights")
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        model = AutoModelForImageClassification.from_pretrained(str(local) if local.is_dir() else spec, **kwargs)
-        processor = AutoImageProcessor.from_pretrained(str(local) if local.is_dir() else spec, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:  # shown on success only (a refusal is one line)
+            model = AutoModelForImageClassification.from_pretrained(str(local) if local.is_dir() else spec, **kwargs)
+            processor = AutoImageProcessor.from_pretrained(str(local) if local.is_dir() else spec, **kwargs)
     except OSError as e:
         if local.exists():
             raise KdpipeError(f"--teacher {spec}: not a loadable transformers checkpoint folder ({_first_line(e)})") from None
         raise KdpipeError(
-            f"--teacher {spec}: could not load it from the Hugging Face Hub ({_first_line(e)}); "
-            "offline? pass a local save_pretrained folder, e.g. --teacher ../shared/teachers/beans-efficientnet-lite0"
+            f"--teacher {spec}: could not load it from the Hugging Face Hub ({_first_line(e)}), and there is no "
+            "local folder of that name; offline? pass a local save_pretrained folder, e.g. "
+            "--teacher ../shared/teachers/beans-efficientnet-lite0"
         ) from None
     except pickle.UnpicklingError:
         raise KdpipeError(f"--teacher {spec}: its pickle checkpoint holds more than tensors, so it was refused "
@@ -50,6 +61,8 @@ def load_teacher(spec: str, revision: str | None = None, trust_remote_code: bool
     except ValueError as e:
         hint = "; pass --trust-remote-code only if you trust that repository's code" if "trust_remote_code" in str(e) else ""
         raise KdpipeError(f"--teacher {spec}: {_first_line(e)}{hint}") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     model.eval()
     names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
     resolved = getattr(model.config, "_commit_hash", None) if not local.is_dir() else None

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -111,11 +112,14 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device, precision)
     inputs = _input_spec(model, cache)
+    if min(inputs["size"]) < 1:
+        raise KdpipeError(f"--student-config: image size {tuple(inputs['size'])} must be at least 1 pixel a side")
     view_split = cfg.train_split if cfg.views else None
     splits = shared.get(("splits", *source, inputs["size"], inputs["resample"], str(device), view_split),
                         lambda: _load_splits(cache, dataset, inputs, device, progress, view_split))
     if cfg.alpha > 0 and splits[cfg.train_split].teacher_logits is None:
         raise KdpipeError(f"--cache {cfg.cache} has no {cfg.train_split!r} split; cache it or use --alpha 0")
+    _refuse_changed_images(cfg, dataset, _changed_images(cache, dataset))
     if cfg.alpha > 0:
         _check_targets(cfg, splits[cfg.train_split])
     model = runtime.prepare_model(model, device)
@@ -203,27 +207,35 @@ def _mixed_views(stored: logit_store.LogitSplit, split, where: str) -> tuple[vie
     return views.Mixes(partners, m.boxes, m.flips, m.weights), (1 - w) * own + w * other
 
 
+RUN_FILES = ("checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model", "tensorboard")
+
+
 def _claim_out_dir(out: Path, cfg: TrainConfig) -> None:
-    if out.exists() and any(p.name != locking.LOCK_NAME for p in out.iterdir()) and not cfg.resume:
+    held = sorted(p.name for p in out.iterdir() if p.name != locking.LOCK_NAME) if out.is_dir() else []
+    if held and not set(held) & set(RUN_FILES):  # a cache, a sweep, someone's documents: never written into
+        raise KdpipeError(f"--out {out} is not a train-student run folder (it holds {', '.join(held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}), so there is no run to --resume there; choose a new or "
+                          "empty --out")
+    if held and not cfg.resume:
         raise KdpipeError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 
 
 def _open_cache(cache_dir: Path) -> dict[str, logit_store.LogitSplit]:
     cache = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
-    first = next(iter(cache.values())).meta
-    for name, split in cache.items():
-        if split.meta["label_names"] != first["label_names"] or split.meta["teacher"] != first["teacher"]:
-            raise KdpipeError(f"--cache {cache_dir}: split {name!r} comes from another teacher or label set")
+    logit_store.check_one_source({name: split.meta for name, split in cache.items()}, f"--cache {cache_dir}")
     return cache
 
 
 def _open_dataset(cfg: TrainConfig, cache: dict | None) -> ImageDataset:
-    wanted = [s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s]
+    flags = {s: flag for flag, s in (("--test-split", cfg.test_split), ("--val-split", cfg.val_split),
+                                     ("--train-split", cfg.train_split)) if s}  # a split asked twice: the first flag
+    wanted = list(dict.fromkeys(s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s))
     if cache is None:
-        return open_dataset(cfg.dataset, splits=wanted, image_column=cfg.image_column, label_column=cfg.label_column)
+        return open_dataset(cfg.dataset, splits=wanted, image_column=cfg.image_column, label_column=cfg.label_column,
+                            flags=flags)
     meta = next(iter(cache.values())).meta
-    dataset = reopen_dataset(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column)
+    dataset = reopen_dataset(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column, flags)
     if dataset.label_names != meta["label_names"]:
         raise KdpipeError(f"--dataset {dataset.spec} has labels {dataset.label_names} but --cache {cfg.cache} has "
                           f"{meta['label_names']}; use the dataset the cache was built from")
@@ -294,10 +306,48 @@ def _provenance(cfg, cache, dataset: ImageDataset, device, precision) -> dict:
                         "splits": {n: {"content_sha256": s.meta["content_sha256"],
                                        "dataset_fingerprint": s.meta["dataset_fingerprint"],
                                        "teacher_accuracy": s.meta["teacher_accuracy"]} for n, s in cache.items()}}
-        out["cache_matches_dataset_contents"] = all(
-            out["dataset_fingerprints"].get(n) == s.meta["dataset_fingerprint"] for n, s in cache.items()
-            if n in out["dataset_fingerprints"])
+        changed = _changed_images(cache, dataset)
+        out["cache_matches_dataset_contents"] = not changed
+        if changed:  # only reached with --allow-changed-data (_refuse_changed_images)
+            out["changed_data"] = {"accepted": True, "flag": "--allow-changed-data", "splits": changed,
+                                   "warning": f"trained with --allow-changed-data: {_describe_changed(changed)}; "
+                                              "the cached teacher logits of those examples belong to other pixels"}
     return out
+
+
+def _changed_images(cache: dict | None, dataset: ImageDataset) -> dict[str, dict]:
+    """Per split in both the cache and the dataset whose contents differ from those the cache was built
+    from (dataset fingerprint): how many images changed under the same id and the first of them, from the
+    per-image SHA-256s the cache stores; `examples` None for a cache written before it stored them. Ids and
+    labels were checked already (LogitSplit.aligned_to); rows merely in another order count as unchanged."""
+    out = {}
+    for name, split in dataset.splits.items():
+        if cache is None or name not in cache or split.fingerprint() == cache[name].meta["dataset_fingerprint"]:
+            continue
+        changed = cache[name].changed_images(split.ids, split.digests())
+        if changed is None or changed:
+            out[name] = {"examples": None if changed is None else len(changed), "of": len(split),
+                         "example": changed[0] if changed else None}
+    return out
+
+
+def _describe_changed(changed: dict[str, dict]) -> str:
+    counts = [c["examples"] for c in changed.values()]
+    if None in counts:  # an older cache: which images is unknown
+        return (f"the images of split {next(iter(changed))!r} differ from those the cache was built from (it predates "
+                "per-image digests: rebuilding it names them)")
+    per = ", ".join(f"split {name!r}: {c['examples']} of {c['of']}" for name, c in changed.items())
+    example = next(iter(changed.values()))["example"]
+    return f"{sum(counts)} example{'s' if sum(counts) != 1 else ''} changed since the cache was built ({per}; e.g. {example})"
+
+
+def _refuse_changed_images(cfg: TrainConfig, dataset: ImageDataset, changed: dict[str, dict]) -> None:
+    """Training against logits of other pixels is the one silent error a logit cache invites: refused
+    unless --allow-changed-data (then recorded in run.json as `changed_data`)."""
+    if changed and not cfg.allow_changed_data:
+        raise KdpipeError(f"--dataset {dataset.spec}: {_describe_changed(changed)}, so their teacher logits in --cache "
+                          f"{cfg.cache} belong to other pixels; rebuild the cache with kdpipe cache-teacher --force, "
+                          "or pass --allow-changed-data to train anyway (recorded in run.json)")
 
 
 # ----------------------------------------------------------------------------------------------- fit
@@ -320,6 +370,7 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     names = loss.PARTS[cfg.loss]  # loss, ce, kd and the loss's own parts
     sums = torch.zeros(len(names) + 1, device=s.device)  # each part summed over examples, then the examples
     steps = math.ceil(len(data) / cfg.batch_size)
+    bad_at = torch.full((len(names),), steps, dtype=torch.long, device=s.device)  # first non-finite step per part
     for step in range(steps):
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
         if world > 1 and len(order[step * cfg.batch_size:(step + 1) * cfg.batch_size]) < world:
@@ -345,12 +396,33 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         n = len(batch["labels"])
-        sums += torch.stack([parts[k].detach() * n for k in names] + [torch.tensor(float(n), device=s.device)])
+        values = torch.stack([parts[k].detach().float() for k in names])
+        bad_at = torch.where(torch.isfinite(values), bad_at, bad_at.clamp(max=step))  # on the device: no sync
+        sums += torch.cat([values * n, torch.tensor([float(n)], device=s.device)])
+        if step % LOG_EVERY == 0:  # a host sync every LOG_EVERY steps, as for the live loss
+            _stop_if_non_finite(bad_at, names, epoch, steps, world)
         if progress and (step % LOG_EVERY == 0 or step == steps - 1):
             progress(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, steps, f"loss {(sums[0] / sums[-1]).item():.4f}")
+    _stop_if_non_finite(bad_at, names, epoch, steps, world)
     if world > 1:
         torch.distributed.all_reduce(sums)  # every process's examples
     return dict(zip(names, (sums[:-1] / sums[-1]).tolist()))
+
+
+def _stop_if_non_finite(bad_at: torch.Tensor, names: tuple, epoch: int, steps: int, world: int) -> None:
+    """Stop the run when a loss term was inf or NaN at some step so far (`bad_at`: per part of the loss, the
+    first such step, `steps` if none), naming the epoch, the step and the terms; the epoch is not
+    checkpointed, so nothing non-finite reaches the checkpoint, metrics.jsonl or the saved student."""
+    if world > 1:  # every process stops alike (the same steps on all)
+        torch.distributed.all_reduce(bad_at, op=torch.distributed.ReduceOp.MIN)
+    first = int(bad_at.min())
+    if first >= steps:
+        return
+    terms = [k for k, at in zip(names, bad_at.tolist()) if at == first and k != "loss"] or ["loss"]
+    raise KdpipeError(f"the loss became non-finite at epoch {epoch + 1}, step {first + 1} of {steps} "
+                      f"({'term' if len(terms) == 1 else 'terms'}: {', '.join(terms)}); the run stopped and nothing "
+                      "of this epoch was written (an earlier epoch's checkpoint is kept): lower --lr, raise -T, "
+                      "or use --precision fp32")
 
 
 @torch.no_grad()
@@ -428,6 +500,8 @@ def fit(s: Setup, progress: Progress | None = None, on_epoch: Callable[[dict], N
     finally:
         if board is not None:
             board.close()
+            if sys.exc_info()[0] is not None and not (s.out / "checkpoint.pt").exists():
+                shutil.rmtree(s.out / "tensorboard", ignore_errors=True)  # stopped before a first checkpoint
 
 
 def _fit_epochs(s: Setup, progress, on_epoch, board) -> None:
@@ -490,8 +564,28 @@ def _cpu_state(model) -> dict:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _finite_json(value):
+    """`value` with every non-finite float replaced by None (null): JSON has no NaN or Infinity, and a bare
+    NaN, which json.dumps writes by default, is refused by strict readers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps(_finite_json(record), allow_nan=False) + "\n"
 
 
 def _write_checkpoint(s: Setup) -> None:
@@ -509,7 +603,8 @@ def _write_checkpoint(s: Setup) -> None:
     torch.save(state, buf)
     data = buf.getvalue()
     path, sums = s.out / "checkpoint.pt", s.out / "checkpoint.sha256"
-    previous = sums.read_text().split()[:1] if sums.exists() else []
+    before = sums.read_text() if sums.exists() else None
+    previous = before.split()[:1] if before else []
     tmp = path.with_name(f".checkpoint.pt.tmp-{os.getpid()}")
     try:
         _atomic_write_text(sums, "\n".join([hashlib.sha256(data).hexdigest(), *previous]) + "\n")
@@ -518,10 +613,27 @@ def _write_checkpoint(s: Setup) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _atomic_write_text(s.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in s.history))
+        _atomic_write_text(s.out / "metrics.jsonl", "".join(map(_json_line, s.history)))
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        if not path.exists() or before is not None and _digest_of(path) in before.split():
+            _restore(sums, before)  # the new checkpoint did not land: the digests are those of the one there
         raise KdpipeError(f"cannot write checkpoint in {s.out}: {e.strerror or e}; free space and --resume") from None
+
+
+def _digest_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _restore(path: Path, text: str | None) -> None:
+    """Put back a small file as it was (None: absent), on a best-effort basis: the disk may still be full."""
+    try:
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            _atomic_write_text(path, text)
+    except OSError:
+        pass
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -537,18 +649,23 @@ def _read_checkpoint(path: Path) -> dict:
         raise KdpipeError(f"{path} cannot be read ({type(e).__name__}); {fix}") from None
 
 
+def _refuse_other_settings(cfg: TrainConfig, saved: dict, out: Path) -> None:
+    """--resume continues a run (interrupted or finished) only with the settings it was started with."""
+    now = without_new_defaults(cfg.to_dict(), saved)
+    ignored = ("resume", "out", "device", "workers", "allow_changed_data")  # where it runs, and a permission
+    differs = [k for k in now if k not in ignored and saved.get(k) != now[k]]
+    if differs:
+        raise KdpipeError(f"--resume: {out} was started with other settings ({', '.join(differs)}); "
+                          "use the same flags, or another --out")
+
+
 def resume(s: Setup) -> bool:
     """Load the last checkpoint of `s.out` into `s`; False when there is none."""
     path = s.out / "checkpoint.pt"
     if not path.exists():
         return False
     state = _read_checkpoint(path)
-    saved = dict(state["config"])
-    now = without_new_defaults(s.cfg.to_dict(), saved)
-    differs = [k for k in now if k not in ("resume", "out", "device", "workers") and saved.get(k) != now[k]]
-    if differs:
-        raise KdpipeError(f"--resume: {s.out} was started with other settings ({', '.join(differs)}); "
-                          "use the same flags, or another --out")
+    _refuse_other_settings(s.cfg, dict(state["config"]), s.out)
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
@@ -607,7 +724,7 @@ def finish(s: Setup, wall_time: float) -> RunReport:
     (tmp / "README.md").write_text(model_card.render(run, s.out.name))  # the Hub's model card, inside model/
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
-    _atomic_write_text(s.out / "run.json", json.dumps(run, indent=2))
+    _atomic_write_text(s.out / "run.json", json.dumps(_finite_json(run), indent=2, allow_nan=False))
     for name in ("checkpoint.pt", "checkpoint.sha256"):  # the run is complete; model/ is the result
         (s.out / name).unlink(missing_ok=True)
     if runtime.distributed()[1] > 1:
@@ -620,8 +737,10 @@ def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[
     """setup -> (resume) -> fit -> finish. A finished run with --resume returns its saved report."""
     start = time.perf_counter()
     finished = cfg.out_dir() / "run.json"
-    if cfg.resume and finished.exists():
-        return load_report(cfg.out_dir())
+    if cfg.resume and finished.exists():  # nothing to train: its report, if these are its settings
+        report = load_report(cfg.out_dir())
+        _refuse_other_settings(cfg, report.run.get("config", {}), cfg.out_dir())
+        return report
     if runtime.distributed()[1] > 1:
         runtime.start_distributed(runtime.resolve_device(cfg.device))
     with locking.exclusive_for_job(cfg.out_dir()):
@@ -642,8 +761,14 @@ def _sha256(path: Path) -> str:
 
 
 def load_report(out: Path) -> RunReport:
-    r = json.loads((Path(out) / "run.json").read_text())
-    history = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
+    try:
+        r = json.loads((Path(out) / "run.json").read_text())
+        history = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
+        assert isinstance(r, dict) and {"best_epoch", "validation", "test", "test_confusion_matrix", "label_names",
+                                         "total_time_s"} <= r.keys()
+    except (OSError, ValueError, AssertionError) as e:
+        raise KdpipeError(f"{out}: its run.json or metrics.jsonl is missing or damaged "
+                          f"({type(e).__name__}); train it again in another --out") from None
     return RunReport(Path(out), r["best_epoch"], r["validation"], r["test"], r["test_confusion_matrix"],
                      r["label_names"], r["total_time_s"], history, r)
 
@@ -657,14 +782,23 @@ def evaluate(run_dir: Path, split: str = "test", dataset: str | None = None, dev
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists():
         raise KdpipeError(f"{run_dir}: no run.json; pass a folder written by kdpipe train-student")
-    r = json.loads((run_dir / "run.json").read_text())
+    r = load_report(run_dir).run
+    weights = run_dir / "model" / "model.safetensors"
+    if not weights.is_file():
+        raise KdpipeError(f"{weights} is missing: the saved student is incomplete; restore the run's model/ folder, "
+                          "or train again")
     expected = r.get("student", {}).get("weights_sha256")
-    if expected and _sha256(run_dir / "model" / "model.safetensors") != expected:
-        raise KdpipeError(f"{run_dir / 'model' / 'model.safetensors'} does not match the checksum in run.json "
+    if expected and _sha256(weights) != expected:
+        raise KdpipeError(f"{weights} does not match the checksum in run.json "
                           "(corrupted or replaced); retrain, or restore the file")
-    model = AutoModelForImageClassification.from_pretrained(run_dir / "model")
-    proc = AutoImageProcessor.from_pretrained(run_dir / "model")
-    ds = reopen_dataset(r["dataset"], dataset, [split])
+    try:
+        model = AutoModelForImageClassification.from_pretrained(run_dir / "model")
+        proc = AutoImageProcessor.from_pretrained(run_dir / "model")
+    except (OSError, ValueError) as e:  # config.json or preprocessor_config.json missing or damaged
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KdpipeError(f"{run_dir / 'model'}: cannot load the saved student ({first}); restore the run's "
+                          "model/ folder, or train again") from None
+    ds = reopen_dataset(r["dataset"], dataset, [split], flags={split: "--split"})
     if ds.label_names != [model.config.id2label[i] for i in range(model.config.num_labels)]:
         raise KdpipeError(f"--dataset {ds.spec}: labels {ds.label_names} differ from the student's")
     dev = runtime.resolve_device(device)

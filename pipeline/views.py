@@ -42,6 +42,10 @@ class ViewPolicy:
     mixup_p: float = 0.5  # probability that an augmented view is mixed: half stay single images
 
     def __post_init__(self):
+        for flag, values in (("--view-scale", self.scale), ("--view-ratio", self.ratio), ("--view-flip", (self.flip,)),
+                             ("--view-mixup", (self.mixup,)), ("--view-mixup-p", (self.mixup_p,))):
+            if not all(math.isfinite(v) for v in values):
+                raise KdpipeError(f"{flag} must be finite numbers (got {', '.join(map(str, values))})")
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise KdpipeError(f"--view-scale must be two fractions 0 < min <= max <= 1 (got {lo}, {hi})")

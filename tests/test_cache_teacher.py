@@ -67,7 +67,7 @@ def test_any_parquet_reader_opens_the_files(cache_dir):
     import pandas as pd
 
     df = pd.read_parquet(cache_dir / "train.parquet")
-    assert list(df.columns) == ["id", "view", "label", "logits"] and len(df) == 36
+    assert list(df.columns) == ["id", "view", "label", "logits", "image_sha256"] and len(df) == 36
     ds = datasets.load_dataset("parquet", data_files=str(cache_dir / "test.parquet"), split="train")
     assert len(ds[0]["logits"]) == 3
     assert read_cache_table(cache_dir / "test.parquet").schema.field("logits").type.value_type == "float"
