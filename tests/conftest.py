@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# One thread per test process: tiny models gain nothing from a second thread, and two processes (a test and the
+# kdpipe it spawns, or a test run beside other work) each spinning two OpenMP threads on 2 cores made a 2-epoch
+# test take 72 s instead of 2 s. Set before torch is imported; an explicit OMP_NUM_THREADS still wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup fails at once instead of retrying
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["COLUMNS"] = "160"  # rich wraps tables to the terminal; keep test output on one line each
