@@ -229,7 +229,7 @@ def train_student_cmd(
     student: Optional[str] = typer.Option(None, help="Hub id or folder.", show_default="MobileNetV2 from scratch"),
     student_config: Optional[str] = typer.Option(None, help="Config overrides, e.g. depth_multiplier=0.75,image_size=160."),
     temperature: float = typer.Option(5.0, "--temperature", "-T", help="Softmax temperature T of the KD term."),
-    alpha: float = typer.Option(0.5, "--alpha", "--lambda", help="Weight of the KD term (0 = from scratch)."),
+    alpha: float = typer.Option(0.5, "--alpha", "--lambda", help="Weight of the KD term (0 = from scratch, 1 = pure distillation: labels unused)."),
     loss: str = typer.Option("kd", help="KD term: kd (Hinton) | dkd (decoupled, Zhao 2022) | dist (correlations, Huang 2022)."),
     standardize: bool = typer.Option(False, "--standardize/--no-standardize", help="z-score both logit vectors before T (Sun 2024); kd and dkd."),
     dkd_beta: float = typer.Option(8.0, help="dkd: weight of the non-target term (mdistiller's CIFAR-100 default)."),
@@ -250,6 +250,7 @@ def train_student_cmd(
     name: Optional[str] = typer.Option(None, help="Run name.", show_default="from the settings"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last epoch."),
     views: bool = typer.Option(False, "--views/--no-views", help="Train on the cache's stored augmented views (one per image per epoch)."),
+    eval_size: Optional[int] = typer.Option(None, help="Validate, test and save the student at this resolution.", show_default="its training resolution"),
     augment: str = typer.Option("none", help="none|flip: online augmentation the cached teacher did not see."),
     allow_inconsistent: bool = typer.Option(False, "--allow-inconsistent", help="Permit --augment with a KD term (warned in run.json)."),
     allow_changed_data: bool = typer.Option(False, "--allow-changed-data", help="Train although images changed since the cache was built (recorded in run.json)."),
@@ -268,7 +269,7 @@ def train_student_cmd(
                           lr=lr, batch_size=batch_size, epochs=epochs, weight_decay=weight_decay,
                           schedule=schedule, warmup_ratio=warmup_ratio, bn_momentum=bn_momentum,
                           precise_bn=precise_bn, seed=seed, precision=precision, device=device, compile=compile,
-                          out=out, name=name, resume=resume, views=views, augment=augment,
+                          out=out, name=name, resume=resume, views=views, eval_size=eval_size, augment=augment,
                           allow_inconsistent=allow_inconsistent, allow_changed_data=allow_changed_data, mix=mix,
                           mix_alpha=mix_alpha)
         from pipeline.runtime import distributed

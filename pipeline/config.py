@@ -118,6 +118,7 @@ class TrainConfig:
     bn_momentum: float | None = 0.1  # PyTorch semantics; transformers' MobileNetV2 ships 0.997 (see docs)
     precise_bn: bool = False  # recompute BN statistics over the train split before each evaluation
     views: bool = False  # train on the cache's stored augmented views (cache-teacher --views K), one per epoch
+    eval_size: int | None = None  # validation, test and the saved preprocessor at this resolution; None = training's
     augment: str = "none"  # online augmentation the cache does not cover ("flip"): inconsistent with the teacher
     allow_inconsistent: bool = False  # permit --augment with a KD term (recorded as a warning in run.json)
     allow_changed_data: bool = False  # train although images changed since the cache was built (recorded)
@@ -171,6 +172,11 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
         _check(self.workers >= 0, "--workers must be >= 0")
+        _check(self.eval_size is None or (isinstance(self.eval_size, int) and self.eval_size > 0),
+               f"--eval-size must be a positive number of pixels (got {self.eval_size})")
+        _check(not self.eval_size or self.train_split not in (self.val_split, self.test_split),
+               f"--eval-size evaluates at another resolution than training, and --train-split {self.train_split} is "
+               "also the validation or test split; use separate splits")
 
     def run_name(self) -> str:
         if self.name:

@@ -38,23 +38,36 @@ LOG_EVERY = 25  # steps between host syncs for the live loss
 class SplitData:
     name: str
     ids: list[str]
-    pixels: torch.Tensor  # (N, H, W, 3) uint8, on the device when it fits
+    pixels: torch.Tensor | None  # (N, H, W, 3) uint8, on the device when it fits; None with a `source`
     labels: torch.Tensor  # (N,) int64
     teacher_logits: torch.Tensor | TopK | None  # (N * V, C) float32, dataset label order; TopK: densified per batch
     views: int = 1  # V stored views per image (cache-teacher --views): pixels and teacher rows i * V + v
     view_of: torch.Tensor | None = None  # (N,) the view each image uses this epoch (views.epoch_views)
     targets: torch.Tensor | None = None  # (N * V, C) float32 label distributions of mixed views, else None
+    source: pixels.ViewSource | None = None  # renders rows i * V + v when used, instead of a pixel store
 
     def __len__(self):
         return len(self.ids)
 
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The stored rows of images `idx` this epoch: i, or with views i * V + view_of[i]."""
+        return idx if self.views == 1 else idx * self.views + self.view_of[idx.to(self.view_of.device)].to(idx.device)
+
+    def plan(self, batches: list[torch.Tensor]) -> None:
+        """With a `source`, start rendering these batches of images (in the order `batch` will ask for them)
+        on its background threads; without one, nothing to do."""
+        if self.source is not None:
+            self.source.plan([self.rows(idx).cpu().numpy() for idx in batches])
+
     def batch(self, idx: torch.Tensor, device: torch.device) -> dict:
         """Images `idx` (B,): pixels (B, H, W, 3) uint8, labels (B,) (or (B, C) label distributions of mixed
         views), teacher_logits (B, C) of the same view."""
-        rows = idx if self.views == 1 else idx * self.views + self.view_of[idx.to(self.view_of.device)].to(idx.device)
+        rows = self.rows(idx)
         labels = (self.labels[idx.to(self.labels.device)] if self.targets is None
                   else self.targets[rows.to(self.targets.device)])
-        out = {"pixels": self.pixels[rows.to(self.pixels.device)], "labels": labels}
+        u8 = self.source.take(rows.cpu().numpy()) if self.source is not None else self.pixels[rows.to(self.pixels.device)]
+        u8 = torch.from_numpy(u8) if isinstance(u8, np.ndarray) else u8  # a DeviceViewSource renders on the device
+        out = {"pixels": u8, "labels": labels}
         if isinstance(self.teacher_logits, TopK):
             out["teacher_logits"] = torch.from_numpy(self.teacher_logits.take(rows.cpu().numpy()).dense())  # (B, C)
         elif self.teacher_logits is not None:
@@ -111,12 +124,14 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device, precision)
-    inputs = _input_spec(model, cache)
+    inputs = _input_spec(model, cache)  # the training resolution; evaluation at --eval-size when given
     if min(inputs["size"]) < 1:
         raise KdpipeError(f"--student-config: image size {tuple(inputs['size'])} must be at least 1 pixel a side")
+    eval_size = (cfg.eval_size, cfg.eval_size) if cfg.eval_size else inputs["size"]
+    sizes = {name: eval_size for name in (cfg.val_split, cfg.test_split) if name and name != cfg.train_split}
     view_split = cfg.train_split if cfg.views else None
-    splits = shared.get(("splits", *source, inputs["size"], inputs["resample"], str(device), view_split),
-                        lambda: _load_splits(cache, dataset, inputs, device, progress, view_split))
+    splits = shared.get(("splits", *source, inputs["size"], eval_size, inputs["resample"], str(device), view_split),
+                        lambda: _load_splits(cache, dataset, inputs, device, progress, view_split, sizes))
     if cfg.alpha > 0 and splits[cfg.train_split].teacher_logits is None:
         raise KdpipeError(f"--cache {cfg.cache} has no {cfg.train_split!r} split; cache it or use --alpha 0")
     _refuse_changed_images(cfg, dataset, _changed_images(cache, dataset))
@@ -129,7 +144,8 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
         forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     provenance = _provenance(cfg, cache, dataset, device, precision)
     return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
-                 _with_tensors(inputs, device), out, provenance, generator, scaler=runtime.grad_scaler(device, precision))
+                 _with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
+                 generator, scaler=runtime.grad_scaler(device, precision))
 
 
 def _check_targets(cfg: TrainConfig, train: SplitData) -> None:
@@ -152,16 +168,17 @@ def _open_source(cfg: TrainConfig) -> tuple[dict | None, ImageDataset]:
 
 
 def _load_splits(cache: dict | None, dataset: ImageDataset, inputs: dict, device, progress,
-                 view_split: str | None = None) -> dict[str, SplitData]:
-    """Each split as uint8 pixels at the student's resolution (decoded once, pixels.load_or_build), its
-    labels, and the teacher's logits joined by id; `view_split` with every view the cache stores for it,
-    rendered exactly as the teacher saw them (pixels.load_or_build_views)."""
+                 view_split: str | None = None, sizes: dict | None = None) -> dict[str, SplitData]:
+    """Each split as uint8 pixels at the student's resolution (decoded once, pixels.load_or_build; `sizes`:
+    another resolution for some splits, --eval-size), its labels, and the teacher's logits joined by id;
+    `view_split` with every view the cache stores for it, rendered when used exactly as the teacher saw
+    them (pixels.ViewSource)."""
     splits = {}
     for name, split in dataset.splits.items():
         if name == view_split:
             splits[name] = _load_views(cache, split, inputs, device, progress)
             continue
-        u8 = pixels.load_or_build(split, inputs["size"], inputs["resample"], progress=progress)
+        u8 = pixels.load_or_build(split, (sizes or {}).get(name, inputs["size"]), inputs["resample"], progress=progress)
         teacher = None
         if cache is not None and name in cache:
             teacher = cache[name].aligned_to(split.ids, split.labels, f"--cache split {name!r}", sparse=True)
@@ -179,11 +196,16 @@ def _load_views(cache: dict | None, split, inputs: dict, device, progress) -> Sp
     stored = cache[split.name].aligned_views(split.ids, split.labels, where)  # rows i * V + v
     v, n = stored.views_per_image, len(split)
     mixes, targets = _mixed_views(stored, split, where)
-    u8 = pixels.load_or_build_views(split, inputs["size"], inputs["resample"], stored.boxes.reshape(n, v, 4),
-                                    stored.flips.reshape(n, v), progress=progress, mixes=mixes)
+    originals = pixels.load_or_build_originals(split, progress=progress)  # None over its cap: decode when used
+    params = (stored.boxes.reshape(n, v, 4), stored.flips.reshape(n, v), inputs["size"], inputs["resample"])
+    if device.type == "cuda" and inputs["resample"] in pixels.FILTERS:  # rendered in batches on the GPU
+        array = originals.array if originals is not None else lambda i: np.asarray(split.image(i))
+        source = pixels.DeviceViewSource(array, *params, device, mixes)
+    else:  # on background threads
+        source = pixels.ViewSource(split.image if originals is None else originals.image, *params, mixes)
     teacher = stored.topk if stored.topk is not None else torch.from_numpy(stored.logits).to(device)
-    return SplitData(split.name, split.ids, pixels.as_tensor(u8, device), torch.from_numpy(split.labels).to(device),
-                     teacher, views=v, targets=None if targets is None else targets.to(device))
+    return SplitData(split.name, split.ids, None, torch.from_numpy(split.labels).to(device), teacher, views=v,
+                     targets=None if targets is None else targets.to(device), source=source)
 
 
 def _mixed_views(stored: logit_store.LogitSplit, split, where: str) -> tuple[views.Mixes | None, torch.Tensor | None]:
@@ -370,6 +392,7 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     names = loss.PARTS[cfg.loss]  # loss, ce, kd and the loss's own parts
     sums = torch.zeros(len(names) + 1, device=s.device)  # each part summed over examples, then the examples
     steps = math.ceil(len(data) / cfg.batch_size)
+    data.plan([order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world] for step in range(steps)])
     bad_at = torch.full((len(names),), steps, dtype=torch.long, device=s.device)  # first non-finite step per part
     for step in range(steps):
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
@@ -443,6 +466,7 @@ def recompute_bn_stats(s: Setup) -> None:
 
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     data, bs = s.splits[s.cfg.train_split], s.cfg.batch_size
+    data.plan([torch.arange(start, min(start + bs, len(data))) for start in range(0, len(data), bs)])
     s.model.train()
     # fork_rng: dropout draws in these forwards must not change the training run's random stream
     try:
@@ -716,7 +740,7 @@ def finish(s: Setup, wall_time: float) -> RunReport:
            "validation": val, "test": test, "test_confusion_matrix": confusion, "label_names": s.label_names,
            "student": {"architecture": type(s.model).__name__, "parameters": sum(p.numel() for p in s.model.parameters()),
                        "weights_sha256": _sha256(tmp / "model.safetensors"),
-                       "inputs": {k: s.inputs[k] for k in ("size", "resample", "mean", "std")}},
+                       "inputs": {k: s.inputs[k] for k in ("size", "train_size", "resample", "mean", "std")}},
            "epoch_time_s": [r["epoch_time_s"] for r in epochs],
            "train_images_per_s": round(train_images / sum(r["train_time_s"] for r in epochs), 2),
            "total_time_s": round(wall_time, 2),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_STUDENT, read_cache_table, student_and_teacher_views
+from test_views import student_batch
 from pipeline import cache_teacher, data, logit_store, pixels, train_student, views
 from pipeline.config import CacheConfig
 from pipeline.errors import KdpipeError
@@ -100,9 +101,11 @@ def test_the_student_sees_the_teachers_blend_and_learns_its_label_mixture(mixed_
             if not w:
                 continue
             row = i * (K + 1) + v
-            student_input = pixels.normalise(train.pixels[row][None], s.inputs["mean_t"], s.inputs["std_t"])[0]
+            batch = student_batch(train, i, v)  # what a training step gets, rendered when used
+            student_input = pixels.normalise(batch["pixels"], s.inputs["mean_t"], s.inputs["std_t"])[0]
             torch.testing.assert_close(student_input, seen_by_teacher[v], atol=0, rtol=0)  # the same blend
-            np.testing.assert_array_equal(train.teacher_logits[row].numpy(), stored.logits[j])
+            np.testing.assert_array_equal(batch["teacher_logits"][0].numpy(), stored.logits[j])
+            torch.testing.assert_close(batch["labels"][0], train.targets[row], atol=0, rtol=0)
             y, y_partner = split.labels[i], split.labels[split.ids.index(stored.mixes.partners[j])]
             target = np.zeros(3, np.float32)
             target[y] += 1 - w
@@ -142,12 +145,60 @@ def test_verify_replays_mixed_views_exactly_and_catches_a_wrong_blend(mixed_cach
 def test_students_train_on_mixed_views_with_and_without_the_teacher(mixed_cache, tmp_path, run_cli):
     common = ["--cache", mixed_cache, "--views", "--epochs", "1", "--student-config", TINY_STUDENT, "--precision",
               "fp32", "--device", "cpu"]
-    for alpha in ("0.9", "0"):
+    for alpha in ("1", "0.9", "0"):  # function matching (pure distillation), the recipe's weight, the λ = 0 twin
         code, out = run_cli("train-student", *common, "--alpha", alpha, "--out", tmp_path / alpha)
         assert code == 0, out
-        run = train_student.load_report(tmp_path / alpha).run
-        assert run["consistency"]["stored_views"]["policy"]["mixup"] == 1.0
-        assert np.isfinite(train_student.load_report(tmp_path / alpha).history[0]["train"]["ce"])
+        report = train_student.load_report(tmp_path / alpha)
+        assert report.run["consistency"]["stored_views"]["policy"]["mixup"] == 1.0
+        train = report.history[0]["train"]
+        assert np.isfinite(train["ce"]) and train["ce"] > 0  # CE is reported in every arm
+        if alpha == "1":  # ... and not weighted: the loss is the KD term alone
+            assert train["loss"] == pytest.approx(train["kd"], rel=1e-6) and train["loss"] != pytest.approx(train["ce"])
+            assert "teacher_agreement" in report.validation and report.test["teacher_agreement"] is not None
+
+
+def test_pure_distillation_is_the_kd_term_alone_whatever_the_labels():
+    """alpha = 1 (function matching): the loss and its gradient are the KD term's, the labels change nothing;
+    CE is still computed and reported."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 3, generator=g)
+    s0 = torch.randn(6, 3, generator=g)
+    hard, other = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 2, 0, 1, 0, 1])
+    mixture = F.one_hot(other, 3).float() * 0.3 + F.one_hot(hard, 3).float() * 0.7  # mixed views' targets
+    grads = []
+    for labels in (hard, other, mixture):
+        s = s0.clone().requires_grad_()
+        parts = distillation_loss(s, labels, t, temperature=2.0, alpha=1.0)
+        assert parts["loss"].item() == parts["kd"].item()  # exactly: (1 - 1) * CE adds 0
+        expected_ce = F.cross_entropy(s0, labels)
+        torch.testing.assert_close(parts["ce"], expected_ce)  # reported, not weighted
+        parts["loss"].backward()
+        grads.append(s.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
+    torch.testing.assert_close(grads[0], grads[2], atol=0, rtol=0)
+    s = s0.clone().requires_grad_()
+    distillation_loss(s, hard, t, temperature=2.0, alpha=0.9)["loss"].backward()
+    assert not torch.equal(s.grad, grads[0])  # below 1 the labels do count
+
+
+def test_sweeps_treat_pure_distillation_as_a_distilled_config_with_a_twin(tmp_path):
+    from conftest import tiny_train_config
+    from pipeline import sweep, sweep_report
+    from pipeline.config import SweepConfig
+
+    cfg = SweepConfig(train=tiny_train_config(cache=tmp_path), space={"alpha": "0,0.9,1", "temperature": "1,5"},
+                      seeds=[0, 1])
+    keys = sorted({p.config_key for p in sweep.grid_points(cfg)})
+    assert keys == ["T1-a0.9", "T1-a1", "T5-a0.9", "T5-a1", "a0"]  # T matters at alpha 1; alpha 0 runs once
+    assert train_student.TrainConfig(cache=tmp_path, alpha=1.0).run_name().startswith("kd-T5-a1-")
+    val = {"T1-a1": [0.95, 0.97], "a0": [0.90, 0.93], "T5-a0.9": [0.91, 0.92]}
+    params = {"T1-a1": {"temperature": 1.0, "alpha": 1.0}, "a0": {"alpha": 0.0},
+              "T5-a0.9": {"temperature": 5.0, "alpha": 0.9}}
+    rows = sorted((sweep_report.ConfigRow(k, params[k], [0, 1], v, 0) for k, v in val.items()), key=lambda r: -r.val_mean)
+    runs = {k: [{"seed": s, "validation": v[s], "test": v[s]} for s in range(2)] for k, v in val.items()}
+    gain = sweep_report.teacher_gain(rows, runs)
+    assert (gain["distilled"], gain["twin"]) == ("T1-a1", "a0")
+    assert gain["test"]["gap"] == pytest.approx(0.045) and gain["test"]["paired"]["seeds"] == 2
 
 
 def test_bad_mixup_flags_are_one_line_errors(image_folder, teacher_dir, tmp_path, run_cli):

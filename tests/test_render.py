@@ -147,3 +147,44 @@ def test_with_at_least_as_many_views_as_epochs_no_view_is_used_twice():
     for k, epochs in ((29, 30), (99, 100), (300, 300)):
         seen = np.stack([views.epoch_views(64, k + 1, e, seed=3) for e in range(epochs)])  # (epochs, images)
         assert all(len(set(seen[:, i])) == epochs for i in range(64))  # a fresh view every epoch, for every image
+
+
+# ------------------------------------------------------------------ rendering in batches on a device (on CPU here)
+
+
+def test_the_device_resampler_is_pillow_bit_for_bit():
+    """pixels.resample_batch against PIL's resize with a box: random sizes up and down, both orders of the two
+    passes (Pillow 13 runs the vertical one first when the height shrinks much more), three filters."""
+    rng = np.random.default_rng(0)
+    cases = 0
+    for trial in range(40):
+        h, w = (int(x) for x in rng.integers(8, 70, 2))
+        images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                  rng.integers(0, 256, (h + int(rng.integers(0, 9)), max(4, w - 3), 3), dtype=np.uint8)]
+        boxes = np.stack([views.sample(views.ViewPolicy(), f"{trial}-{j}", a.shape[1], a.shape[0], 1)[0][1]
+                          for j, a in enumerate(images)])
+        if trial % 3 == 0:
+            boxes[0] = (0, 0, w, h)  # the whole image (view 0)
+        size = (int(rng.integers(4, 90)), int(rng.integers(4, 90)))
+        for resample in pixels.FILTERS:
+            out = pixels.resample_batch(images, boxes, size, resample, torch.device("cpu")).numpy()
+            expected = np.stack([views.render(Image.fromarray(a), b, False, size, resample) for a, b in zip(images, boxes)])
+            np.testing.assert_array_equal(out, expected, err_msg=f"{[a.shape for a in images]} -> {size}, {resample}")
+            cases += 1
+    assert cases == 120
+    assert pixels.vertical_first(63, 29, (32, 32)) == pixels._pillow_vertical_first()  # Pillow >= 13: True
+
+
+def test_the_device_view_source_renders_what_the_threads_render(odd_folder, tmp_path):
+    split = _split(odd_folder)
+    boxes, flips, mixes = _views(split)
+    originals = pixels.load_or_build_originals(split, root=tmp_path)
+    for size, resample in (((24, 20), 2), ((32, 32), 3)):
+        threads = pixels.ViewSource(originals.image, boxes, flips, size, resample, mixes)
+        device = pixels.DeviceViewSource(originals.array, boxes, flips, size, resample, torch.device("cpu"), mixes)
+        rows = np.arange(len(threads))
+        batch = device.take(rows)
+        assert isinstance(batch, torch.Tensor) and batch.dtype == torch.uint8
+        np.testing.assert_array_equal(batch.numpy(), threads.render(rows))  # flips and blends included
+    with pytest.raises(ValueError, match="no device renderer"):
+        pixels.DeviceViewSource(originals.array, boxes, flips, (8, 8), 1, torch.device("cpu"))  # LANCZOS

@@ -3,13 +3,14 @@ parameters, exact replay for the student, view 0 = the plain cache, the live fid
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_STUDENT, student_and_teacher_views
+from conftest import TINY_STUDENT, student_and_teacher_views, tiny_train_config
 from pipeline import cache_teacher, data, logit_store, pixels, train_student, views
 from pipeline.config import CacheConfig, TrainConfig
 from pipeline.errors import KdpipeError
@@ -58,14 +59,23 @@ def test_view_zero_equals_the_plain_cache(view_cache, cache_dir):
         np.testing.assert_allclose(with_views.logits, plain.logits, rtol=1e-5, atol=1e-6)
 
 
+def student_batch(train, i: int, v: int) -> dict:
+    """What a training step of stage two gets for image i when this epoch's view of it is v."""
+    train.view_of = torch.zeros(len(train), dtype=torch.long)
+    train.view_of[i] = v
+    return train.batch(torch.tensor([i]), torch.device("cpu"))
+
+
 def test_the_student_sees_exactly_the_teachers_view(view_cache, image_folder, teacher_dir, tmp_path):
     s, stored, split, teacher_inputs = student_and_teacher_views(view_cache, image_folder, teacher_dir,
                                                                  tmp_path / "run", K, views.ViewPolicy())
     train = s.splits["train"]
+    assert train.pixels is None and train.source is not None  # rendered when used, from decode-once originals
     for i in (0, 5, len(split) - 1):
         seen_by_teacher = teacher_inputs[i]["pixel_values"]  # (V, 3, H, W), what stage one fed the teacher
         for v in range(K + 1):
-            u8 = train.pixels[i * (K + 1) + v]  # (H, W, 3) the student's stored input for that view
+            batch = student_batch(train, i, v)
+            u8 = batch["pixels"][0]  # (H, W, 3) the student's input for that view, as a training step gets it
             j = next(r for r in range(len(stored.ids)) if stored.ids[r] == split.ids[i] and stored.views[r] == v)
             np.testing.assert_array_equal(u8.numpy(), views.render(split.image(i), stored.boxes[j],
                                                                    bool(stored.flips[j]), (32, 32), 2))
@@ -74,7 +84,34 @@ def test_the_student_sees_exactly_the_teachers_view(view_cache, image_folder, te
             # teacher's processor (PIL resize, then its float rescale/normalise): equal to 1e-6
             atol = 0 if v else 1e-6
             torch.testing.assert_close(student_input, seen_by_teacher[v], atol=atol, rtol=0)
-            np.testing.assert_array_equal(train.teacher_logits[i * (K + 1) + v].numpy(), stored.logits[j])
+            np.testing.assert_array_equal(batch["teacher_logits"][0].numpy(), stored.logits[j])
+
+
+def test_a_student_at_its_own_resolution_sees_the_teachers_box_and_flip(view_cache, image_folder, tmp_path):
+    """The teacher saw each view at 32 px; a 24 px student gets the same box and flip resampled to 24 px, and
+    with --eval-size 32 is validated, tested and saved at 32 px (train low, test higher)."""
+    cfg = tiny_train_config(cache=view_cache, views=True, out=tmp_path / "r", epochs=1, eval_size=32,
+                            student_config={"image_size": 24, "depth_multiplier": 0.35})
+    s = train_student.setup(cfg)
+    stored = logit_store.read_split(view_cache / "train.parquet")
+    split = data.open_dataset(str(image_folder)).splits["train"]
+    train = s.splits["train"]
+    for i in (1, 7):
+        for v in range(K + 1):
+            j = next(r for r in range(len(stored.ids)) if stored.ids[r] == split.ids[i] and stored.views[r] == v)
+            np.testing.assert_array_equal(student_batch(train, i, v)["pixels"][0].numpy(), views.render(
+                split.image(i), stored.boxes[j], bool(stored.flips[j]), (24, 24), 2))
+    assert s.splits["validation"].pixels.shape[1:] == (32, 32, 3) and s.splits["test"].pixels.shape[1:] == (32, 32, 3)
+    s.cfg.resume = True  # the setup above claimed the folder; run it from there
+    report = train_student.run(s.cfg)
+    inputs = train_student.load_report(tmp_path / "r").run["student"]["inputs"]  # as run.json holds them
+    assert inputs["size"] == [32, 32] and inputs["train_size"] == [24, 24] and report.run["config"]["eval_size"] == 32
+    saved = json.loads((tmp_path / "r" / "model" / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"height": 32, "width": 32}  # what the saved student is evaluated at
+    again = train_student.evaluate(tmp_path / "r", split="test", device="cpu")  # reloaded: inputs at 32 px
+    assert again["accuracy"] == pytest.approx(report.test["accuracy"])
+    with pytest.raises(KdpipeError, match="--eval-size"):
+        tiny_train_config(cache=view_cache, eval_size=0)
 
 
 def test_each_image_walks_through_all_its_views_before_repeating():
@@ -134,3 +171,4 @@ def test_views_need_a_processor_that_can_be_replayed():
         views.processor_inputs({"size": {"shortest_edge": 8}}, "--teacher t")
     with pytest.raises(KdpipeError, match="--view-scale"):
         views.ViewPolicy(scale=(0.5, 2.0))
+
