@@ -145,11 +145,13 @@ def cache_teacher_cmd(
         with _progress() as bar:
             reports = cache_teacher.run(cfg, progress=_bars(bar))
     table = Table(title=f"teacher logits in {cfg.out_dir()}")
-    for col in ("split", "rows", "teacher acc", "images/s", "file size", ""):
+    for col in ("split", "rows", "teacher acc", "images/s", "seconds", "file size", ""):
         table.add_column(col, justify="right" if col not in ("split", "") else "left")
     for r in reports:
+        done = "written" + (f" (resumed: {r.resumed_images} images from an interrupted run)" if r.resumed_images else "")
         table.add_row(r.split, str(r.rows), f"{r.accuracy:.2%}", "-" if r.reused else f"{r.images_per_s:.1f}",
-                      _human_bytes(r.bytes), "reused (same inputs; --force rebuilds)" if r.reused else "written")
+                      "-" if r.reused or r.seconds is None else f"{r.seconds:.1f}", _human_bytes(r.bytes),
+                      "reused (same inputs; --force rebuilds)" if r.reused else done)
     console.print(table)
     if all(r.reused for r in reports):
         console.print("valid cache found for these inputs: nothing to do")

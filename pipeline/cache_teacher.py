@@ -6,12 +6,14 @@ the teacher runs in eval mode under `torch.inference_mode` and autocast.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -34,6 +36,8 @@ class SplitReport:
     bytes: int
     path: Path
     reused: bool
+    seconds: float | None = None  # the teacher pass, summed over the attempts a resumed split took
+    resumed_images: int = 0  # images whose teacher outputs came from a killed attempt's journal (_Journal)
 
 
 @dataclass
@@ -217,6 +221,111 @@ def _merge_parts(split: Split, out_dir: Path, world: int, batch_size: int, per_i
         path.unlink()
 
 
+JOURNAL = ".journal"  # in --out: the committed batches of splits not yet complete (_Journal)
+
+
+class _Journal:
+    """Stage one's progress through one split, kept so that a killed run resumes mid-split.
+
+    Every teacher batch is committed as it comes, as a chunk file `<first>-<end>.parquet` (images first..end
+    of this process's rows) in `<out>/.journal/<split>.r<rank>of<world>/`, written by logit_store.SplitWriter:
+    under a temporary name, checksummed, renamed, so a chunk is complete or absent. `key.json` holds the
+    digest of the split's reuse key. A rerun with the same key reads back the chunks that cover the first
+    images without a gap (each verified: checksum, ids, views), yields them as they were, and runs the
+    teacher on the remaining images only; a kill -9 therefore loses at most the batches in flight (decoded
+    or in the teacher, not yet committed). Another key, --force, or an unreadable chunk starts that part
+    over. The folder is removed once the split's file is complete. Each chunk records the seconds its batch
+    took, so the split's reported cost sums every attempt."""
+
+    def __init__(self, job: "_Job", split: Split, key: dict, spec: ViewSpec | None, rank: int, world: int):
+        self.split, self.spec, self.perm_width = split, spec, len(job.perm)
+        self.per_image = 1 if spec is None else spec.k + 1
+        self.rows = np.arange(rank, len(split), world)  # this process's images, in order
+        self.folder = job.out_dir / JOURNAL / f"{split.name}.r{rank}of{world}"
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        marker = self.folder / "key.json"
+        try:
+            same = json.loads(marker.read_text()).get("key_sha256") == digest
+        except (OSError, ValueError):
+            same = False
+        if job.cfg.force or not same:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".*.tmp-*"):  # a chunk being written when the process was killed
+            stale.unlink(missing_ok=True)
+        if not same or job.cfg.force:
+            marker.write_text(json.dumps({"key_sha256": digest, "split": split.name, "per_image": self.per_image}))
+        self.chunks = self._readable_prefix()  # [(first, end, path, seconds)]
+        self.done = self.chunks[-1][1] if self.chunks else 0  # images of self.rows already committed
+        self.earlier_s = sum(c[3] for c in self.chunks)
+
+    def _readable_prefix(self) -> list[tuple[int, int, Path, float]]:
+        """The committed chunks from image 0 on without a gap; any others (after a gap, or unreadable) go."""
+        found = sorted(self.folder.glob("*.parquet"))
+        chunks, at = [], 0
+        for path in found:
+            try:
+                first, end = (int(x) for x in path.stem.split("-"))
+                meta = logit_store.read_meta(path)
+            except (ValueError, KdpipeError):
+                break
+            if first != at or meta.get("images") != [first, end]:
+                break
+            chunks.append((first, end, path, float(meta.get("seconds", 0.0))))
+            at = end
+        for path in found[len(chunks):]:
+            path.unlink(missing_ok=True)
+        return chunks
+
+    def batches(self, fresh) -> "Iterator[Batch]":
+        """The committed batches read back, then `fresh(rows not yet done)`'s, each committed as it passes."""
+        index = {id_: i for i, id_ in enumerate(self.split.ids)}
+        for n, (first, end, path, _) in enumerate(self.chunks):
+            try:
+                batch = self._read(path, first, end, index)
+            except KdpipeError as e:
+                raise KdpipeError(f"{e}; delete {self.folder} to recompute the split from its first image") from None
+            yield batch
+        at, clock = self.done, time.perf_counter()
+        for b in fresh(self.rows[self.done:]):
+            end = at + len(b.rows) // self.per_image
+            self._commit(b, at, end, time.perf_counter() - clock)
+            clock, at = time.perf_counter(), end
+            yield b
+
+    def _read(self, path: Path, first: int, end: int, index: dict) -> Batch:
+        c = logit_store.read_split(path)  # verifies the checksum
+        rows = np.repeat(self.rows[first:end], self.per_image)
+        if [index.get(i, -1) for i in c.ids] != rows.tolist() or \
+                not np.array_equal(c.views, np.tile(np.arange(self.per_image), end - first)):
+            raise KdpipeError(f"{path}: holds other rows than this split's images {first}..{end - 1}")
+        return Batch(rows, c.views, c.logits, c.boxes, c.flips, c.mixes)
+
+    def _commit(self, b: Batch, first: int, end: int, seconds: float) -> None:
+        path = self.folder / f"{first:010d}-{end:010d}.parquet"
+        with logit_store.SplitWriter(path, self.perm_width, with_views=self.spec is not None,
+                                     with_mixes=_mixes(self.spec)) as chunk:  # teacher label order, as yielded
+            chunk.write([self.split.ids[i] for i in b.rows], self.split.labels[b.rows], b.logits, b.views, b.boxes,
+                        b.flips, b.mixes)
+            chunk.close({"split": self.split.name, "images": [first, end], "seconds": round(seconds, 4)})
+
+    def remove(self, every_attempt: bool = False) -> None:
+        """Drop this process's journal (`every_attempt`: every journal of the split, and .journal when empty)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if every_attempt:
+            _Journal.discard(self.folder.parent.parent, self.split.name)
+
+    @staticmethod
+    def discard(out_dir: Path, split: str) -> None:
+        root = Path(out_dir) / JOURNAL
+        for folder in root.glob(f"{split}.r*of*"):
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            root.rmdir()
+        except OSError:  # absent, or other splits' journals remain
+            pass
+
+
 @dataclass
 class _Job:
     """Everything stage one needs for every split, opened once."""
@@ -323,12 +432,17 @@ def _cache_split(job: _Job, split: Split, progress, rank: int, world: int) -> Sp
         {"views": spec.k, "policy": spec.policy.to_dict(), "render": spec.inputs}) if spec else None}
     reused = _reusable(path, key) if not cfg.force else None
     if reused is not None:
+        if rank == 0:
+            _Journal.discard(job.out_dir, split.name)  # left by an attempt killed after its file was complete
         return SplitReport(split.name, reused["rows"], reused["teacher_accuracy"], None, path.stat().st_size, path,
                            True)
     per_image = 1 if spec is None else spec.k + 1
-    start = time.perf_counter()
-    batches = teacher_batches(job.teacher, split, job.device, job.precision, cfg.batch_size, job.workers, progress,
-                              np.arange(rank, len(split), world), spec)
+    journal = _Journal(job, split, key, spec, rank, world)
+    start = time.perf_counter() - journal.earlier_s  # the time the killed attempts spent counts too
+    shifted = None if progress is None else lambda name, done, total: progress(name, done + journal.done,
+                                                                              total + journal.done)
+    batches = journal.batches(lambda rest: teacher_batches(job.teacher, split, job.device, job.precision,
+                                                           cfg.batch_size, job.workers, shifted, rest, spec))
     if world > 1:  # every rank writes its part; rank 0 merges them once all are complete
         with logit_store.SplitWriter(_part_path(job.out_dir, split.name, rank, world), len(job.perm),
                                      with_views=spec is not None, with_mixes=_mixes(spec)) as part:
@@ -336,6 +450,7 @@ def _cache_split(job: _Job, split: Split, progress, rank: int, world: int) -> Sp
                 part.write([split.ids[i] for i in b.rows], split.labels[b.rows], b.logits, b.views, b.boxes, b.flips,
                            b.mixes)
             part.close({"split": split.name, "part": rank, "parts": world})
+        journal.remove()  # the part holds it all now
         torch.distributed.barrier()
         if rank != 0:  # wait for rank 0's file, then report from it
             torch.distributed.barrier()
@@ -343,16 +458,19 @@ def _cache_split(job: _Job, split: Split, progress, rank: int, world: int) -> Sp
             return SplitReport(split.name, meta["rows"], meta["teacher_accuracy"], None, path.stat().st_size, path,
                                False)
         batches = _merge_parts(split, job.out_dir, world, cfg.batch_size, per_image)
-    meta = _write(job, split, path, batches, key, spec, start, world)
+    meta = _write(job, split, path, batches, key, spec, start, world, {"resumed_images": journal.done} if
+                  journal.done else None)
+    journal.remove(every_attempt=True)
     if world > 1:
         torch.distributed.barrier()  # the split's file is complete: the other ranks may read it
     return SplitReport(split.name, meta["rows"], meta["teacher_accuracy"], meta["images_per_s"],
-                       path.stat().st_size, path, False)
+                       path.stat().st_size, path, False, meta["wall_time_s"], journal.done)
 
 
 def _write(job: _Job, split: Split, path: Path, batches, key: dict, spec: ViewSpec | None, start: float,
-           world: int) -> dict:
-    """Stream the batches into the split's file (dataset label order) and close it with its metadata."""
+           world: int, extra: dict | None = None) -> dict:
+    """Stream the batches into the split's file (dataset label order) and close it with its metadata
+    (and `extra`)."""
     correct = np.zeros(2, dtype=np.int64)  # right on view 0, right on the other views
     index = {id_: i for i, id_ in enumerate(split.ids)}
     digests = split.digests()  # (N, 32): stored per row, so train-student can name an image changed since
@@ -393,7 +511,7 @@ def _write(job: _Job, split: Split, path: Path, batches, key: dict, spec: ViewSp
             meta["teacher_inputs_per_s"] = round(len(split) * (spec.k + 1) / wall, 2)
         if world > 1:
             meta["processes"] = world
-        return writer.close(meta)
+        return writer.close({**meta, **(extra or {})})
 
 
 def _mixes(spec: ViewSpec | None) -> bool:

@@ -172,3 +172,71 @@ def test_views_need_a_processor_that_can_be_replayed():
     with pytest.raises(KdpipeError, match="--view-scale"):
         views.ViewPolicy(scale=(0.5, 2.0))
 
+
+# ------------------------------------------------------------------ stage one over N x K views: resumable
+
+
+def _chunks(out):
+    return sorted((out / ".journal" / "train.r0of1").glob("*.parquet"))
+
+
+@pytest.mark.slow  # a whole cache-teacher command in a subprocess, killed for real
+def test_a_teacher_pass_killed_mid_split_resumes_losing_only_the_batch_in_flight(teacher_dir, tmp_path):
+    import time
+
+    from conftest import make_image_folder, spawn_kdpipe
+
+    folder = make_image_folder(tmp_path / "ds", {"train": 4})  # 12 images x (20 + 1) views
+    teacher = teacher_dir
+    cfg = dict(teacher=str(teacher), dataset=str(folder), splits=["train"], views=20, precision="fp32",
+               device="cpu", workers=0, batch_size=16)  # a batch: one image's 21 views
+    out = tmp_path / "killed"
+    p = spawn_kdpipe("cache-teacher", "--teacher", teacher, "--dataset", folder, "--splits", "train", "--views", "20",
+                     "--precision", "fp32", "--device", "cpu", "--workers", "0", "--batch-size", "16", "--out", out,
+                     cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not _chunks(out) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p.kill()  # SIGKILL: no handler runs
+    p.wait()
+    assert not (out / "train.parquet").exists(), "the pass ended before it could be killed"
+    committed = int(_chunks(out)[-1].stem.split("-")[1])  # images whose teacher outputs are on disk
+    assert 1 <= committed < 12
+    [report] = cache_teacher.run(CacheConfig(out=out, **cfg))  # the rerun
+    assert report.resumed_images == committed  # everything committed was kept: only the batch in flight was lost
+    assert report.seconds > 0 and report.images_per_s > 0 and not (out / ".journal").exists()
+    resumed = logit_store.read_split(out / "train.parquet")
+    assert resumed.meta["resumed_images"] == committed
+    cache_teacher.run(CacheConfig(out=tmp_path / "whole", **cfg))  # the same pass, never interrupted
+    whole = logit_store.read_split(tmp_path / "whole" / "train.parquet")
+    assert resumed.ids == whole.ids and len(whole.ids) == 12 * 21
+    for f in ("views", "labels", "boxes", "flips"):
+        np.testing.assert_array_equal(getattr(resumed, f), getattr(whole, f))
+    np.testing.assert_allclose(resumed.logits, whole.logits, rtol=1e-5, atol=1e-6)  # same batches, fp32
+
+
+def test_a_damaged_chunk_is_recomputed_with_everything_after_it(image_folder, teacher_dir, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop_after(n):
+        def progress(split, done, total):
+            if done >= n:
+                raise Stop
+        return progress
+
+    cfg = CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), splits=["train"], views=K, precision="fp32",
+                      workers=0, batch_size=8, out=tmp_path / "c")  # two images (of 36) per batch
+    with pytest.raises(Stop):
+        cache_teacher.run(cfg, progress=stop_after(6))  # a Python exception: the final file is never written
+    chunks = _chunks(tmp_path / "c")
+    assert [c.stem for c in chunks] == ["0000000000-0000000002", "0000000002-0000000004"]
+    chunks[1].write_bytes(chunks[1].read_bytes()[:100])  # damaged (e.g. a power cut before the OS wrote it)
+    [report] = cache_teacher.run(cfg)
+    assert report.resumed_images == 2 and logit_store.read_split(report.path).meta["rows"] == 36 * (K + 1)
+    with pytest.raises(Stop):  # another key (another view seed) never reuses a journal
+        cache_teacher.run(CacheConfig(**{**cfg.to_dict(), "out": tmp_path / "d", "augment": cfg.augment}),
+                          progress=stop_after(4))
+    [other] = cache_teacher.run(CacheConfig(**{**cfg.to_dict(), "out": tmp_path / "d",
+                                               "augment": views.ViewPolicy(seed=1)}))
+    assert other.resumed_images == 0
