@@ -1,0 +1,329 @@
+"""The patience study (issue 25): does the teacher's gain over its λ = 0 twin open when the student trains
+longer, on a fresh view of every image every epoch?
+
+    python benchmarks/patience_study.py                  # the full plan on real Beans (days on a 2-core CPU)
+    python benchmarks/patience_study.py --plan-only      # write the plan and stop
+
+One resumable command: every step writes its result files atomically and skips what exists, caches resume
+mid-split (cache_teacher's journal) and runs resume from their last epoch (train-student --resume), so
+rerunning the same command after a kill, or in a later session, continues where it stopped.
+
+0. `plan.json`, written once before any run: epochs E (default 30, 100, 300), arms, seeds (>= 3, paired:
+   a seed fixes a run's initial weights, batch order, views and dropout in every arm), K = max(E) - 1 views
+   per train image (at least 1; K + 1 >= E: no view is used twice, views.epoch_views), the view policy, the recipe,
+   the student resolutions to screen. A rerun with other settings is refused: the plan, seed count
+   included, is fixed before the runs; more seeds mean a new plan in another --results folder.
+1. `cache-<views>.json`: stage one once per view set over N x (K + 1) train views (`plain`: crops and flips;
+   `mixed`: a share --view-mixup-p of them blended with another image's view before the teacher saw
+   them, function matching); evaluation splits un-augmented. Its cost: seconds and teacher inputs/s.
+2. `screen.json` (with more than one --sizes): the student's resolution, chosen on validation accuracy of
+   the function-matching arm at the smallest E, first seed; fixed before the curve's runs.
+3. `E<e>/<arm>-seed<s>.json`: every arm at every E and seed, `pipeline.train_student.run` (the one training
+   loop), best epoch chosen on validation, test read for it. ARMS:
+     fm        function matching: alpha 1 (pure distillation, labels unused), T 1, mixed views
+     fm-twin   its λ = 0 twin: the same mixed views and budget (CE on each blend's label mixture)
+     recipe    the recipe's alpha 0.9, T 5, plain views (docs/views.md)
+     recipe-twin  its λ = 0 twin on the same plain views and budget
+4. `summary.json` and `curve.png`: per arm and E, test and validation accuracy (mean ± 95 % t interval over
+   seeds), teacher agreement on test, and each distilled arm minus its twin paired by seed; the teacher's
+   own test and validation accuracy as lines; CPU hours per point (CPU time of every attempt of its runs,
+   from a ledger each run folder keeps, epoch by epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import cache_teacher, logit_store, stats, train_student  # noqa: E402
+from pipeline.config import CacheConfig, TrainConfig, parse_overrides  # noqa: E402
+from pipeline.views import ViewPolicy  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+EPOCHS = (30, 100, 300)
+SEEDS = (0, 1, 2)
+SIZES = (128, 160, 224)  # student resolutions screened on validation (the teacher sees 224)
+RECIPE = {"lr": 3e-3, "batch_size": 32, "schedule": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.05,
+          "student_config": {"classifier_dropout_prob": 0.2}}  # docs/views.md's chosen arm, but its epochs
+ARMS = {"fm": {"alpha": 1.0, "temperature": 1.0, "views": "mixed"},
+        "fm-twin": {"alpha": 0.0, "temperature": 1.0, "views": "mixed", "twin_of": "fm"},
+        "recipe": {"alpha": 0.9, "temperature": 5.0, "views": "plain"},
+        "recipe-twin": {"alpha": 0.0, "temperature": 5.0, "views": "plain", "twin_of": "recipe"}}
+LEDGER = "cpu_seconds.json"  # in each run folder: CPU seconds per attempt, updated after every epoch
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def cpu_now() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def make_plan(args) -> dict:
+    epochs = sorted(args.epoch_list)
+    return {"study": "patience", "epochs": epochs, "seeds": args.seed_list, "arms": ARMS,
+            "views_per_image": max(epochs[-1], 2), "k": max(epochs[-1] - 1, 1),
+            "view_policy": {"mixup": args.view_mixup, "mixup_p": args.view_mixup_p},
+            "recipe": {**RECIPE, "batch_size": args.batch_size,
+                       "student_config": {**RECIPE["student_config"], **parse_overrides(args.student_config)}},
+            "sizes": args.size_list,
+            "dataset": str(args.dataset), "teacher": str(args.teacher), "precision": args.precision,
+            "chosen_on": "validation accuracy (best epoch of each run, and the screened resolution); test read once "
+                         "per run, for its best epoch"}
+
+
+def fix_plan(args) -> dict:
+    """plan.json as written before the first run; a rerun must ask for the same plan."""
+    path = args.results / "plan.json"
+    plan, saved = make_plan(args), read_json(path)
+    if saved is None:
+        write_json(path, {**plan, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit()})
+        print(f"wrote {path}: the plan, fixed before the runs", flush=True)
+        return plan
+    differs = sorted(k for k in plan if json.loads(json.dumps(plan[k])) != saved.get(k))
+    if differs:
+        raise SystemExit(f"{path} fixed another plan ({', '.join(differs)} differ); rerun with its settings, or "
+                         "start a new plan in another --results folder")
+    return plan
+
+
+def cache_step(args, plan: dict, kind: str) -> Path:
+    """Stage one over the train split's K + 1 views of `kind` (plain | mixed); resumable mid-split."""
+    policy = ViewPolicy(**({"mixup": plan["view_policy"]["mixup"], "mixup_p": plan["view_policy"]["mixup_p"]}
+                           if kind == "mixed" else {}))
+    out = args.work / f"cache-{kind}"
+    reports = cache_teacher.run(CacheConfig(teacher=plan["teacher"], dataset=plan["dataset"], out=out,
+                                            views=plan["k"], augment=policy, precision=plan["precision"],
+                                            device=args.device, workers=args.workers))
+    record = args.results / f"cache-{kind}.json"
+    if read_json(record) is None:
+        write_json(record, {"views": kind, "k": plan["k"], "splits": {r.split: {
+            "rows": r.rows, "bytes": r.bytes, "bytes_per_row": r.bytes / r.rows, "teacher_accuracy": r.accuracy,
+            "seconds": r.seconds, "images_per_s": r.images_per_s, "resumed_images": r.resumed_images,
+            "reused": r.reused} for r in reports}})
+    return out
+
+
+def train_config(args, plan: dict, caches: dict, arm: str, epochs: int, seed: int, size: int, out: Path) -> TrainConfig:
+    a = plan["arms"][arm]
+    recipe = plan["recipe"]
+    return TrainConfig(cache=caches[a["views"]], views=True, alpha=a["alpha"], temperature=a["temperature"],
+                       epochs=epochs, seed=seed, out=out, resume=True, precision=plan["precision"], device=args.device,
+                       **{k: v for k, v in recipe.items() if k != "student_config"},
+                       student_config={**recipe["student_config"], "image_size": size})
+
+
+def run_once(cfg: TrainConfig) -> train_student.RunReport:
+    """train_student.run (resuming the run folder), keeping a ledger of the CPU seconds of every attempt."""
+    ledger_path = cfg.out_dir() / LEDGER
+    attempt = f"{os.uname().nodename}-{os.getpid()}-{time.time():.0f}"
+    start = cpu_now()
+
+    def on_epoch(_record):
+        ledger = read_json(ledger_path) or {}
+        ledger[attempt] = cpu_now() - start
+        write_json(ledger_path, ledger)
+
+    return train_student.run(cfg, on_epoch=on_epoch)
+
+
+def record(report: train_student.RunReport, arm: str, seed: int, epochs: int, size: int) -> dict:
+    ledger = read_json(report.out / LEDGER) or {}
+    return {"arm": arm, "seed": seed, "epochs": epochs, "size": size, "run_dir": str(report.out),
+            "best_epoch": report.best_epoch, "validation": report.validation, "test": report.test,
+            "validation_accuracy_per_epoch": [e["validation"]["accuracy"] for e in report.history],
+            "wall_time_s": report.wall_time_s, "cpu_s": sum(ledger.values()),
+            "train_images_per_s": report.run.get("train_images_per_s")}
+
+
+def screen_step(args, plan: dict, caches: dict) -> int:
+    """The student's resolution: the best validation accuracy of the fm arm at the smallest E, first seed."""
+    sizes = plan["sizes"]
+    if len(sizes) == 1:
+        return sizes[0]
+    path = args.results / "screen.json"
+    done = read_json(path)
+    if done is not None:
+        return done["chosen"]
+    e, seed = plan["epochs"][0], plan["seeds"][0]
+    rows = {}
+    for size in sizes:
+        out = args.work / "screen" / f"fm-E{e}-px{size}-seed{seed}"
+        report = run_once(train_config(args, plan, caches, "fm", e, seed, size, out))
+        rows[str(size)] = record(report, "fm", seed, e, size)
+        print(f"screen {size} px: validation {report.validation['accuracy']:.3f}", flush=True)
+    chosen = max(sizes, key=lambda s: (rows[str(s)]["validation"]["accuracy"], -s))  # ties: the cheaper
+    write_json(path, {"arm": "fm", "epochs": e, "seed": seed, "runs": rows, "chosen": chosen,
+                      "rule": "best validation accuracy; a tie goes to the smaller resolution"})
+    print(f"student resolution chosen on validation: {chosen} px", flush=True)
+    return chosen
+
+
+def curve_step(args, plan: dict, caches: dict, size: int) -> None:
+    for e in plan["epochs"]:
+        for seed in plan["seeds"]:
+            for arm in plan["arms"]:
+                path = args.results / f"E{e}" / f"{arm}-seed{seed}.json"
+                if path.exists():
+                    continue
+                print(f"E {e}, {arm}, seed {seed}", flush=True)
+                out = args.work / "runs" / f"E{e}-{arm}-px{size}-seed{seed}"
+                report = run_once(train_config(args, plan, caches, arm, e, seed, size, out))
+                write_json(path, record(report, arm, seed, e, size))
+
+
+def summarise(args, plan: dict) -> dict:
+    teacher = {}
+    for kind in ("plain", "mixed"):
+        c = read_json(args.results / f"cache-{kind}.json")
+        if c:
+            teacher = {s: v["teacher_accuracy"] for s, v in c["splits"].items()}
+    points = []
+    for e in plan["epochs"]:
+        runs = {arm: {} for arm in plan["arms"]}
+        for arm in plan["arms"]:
+            for seed in plan["seeds"]:
+                r = read_json(args.results / f"E{e}" / f"{arm}-seed{seed}.json")
+                if r is not None:
+                    runs[arm][seed] = r
+        point = {"epochs": e, "arms": {}, "gains": {}, "cpu_hours": sum(r["cpu_s"] for by in runs.values()
+                                                                       for r in by.values()) / 3600,
+                 "wall_hours": sum(r["wall_time_s"] for by in runs.values() for r in by.values()) / 3600}
+        for arm, by in runs.items():
+            if not by:
+                continue
+            row = {"seeds": sorted(by)}
+            for split in ("validation", "test"):
+                mean, std, half = stats.mean_std_ci([r[split]["accuracy"] for r in by.values()])
+                row[split] = {"mean": mean, "std": std, "ci95": half}
+            agreement = [r["test"].get("teacher_agreement") for r in by.values() if r["test"]]
+            row["test_teacher_agreement"] = sum(agreement) / len(agreement) if agreement and None not in agreement \
+                else None
+            point["arms"][arm] = row
+        for arm, a in plan["arms"].items():
+            twin = next((t for t, b in plan["arms"].items() if b.get("twin_of") == arm), None)
+            if twin is None or not runs[arm] or not runs[twin]:
+                continue
+            gain = {}
+            for split in ("validation", "test"):
+                x = {s: r[split]["accuracy"] for s, r in runs[arm].items()}
+                y = {s: r[split]["accuracy"] for s, r in runs[twin].items()}
+                both = sorted(x.keys() & y.keys())
+                pair = stats.paired(x, y)
+                gain[split] = {"gap": sum(x[s] - y[s] for s in both) / len(both) if both else None,
+                               "paired_ci95": pair[1] if pair else None, "pairs": len(both),
+                               "interval_above_zero": bool(pair and pair[0] - pair[1] > 0)}
+            point["gains"][f"{arm} - {twin}"] = gain
+        points.append(point)
+    return {"plan": {k: plan[k] for k in ("epochs", "seeds", "k")}, "teacher_accuracy": teacher, "points": points}
+
+
+def plot(summary: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"fm": "tab:blue", "fm-twin": "tab:cyan", "recipe": "tab:red", "recipe-twin": "tab:orange"}
+    for arm, colour in colours.items():
+        pts = [(p["epochs"], p["arms"][arm]) for p in summary["points"] if arm in p["arms"]]
+        if not pts:
+            continue
+        xs = [e for e, _ in pts]
+        for split, style in (("test", "-"), ("validation", ":")):
+            ys = [100 * r[split]["mean"] for _, r in pts]
+            ax.plot(xs, ys, style, marker="o", color=colour, label=f"{arm} ({split})")
+            if split == "test":
+                err = [100 * (r[split]["ci95"] if r[split]["ci95"] == r[split]["ci95"] else 0) for _, r in pts]
+                ax.fill_between(xs, [y - h for y, h in zip(ys, err)], [y + h for y, h in zip(ys, err)], color=colour,
+                                alpha=0.12)
+    for split, style in (("test", "--"), ("validation", "-.")):
+        if split in summary["teacher_accuracy"]:
+            ax.axhline(100 * summary["teacher_accuracy"][split], color="black", linestyle=style, linewidth=1,
+                       label=f"teacher ({split})")
+    ax.set_xscale("log")
+    ax.set_xlabel("epochs (a fresh view of every image each epoch)")
+    ax.set_ylabel("accuracy (%), mean over seeds; band: 95 % t interval (test)")
+    ax.set_title("Patience: distilled arms and their λ = 0 twins")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=str(SHARED / "beans"))
+    p.add_argument("--teacher", default=str(SHARED / "teachers" / "beans-efficientnet-lite0"))
+    p.add_argument("--results", type=Path, default=Path("docs/results/patience"))
+    p.add_argument("--work", type=Path, default=Path("data/patience"), help="caches and run folders")
+    p.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="the curve's points E")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="paired seeds of every arm at every E")
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="student resolutions screened on validation")
+    p.add_argument("--view-mixup", type=float, default=1.0, help="Beta(a, a) of a blend's partner share (mixed views)")
+    p.add_argument("--view-mixup-p", type=float, default=0.5, help="share of the views blended (mixed views)")
+    p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
+    p.add_argument("--student-config", default="", help="student config overrides, e.g. depth_multiplier=0.35")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None, help="stage one's decoding workers")
+    p.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
+    args = p.parse_args(argv)
+    args.epoch_list = sorted({int(x) for x in args.epochs.split(",")})
+    args.seed_list = [int(x) for x in args.seeds.split(",")]
+    args.size_list = [int(x) for x in args.sizes.split(",")]
+    if min(args.epoch_list) < 1 or len(set(args.seed_list)) != len(args.seed_list) or min(args.size_list) < 1:
+        p.error("--epochs and --sizes take positive numbers, --seeds distinct seeds")
+    plan = fix_plan(args)
+    if args.plan_only:
+        return {"plan": plan}
+    caches = {kind: cache_step(args, plan, kind) for kind in ("plain", "mixed")}
+    size = screen_step(args, plan, caches)
+    curve_step(args, plan, caches, size)
+    summary = summarise(args, plan)
+    summary["size"] = size
+    write_json(args.results / "summary.json", summary)
+    png = plot(summary, args.results / "curve.png")
+    for point in summary["points"]:
+        gains = ", ".join(f"{k}: test {100 * g['test']['gap']:+.1f} pp (± {100 * g['test']['paired_ci95']:.1f})"
+                          if g["test"]["paired_ci95"] is not None else f"{k}: test {100 * g['test']['gap']:+.1f} pp"
+                          for k, g in point["gains"].items() if g["test"]["gap"] is not None)
+        print(f"E {point['epochs']}: {gains or 'no pairs yet'}; {point['cpu_hours']:.2f} CPU h", flush=True)
+    print(f"wrote {args.results / 'summary.json'}" + (f", {png}" if png else ""), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

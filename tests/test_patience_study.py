@@ -1,0 +1,77 @@
+"""benchmarks/patience_study.py on tiny generated data (E in {1, 2}, one seed): the plan fixed before the runs,
+both view caches, every arm through pipeline.train_student.run, the summary and the plot, and a rerun that
+continues instead of recomputing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import REPO, make_image_folder
+
+spec = importlib.util.spec_from_file_location("patience_study", REPO / "benchmarks" / "patience_study.py")
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+
+@pytest.fixture
+def tiny(tmp_path, teacher_dir):
+    folder = make_image_folder(tmp_path / "ds", {"train": 4, "validation": 2, "test": 2})
+    return ["--dataset", str(folder), "--teacher", str(teacher_dir), "--results", str(tmp_path / "results"),
+            "--work", str(tmp_path / "work"), "--epochs", "1,2", "--seeds", "0", "--sizes", "32",
+            "--student-config", "depth_multiplier=0.35", "--batch-size", "8", "--precision", "fp32", "--device", "cpu",
+            "--workers", "0"]
+
+
+def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(tiny, tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    results = tmp_path / "results"
+    calls = []
+    real = study.train_student.run
+
+    def run(cfg, **kw):
+        if len(calls) == 2 and not stopped:  # the study is killed while its third run starts
+            stopped.append(True)
+            raise Stop
+        calls.append(cfg)
+        return real(cfg, **kw)
+
+    stopped = []
+    monkeypatch.setattr(study.train_student, "run", run)
+    with pytest.raises(Stop):
+        study.main(tiny)
+    summary = study.main(tiny)  # the same command again: it continues
+    plan = json.loads((results / "plan.json").read_text())
+    assert plan["seeds"] == [0] and plan["epochs"] == [1, 2] and plan["k"] == 1  # K + 1 = max(E): no view twice
+    assert len(calls) == 8 and len({c.out for c in calls}) == 8  # 4 arms x 2 points, the first two not again
+    assert {(c.epochs, c.seed) for c in calls} == {(1, 0), (2, 0)}
+    for c in calls:  # one training loop, the plan's arms, each twin on its arm's views and budget
+        arm = next(a for a in study.ARMS if c.out.name.startswith(f"E{c.epochs}-{a}-px"))
+        assert c.views and c.alpha == study.ARMS[arm]["alpha"] and c.student_config["image_size"] == 32
+        assert c.cache.name == f"cache-{study.ARMS[arm]['views']}"
+    for kind in ("plain", "mixed"):
+        cache = json.loads((results / f"cache-{kind}.json").read_text())
+        assert cache["splits"]["train"]["rows"] == 12 * 2 and cache["splits"]["train"]["seconds"] > 0
+    mixed = json.loads((results / "E2" / "fm-seed0.json").read_text())
+    assert mixed["epochs"] == 2 and len(mixed["validation_accuracy_per_epoch"]) == 2 and mixed["cpu_s"] > 0
+    run_json = json.loads((tmp_path / "work" / "runs" / "E2-fm-px32-seed0" / "run.json").read_text())
+    assert run_json["consistency"]["stored_views"]["policy"]["mixup"] == 1.0 and run_json["config"]["alpha"] == 1.0
+    for point in summary["points"]:
+        assert set(point["arms"]) == set(study.ARMS) and point["cpu_hours"] > 0
+        assert set(point["gains"]) == {"fm - fm-twin", "recipe - recipe-twin"}
+        assert point["gains"]["fm - fm-twin"]["test"]["pairs"] == 1
+        assert 0 <= point["arms"]["fm"]["test_teacher_agreement"] <= 1
+    assert set(summary["teacher_accuracy"]) == {"train", "validation", "test"}
+    assert (results / "summary.json").exists() and (results / "curve.png").stat().st_size > 1000
+
+    calls.clear()
+    stamp = (results / "E1" / "fm-seed0.json").stat().st_mtime_ns
+    again = study.main(tiny)  # rerun: every result exists, nothing is trained again
+    assert calls == [] and (results / "E1" / "fm-seed0.json").stat().st_mtime_ns == stamp
+    assert again["points"] == summary["points"]
+    with pytest.raises(SystemExit, match="seeds"):  # the seed count was fixed before the runs
+        study.main([*tiny, "--seeds", "0,1"])
