@@ -229,7 +229,8 @@ def _mixed_views(stored: logit_store.LogitSplit, split, where: str) -> tuple[vie
     return views.Mixes(partners, m.boxes, m.flips, m.weights), (1 - w) * own + w * other
 
 
-RUN_FILES = ("checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model", "tensorboard")
+# What a run folder may hold; state.pt is benchmarks/reproduce_results.py's per-epoch state of its BN variants.
+RUN_FILES = ("checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model", "tensorboard", "state.pt")
 
 
 def _claim_out_dir(out: Path, cfg: TrainConfig) -> None:
