@@ -75,9 +75,7 @@ def distillation_loss(
     s = student_logits.float()
     ce = _hard_term(s, labels, mix)
     if alpha == 0 or teacher_logits is None:
-        if alpha != 0:
-            raise ValueError("alpha > 0 needs teacher_logits")
-        return {"loss": ce, "ce": ce.detach(), "kd": torch.zeros((), device=s.device)}
+        return _hard_only(ce, alpha)
     s_soft, t_soft = (zscore(s), zscore(teacher_logits.float())) if standardize else (s, teacher_logits.float())
     log_p_student = F.log_softmax(s_soft / temperature, dim=-1)  # (B, C)
     log_p_teacher = F.log_softmax(t_soft / temperature, dim=-1)  # (B, C)
@@ -122,10 +120,7 @@ def dkd_loss(
     s = student_logits.float()
     ce = _hard_term(s, labels, mix)
     if alpha == 0 or teacher_logits is None:
-        if alpha != 0:
-            raise ValueError("alpha > 0 needs teacher_logits")
-        zero = torch.zeros((), device=s.device)
-        return {"loss": ce, "ce": ce.detach(), "kd": zero, "tckd": zero, "nckd": zero}
+        return _hard_only(ce, alpha, "tckd", "nckd")
     if mix is not None or labels.ndim != 1:
         raise ValueError("dkd needs one target class per example: mixed inputs or label distributions have two")
     t = teacher_logits.float()
@@ -183,10 +178,7 @@ def dist_loss(
     s = student_logits.float()
     ce = _hard_term(s, labels, mix)
     if alpha == 0 or teacher_logits is None:
-        if alpha != 0:
-            raise ValueError("alpha > 0 needs teacher_logits")
-        zero = torch.zeros((), device=s.device)
-        return {"loss": ce, "ce": ce.detach(), "kd": zero, "inter": zero, "intra": zero}
+        return _hard_only(ce, alpha, "inter", "intra")
     y_s = F.softmax(s / temperature, dim=-1)  # (B, C)
     y_t = F.softmax(teacher_logits.float() / temperature, dim=-1)  # (B, C)
     if mix is not None:
@@ -235,6 +227,14 @@ def topk_refusal(name: str, standardize: bool) -> str | None:
     if standardize:
         return "standardize needs the mean and standard deviation of all C teacher logits, which top-K does not store"
     return None
+
+
+def _hard_only(ce: torch.Tensor, alpha: float, *parts: str) -> dict[str, torch.Tensor]:
+    """The loss without a teacher (alpha = 0): CE alone, the KD term and the loss's own `parts` reported as 0."""
+    if alpha != 0:
+        raise ValueError("alpha > 0 needs teacher_logits")
+    zero = torch.zeros((), device=ce.device)
+    return {"loss": ce, "ce": ce.detach(), "kd": zero, **{name: zero for name in parts}}
 
 
 def _hard_term(s: torch.Tensor, labels: torch.Tensor, mix: Mix | None) -> torch.Tensor:
