@@ -350,14 +350,16 @@ FILTERS = {2: (lambda x: np.where(np.abs(x) < 1.0, 1.0 - np.abs(x), 0.0), 1.0), 
            4: (lambda x: np.where((x > -0.5) & (x <= 0.5), 1.0, 0.0), 0.5)}  # BOX
 
 
-def resample_weights(in_size: int, in0: float, in1: float, out_size: int, resample: int) -> tuple[np.ndarray, np.ndarray]:
+def resample_weights(in_size: int, in0: float, in1: float, out_size: int,
+                     resample: int) -> tuple[np.ndarray, np.ndarray]:
     """Pillow's weights for resampling [in0, in1) of an axis of `in_size` pixels to `out_size`, computed as
     its C code does (Resample.c: precompute_coeffs, normalize_coeffs_8bpc), in the same float64 operations
-    in the same order: scale = (in1 - in0) / out_size (the box in float32, subtracted in float32), support = filter support * max(scale, 1); output pixel
-    i centred at c = in0 + (i + 0.5) * scale takes input pixels xmin .. xmax - 1, xmin = trunc(c - support +
-    0.5) >= 0, xmax = trunc(c + support + 0.5) <= in_size, with weights filter((x - c + 0.5) / max(scale, 1))
-    normalised to sum 1, then rounded to integers in units of 2^-22 (away from zero). Returns xmin (out,)
-    int64 and the integer weights (out, ksize) int64, 0 past each pixel's xmax."""
+    in the same order: scale = (in1 - in0) / out_size (the box in float32, subtracted in float32), support =
+    filter support * max(scale, 1); output pixel i, centred at c = in0 + (i + 0.5) * scale, takes input pixels
+    xmin .. xmax - 1, xmin = trunc(c - support + 0.5) >= 0, xmax = trunc(c + support + 0.5) <= in_size, with
+    weights filter((x - c + 0.5) / max(scale, 1)) normalised to sum 1, then rounded to integers in units of
+    2^-22 (away from zero). Returns xmin (out,) int64 and the integer weights (out, ksize) int64, 0 past each
+    pixel's xmax."""
     fn, base = FILTERS[resample]
     in0, in1 = np.float32(in0), np.float32(in1)  # Pillow takes the box as C floats ...
     scale = filterscale = float(in1 - in0) / out_size  # ... and subtracts them as floats

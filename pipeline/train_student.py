@@ -65,7 +65,8 @@ class SplitData:
         rows = self.rows(idx)
         labels = (self.labels[idx.to(self.labels.device)] if self.targets is None
                   else self.targets[rows.to(self.targets.device)])
-        u8 = self.source.take(rows.cpu().numpy()) if self.source is not None else self.pixels[rows.to(self.pixels.device)]
+        u8 = (self.source.take(rows.cpu().numpy()) if self.source is not None
+              else self.pixels[rows.to(self.pixels.device)])
         u8 = torch.from_numpy(u8) if isinstance(u8, np.ndarray) else u8  # a DeviceViewSource renders on the device
         out = {"pixels": u8, "labels": labels}
         if isinstance(self.teacher_logits, TopK):

@@ -194,7 +194,8 @@ def test_sweeps_treat_pure_distillation_as_a_distilled_config_with_a_twin(tmp_pa
     val = {"T1-a1": [0.95, 0.97], "a0": [0.90, 0.93], "T5-a0.9": [0.91, 0.92]}
     params = {"T1-a1": {"temperature": 1.0, "alpha": 1.0}, "a0": {"alpha": 0.0},
               "T5-a0.9": {"temperature": 5.0, "alpha": 0.9}}
-    rows = sorted((sweep_report.ConfigRow(k, params[k], [0, 1], v, 0) for k, v in val.items()), key=lambda r: -r.val_mean)
+    rows = sorted((sweep_report.ConfigRow(k, params[k], [0, 1], v, 0) for k, v in val.items()),
+                  key=lambda r: -r.val_mean)
     runs = {k: [{"seed": s, "validation": v[s], "test": v[s]} for s in range(2)] for k, v in val.items()}
     gain = sweep_report.teacher_gain(rows, runs)
     assert (gain["distilled"], gain["twin"]) == ("T1-a1", "a0")

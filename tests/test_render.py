@@ -168,7 +168,8 @@ def test_the_device_resampler_is_pillow_bit_for_bit():
         size = (int(rng.integers(4, 90)), int(rng.integers(4, 90)))
         for resample in pixels.FILTERS:
             out = pixels.resample_batch(images, boxes, size, resample, torch.device("cpu")).numpy()
-            expected = np.stack([views.render(Image.fromarray(a), b, False, size, resample) for a, b in zip(images, boxes)])
+            expected = np.stack([views.render(Image.fromarray(a), b, False, size, resample)
+                                 for a, b in zip(images, boxes)])
             np.testing.assert_array_equal(out, expected, err_msg=f"{[a.shape for a in images]} -> {size}, {resample}")
             cases += 1
     assert cases == 120
