@@ -2,9 +2,10 @@
 
 On the first --images train images of real Beans (../shared/beans, linked into a temporary folder) with
 the real shared teacher, for each K in --ks: `cache-teacher --views K` over that train split only, and
-the student's rendered view store (`pixels.load_or_build_views`, what train-student --views builds once).
+the prebuilt store of rendered views (`pixels.load_or_build_views`: what train-student --views built before
+it rendered views when used, from the originals store, whatever K; bench_render.py compares the two loops).
 Printed side by side: teacher wall time and its ratio to K = 0, teacher inputs per second, Parquet bytes
-per stored view, view-store bytes per view.
+per stored view, prebuilt view-store bytes per view.
 
     python benchmarks/bench_views.py                 # 128 images, K = 0, 2, 8 (~2 min here)
     python benchmarks/bench_views.py --images 32     # a quick check
