@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 
 import torch
 
@@ -49,3 +50,16 @@ def kd_step(forward, optimizer, x, labels, teacher_logits, device, precision, te
     distillation_loss(logits, labels, teacher_logits, temperature, alpha)["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def subset_folder(src: Path, dst: Path, train_images: int) -> Path:
+    """Link the first `train_images` train images (sorted, across classes) and every other image into dst."""
+    for split_dir in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(split_dir.glob("*/*"))
+        if split_dir.name == "train":
+            files = files[::max(1, len(files) // train_images)][:train_images]  # spread over the classes
+        for f in files:
+            link = dst / split_dir.name / f.parent.name / f.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(f.resolve())
+    return dst

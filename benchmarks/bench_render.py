@@ -38,8 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _common import busy_note, cpu_seconds, print_table  # noqa: E402
-from bench_sweep import subset_folder  # noqa: E402
+from _common import busy_note, cpu_seconds, print_table, subset_folder  # noqa: E402
 from pipeline import cache_teacher, logit_store, pixels, runtime, train_student  # noqa: E402
 from pipeline.config import CacheConfig, TrainConfig  # noqa: E402
 from pipeline.views import ViewPolicy  # noqa: E402

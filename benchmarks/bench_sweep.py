@@ -36,26 +36,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _common import print_table  # noqa: E402
+from _common import print_table, subset_folder  # noqa: E402
 from pipeline import cache_teacher, sweep, sweep_report, teacher  # noqa: E402
 from pipeline.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 STAGE_TWO = REPO / "docs" / "results" / "benchmarks" / "stage_two.json"
 TARGET = 1.05
-
-
-def subset_folder(src: Path, dst: Path, train_images: int) -> Path:
-    """Link the first `train_images` train images (sorted, across classes) and every other image into dst."""
-    for split_dir in sorted(p for p in src.iterdir() if p.is_dir()):
-        files = sorted(split_dir.glob("*/*"))
-        if split_dir.name == "train":
-            files = files[::max(1, len(files) // train_images)][:train_images]  # spread over the classes
-        for f in files:
-            link = dst / split_dir.name / f.parent.name / f.name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(f.resolve())
-    return dst
 
 
 class Counter:

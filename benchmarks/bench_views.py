@@ -25,8 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _common import print_table  # noqa: E402
-from bench_sweep import subset_folder  # noqa: E402
+from _common import print_table, subset_folder  # noqa: E402
 from pipeline import cache_teacher, data, logit_store, pixels  # noqa: E402
 from pipeline.config import CacheConfig  # noqa: E402
 

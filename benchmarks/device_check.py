@@ -65,7 +65,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from _common import cpu_seconds, kd_step, print_table, sync  # noqa: E402
+from _common import cpu_seconds, kd_step, print_table, subset_folder, sync  # noqa: E402
 from bench_cache_teacher import preprocess, time_bare_forward  # noqa: E402
 from pipeline import cache_teacher, logit_store, pixels, runtime, train_student, views  # noqa: E402
 from pipeline.config import CacheConfig, TrainConfig  # noqa: E402
@@ -163,19 +163,6 @@ def save_vit(folder: Path, overrides: dict, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5,
     return folder
 
 
-def link_subset(src: Path, dst: Path, train_images: int) -> Path:
-    """The first `train_images` train images (spread over the classes) and every other image, linked."""
-    for split_dir in sorted(p for p in src.iterdir() if p.is_dir()):
-        files = sorted(split_dir.glob("*/*"))
-        if split_dir.name == "train":
-            files = files[::max(1, len(files) // train_images)][:train_images]
-        for f in files:
-            link = dst / split_dir.name / f.parent.name / f.name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(f.resolve())
-    return dst
-
-
 class Check:
     """The run: settings, a scratch folder (the working directory while it runs), shared inputs built on
     first use, and the measurements recorded so far."""
@@ -216,7 +203,7 @@ class Check:
                 raise KdpipeError(f"--dataset {src}: not a folder; pass the Beans image folder (../shared/beans)")
             if self.sizes["images"] is None:
                 return src
-            return link_subset(src, self.work / "images", self.sizes["images"])
+            return subset_folder(src, self.work / "images", self.sizes["images"])
         return self.memo("folder", build)
 
     def teacher_dir(self) -> Path:
