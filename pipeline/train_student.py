@@ -393,13 +393,14 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     order = torch.randperm(len(data), generator=s.generator)
     names = loss.PARTS[cfg.loss]  # loss, ce, kd and the loss's own parts
     sums = torch.zeros(len(names) + 1, device=s.device)  # each part summed over examples, then the examples
-    steps = math.ceil(len(data) / cfg.batch_size)
-    data.plan([order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world] for step in range(steps)])
+    batches = order.split(cfg.batch_size)  # every process sees the same batches; it takes its share of each
+    steps = len(batches)
+    data.plan([b[rank::world] for b in batches])  # views rendered ahead, off this thread (pixels.ViewSource)
     bad_at = torch.full((len(names),), steps, dtype=torch.long, device=s.device)  # first non-finite step per part
-    for step in range(steps):
-        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
-        if world > 1 and len(order[step * cfg.batch_size:(step + 1) * cfg.batch_size]) < world:
+    for step, whole in enumerate(batches):
+        if world > 1 and len(whole) < world:
             continue
+        idx = whole[rank::world]
         batch = data.batch(idx, s.device)
         if cfg.augment == "flip":  # online, not seen by the teacher: only with alpha 0 or --allow-inconsistent
             flip = (torch.rand(len(idx), generator=s.generator) < 0.5).to(s.device)
