@@ -20,7 +20,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from pipeline.errors import KdpipeError  # noqa: E402
+from kdpipe.errors import KdpipeError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for image classifiers with cached teacher logits.")
@@ -125,9 +125,9 @@ def cache_teacher_cmd(
     view_mixup_p: float = typer.Option(0.5, help="With --view-mixup: probability that an augmented view is blended."),
 ):
     """Run the teacher once over every split and write its raw logits to Parquet."""
-    from pipeline import cache_teacher
-    from pipeline.config import CacheConfig
-    from pipeline.views import ViewPolicy
+    from kdpipe import cache_teacher
+    from kdpipe.config import CacheConfig
+    from kdpipe.views import ViewPolicy
 
     with user_errors():
         policy = ViewPolicy(scale=_pair(view_scale, "--view-scale"), ratio=_pair(view_ratio, "--view-ratio"),
@@ -137,7 +137,7 @@ def cache_teacher_cmd(
                           batch_size=batch_size, precision=precision, device=device, workers=workers, force=force,
                           trust_remote_code=trust_remote_code, topk=topk, topk_dtype=topk_dtype, views=views,
                           view_splits=_splits(view_splits) or [], augment=policy)
-        from pipeline.runtime import distributed
+        from kdpipe.runtime import distributed
 
         if distributed()[0] > 0:  # under torchrun: rank 0 alone reports
             cache_teacher.run(cfg)
@@ -167,7 +167,7 @@ def inspect_cache_cmd(
     device: str = typer.Option("auto", help="For --verify: auto|cpu|cuda."),
 ):
     """Print a cache's metadata and teacher accuracy per split, and verify every file."""
-    from pipeline import logit_store
+    from kdpipe import logit_store
 
     with user_errors():
         if verify < 0:
@@ -209,7 +209,7 @@ def inspect_cache_cmd(
         for name, split, _, _ in rows:
             console.print_json(json.dumps(split.meta))
     if verify:
-        from pipeline import cache_teacher
+        from kdpipe import cache_teacher
 
         with user_errors():
             r = cache_teacher.replay(path if path.is_dir() else path.parent, verify, teacher, dataset, device)
@@ -260,8 +260,8 @@ def train_student_cmd(
     mix_alpha: float = typer.Option(1.0, help="Beta(a, a) of the mixing weight."),
 ):
     """Train a student against the cached teacher logits (the teacher is never loaded)."""
-    from pipeline import train_student
-    from pipeline.config import TrainConfig, parse_overrides
+    from kdpipe import train_student
+    from kdpipe.config import TrainConfig, parse_overrides
 
     with user_errors():
         cfg = TrainConfig(cache=cache, dataset=dataset, image_column=image_column, label_column=label_column,
@@ -274,7 +274,7 @@ def train_student_cmd(
                           out=out, name=name, resume=resume, views=views, eval_size=eval_size, augment=augment,
                           allow_inconsistent=allow_inconsistent, allow_changed_data=allow_changed_data, mix=mix,
                           mix_alpha=mix_alpha)
-        from pipeline.runtime import distributed
+        from kdpipe.runtime import distributed
 
         if distributed()[0] > 0:  # under torchrun: rank 0 alone reports
             train_student.run(cfg)
@@ -330,7 +330,7 @@ def evaluate_cmd(
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
 ):
     """Reload a saved student and evaluate it, independently of training."""
-    from pipeline import train_student
+    from kdpipe import train_student
 
     with user_errors():
         m = train_student.evaluate(run_dir, split=split, dataset=dataset, device=device)
@@ -381,8 +381,8 @@ def sweep_cmd(
 ):
     """Sweep student settings against one cache (an Optuna study; rerun the same command to resume or to add
     a worker). The teacher is never loaded."""
-    from pipeline import sweep, sweep_report
-    from pipeline.config import SweepConfig, TrainConfig, parse_overrides, split_space
+    from kdpipe import sweep, sweep_report
+    from kdpipe.config import SweepConfig, TrainConfig, parse_overrides, split_space
 
     with user_errors():
         flags = {"temperature": temperature, "alpha": alpha, "lr": lr, "batch_size": batch_size, "epochs": epochs,
@@ -413,7 +413,7 @@ def sweep_cmd(
 @app.command("sweep-report")
 def sweep_report_cmd(sweep_dir: Path = typer.Argument(..., help="A folder written by kdpipe sweep.")):
     """Rebuild a sweep's table, results.csv/json and heatmap from its storage (finished or running)."""
-    from pipeline import sweep_report
+    from kdpipe import sweep_report
 
     with user_errors():
         _print_sweep(sweep_report.build(sweep_dir))
@@ -445,7 +445,7 @@ def _print_sweep(s) -> None:
     console.print(f"trials: {counts}; epochs run {s.epochs['run']} of {s.epochs['planned']} planned "
                   f"({saved:.0%} saved by pruning); training time {s.seconds:.0f} s")
     if s.best is not None:
-        from pipeline.stats import mean_std_ci
+        from kdpipe.stats import mean_std_ci
 
         line = f"chosen on validation: [bold]{s.best.key}[/] (val {s.best.val_mean:.2%} ± {s.best.val_std:.2%})"
         if s.best.test:

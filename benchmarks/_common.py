@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import runtime
-from pipeline.loss import distillation_loss
+from kdpipe import runtime
+from kdpipe.loss import distillation_loss
 
 
 def cpu_seconds() -> float:

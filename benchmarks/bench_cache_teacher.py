@@ -2,8 +2,8 @@
 
 What it measures, on real Beans images (the train split by default) and in one run:
 
-  (a) stage one: `pipeline.cache_teacher.teacher_logits` exactly as `cache_teacher.run` calls it (teacher
-      loaded by `pipeline.teacher.load_teacher`, prepared by `runtime.prepare_model`, precision
+  (a) stage one: `kdpipe.cache_teacher.teacher_logits` exactly as `cache_teacher.run` calls it (teacher
+      loaded by `kdpipe.teacher.load_teacher`, prepared by `runtime.prepare_model`, precision
       `runtime.resolve_precision("auto", device)`, the pipeline's default DataLoader workers), i.e. JPEG
       decoding + the teacher processor in workers, overlapped with the teacher's forward pass;
   (b) bare forward: the same teacher on the SAME preprocessed batches, already in memory in channels_last
@@ -20,7 +20,7 @@ measurement had the machine to itself: well below torch's thread count means it 
 note says the figures are noisy.
 
 It also times the full Beans cache (every split) with the real shared teacher through
-`pipeline.cache_teacher.run(CacheConfig(..., force=True))` into a temporary folder, and reports rows,
+`kdpipe.cache_teacher.run(CacheConfig(..., force=True))` into a temporary folder, and reports rows,
 images/s and teacher accuracy per split plus the total wall time (skipped by --skip-full and --quick).
 
 Run from anywhere (paths default to the repository layout; ../shared holds Beans and the teacher):
@@ -48,10 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _common import busy_note, cpu_seconds, print_table, sync  # noqa: E402
-from pipeline import cache_teacher, runtime  # noqa: E402
-from pipeline.config import CacheConfig  # noqa: E402
-from pipeline.data import Split, open_dataset  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
+from kdpipe import cache_teacher, runtime  # noqa: E402
+from kdpipe.config import CacheConfig  # noqa: E402
+from kdpipe.data import Split, open_dataset  # noqa: E402
+from kdpipe.teacher import load_teacher  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 BEANS_LABELS = ["angular_leaf_spot", "bean_rust", "healthy"]

@@ -1,6 +1,6 @@
 """Is `train-student --compile` worth it here? Eager against torch.compile'd training steps, side by side.
 
-The same student (MobileNetV2 from random init, `pipeline.student.build_student`, channels_last via
+The same student (MobileNetV2 from random init, `kdpipe.student.build_student`, channels_last via
 `runtime.prepare_model`) takes the same AdamW steps (`_common.kd_step`) on the same random batch with the
 KD loss (T 5, alpha 0.9, random teacher logits), under the pipeline's precision
 (`runtime.resolve_precision("auto")`: bf16 autocast on a CPU with native bf16). Each variant first takes
@@ -32,8 +32,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import kd_step, print_table, sync  # noqa: E402
-from pipeline import runtime  # noqa: E402
-from pipeline.student import build_student  # noqa: E402
+from kdpipe import runtime  # noqa: E402
+from kdpipe.student import build_student  # noqa: E402
 
 
 class Trainer:

@@ -67,8 +67,8 @@ def make_teacher(path: Path, classes: int) -> Path:
 
 def child(stage: str, work: Path) -> dict:
     """One measurement in this (fresh) process: peak RSS in MiB and wall time."""
-    from pipeline import cache_teacher, train_student
-    from pipeline.config import CacheConfig, TrainConfig
+    from kdpipe import cache_teacher, train_student
+    from kdpipe.config import CacheConfig, TrainConfig
 
     start = time.perf_counter()
     if stage == "stage one":
@@ -109,8 +109,8 @@ def main() -> None:
         # one datasets cache for this process and the measured ones (read by datasets when imported)
         os.environ.update(HF_DATASETS_CACHE=str(Path(tmp) / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         from _common import print_table
-        from pipeline import cache_teacher, data
-        from pipeline.config import CacheConfig
+        from kdpipe import cache_teacher, data
+        from kdpipe.config import CacheConfig
 
         for n in args.sizes:
             work = Path(tmp) / f"n{n}"

@@ -39,9 +39,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import busy_note, cpu_seconds, print_table, subset_folder  # noqa: E402
-from pipeline import cache_teacher, logit_store, pixels, runtime, train_student  # noqa: E402
-from pipeline.config import CacheConfig, TrainConfig  # noqa: E402
-from pipeline.views import ViewPolicy  # noqa: E402
+from kdpipe import cache_teacher, logit_store, pixels, runtime, train_student  # noqa: E402
+from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
+from kdpipe.views import ViewPolicy  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 RESULT = REPO / "docs" / "results" / "benchmarks" / "render.json"
@@ -67,7 +67,7 @@ def arm_setup(cache: Path, out: Path, size: int, prebuilt_root: Path | None = No
 
 
 def _split(cache: Path):
-    from pipeline.data import reopen_dataset
+    from kdpipe.data import reopen_dataset
 
     meta = logit_store.read_meta(cache / "train.parquet")
     return reopen_dataset(meta["dataset"], None, ["train"]).splits["train"]

@@ -2,7 +2,7 @@
 
 On a subset of real Beans (the first --images train images of ../shared/beans, all of validation and
 test, linked into a temporary image folder) with the real shared teacher cached once, it runs one grid
-`pipeline.sweep.run` (T x alpha, --epochs each, seeds --seeds) and measures, in this one run:
+`kdpipe.sweep.run` (T x alpha, --epochs each, seeds --seeds) and measures, in this one run:
 
   sweep overhead     sweep wall time / sum of its runs' own wall times (each run's total_time_s in its
                      run.json, what `kdpipe train-student` would take for it: setup, epochs, test
@@ -10,7 +10,7 @@ test, linked into a temporary image folder) with the real shared teacher cached 
                      Target <= 1.05. Printed beside it: sweep wall time / the runs' epoch times only
                      (train + validation, from metrics.jsonl), with everything else in the numerator.
   teacher cost       teacher loads and forward passes during the sweep, counted by wrapping
-                     pipeline.teacher.load_teacher, AutoModelForImageClassification.from_pretrained (the
+                     kdpipe.teacher.load_teacher, AutoModelForImageClassification.from_pretrained (the
                      default student is built from a config) and stage one's teacher_batches. Must be 0.
   guide's way        the same sweep with the teacher forwarded on every training batch, as the guide's
                      ImageDistilTrainer does: each run's train time x the online/cached epoch ratio that
@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _common import print_table, subset_folder  # noqa: E402
-from pipeline import cache_teacher, sweep, sweep_report, teacher  # noqa: E402
-from pipeline.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
+from kdpipe import cache_teacher, sweep, sweep_report, teacher  # noqa: E402
+from kdpipe.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 STAGE_TWO = REPO / "docs" / "results" / "benchmarks" / "stage_two.json"

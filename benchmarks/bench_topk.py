@@ -70,8 +70,8 @@ def vit(path: Path, hidden: int, classes: int) -> Path:
 
 def train(work: Path, name: str, *, student: Path, cache: Path | None, alpha: float, seed: int, epochs: int,
           dataset: Path | None = None):
-    from pipeline import train_student
-    from pipeline.config import TrainConfig
+    from kdpipe import train_student
+    from kdpipe.config import TrainConfig
 
     cfg = TrainConfig(cache=cache, dataset=str(dataset) if dataset else None, student=str(student), alpha=alpha,
                       temperature=2.0, seed=seed, epochs=epochs, batch_size=128, lr=2e-3, weight_decay=0.05,
@@ -97,8 +97,8 @@ def main() -> None:
         work = Path(tmp)
         os.environ.update(HF_DATASETS_CACHE=str(work / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         os.chdir(work)  # pixel stores under ./data
-        from pipeline import cache_teacher
-        from pipeline.config import CacheConfig
+        from kdpipe import cache_teacher
+        from kdpipe.config import CacheConfig
 
         t0 = time.perf_counter()
         data = make_data(work / "data-images", args.classes, {"train": 12, "validation": 3, "test": 3}, noise=30)

@@ -1,7 +1,7 @@
 """Stage two speed: what distillation costs per epoch, cached logits against the guide's online teacher,
 and how much the pipeline's training loop adds to a bare one. All measured side by side in one run.
 
-Every variant trains the same student (MobileNetV2 from random init, `pipeline.student.build_student`,
+Every variant trains the same student (MobileNetV2 from random init, `kdpipe.student.build_student`,
 a fresh one per variant from the same seed) on the same first N images of the Beans train split, with
 the same batch size (8, the guide's) and precision (`auto`: bf16 on a CPU with native bf16):
 
@@ -57,11 +57,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _common import busy_note, cpu_seconds, kd_step, print_table, sync  # noqa: E402
-from pipeline import logit_store, pixels, runtime, train_student  # noqa: E402
-from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.loss import distillation_loss  # noqa: E402
-from pipeline.student import build_student, set_bn_momentum  # noqa: E402
-from pipeline.train_student import Setup, SplitData  # noqa: E402
+from kdpipe import logit_store, pixels, runtime, train_student  # noqa: E402
+from kdpipe.config import TrainConfig  # noqa: E402
+from kdpipe.loss import distillation_loss  # noqa: E402
+from kdpipe.student import build_student, set_bn_momentum  # noqa: E402
+from kdpipe.train_student import Setup, SplitData  # noqa: E402
 
 DEFAULT_CACHE = REPO / "data" / "cache" / "beans-efficientnet-lite0" / "beans"
 BUILD_DEFAULT_CACHE = "kdpipe cache-teacher --dataset ../shared/beans --teacher ../shared/teachers/beans-efficientnet-lite0"

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _common import print_table, subset_folder  # noqa: E402
-from pipeline import cache_teacher, data, logit_store, pixels  # noqa: E402
-from pipeline.config import CacheConfig  # noqa: E402
+from kdpipe import cache_teacher, data, logit_store, pixels  # noqa: E402
+from kdpipe.config import CacheConfig  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 RESULT = REPO / "docs" / "results" / "benchmarks" / "views.json"

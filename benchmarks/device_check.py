@@ -67,13 +67,13 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from _common import cpu_seconds, kd_step, print_table, subset_folder, sync  # noqa: E402
 from bench_cache_teacher import preprocess, time_bare_forward  # noqa: E402
-from pipeline import cache_teacher, logit_store, pixels, runtime, train_student, views  # noqa: E402
-from pipeline.config import CacheConfig, TrainConfig  # noqa: E402
-from pipeline.data import open_dataset  # noqa: E402
-from pipeline.errors import KdpipeError  # noqa: E402
-from pipeline.student import build_student, image_size  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
-from pipeline.train_student import SplitData  # noqa: E402
+from kdpipe import cache_teacher, logit_store, pixels, runtime, train_student, views  # noqa: E402
+from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
+from kdpipe.data import open_dataset  # noqa: E402
+from kdpipe.errors import KdpipeError  # noqa: E402
+from kdpipe.student import build_student, image_size  # noqa: E402
+from kdpipe.teacher import load_teacher  # noqa: E402
+from kdpipe.train_student import SplitData  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 BEANS_LABELS = ["angular_leaf_spot", "bean_rust", "healthy"]
@@ -551,7 +551,7 @@ def resume_after_kill(c: Check) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = c.work / "killed.log"  # a file, not a pipe: a child blocked on a full pipe would never checkpoint
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, flags)], cwd=c.work, env=env, stdout=f,
+        proc = subprocess.Popen([sys.executable, "-m", "kdpipe", *map(str, flags)], cwd=c.work, env=env, stdout=f,
                                 stderr=subprocess.STDOUT)
         deadline = time.monotonic() + c.subprocess_timeout()
         while proc.poll() is None and time.monotonic() < deadline and not (out / "checkpoint.pt").exists():
@@ -594,7 +594,7 @@ def torchrun(c: Check, stage: str) -> dict:
         raise Skip(f"needs >= 2 GPUs ({count} visible); tests/test_distributed.py covers 2 CPU processes")
     n = min(count, 8)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "cli"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "kdpipe"]
     if stage == "cache_teacher":
         single = c.cache()
         out = c.work / "cache-torchrun"

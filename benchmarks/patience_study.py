@@ -18,7 +18,7 @@ rerunning the same command after a kill, or in a later session, continues where 
    them, function matching); evaluation splits un-augmented. Its cost: seconds and teacher inputs/s.
 2. `screen.json` (with more than one --sizes): the student's resolution, chosen on validation accuracy of
    the function-matching arm at the smallest E, first seed; fixed before the curve's runs.
-3. `E<e>/<arm>-seed<s>.json`: every arm at every E and seed, `pipeline.train_student.run` (the one training
+3. `E<e>/<arm>-seed<s>.json`: every arm at every E and seed, `kdpipe.train_student.run` (the one training
    loop), best epoch chosen on validation, test read for it. ARMS:
      fm        function matching: alpha 1 (pure distillation, labels unused), T 1, mixed views
      fm-twin   its λ = 0 twin: the same mixed views and budget (CE on each blend's label mixture)
@@ -44,9 +44,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import cache_teacher, logit_store, stats, train_student  # noqa: E402
-from pipeline.config import CacheConfig, TrainConfig, parse_overrides  # noqa: E402
-from pipeline.views import ViewPolicy  # noqa: E402
+from kdpipe import cache_teacher, logit_store, stats, train_student  # noqa: E402
+from kdpipe.config import CacheConfig, TrainConfig, parse_overrides  # noqa: E402
+from kdpipe.views import ViewPolicy  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 EPOCHS = (30, 100, 300)

@@ -29,7 +29,7 @@ import re
 import sys
 from pathlib import Path
 
-from pipeline.stats import mean_std_ci, paired, seeds_needed, welch
+from kdpipe.stats import mean_std_ci, paired, seeds_needed, welch
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("upstream", "momentum0.1", "precise")

@@ -6,7 +6,7 @@
 Steps, each writing its result files under --results (default docs/results/); a file that exists is not
 recomputed, so an interrupted or partial protocol continues where it stopped (also across sessions):
 
-1. `teacher.json`: cache the teacher over all splits (pipeline.cache_teacher.run); accuracy, wall time.
+1. `teacher.json`: cache the teacher over all splits (kdpipe.cache_teacher.run); accuracy, wall time.
 2. `guide/<arm>-seed<k>.json`: the guide's setup (the train-student defaults: AdamW, lr 5e-5, batch 8,
    linear decay, 30 epochs), arms scratch (alpha 0) and distilled (T 5, alpha 0.5), seeds 0,1,2.
 
@@ -20,7 +20,7 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
    (The first two are EMAs of the same batch statistics, see ShadowBN.) The best epoch is chosen per
    variant on validation accuracy; its test accuracy is reported.
 3. `recipe/`: a better recipe within the 30-epoch budget, chosen on validation only, with `kdpipe sweep`
-   (pipeline.sweep). Fixed, with their reasons: RECIPE (batch 32: steadier BatchNorm batch statistics and
+   (kdpipe.sweep). Fixed, with their reasons: RECIPE (batch 32: steadier BatchNorm batch statistics and
    faster per image on CPU; cosine decay with 5% warmup and weight decay 0.05, the usual from-scratch
    AdamW setup; 15 epochs, half the guide's budget, to fit this CPU; the default BatchNorm fix; classifier
    dropout 0.2 instead of MobileNetV2Config's 0.8, a TensorFlow keep-probability read as a drop
@@ -62,11 +62,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cache_teacher, logit_store, runtime, sweep, sweep_report, train_student  # noqa: E402
-from pipeline.errors import KdpipeError  # noqa: E402
-from pipeline.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
-from pipeline.student import batchnorm_layers  # noqa: E402
-from pipeline.views import ViewPolicy  # noqa: E402
+from kdpipe import cache_teacher, logit_store, runtime, sweep, sweep_report, train_student  # noqa: E402
+from kdpipe.errors import KdpipeError  # noqa: E402
+from kdpipe.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
+from kdpipe.student import batchnorm_layers  # noqa: E402
+from kdpipe.views import ViewPolicy  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ARMS = {"scratch": {"alpha": 0.0}, "distilled": {"alpha": 0.5, "temperature": 5.0}}

@@ -64,7 +64,7 @@ def distillation_loss(
     (B, C), mixup's targets for views blended before the teacher saw them (views.Mixes): CE is then
     -sum_c y_c log softmax(s)_c, and the teacher's logits are its own answer on the blend.
 
-    With `mix` (the inputs were mixed with a permutation of the batch, weight lam; pipeline.mixing) both
+    With `mix` (the inputs were mixed with a permutation of the batch, weight lam; kdpipe.mixing) both
     targets are mixed alike: CE = lam * CE(s, y) + (1 - lam) * CE(s, y[perm]), and the teacher's distribution
     is lam * softmax(t / T) + (1 - lam) * softmax(t[perm] / T), an approximation of its answer on the
     mixed image.

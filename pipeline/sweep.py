@@ -378,7 +378,7 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
 def run(cfg: SweepConfig, progress: Callable | None = None,
         on_trial: Callable[[TrialResult, int], None] | None = None) -> Path:
     """Work on the sweep until no trial is left to start (other workers may still be running theirs).
-    Returns the sweep folder; `pipeline.sweep_report.build(folder)` summarises it."""
+    Returns the sweep folder; `kdpipe.sweep_report.build(folder)` summarises it."""
     out = cfg.out_dir()
     _check_cache(cfg.train)
     _claim_folder(cfg, out)

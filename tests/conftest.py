@@ -67,8 +67,8 @@ def teacher_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory, image_folder, teacher_dir) -> Path:
     """A cache of the tiny teacher over the tiny folder, built once (fp32) for the stage-two tests."""
-    from pipeline import cache_teacher
-    from pipeline.config import CacheConfig
+    from kdpipe import cache_teacher
+    from kdpipe.config import CacheConfig
 
     out = tmp_path_factory.mktemp("cache") / "c"
     cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=out, precision="fp32",
@@ -87,7 +87,7 @@ def run_cli():
     """Invoke the kdpipe CLI in-process; returns (exit_code, combined output)."""
     from typer.testing import CliRunner
 
-    import cli
+    from kdpipe import cli
 
     runner = CliRunner()
 
@@ -113,12 +113,12 @@ def spawn_kdpipe(*args, cwd: Path):
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "kdpipe", *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def tiny_train_config(**overrides):
-    from pipeline.config import TrainConfig
+    from kdpipe.config import TrainConfig
 
     base = dict(student_config={"image_size": SIZE, "depth_multiplier": 0.35, "classifier_dropout_prob": 0.0}, epochs=2, batch_size=8, lr=3e-3,
                 precision="fp32", device="cpu")
@@ -137,7 +137,7 @@ def read_cache_table(path: Path):
 def student_and_teacher_views(cache, image_folder, teacher_dir, out, k, policy):
     """Both sides of a view cache's train split: the student's setup (32 px, the teacher's size), the
     stored split, the dataset split, and stage one's teacher inputs rebuilt (item i: (V, 3, H, W))."""
-    from pipeline import cache_teacher, data, logit_store, train_student, views
+    from kdpipe import cache_teacher, data, logit_store, train_student, views
 
     s = train_student.setup(tiny_train_config(cache=cache, views=True, out=out,
                                               student_config={"image_size": 32, "depth_multiplier": 0.35}))

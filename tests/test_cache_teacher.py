@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from conftest import CLASSES, SHARED, make_image_folder, make_teacher, read_cache_table
-from pipeline import cache_teacher, logit_store
-from pipeline.config import CacheConfig
-from pipeline.data import open_dataset
-from pipeline.errors import KdpipeError
+from kdpipe import cache_teacher, logit_store
+from kdpipe.config import CacheConfig
+from kdpipe.data import open_dataset
+from kdpipe.errors import KdpipeError
 
 
 def direct_logits(teacher_dir: Path, folder: Path, split: str) -> tuple[list[str], np.ndarray]:
@@ -140,7 +140,7 @@ def test_odd_image_modes_are_converted_to_rgb(teacher_dir, tmp_path):
 
 
 def test_rgb_conversion_rules():
-    from pipeline.data import to_rgb
+    from kdpipe.data import to_rgb
 
     transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     assert to_rgb(transparent).getpixel((0, 0)) == (255, 255, 255)  # composited on white

@@ -10,14 +10,14 @@ import typer
 
 
 def _commands():
-    import cli
+    from kdpipe import cli
 
     return [c.name or c.callback.__name__ for c in cli.app.registered_commands]
 
 
 @pytest.mark.parametrize("command", _commands())
 def test_every_option_help_prints_in_full(run_cli, monkeypatch, command):
-    import cli
+    from kdpipe import cli
 
     monkeypatch.setenv("TERMINAL_WIDTH", "400")  # one line per option, so each help text is contiguous
     code, out = run_cli(command, "--help")

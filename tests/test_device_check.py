@@ -15,7 +15,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import device_check  # noqa: E402
 
-from pipeline import runtime  # noqa: E402
+from kdpipe import runtime  # noqa: E402
 
 
 def _names() -> list[str]:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from pipeline import cache_teacher, logit_store
-from pipeline.config import CacheConfig
-from pipeline.views import ViewPolicy
+from kdpipe import cache_teacher, logit_store
+from kdpipe.config import CacheConfig
+from kdpipe.views import ViewPolicy
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_two_processes_cache_the_same_logits_as_one(image_folder, teacher_dir, t
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "cli", "cache-teacher", "--teacher", str(teacher_dir), "--dataset", str(image_folder),
+                           "-m", "kdpipe", "cache-teacher", "--teacher", str(teacher_dir), "--dataset", str(image_folder),
                            "--out", str(sharded), "--precision", "fp32", "--device", "cpu", "--workers", "0",
                            "--batch-size", "4", *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -50,8 +50,8 @@ def test_two_processes_cache_the_same_logits_as_one(image_folder, teacher_dir, t
 def test_two_processes_train_like_one_and_write_once(cache_dir, teacher_dir, tmp_path):
     """A student without BatchNorm (a tiny ViT: batch statistics would differ per process) trained on
     2 processes x 4 examples follows the 1 process x 8 examples run; outputs are written once."""
-    from pipeline import train_student
-    from pipeline.config import TrainConfig
+    from kdpipe import train_student
+    from kdpipe.config import TrainConfig
 
     common = dict(cache=cache_dir, student=str(teacher_dir), epochs=2, batch_size=8, lr=1e-3, precision="fp32",
                   device="cpu")
@@ -59,7 +59,7 @@ def test_two_processes_train_like_one_and_write_once(cache_dir, teacher_dir, tmp
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "cli", "train-student", "--cache", str(cache_dir), "--student", str(teacher_dir),
+                           "-m", "kdpipe", "train-student", "--cache", str(cache_dir), "--student", str(teacher_dir),
                            "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--precision", "fp32", "--device",
                            "cpu", "--out", str(tmp_path / "ddp")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -22,9 +22,9 @@ import torch
 
 from conftest import (CLASSES, TINY_STUDENT, make_image_folder, make_teacher, read_cache_table, spawn_kdpipe,
                       tiny_train_config)
-from pipeline import cache_teacher, locking, logit_store, train_student
-from pipeline.config import CacheConfig
-from pipeline.errors import KdpipeError
+from kdpipe import cache_teacher, locking, logit_store, train_student
+from kdpipe.config import CacheConfig
+from kdpipe.errors import KdpipeError
 
 TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
 
@@ -437,7 +437,7 @@ def test_a_huge_label_set_with_slashes_and_unicode_in_names(run_cli, tmp_path):
 
 
 def test_names_that_differ_only_in_separators_are_matched_exactly():
-    from pipeline.teacher import label_mapping
+    from kdpipe.teacher import label_mapping
 
     assert label_mapping(["leaf spot", "leaf_spot", "rust"], ["leaf_spot", "rust", "leaf spot"]).tolist() == [1, 2, 0]
     assert label_mapping(["Leaf Spot", "rust"], ["rust", "leaf_spot"]).tolist() == [1, 0]

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_STUDENT, make_image_folder, spawn_kdpipe, tiny_train_config
-from pipeline import locking, logit_store, train_student
-from pipeline.errors import KdpipeError
+from kdpipe import locking, logit_store, train_student
+from kdpipe.errors import KdpipeError
 
 TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
 
@@ -189,8 +189,8 @@ def test_resume_with_other_settings_on_a_finished_run_is_refused(run_cli, cache_
 
 def _sweep_with_a_running_trial(tmp_path, cache_dir, owner: dict) -> tuple[Path, Path]:
     """A sweep folder whose study holds one RUNNING trial claimed by `owner`, and that trial's run folder."""
-    from pipeline import sweep
-    from pipeline.config import SweepConfig
+    from kdpipe import sweep
+    from kdpipe.config import SweepConfig
 
     cfg = SweepConfig(train=tiny_train_config(cache=cache_dir, epochs=1), space={"alpha": "0,0.5"}, seeds=[0],
                       out=tmp_path / "sw")

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_STUDENT, tiny_train_config
-from pipeline import cache_teacher, metrics, train_student
-from pipeline.config import CacheConfig, SweepConfig, TrainConfig
-from pipeline.errors import KdpipeError
-from pipeline.loss import LOSSES, PARTS, compute, distillation_loss, dist_loss, dkd_loss, pearson, topk_refusal, zscore
-from pipeline.mixing import Mix
-from pipeline.views import ViewPolicy
+from kdpipe import cache_teacher, metrics, train_student
+from kdpipe.config import CacheConfig, SweepConfig, TrainConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.loss import LOSSES, PARTS, compute, distillation_loss, dist_loss, dkd_loss, pearson, topk_refusal, zscore
+from kdpipe.mixing import Mix
+from kdpipe.views import ViewPolicy
 
 S = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
 TEACHER = torch.tensor([[3.0, 1.0, 0.0], [-1.0, 2.0, 0.5]])
@@ -429,7 +429,7 @@ def test_settings_are_checked_and_name_the_flag(overrides, message):
 
 
 def test_a_sweep_searches_the_loss_and_leaves_out_what_does_not_apply():
-    from pipeline.sweep import grid_points
+    from kdpipe.sweep import grid_points
 
     cfg = SweepConfig(train=TrainConfig(cache="."), space={"loss": "kd,dkd,dist", "alpha": "0,0.5",
                                                            "standardize": "true,false", "dkd_beta": "0.5,8"})

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from conftest import TINY_STUDENT, read_cache_table, student_and_teacher_views
 from test_views import student_batch
-from pipeline import cache_teacher, data, logit_store, pixels, train_student, views
-from pipeline.config import CacheConfig
-from pipeline.errors import KdpipeError
-from pipeline.loss import distillation_loss
+from kdpipe import cache_teacher, data, logit_store, pixels, train_student, views
+from kdpipe.config import CacheConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.loss import distillation_loss
 
 K = 4
 POLICY = views.ViewPolicy(mixup=1.0, mixup_p=0.5)
@@ -183,8 +183,8 @@ def test_pure_distillation_is_the_kd_term_alone_whatever_the_labels():
 
 def test_sweeps_treat_pure_distillation_as_a_distilled_config_with_a_twin(tmp_path):
     from conftest import tiny_train_config
-    from pipeline import sweep, sweep_report
-    from pipeline.config import SweepConfig
+    from kdpipe import sweep, sweep_report
+    from kdpipe.config import SweepConfig
 
     cfg = SweepConfig(train=tiny_train_config(cache=tmp_path), space={"alpha": "0,0.9,1", "temperature": "1,5"},
                       seeds=[0, 1])

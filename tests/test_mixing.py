@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import TINY_STUDENT
-from pipeline import mixing, train_student
-from pipeline.config import TrainConfig, without_new_defaults
-from pipeline.errors import KdpipeError
-from pipeline.loss import distillation_loss
+from kdpipe import mixing, train_student
+from kdpipe.config import TrainConfig, without_new_defaults
+from kdpipe.errors import KdpipeError
+from kdpipe.loss import distillation_loss
 
 S = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, -1.0, 0.0]])  # (B, C) student
 T = torch.tensor([[3.0, 1.0, 0.0], [-1.0, 2.0, 0.5], [0.0, 0.0, 4.0]])  # (B, C) teacher

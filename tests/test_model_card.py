@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from conftest import TINY_STUDENT, tiny_train_config
-from pipeline import model_card, train_student
-from pipeline.config import TrainConfig
+from kdpipe import model_card, train_student
+from kdpipe.config import TrainConfig
 
 
 def front_matter(text: str) -> dict:

@@ -1,5 +1,5 @@
 """benchmarks/patience_study.py on tiny generated data (E in {1, 2}, one seed): the plan fixed before the runs,
-both view caches, every arm through pipeline.train_student.run, the summary and the plot, and a rerun that
+both view caches, every arm through kdpipe.train_student.run, the summary and the plot, and a rerun that
 continues instead of recomputing."""
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import data, pixels, views
-from pipeline.errors import KdpipeError
+from kdpipe import data, pixels, views
+from kdpipe.errors import KdpipeError
 
 POLICY = views.ViewPolicy(mixup=1.0, mixup_p=0.5)
 K = 5
@@ -124,7 +124,7 @@ def test_background_rendering_gives_the_same_batches_in_any_order_of_asking(odd_
 
 
 def test_a_split_data_batch_renders_this_epochs_view(odd_folder, tmp_path):
-    from pipeline.train_student import SplitData
+    from kdpipe.train_student import SplitData
 
     split = _split(odd_folder)
     boxes, flips, _ = _views(split)

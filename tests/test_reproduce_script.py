@@ -171,7 +171,7 @@ def test_the_views_step_trains_the_chosen_recipe_on_stored_views(reproduce, imag
     for arm, alpha in (("distilled", 0.5), ("scratch", 0.0)):
         config = json.loads((args.results / "views2-mixup1" / f"{arm}-seed0.json").read_text())["run"]["config"]
         assert Path(config["cache"]).name == "cache-views2-mixup1" and config["views"] and config["alpha"] == alpha
-    from pipeline import logit_store
+    from kdpipe import logit_store
 
     train = logit_store.read_split(args.work / "cache-views2-mixup1" / "train.parquet")
     assert train.meta["augment"]["policy"]["mixup"] == 1.0 and (train.mixes.weights > 0).any()

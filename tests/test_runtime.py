@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_train_config
-from pipeline import mixing, pixels, runtime, train_student
-from pipeline.errors import KdpipeError
-from pipeline.logit_store import TopK
-from pipeline.train_student import SplitData
+from kdpipe import mixing, pixels, runtime, train_student
+from kdpipe.errors import KdpipeError
+from kdpipe.logit_store import TopK
+from kdpipe.train_student import SplitData
 
 CUDA = torch.device("cuda", 0)  # a descriptor only: nothing is allocated on it in these tests
 META = torch.device("meta")

@@ -1,4 +1,4 @@
-"""pipeline.stats against scipy's figures (scipy is not a dependency; its values are written here)."""
+"""kdpipe.stats against scipy's figures (scipy is not a dependency; its values are written here)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline import stats
+from kdpipe import stats
 
 
 @pytest.mark.parametrize("dof, exact", [(1, 12.70620), (1.29, 7.59949), (2, 4.30265), (2.566, 3.50972),

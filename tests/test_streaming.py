@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import read_cache_table
-from pipeline import cache_teacher, logit_store
-from pipeline.errors import KdpipeError
+from kdpipe import cache_teacher, logit_store
+from kdpipe.errors import KdpipeError
 
 
 def _rows(n: int, c: int = 7, seed: int = 0):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_STUDENT, make_image_folder, make_teacher, spawn_kdpipe
-from pipeline import sweep, sweep_report
-from pipeline.config import SweepConfig
-from pipeline.errors import KdpipeError
-from pipeline.stats import welch
+from kdpipe import sweep, sweep_report
+from kdpipe.config import SweepConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.stats import welch
 
 TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
 
@@ -70,8 +70,8 @@ def test_the_report_is_rebuilt_from_storage(run_cli, cache_dir, tmp_path):
 
 
 def test_the_teacher_is_never_loaded(run_cli, image_folder, tmp_path):
-    from pipeline import cache_teacher
-    from pipeline.config import CacheConfig
+    from kdpipe import cache_teacher
+    from kdpipe.config import CacheConfig
 
     teacher = make_teacher(tmp_path / "teacher")
     cache_teacher.run(CacheConfig(teacher=str(teacher), dataset=str(image_folder), out=tmp_path / "cache",
@@ -127,7 +127,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(run_cli, cache
 
 
 def test_median_pruning_stops_hopeless_trials(cache_dir, tmp_path):
-    from pipeline.config import TrainConfig
+    from kdpipe.config import TrainConfig
 
     train = TrainConfig(cache=cache_dir, epochs=4, precise_bn=True, alpha=0.0, precision="fp32", device="cpu",
                         student_config={"image_size": 32, "depth_multiplier": 0.35, "classifier_dropout_prob": 0.0})
@@ -139,7 +139,7 @@ def test_median_pruning_stops_hopeless_trials(cache_dir, tmp_path):
 
 
 def test_tpe_samples_the_requested_number_of_configs(cache_dir, tmp_path):
-    from pipeline.config import TrainConfig
+    from kdpipe.config import TrainConfig
 
     train = TrainConfig(cache=cache_dir, epochs=1, precision="fp32", device="cpu",
                         student_config={"image_size": 32, "depth_multiplier": 0.35, "classifier_dropout_prob": 0.0})

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import read_cache_table, tiny_train_config
-from pipeline import logit_store, train_student
-from pipeline.errors import KdpipeError
-from pipeline.logit_store import TopK
+from kdpipe import logit_store, train_student
+from kdpipe.errors import KdpipeError
+from kdpipe.logit_store import TopK
 
 
 def _softmax(x: np.ndarray, t: float = 1.0) -> np.ndarray:
@@ -43,7 +43,7 @@ def test_with_every_class_kept_the_reconstruction_is_the_logits(logits):
 
 
 def test_the_kd_loss_from_top_k_approaches_the_full_one_as_k_grows(logits):
-    from pipeline.loss import distillation_loss
+    from kdpipe.loss import distillation_loss
 
     student = torch.from_numpy(np.random.default_rng(1).normal(0, 1, logits.shape).astype(np.float32))
     labels = torch.zeros(len(logits), dtype=torch.long)

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import CLASSES, TINY_STUDENT, tiny_train_config
-from pipeline import logit_store, pixels, train_student
-from pipeline.data import open_dataset
-from pipeline.errors import KdpipeError
-from pipeline.student import batchnorm_layers
+from kdpipe import logit_store, pixels, train_student
+from kdpipe.data import open_dataset
+from kdpipe.errors import KdpipeError
+from kdpipe.student import batchnorm_layers
 
 
 def test_a_student_learns_separable_data(image_folder, tmp_path):

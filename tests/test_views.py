@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import TINY_STUDENT, student_and_teacher_views, tiny_train_config
-from pipeline import cache_teacher, data, logit_store, pixels, train_student, views
-from pipeline.config import CacheConfig, TrainConfig
-from pipeline.errors import KdpipeError
+from kdpipe import cache_teacher, data, logit_store, pixels, train_student, views
+from kdpipe.config import CacheConfig, TrainConfig
+from kdpipe.errors import KdpipeError
 
 K = 3
 
