@@ -330,10 +330,10 @@ def evaluate_cmd(
     device: str = typer.Option("auto", help="auto|cpu|cuda."),
 ):
     """Reload a saved student and evaluate it, independently of training."""
-    from kdpipe import train_student
+    from kdpipe import evaluate
 
     with user_errors():
-        m = train_student.evaluate(run_dir, split=split, dataset=dataset, device=device)
+        m = evaluate.saved(run_dir, split=split, dataset=dataset, device=device)
     console.print(f"{split}: accuracy {m['accuracy']:.2%}  macro-F1 {m['macro_f1']:.3f}  n={m['n']}" +
                   (f"  teacher agreement {m['teacher_agreement']:.2%}" if "teacher_agreement" in m else ""))
     names = json.loads((run_dir / "run.json").read_text())["label_names"]

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import busy_note, cpu_seconds, print_table, subset_folder  # noqa: E402
-from kdpipe import cache_teacher, logit_store, pixels, runtime, train_student  # noqa: E402
+from kdpipe import cache_teacher, logit_store, pixels, runtime, student_data, train_student  # noqa: E402
 from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.views import ViewPolicy  # noqa: E402
 
@@ -61,7 +61,7 @@ def arm_setup(cache: Path, out: Path, size: int, prebuilt_root: Path | None = No
         n = len(d)
         store = pixels.load_or_build_views(_split(cache), src.size, src.resample, src.boxes.reshape(n, src.views, 4),
                                            src.flips.reshape(n, src.views), root=prebuilt_root, mixes=src.mixes)
-        s.splits[cfg.train_split] = train_student.SplitData(d.name, d.ids, pixels.as_tensor(store, s.device), d.labels,
+        s.splits[cfg.train_split] = student_data.SplitData(d.name, d.ids, pixels.as_tensor(store, s.device), d.labels,
                                                             d.teacher_logits, views=d.views, targets=d.targets)
     return s
 

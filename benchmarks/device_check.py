@@ -15,7 +15,7 @@ start after --budget-s is recorded as skipped, as are those --only/--skip leave 
                            gather and a host-to-device copy per batch (GPU only; on a CPU it is data_path.plain)
   data_path.gather_host    the host's half of that path alone: uint8 batches gathered from the memory map (no
                            normalising, no copy): what the CPU must deliver to feed a device from a host store
-  data_path.views          batches of stored views as train-student --views gets them (train_student._load_views
+  data_path.views          batches of stored views as train-student --views gets them (student_data.load_views
                            on a cache-teacher --views K cache; rendered on CPU threads from decode-once originals)
   stage_one.decode         JPEG decode + the teacher's processor in DataLoader workers (cache_teacher._TeacherInputs
                            and _collate, pinned on a GPU, copied to the device), no model, at 0, 1, 2, 4, ...
@@ -67,7 +67,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from _common import cpu_seconds, kd_step, print_table, subset_folder, sync  # noqa: E402
 from bench_cache_teacher import preprocess, time_bare_forward  # noqa: E402
-from kdpipe import cache_teacher, logit_store, pixels, runtime, train_student, views  # noqa: E402
+from kdpipe import cache_teacher, evaluate, logit_store, pixels, runtime, student_data, train_student, views  # noqa: E402
 from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.data import open_dataset  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
@@ -365,12 +365,12 @@ def _batches(c: Check, data: SplitData, inp: dict, device: torch.device | None =
 
 def data_path_views(c: Check) -> dict:
     """The student's batches of stored views exactly as train-student --views gets them: the train split
-    loaded by train_student._load_views from a cache-teacher --views K cache (rendered or stored pixels,
+    loaded by student_data.load_views from a cache-teacher --views K cache (rendered or stored pixels,
     whichever the library does), `build_s` the one-off preparation (decoding)."""
     split, inp = c.dataset("train"), c.inputs()
-    cache = train_student._open_cache(c.cache(with_views=True))
+    cache = student_data.open_cache(c.cache(with_views=True))
     start = time.perf_counter()
-    data = train_student._load_views(cache, split, inp, c.device, None)
+    data = student_data.load_views(cache, split, inp, c.device, None)
     build = time.perf_counter() - start
     try:
         source = getattr(data, "source", None)
@@ -567,7 +567,7 @@ def resume_after_kill(c: Check) -> dict:
     a = [r["train"]["loss"] for r in reference.history]
     b = [r["train"]["loss"] for r in resumed.history]
     rel = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
-    cpu = train_student.evaluate(out, "test", device="cpu")
+    cpu = evaluate.saved(out, "test", device="cpu")
     pipe = _pipeline_accuracy(out / "model", c.dataset("test"))
     return {"epochs_resumed": len(resumed.history), "max_rel_train_loss_diff": rel, "within_1e-5": rel <= 1e-5,
             "same_test_accuracy": resumed.test["accuracy"] == reference.test["accuracy"],

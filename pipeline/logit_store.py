@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import files
 from .errors import KdpipeError
 from .views import Mixes
 
@@ -239,7 +240,7 @@ class SplitWriter:
         self.hashes = _ColumnHashes([name for name, _ in fields])
         self.buffer: list[pa.RecordBatch] = []
         self.buffered = 0
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = files.temporary(self.path)  # streamed into, renamed over the path when complete
         self.writer = None
 
     def __enter__(self) -> "SplitWriter":

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import views
+from . import files, views
 from .data import Split
 from .errors import KdpipeError
 
@@ -96,7 +96,7 @@ def _store(root: Path, split: Split, key: str, name: str, rows: int, size: tuple
         if meta.get("ids") == split.ids:
             return np.load(path, mmap_mode="c")
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.npy.tmp-{os.getpid()}"
+    tmp = files.temporary(path)
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(rows, size[0], size[1], 3))
         per_image = rows // len(split)
@@ -170,8 +170,7 @@ def load_or_build_originals(split: Split, root: Path = DEFAULT_ROOT, progress=No
     folder.mkdir(parents=True, exist_ok=True)
     _sweep_dead_temporaries(folder, name)
     cap = min(cap, shutil.disk_usage(folder).free // 2)
-    pid = os.getpid()
-    tmp_data, tmp_index = folder / f".{name}.u8.tmp-{pid}", folder / f".{name}.npy.tmp-{pid}"
+    tmp_data, tmp_index = files.temporary(data_path), files.temporary(index_path)
     index = np.zeros((len(split), 3), np.int64)
     total = 0
     try:
@@ -218,12 +217,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_text(path, json.dumps(value))
 
 
 def _sweep_dead_temporaries(folder: Path, name: str) -> None:

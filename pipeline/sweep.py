@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import train_student
+from . import files, student_data, train_student
 from .config import LOSS_SETTINGS, SweepConfig, TrainConfig, applicable, without_new_defaults
 from .errors import KdpipeError
 
@@ -146,7 +146,7 @@ def _claim_folder(cfg: SweepConfig, out: Path) -> None:
                           "another --out")
     record = {"study_name": cfg.study_name(), "storage": cfg.storage, "spec": json.loads(json.dumps(cfg.spec()))}
     path = out / SPEC_FILE
-    tmp = out / f".{SPEC_FILE}.tmp-{os.getpid()}"
+    tmp = files.temporary(path)
     tmp.write_text(json.dumps(record, indent=2))
     try:
         os.link(tmp, path)  # atomic create-if-absent: of two workers starting together, one writes
@@ -223,7 +223,7 @@ class TrialResult:
 
 
 def _run_one(cfg: SweepConfig, trial, params: dict, seed: int, out: Path, report_epochs: bool,
-             progress: Callable | None, shared: train_student.SharedData) -> dict:
+             progress: Callable | None, shared: student_data.SharedData) -> dict:
     """One train-student run folder; resumes a folder left by a dead worker. Returns its summary."""
     run_dir = out / "runs" / f"{config_key(params)}-seed{seed}"
     tcfg = dataclasses.replace(cfg.train, **params, seed=seed, out=run_dir, name=None, resume=True)
@@ -287,7 +287,7 @@ def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None
     from optuna.trial import TrialState
 
     points = {p.key: p for p in grid_points(cfg)}
-    shared = train_student.SharedData()  # cache, dataset and pixels are read once per worker
+    shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
     choices = {name: list(d.choices) for name, d in cfg.dimensions().items()}
     choices["seed"] = list(cfg.seeds)
     rng = random.Random(f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
@@ -337,7 +337,7 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
     from optuna.trial import TrialState
 
     dims = cfg.dimensions()
-    shared = train_student.SharedData()
+    shared = student_data.SharedData()
     while True:
         for number in fail_stale_trials(study, cfg.stale_after_s):  # rerun a dead worker's config
             study.enqueue_trial(study.trials[number].params)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import socket
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import LOSS_SETTINGS
-from . import locking
+from . import files, locking
 from .errors import KdpipeError
 from .stats import mean_std_ci, paired, welch
 
@@ -173,12 +172,6 @@ def teacher_gain(rows: list[ConfigRow], runs: dict[str, list[dict]]) -> dict | N
     return out
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.replace(tmp, path)
-
-
 def _write(s: SweepSummary) -> list[Path]:
     names = sorted({k for r in s.rows for k in r.params})
     buf = io.StringIO()
@@ -190,11 +183,11 @@ def _write(s: SweepSummary) -> list[Path]:
         w.writerow([*(r.params.get(n) for n in names), len(r.seeds), f"{r.val_mean:.6f}", f"{r.val_std:.6f}",
                     "" if math.isnan(r.val_ci95) else f"{r.val_ci95:.6f}", r.pruned, int(chosen),
                     f"{test[0]:.6f}" if test else "", f"{test[1]:.6f}" if test else ""])
-    files = [s.out / "results.csv", s.out / "results.json"]
-    _atomic_write(files[0], buf.getvalue())
-    _atomic_write(files[1], json.dumps(to_dict(s), indent=2))
+    written = [s.out / "results.csv", s.out / "results.json"]
+    files.write_text(written[0], buf.getvalue())
+    files.write_json(written[1], to_dict(s))
     png = heatmap(s, s.out / "heatmap.png")
-    return files + ([png] if png else [])
+    return written + ([png] if png else [])
 
 
 def to_dict(s: SweepSummary) -> dict:
@@ -252,8 +245,7 @@ def heatmap(s: SweepSummary, path: Path) -> Path | None:
     fig.colorbar(im, ax=ax, label="mean validation accuracy (%)")
     ax.set_title(f"{s.study_name}: mean over seeds, best over other settings", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    with files.replacing(path, suffix=".png") as tmp:  # the suffix tells matplotlib the format
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -1,79 +1,37 @@
-"""Stage two: train a student against cached teacher logits. setup -> fit -> finish; `evaluate` reloads.
+"""Stage two: train a student against cached teacher logits. setup -> fit -> finish.
 
-The teacher is never loaded here. Images are decoded once into a uint8 store (pixels.py); each step
-slices it, normalises on the device and runs the student under autocast in channels_last.
+The teacher is never loaded here. The data comes from student_data.py (images decoded once into a uint8 store,
+or views rendered when used); each step slices a batch, normalises it on the device and runs the student under
+autocast in channels_last. The run folder's files are run_folder.py's; evaluate.py reloads a saved student.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
-import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from . import locking, logit_store, loss, metrics, mixing, model_card, pixels, runtime, views
-from .config import TrainConfig, without_new_defaults
-from .data import ImageDataset, open_dataset, reopen_dataset
+from . import files, locking, loss, metrics, mixing, model_card, pixels, run_folder, runtime, student_data, views
+from .config import TrainConfig
+from .data import ImageDataset
 from .errors import KdpipeError
+from .evaluate import predict
 from .logit_store import TopK
-from .student import batchnorm_layers, build_student, image_size, save_student, set_bn_momentum
+from .run_folder import RunReport, load_report
+from .student import batchnorm_layers, build_student, save_student, set_bn_momentum
+from .student_data import SharedData, SplitData
 
 Progress = Callable[[str, int, int, str], None]  # (task, done, total, info)
-DEFAULT_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # used only without a cache (alpha = 0): ViT's
 LOG_EVERY = 25  # steps between host syncs for the live loss
-
-
-@dataclass
-class SplitData:
-    name: str
-    ids: list[str]
-    pixels: torch.Tensor | None  # (N, H, W, 3) uint8, on the device when it fits; None with a `source`
-    labels: torch.Tensor  # (N,) int64
-    teacher_logits: torch.Tensor | TopK | None  # (N * V, C) float32, dataset label order; TopK: densified per batch
-    views: int = 1  # V stored views per image (cache-teacher --views): pixels and teacher rows i * V + v
-    view_of: torch.Tensor | None = None  # (N,) the view each image uses this epoch (views.epoch_views)
-    targets: torch.Tensor | None = None  # (N * V, C) float32 label distributions of mixed views, else None
-    source: pixels.ViewSource | None = None  # renders rows i * V + v when used, instead of a pixel store
-
-    def __len__(self):
-        return len(self.ids)
-
-    def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """The stored rows of images `idx` this epoch: i, or with views i * V + view_of[i]."""
-        return idx if self.views == 1 else idx * self.views + self.view_of[idx.to(self.view_of.device)].to(idx.device)
-
-    def plan(self, batches: list[torch.Tensor]) -> None:
-        """With a `source`, start rendering these batches of images (in the order `batch` will ask for them)
-        on its background threads; without one, nothing to do."""
-        if self.source is not None:
-            self.source.plan([self.rows(idx).cpu().numpy() for idx in batches])
-
-    def batch(self, idx: torch.Tensor, device: torch.device) -> dict:
-        """Images `idx` (B,): pixels (B, H, W, 3) uint8, labels (B,) (or (B, C) label distributions of mixed
-        views), teacher_logits (B, C) of the same view."""
-        rows = self.rows(idx)
-        labels = (self.labels[idx.to(self.labels.device)] if self.targets is None
-                  else self.targets[rows.to(self.targets.device)])
-        u8 = (self.source.take(rows.cpu().numpy()) if self.source is not None
-              else self.pixels[rows.to(self.pixels.device)])
-        u8 = torch.from_numpy(u8) if isinstance(u8, np.ndarray) else u8  # a DeviceViewSource renders on the device
-        out = {"pixels": u8, "labels": labels}
-        if isinstance(self.teacher_logits, TopK):
-            out["teacher_logits"] = torch.from_numpy(self.teacher_logits.take(rows.cpu().numpy()).dense())  # (B, C)
-        elif self.teacher_logits is not None:
-            out["teacher_logits"] = self.teacher_logits[rows.to(self.teacher_logits.device)]
-        return runtime.to_device(out, device)
 
 
 @dataclass
@@ -99,45 +57,32 @@ class Setup:
 # --------------------------------------------------------------------------------------------- setup
 
 
-class SharedData:
-    """The opened cache and dataset and the device-resident pixels, kept for the next run in the same
-    process (a sweep's trials differ in training settings, not in data): each is read once."""
-
-    def __init__(self):
-        self._items: dict[tuple, object] = {}
-
-    def get(self, key: tuple, build: Callable[[], object]):
-        if key not in self._items:
-            self._items[key] = build()
-        return self._items[key]
-
-
 def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData | None = None) -> Setup:
     out = cfg.out_dir()
-    _claim_out_dir(out, cfg)
+    run_folder.claim(out, cfg.resume)
     generator = runtime.seed_everything(cfg.seed)
     shared = shared or SharedData()
     source = (str(cfg.cache), cfg.dataset, cfg.image_column, cfg.label_column, cfg.train_split, cfg.val_split,
               cfg.test_split)
-    cache, dataset = shared.get(("source", *source), lambda: _open_source(cfg))
+    cache, dataset = shared.get(("source", *source), lambda: student_data.open_source(cfg))
     model = build_student(cfg.student, dataset.label_names, cfg.student_config)
     set_bn_momentum(model, cfg.bn_momentum)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device, precision)
-    inputs = _input_spec(model, cache)  # the training resolution; evaluation at --eval-size when given
+    inputs = student_data.input_spec(model, cache)  # the training resolution; evaluation at --eval-size when given
     if min(inputs["size"]) < 1:
         raise KdpipeError(f"--student-config: image size {tuple(inputs['size'])} must be at least 1 pixel a side")
     eval_size = (cfg.eval_size, cfg.eval_size) if cfg.eval_size else inputs["size"]
     sizes = {name: eval_size for name in (cfg.val_split, cfg.test_split) if name and name != cfg.train_split}
     view_split = cfg.train_split if cfg.views else None
     splits = shared.get(("splits", *source, inputs["size"], eval_size, inputs["resample"], str(device), view_split),
-                        lambda: _load_splits(cache, dataset, inputs, device, progress, view_split, sizes))
+                        lambda: student_data.load_splits(cache, dataset, inputs, device, progress, view_split, sizes))
     if cfg.alpha > 0 and splits[cfg.train_split].teacher_logits is None:
         raise KdpipeError(f"--cache {cfg.cache} has no {cfg.train_split!r} split; cache it or use --alpha 0")
-    _refuse_changed_images(cfg, dataset, _changed_images(cache, dataset))
+    student_data.refuse_changed_images(cfg, dataset, student_data.changed_images(cache, dataset))
     if cfg.alpha > 0:
-        _check_targets(cfg, splits[cfg.train_split])
+        student_data.check_targets(cfg, splits[cfg.train_split])
     model = runtime.prepare_model(model, device)
     optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits[cfg.train_split]) / cfg.batch_size))
     forward = runtime.compile_model(model, device) if cfg.compile else model
@@ -145,141 +90,8 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
         forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     provenance = _provenance(cfg, cache, dataset, device, precision)
     return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
-                 _with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
+                 student_data.with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
                  generator, scaler=runtime.grad_scaler(device, precision))
-
-
-def _check_targets(cfg: TrainConfig, train: SplitData) -> None:
-    """Refuse a loss the cached targets cannot serve (docs/training.md, "Top-K caches and mixed targets")."""
-    teacher = train.teacher_logits
-    if isinstance(teacher, TopK) and teacher.values.shape[1] < teacher.num_classes:
-        why = loss.topk_refusal(cfg.loss, cfg.standardize)
-        if why:
-            raise KdpipeError(f"--loss {cfg.loss}{' --standardize' if cfg.standardize else ''}: {why} (--cache "
-                              f"{cfg.cache} keeps {teacher.values.shape[1]} of {teacher.num_classes}); use --loss kd "
-                              "or dkd without --standardize, or a cache of full logits")
-    if cfg.loss == "dkd" and train.targets is not None:
-        raise KdpipeError(f"--loss dkd needs one target class per example, and --cache {cfg.cache} holds views "
-                          "blended from two images (--view-mixup); use --loss kd or dist, or a cache without it")
-
-
-def _open_source(cfg: TrainConfig) -> tuple[dict | None, ImageDataset]:
-    cache = _open_cache(cfg.cache) if cfg.cache else None
-    return cache, _open_dataset(cfg, cache)
-
-
-def _load_splits(cache: dict | None, dataset: ImageDataset, inputs: dict, device, progress,
-                 view_split: str | None = None, sizes: dict | None = None) -> dict[str, SplitData]:
-    """Each split as uint8 pixels at the student's resolution (decoded once, pixels.load_or_build; `sizes`:
-    another resolution for some splits, --eval-size), its labels, and the teacher's logits joined by id;
-    `view_split` with every view the cache stores for it, rendered when used exactly as the teacher saw
-    them (pixels.ViewSource)."""
-    splits = {}
-    for name, split in dataset.splits.items():
-        if name == view_split:
-            splits[name] = _load_views(cache, split, inputs, device, progress)
-            continue
-        u8 = pixels.load_or_build(split, (sizes or {}).get(name, inputs["size"]), inputs["resample"], progress=progress)
-        teacher = None
-        if cache is not None and name in cache:
-            teacher = cache[name].aligned_to(split.ids, split.labels, f"--cache split {name!r}", sparse=True)
-            if isinstance(teacher, np.ndarray):
-                teacher = torch.from_numpy(teacher).to(device)
-        splits[name] = SplitData(name, split.ids, pixels.as_tensor(u8, device), torch.from_numpy(split.labels).to(device),
-                                 teacher)
-    return splits
-
-
-def _load_views(cache: dict | None, split, inputs: dict, device, progress) -> SplitData:
-    where = f"--views: --cache split {split.name!r}"
-    if cache is None or split.name not in cache:
-        raise KdpipeError(f"{where} is missing; build the cache with kdpipe cache-teacher --views K")
-    stored = cache[split.name].aligned_views(split.ids, split.labels, where)  # rows i * V + v
-    v, n = stored.views_per_image, len(split)
-    mixes, targets = _mixed_views(stored, split, where)
-    originals = pixels.load_or_build_originals(split, progress=progress)  # None over its cap: decode when used
-    params = (stored.boxes.reshape(n, v, 4), stored.flips.reshape(n, v), inputs["size"], inputs["resample"])
-    if device.type == "cuda" and inputs["resample"] in pixels.FILTERS:  # rendered in batches on the GPU
-        array = originals.array if originals is not None else lambda i: np.asarray(split.image(i))
-        source = pixels.DeviceViewSource(array, *params, device, mixes)
-    else:  # on background threads
-        source = pixels.ViewSource(split.image if originals is None else originals.image, *params, mixes)
-    teacher = stored.topk if stored.topk is not None else torch.from_numpy(stored.logits).to(device)
-    return SplitData(split.name, split.ids, None, torch.from_numpy(split.labels).to(device), teacher, views=v,
-                     targets=None if targets is None else targets.to(device), source=source)
-
-
-def _mixed_views(stored: logit_store.LogitSplit, split, where: str) -> tuple[views.Mixes | None, torch.Tensor | None]:
-    """For a cache of mixed views: their Mixes with partners as split indices, and each view's label
-    distribution (1 - w) * onehot(y) + w * onehot(y_partner) (N * V, C), mixup's target for the CE term."""
-    if stored.mixes is None:
-        return None, None
-    index = {id_: i for i, id_ in enumerate(split.ids)}
-    m = stored.mixes
-    mixed = m.weights > 0
-    missing = sorted({p for p in m.partners[mixed] if p not in index})
-    if missing:
-        raise KdpipeError(f"{where}: mixed views blend images missing from the dataset (e.g. {missing[0]}); "
-                          "use the dataset the cache was built from")
-    partners = np.array([index[p] if w > 0 else -1 for p, w in zip(m.partners, m.weights)], dtype=np.int64)
-    rows = np.repeat(np.arange(len(split)), stored.views_per_image)
-    w = torch.from_numpy(m.weights.astype(np.float32))[:, None]  # (N * V, 1)
-    eye = torch.eye(stored.meta["num_classes"])
-    own = eye[torch.from_numpy(split.labels[rows])]
-    other = eye[torch.from_numpy(split.labels[np.where(partners >= 0, partners, rows)])]
-    return views.Mixes(partners, m.boxes, m.flips, m.weights), (1 - w) * own + w * other
-
-
-# What a run folder may hold; state.pt is benchmarks/reproduce_results.py's per-epoch state of its BN variants.
-RUN_FILES = ("checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model", "tensorboard", "state.pt")
-
-
-def _claim_out_dir(out: Path, cfg: TrainConfig) -> None:
-    held = sorted(p.name for p in out.iterdir() if p.name != locking.LOCK_NAME) if out.is_dir() else []
-    if held and not set(held) & set(RUN_FILES):  # a cache, a sweep, someone's documents: never written into
-        raise KdpipeError(f"--out {out} is not a train-student run folder (it holds {', '.join(held[:3])}"
-                          f"{', ...' if len(held) > 3 else ''}), so there is no run to --resume there; choose a new or "
-                          "empty --out")
-    if held and not cfg.resume:
-        raise KdpipeError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _open_cache(cache_dir: Path) -> dict[str, logit_store.LogitSplit]:
-    cache = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
-    logit_store.check_one_source({name: split.meta for name, split in cache.items()}, f"--cache {cache_dir}")
-    return cache
-
-
-def _open_dataset(cfg: TrainConfig, cache: dict | None) -> ImageDataset:
-    flags = {s: flag for flag, s in (("--test-split", cfg.test_split), ("--val-split", cfg.val_split),
-                                     ("--train-split", cfg.train_split)) if s}  # a split asked twice: the first flag
-    wanted = list(dict.fromkeys(s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s))
-    if cache is None:
-        return open_dataset(cfg.dataset, splits=wanted, image_column=cfg.image_column, label_column=cfg.label_column,
-                            flags=flags)
-    meta = next(iter(cache.values())).meta
-    dataset = reopen_dataset(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column, flags)
-    if dataset.label_names != meta["label_names"]:
-        raise KdpipeError(f"--dataset {dataset.spec} has labels {dataset.label_names} but --cache {cfg.cache} has "
-                          f"{meta['label_names']}; use the dataset the cache was built from")
-    return dataset
-
-
-def _input_spec(model, cache: dict | None) -> dict:
-    """Student inputs: the student's resolution, with the teacher processor's filter and statistics
-    (the guide feeds the student the teacher processor's pixels)."""
-    mean, std, resample = *DEFAULT_MEAN_STD, 2
-    if cache is not None:
-        proc = next(iter(cache.values())).meta["processor"]
-        mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
-        resample = proc.get("resample", resample)
-    return {"size": image_size(model), "resample": int(resample), "mean": list(mean), "std": list(std)}
-
-
-def _with_tensors(inputs: dict, device: torch.device) -> dict:
-    return {**inputs, "mean_t": torch.tensor(inputs["mean"], device=device),
-            "std_t": torch.tensor(inputs["std"], device=device)}
 
 
 def _optimizer(model, cfg: TrainConfig, steps_per_epoch: int):
@@ -330,48 +142,13 @@ def _provenance(cfg, cache, dataset: ImageDataset, device, precision) -> dict:
                         "splits": {n: {"content_sha256": s.meta["content_sha256"],
                                        "dataset_fingerprint": s.meta["dataset_fingerprint"],
                                        "teacher_accuracy": s.meta["teacher_accuracy"]} for n, s in cache.items()}}
-        changed = _changed_images(cache, dataset)
+        changed = student_data.changed_images(cache, dataset)
         out["cache_matches_dataset_contents"] = not changed
         if changed:  # only reached with --allow-changed-data (_refuse_changed_images)
             out["changed_data"] = {"accepted": True, "flag": "--allow-changed-data", "splits": changed,
-                                   "warning": f"trained with --allow-changed-data: {_describe_changed(changed)}; "
+                                   "warning": f"trained with --allow-changed-data: {student_data.describe_changed(changed)}; "
                                               "the cached teacher logits of those examples belong to other pixels"}
     return out
-
-
-def _changed_images(cache: dict | None, dataset: ImageDataset) -> dict[str, dict]:
-    """Per split in both the cache and the dataset whose contents differ from those the cache was built
-    from (dataset fingerprint): how many images changed under the same id and the first of them, from the
-    per-image SHA-256s the cache stores; `examples` None for a cache written before it stored them. Ids and
-    labels were checked already (LogitSplit.aligned_to); rows merely in another order count as unchanged."""
-    out = {}
-    for name, split in dataset.splits.items():
-        if cache is None or name not in cache or split.fingerprint() == cache[name].meta["dataset_fingerprint"]:
-            continue
-        changed = cache[name].changed_images(split.ids, split.digests())
-        if changed is None or changed:
-            out[name] = {"examples": None if changed is None else len(changed), "of": len(split),
-                         "example": changed[0] if changed else None}
-    return out
-
-
-def _describe_changed(changed: dict[str, dict]) -> str:
-    counts = [c["examples"] for c in changed.values()]
-    if None in counts:  # an older cache: which images is unknown
-        return (f"the images of split {next(iter(changed))!r} differ from those the cache was built from (it predates "
-                "per-image digests: rebuilding it names them)")
-    per = ", ".join(f"split {name!r}: {c['examples']} of {c['of']}" for name, c in changed.items())
-    example = next(iter(changed.values()))["example"]
-    return f"{sum(counts)} example{'s' if sum(counts) != 1 else ''} changed since the cache was built ({per}; e.g. {example})"
-
-
-def _refuse_changed_images(cfg: TrainConfig, dataset: ImageDataset, changed: dict[str, dict]) -> None:
-    """Training against logits of other pixels is the one silent error a logit cache invites: refused
-    unless --allow-changed-data (then recorded in run.json as `changed_data`)."""
-    if changed and not cfg.allow_changed_data:
-        raise KdpipeError(f"--dataset {dataset.spec}: {_describe_changed(changed)}, so their teacher logits in --cache "
-                          f"{cfg.cache} belong to other pixels; rebuild the cache with kdpipe cache-teacher --force, "
-                          "or pass --allow-changed-data to train anyway (recorded in run.json)")
 
 
 # ----------------------------------------------------------------------------------------------- fit
@@ -496,20 +273,6 @@ def _pooled_mean_var(parts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tup
     return mean, m2 / max(1, n - 1)
 
 
-@torch.no_grad()
-def predict(model, data: SplitData, device, precision, inputs: dict, batch_size: int = 32) -> np.ndarray:
-    """Student logits (N, C) float32 for a whole split, in eval mode. Batch 32: on a 2-core CPU larger
-    batches spill the caches (128 was 1.7x slower on MobileNetV2 at 224 px)."""
-    model.eval()
-    out = []
-    with torch.inference_mode(), runtime.autocast(device, precision):
-        for start in range(0, len(data), batch_size):
-            batch = data.batch(torch.arange(start, min(start + batch_size, len(data))), device)
-            x = pixels.normalise(batch["pixels"], inputs["mean_t"], inputs["std_t"])
-            out.append(model(pixel_values=x).logits.float().cpu())
-    return torch.cat(out).numpy()
-
-
 def evaluate_split(s: Setup, name: str) -> tuple[dict, np.ndarray]:
     data = s.splits[name]
     net = s.forward.module if isinstance(s.forward, torch.nn.parallel.DistributedDataParallel) else s.forward
@@ -546,7 +309,7 @@ def _fit_epochs(s: Setup, progress, on_epoch, board) -> None:
         if val["accuracy"] > s.best["accuracy"]:
             s.best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "state": _cpu_state(s.model)}
         if _writes(s):
-            _write_checkpoint(s)
+            run_folder.write_checkpoint(s.out, checkpoint_state(s), s.history)
         if board is not None:
             _log_scalars(board, record)
         if on_epoch:
@@ -589,110 +352,24 @@ def _cpu_state(model) -> dict:
 # ------------------------------------------------------------------------------ checkpoint and outputs
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _finite_json(value):
-    """`value` with every non-finite float replaced by None (null): JSON has no NaN or Infinity, and a bare
-    NaN, which json.dumps writes by default, is refused by strict readers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    return value
-
-
-def _json_line(record: dict) -> str:
-    return json.dumps(_finite_json(record), allow_nan=False) + "\n"
-
-
-def _write_checkpoint(s: Setup) -> None:
-    """Everything needed to resume, written to a temporary file and renamed: never half-written.
-    checkpoint.sha256 lists the digests a valid checkpoint.pt may have (the new one first, then the one
-    it replaces, so a crash between the two renames is not mistaken for corruption)."""
-    state = {"model": _cpu_state(s.model), "optimizer": s.optimizer.state_dict(),
-             "scheduler": s.scheduler.state_dict(), "generator": s.generator.get_state(),
-             "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
-             "device_rng": runtime.device_rng_state(s.device),  # ... or, on a GPU, from the GPU's
-             "scaler": s.scaler.state_dict() if s.scaler is not None else {},
-             "best_epoch": s.best["epoch"], "best_accuracy": s.best["accuracy"], "best_state": s.best["state"],
-             "config": s.cfg.to_dict(), "history": json.dumps(s.history)}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    path, sums = s.out / "checkpoint.pt", s.out / "checkpoint.sha256"
-    before = sums.read_text() if sums.exists() else None
-    previous = before.split()[:1] if before else []
-    tmp = path.with_name(f".checkpoint.pt.tmp-{os.getpid()}")
-    try:
-        _atomic_write_text(sums, "\n".join([hashlib.sha256(data).hexdigest(), *previous]) + "\n")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _atomic_write_text(s.out / "metrics.jsonl", "".join(map(_json_line, s.history)))
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if not path.exists() or before is not None and _digest_of(path) in before.split():
-            _restore(sums, before)  # the new checkpoint did not land: the digests are those of the one there
-        raise KdpipeError(f"cannot write checkpoint in {s.out}: {e.strerror or e}; free space and --resume") from None
-
-
-def _digest_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _restore(path: Path, text: str | None) -> None:
-    """Put back a small file as it was (None: absent), on a best-effort basis: the disk may still be full."""
-    try:
-        if text is None:
-            path.unlink(missing_ok=True)
-        else:
-            _atomic_write_text(path, text)
-    except OSError:
-        pass
-
-
-def _read_checkpoint(path: Path) -> dict:
-    """Load a checkpoint after checking its digest; never unpickles arbitrary objects (weights_only)."""
-    data = path.read_bytes()
-    sums = path.with_name("checkpoint.sha256")
-    fix = f"delete {path} to restart the run from epoch 1, or choose another --out"
-    if not sums.exists() or hashlib.sha256(data).hexdigest() not in sums.read_text().split():
-        raise KdpipeError(f"{path} does not match its checksum (corrupted or edited); {fix}")
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # a valid digest of an unreadable file: written by something else
-        raise KdpipeError(f"{path} cannot be read ({type(e).__name__}); {fix}") from None
-
-
-def _refuse_other_settings(cfg: TrainConfig, saved: dict, out: Path) -> None:
-    """--resume continues a run (interrupted or finished) only with the settings it was started with."""
-    now = without_new_defaults(cfg.to_dict(), saved)
-    ignored = ("resume", "out", "device", "workers", "allow_changed_data")  # where it runs, and a permission
-    differs = [k for k in now if k not in ignored and saved.get(k) != now[k]]
-    if differs:
-        raise KdpipeError(f"--resume: {out} was started with other settings ({', '.join(differs)}); "
-                          "use the same flags, or another --out")
+def checkpoint_state(s: Setup) -> dict:
+    """Everything needed to resume after this epoch (run_folder.write_checkpoint writes it)."""
+    return {"model": _cpu_state(s.model), "optimizer": s.optimizer.state_dict(),
+            "scheduler": s.scheduler.state_dict(), "generator": s.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
+            "device_rng": runtime.device_rng_state(s.device),  # ... or, on a GPU, from the GPU's
+            "scaler": s.scaler.state_dict() if s.scaler is not None else {},
+            "best_epoch": s.best["epoch"], "best_accuracy": s.best["accuracy"], "best_state": s.best["state"],
+            "config": s.cfg.to_dict(), "history": json.dumps(s.history)}
 
 
 def resume(s: Setup) -> bool:
     """Load the last checkpoint of `s.out` into `s`; False when there is none."""
-    path = s.out / "checkpoint.pt"
+    path = s.out / run_folder.CHECKPOINT
     if not path.exists():
         return False
-    state = _read_checkpoint(path)
-    _refuse_other_settings(s.cfg, dict(state["config"]), s.out)
+    state = run_folder.read_checkpoint(path)
+    run_folder.refuse_other_settings(s.cfg, dict(state["config"]), s.out)
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
@@ -706,19 +383,6 @@ def resume(s: Setup) -> bool:
     return True
 
 
-@dataclass
-class RunReport:
-    out: Path
-    best_epoch: int
-    validation: dict
-    test: dict | None
-    confusion_matrix: list | None
-    label_names: list[str]
-    wall_time_s: float
-    history: list[dict]
-    run: dict  # the run.json contents
-
-
 def finish(s: Setup, wall_time: float) -> RunReport:
     """Load the best epoch, evaluate it on test, save the student and run.json. (Its validation metrics
     are those recorded after that epoch: same weights, same BN statistics.)"""
@@ -729,34 +393,36 @@ def finish(s: Setup, wall_time: float) -> RunReport:
         test, logits = evaluate_split(s, s.cfg.test_split)
         labels = s.splits[s.cfg.test_split].labels.cpu().numpy()
         confusion = metrics.confusion_matrix(logits.argmax(1), labels, len(s.label_names)).tolist()
-    model_dir = s.out / "model"
     if not _writes(s):  # another process of the job: wait for the first to write everything
         torch.distributed.barrier()
         return load_report(s.out)
-    tmp = s.out / f".model.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
-                 s.inputs["std"], s.inputs["resample"])
-    epochs = s.history
-    train_images = sum(len(s.splits[s.cfg.train_split]) for _ in epochs)
-    run = {**s.provenance, "status": "complete", "seed": s.cfg.seed, "best_epoch": s.best["epoch"],
-           "validation": val, "test": test, "test_confusion_matrix": confusion, "label_names": s.label_names,
-           "student": {"architecture": type(s.model).__name__, "parameters": sum(p.numel() for p in s.model.parameters()),
-                       "weights_sha256": _sha256(tmp / "model.safetensors"),
-                       "inputs": {k: s.inputs[k] for k in ("size", "train_size", "resample", "mean", "std")}},
-           "epoch_time_s": [r["epoch_time_s"] for r in epochs],
-           "train_images_per_s": round(train_images / sum(r["train_time_s"] for r in epochs), 2),
-           "total_time_s": round(wall_time, 2),
-           "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    (tmp / "README.md").write_text(model_card.render(run, s.out.name))  # the Hub's model card, inside model/
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
-    _atomic_write_text(s.out / "run.json", json.dumps(_finite_json(run), indent=2, allow_nan=False))
-    for name in ("checkpoint.pt", "checkpoint.sha256"):  # the run is complete; model/ is the result
+    with files.replacing(s.out / run_folder.MODEL) as tmp:
+        save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
+                     s.inputs["std"], s.inputs["resample"])
+        run = _run_record(s, val, test, confusion, files.sha256(tmp / "model.safetensors"), wall_time)
+        (tmp / "README.md").write_text(model_card.render(run, s.out.name))  # the Hub's model card, inside model/
+    files.write_json(s.out / run_folder.RUN_JSON, run)
+    for name in (run_folder.CHECKPOINT, run_folder.SUMS):  # the run is complete; model/ is the result
         (s.out / name).unlink(missing_ok=True)
     if runtime.distributed()[1] > 1:
         torch.distributed.barrier()
-    return RunReport(s.out, s.best["epoch"], val, test, confusion, s.label_names, wall_time, epochs, run)
+    return RunReport(s.out, s.best["epoch"], val, test, confusion, s.label_names, wall_time, s.history, run)
+
+
+def _run_record(s: Setup, val: dict, test: dict | None, confusion: list | None, weights_sha256: str,
+                wall_time: float) -> dict:
+    """run.json: the results, the saved student and the provenance gathered at setup."""
+    epochs = s.history
+    train_images = len(s.splits[s.cfg.train_split]) * len(epochs)
+    return {**s.provenance, "status": "complete", "seed": s.cfg.seed, "best_epoch": s.best["epoch"],
+            "validation": val, "test": test, "test_confusion_matrix": confusion, "label_names": s.label_names,
+            "student": {"architecture": type(s.model).__name__,
+                        "parameters": sum(p.numel() for p in s.model.parameters()), "weights_sha256": weights_sha256,
+                        "inputs": {k: s.inputs[k] for k in ("size", "train_size", "resample", "mean", "std")}},
+            "epoch_time_s": [r["epoch_time_s"] for r in epochs],
+            "train_images_per_s": round(train_images / sum(r["train_time_s"] for r in epochs), 2),
+            "total_time_s": round(wall_time, 2),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[dict], None] | None = None,
@@ -766,7 +432,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[
     finished = cfg.out_dir() / "run.json"
     if cfg.resume and finished.exists():  # nothing to train: its report, if these are its settings
         report = load_report(cfg.out_dir())
-        _refuse_other_settings(cfg, report.run.get("config", {}), cfg.out_dir())
+        run_folder.refuse_other_settings(cfg, report.run.get("config", {}), cfg.out_dir())
         return report
     if runtime.distributed()[1] > 1:
         runtime.start_distributed(runtime.resolve_device(cfg.device))
@@ -779,72 +445,3 @@ def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[
         return finish(s, time.perf_counter() - start + earlier)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_report(out: Path) -> RunReport:
-    try:
-        r = json.loads((Path(out) / "run.json").read_text())
-        history = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
-        assert isinstance(r, dict) and {"best_epoch", "validation", "test", "test_confusion_matrix", "label_names",
-                                         "total_time_s"} <= r.keys()
-    except (OSError, ValueError, AssertionError) as e:
-        raise KdpipeError(f"{out}: its run.json or metrics.jsonl is missing or damaged "
-                          f"({type(e).__name__}); train it again in another --out") from None
-    return RunReport(Path(out), r["best_epoch"], r["validation"], r["test"], r["test_confusion_matrix"],
-                     r["label_names"], r["total_time_s"], history, r)
-
-
-def evaluate(run_dir: Path, split: str = "test", dataset: str | None = None, device: str = "auto",
-             progress: Progress | None = None) -> dict:
-    """Reload a saved student (model/ with its preprocessor_config.json) and evaluate it on `split`,
-    independently of training: inputs are rebuilt from the saved processor, labels from the dataset."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").exists():
-        raise KdpipeError(f"{run_dir}: no run.json; pass a folder written by kdpipe train-student")
-    r = load_report(run_dir).run
-    weights = run_dir / "model" / "model.safetensors"
-    if not weights.is_file():
-        raise KdpipeError(f"{weights} is missing: the saved student is incomplete; restore the run's model/ folder, "
-                          "or train again")
-    expected = r.get("student", {}).get("weights_sha256")
-    if expected and _sha256(weights) != expected:
-        raise KdpipeError(f"{weights} does not match the checksum in run.json "
-                          "(corrupted or replaced); retrain, or restore the file")
-    try:
-        model = AutoModelForImageClassification.from_pretrained(run_dir / "model")
-        proc = AutoImageProcessor.from_pretrained(run_dir / "model")
-    except (OSError, ValueError) as e:  # config.json or preprocessor_config.json missing or damaged
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdpipeError(f"{run_dir / 'model'}: cannot load the saved student ({first}); restore the run's "
-                          "model/ folder, or train again") from None
-    ds = reopen_dataset(r["dataset"], dataset, [split], flags={split: "--split"})
-    if ds.label_names != [model.config.id2label[i] for i in range(model.config.num_labels)]:
-        raise KdpipeError(f"--dataset {ds.spec}: labels {ds.label_names} differ from the student's")
-    dev = runtime.resolve_device(device)
-    inputs = _with_tensors({"size": (proc.size["height"], proc.size["width"]), "resample": int(proc.resample),
-                            "mean": list(proc.image_mean), "std": list(proc.image_std)}, dev)
-    source = ds.splits[split]
-    teacher = None
-    cache_dir = r["config"].get("cache")
-    if cache_dir and Path(cache_dir, f"{split}.parquet").exists():
-        cached = logit_store.read_split(logit_store.split_path(Path(cache_dir), split))
-        teacher = torch.from_numpy(cached.aligned_to(source.ids, source.labels, f"cache split {split!r}"))
-    data = SplitData(split, source.ids,
-                     pixels.as_tensor(pixels.load_or_build(source, inputs["size"], inputs["resample"],
-                                                           progress=progress), dev),
-                     torch.from_numpy(source.labels), teacher)
-    model = runtime.prepare_model(model, dev)
-    precision = runtime.precision_on(r["precision"], dev)  # a GPU's fp16 run is evaluated in fp32 on a CPU
-    runtime.configure_backends(dev, precision)
-    logits = predict(model, data, dev, precision, inputs)
-    report = metrics.classification_report(logits, source.labels, teacher.numpy() if teacher is not None else None)
-    report["confusion_matrix"] = metrics.confusion_matrix(logits.argmax(1), source.labels, len(ds.label_names)).tolist()
-    return report

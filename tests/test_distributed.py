@@ -50,7 +50,7 @@ def test_two_processes_cache_the_same_logits_as_one(image_folder, teacher_dir, t
 def test_two_processes_train_like_one_and_write_once(cache_dir, teacher_dir, tmp_path):
     """A student without BatchNorm (a tiny ViT: batch statistics would differ per process) trained on
     2 processes x 4 examples follows the 1 process x 8 examples run; outputs are written once."""
-    from kdpipe import train_student
+    from kdpipe import run_folder, train_student
     from kdpipe.config import TrainConfig
 
     common = dict(cache=cache_dir, student=str(teacher_dir), epochs=2, batch_size=8, lr=1e-3, precision="fp32",
@@ -64,7 +64,7 @@ def test_two_processes_train_like_one_and_write_once(cache_dir, teacher_dir, tmp
                            "cpu", "--out", str(tmp_path / "ddp")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    ddp = train_student.load_report(tmp_path / "ddp")
+    ddp = run_folder.load_report(tmp_path / "ddp")
     assert ddp.run["processes"] == 2 and done.stdout.count("best epoch") == 1
     assert [r["train"]["loss"] for r in ddp.history] == pytest.approx([r["train"]["loss"] for r in single.history],
                                                                       rel=1e-4)

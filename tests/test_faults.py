@@ -22,7 +22,7 @@ import torch
 
 from conftest import (CLASSES, TINY_STUDENT, make_image_folder, make_teacher, read_cache_table, spawn_kdpipe,
                       tiny_train_config)
-from kdpipe import cache_teacher, locking, logit_store, train_student
+from kdpipe import cache_teacher, locking, logit_store, run_folder, train_student
 from kdpipe.config import CacheConfig
 from kdpipe.errors import KdpipeError
 
@@ -185,12 +185,12 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(cache_dir
             _enospc()
         return real_fsync(fd)
 
-    monkeypatch.setattr(train_student.os, "fsync", fsync_fails_on_the_second_checkpoint)
+    monkeypatch.setattr(os, "fsync", fsync_fails_on_the_second_checkpoint)
     with pytest.raises(KdpipeError, match="No space left on device.*--resume"):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out))
     monkeypatch.undo()
     assert not list(out.glob(".checkpoint.pt.tmp-*"))
-    state = train_student._read_checkpoint(out / "checkpoint.pt")  # the epoch-1 checkpoint, intact
+    state = run_folder.read_checkpoint(out / "checkpoint.pt")  # the epoch-1 checkpoint, intact
     assert len(json.loads(state["history"])) == 1
     report = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out, resume=True))
     assert [r["epoch"] for r in report.history] == [1, 2, 3]

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_STUDENT, make_image_folder, spawn_kdpipe, tiny_train_config
-from kdpipe import locking, logit_store, train_student
+from kdpipe import files, locking, logit_store, train_student
 from kdpipe.errors import KdpipeError
 
 TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
@@ -142,7 +142,7 @@ def test_a_run_that_diverges_after_a_checkpoint_keeps_it_and_writes_no_nan(cache
 
 
 def test_metrics_are_written_as_strict_json_even_when_a_metric_is_not_finite(tmp_path):
-    train_student._atomic_write_text(tmp_path / "m.json", train_student._json_line({"kl": float("nan"), "a": [1.0, float("inf")]}))
+    files.write_json(tmp_path / "m.json", {"kl": float("nan"), "a": [1.0, float("inf")]})
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
         {"kl": None, "a": [1.0, None]}
 
@@ -286,7 +286,7 @@ def test_a_full_disk_at_the_first_checkpoint_leaves_no_orphan_digest(cache_dir, 
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(train_student.os, "fsync", no_space)
+    monkeypatch.setattr(os, "fsync", no_space)
     out = tmp_path / "run"
     with pytest.raises(KdpipeError, match="No space left on device"):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=1, out=out))

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from conftest import TINY_STUDENT, read_cache_table, student_and_teacher_views
 from test_views import student_batch
-from kdpipe import cache_teacher, data, logit_store, pixels, train_student, views
-from kdpipe.config import CacheConfig
+from kdpipe import cache_teacher, data, logit_store, pixels, run_folder, student_data, views
+from kdpipe.config import CacheConfig, TrainConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.loss import distillation_loss
 
@@ -148,7 +148,7 @@ def test_students_train_on_mixed_views_with_and_without_the_teacher(mixed_cache,
     for alpha in ("1", "0.9", "0"):  # function matching (pure distillation), the recipe's weight, the λ = 0 twin
         code, out = run_cli("train-student", *common, "--alpha", alpha, "--out", tmp_path / alpha)
         assert code == 0, out
-        report = train_student.load_report(tmp_path / alpha)
+        report = run_folder.load_report(tmp_path / alpha)
         assert report.run["consistency"]["stored_views"]["policy"]["mixup"] == 1.0
         train = report.history[0]["train"]
         assert np.isfinite(train["ce"]) and train["ce"] > 0  # CE is reported in every arm
@@ -190,7 +190,7 @@ def test_sweeps_treat_pure_distillation_as_a_distilled_config_with_a_twin(tmp_pa
                       seeds=[0, 1])
     keys = sorted({p.config_key for p in sweep.grid_points(cfg)})
     assert keys == ["T1-a0.9", "T1-a1", "T5-a0.9", "T5-a1", "a0"]  # T matters at alpha 1; alpha 0 runs once
-    assert train_student.TrainConfig(cache=tmp_path, alpha=1.0).run_name().startswith("kd-T5-a1-")
+    assert TrainConfig(cache=tmp_path, alpha=1.0).run_name().startswith("kd-T5-a1-")
     val = {"T1-a1": [0.95, 0.97], "a0": [0.90, 0.93], "T5-a0.9": [0.91, 0.92]}
     params = {"T1-a1": {"temperature": 1.0, "alpha": 1.0}, "a0": {"alpha": 0.0},
               "T5-a0.9": {"temperature": 5.0, "alpha": 0.9}}
@@ -216,8 +216,8 @@ def test_bad_mixup_flags_are_one_line_errors(image_folder, teacher_dir, tmp_path
 def test_a_partner_missing_from_the_dataset_is_a_clear_error(mixed_cache, image_folder):
     split = data.open_dataset(str(image_folder)).splits["train"]
     stored = logit_store.read_split(mixed_cache / "train.parquet").aligned_views(split.ids, split.labels, "t")
-    mixes, targets = train_student._mixed_views(stored, split, "t")
+    mixes, targets = student_data.mixed_views(stored, split, "t")
     assert targets.shape == (len(split) * (K + 1), 3) and (mixes.partners[mixes.weights > 0] >= 0).all()
     stored.mixes.partners[np.flatnonzero(stored.mixes.weights > 0)[0]] = "elsewhere/gone.png"
     with pytest.raises(KdpipeError, match="missing from the dataset.*gone.png"):
-        train_student._mixed_views(stored, split, "t")
+        student_data.mixed_views(stored, split, "t")

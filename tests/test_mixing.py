@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_STUDENT
-from kdpipe import mixing, train_student
+from kdpipe import mixing, run_folder
 from kdpipe.config import TrainConfig, without_new_defaults
 from kdpipe.errors import KdpipeError
 from kdpipe.loss import distillation_loss
@@ -80,7 +80,7 @@ def test_a_student_trains_with_cutmix_and_records_the_approximation(cache_dir, t
     code, out = run_cli("train-student", "--cache", cache_dir, "--mix", "cutmix", "--epochs", "1", "--student-config",
                         TINY_STUDENT, "--precision", "fp32", "--device", "cpu", "--out", tmp_path / "r")
     assert code == 0, out
-    mix = train_student.load_report(tmp_path / "r").run["consistency"]["mix"]
+    mix = run_folder.load_report(tmp_path / "r").run["consistency"]["mix"]
     assert mix["kind"] == "cutmix" and "approximation" in mix["note"]
     code, out = run_cli("train-student", "--cache", cache_dir, "--mix", "blend", "--out", tmp_path / "x")
     assert code == 1 and "--mix must be one of" in out and "Traceback" not in out

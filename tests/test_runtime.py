@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_train_config
-from kdpipe import mixing, pixels, runtime, train_student
+from kdpipe import mixing, pixels, run_folder, runtime, train_student
 from kdpipe.errors import KdpipeError
 from kdpipe.logit_store import TopK
-from kdpipe.train_student import SplitData
+from kdpipe.student_data import SplitData
 
 CUDA = torch.device("cuda", 0)  # a descriptor only: nothing is allocated on it in these tests
 META = torch.device("meta")
@@ -232,7 +232,7 @@ def test_a_scaled_epoch_trains_like_an_unscaled_one_and_its_scale_resumes(cache_
     for a, b in zip(plain.model.state_dict().values(), scaled.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     scaled.history.append({"epoch": 1, "epoch_time_s": 0.0})
-    train_student._write_checkpoint(scaled)
+    run_folder.write_checkpoint(scaled.out, train_student.checkpoint_state(scaled), scaled.history)
     again = train_student.setup(tiny_train_config(cache=cache_dir, epochs=1, out=tmp_path / "scaled", resume=True))
     again.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)
     assert train_student.resume(again)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import CLASSES, TINY_STUDENT, tiny_train_config
-from kdpipe import logit_store, pixels, train_student
+from kdpipe import evaluate, logit_store, pixels, train_student
 from kdpipe.data import open_dataset
 from kdpipe.errors import KdpipeError
 from kdpipe.student import batchnorm_layers
@@ -72,7 +72,7 @@ def test_the_saved_student_loads_with_auto_classes_and_pipeline(cache_dir, image
 
 def test_evaluate_reproduces_the_final_metrics(run_cli, cache_dir, tmp_path):
     report = train_student.run(tiny_train_config(cache=cache_dir, epochs=2, out=tmp_path / "run"))
-    again = train_student.evaluate(tmp_path / "run", split="test", device="cpu")
+    again = evaluate.saved(tmp_path / "run", split="test", device="cpu")
     assert again["accuracy"] == report.test["accuracy"]
     assert again["teacher_agreement"] == report.test["teacher_agreement"]
     assert again["kl_to_teacher"] == pytest.approx(report.test["kl_to_teacher"], rel=1e-5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY_STUDENT, student_and_teacher_views, tiny_train_config
-from kdpipe import cache_teacher, data, logit_store, pixels, train_student, views
+from kdpipe import cache_teacher, data, evaluate, logit_store, pixels, run_folder, train_student, views
 from kdpipe.config import CacheConfig, TrainConfig
 from kdpipe.errors import KdpipeError
 
@@ -104,11 +104,11 @@ def test_a_student_at_its_own_resolution_sees_the_teachers_box_and_flip(view_cac
     assert s.splits["validation"].pixels.shape[1:] == (32, 32, 3) and s.splits["test"].pixels.shape[1:] == (32, 32, 3)
     s.cfg.resume = True  # the setup above claimed the folder; run it from there
     report = train_student.run(s.cfg)
-    inputs = train_student.load_report(tmp_path / "r").run["student"]["inputs"]  # as run.json holds them
+    inputs = run_folder.load_report(tmp_path / "r").run["student"]["inputs"]  # as run.json holds them
     assert inputs["size"] == [32, 32] and inputs["train_size"] == [24, 24] and report.run["config"]["eval_size"] == 32
     saved = json.loads((tmp_path / "r" / "model" / "preprocessor_config.json").read_text())
     assert saved["size"] == {"height": 32, "width": 32}  # what the saved student is evaluated at
-    again = train_student.evaluate(tmp_path / "r", split="test", device="cpu")  # reloaded: inputs at 32 px
+    again = evaluate.saved(tmp_path / "r", split="test", device="cpu")  # reloaded: inputs at 32 px
     assert again["accuracy"] == pytest.approx(report.test["accuracy"])
     with pytest.raises(KdpipeError, match="--eval-size"):
         tiny_train_config(cache=view_cache, eval_size=0)
@@ -126,7 +126,7 @@ def test_a_student_trains_on_views(view_cache, tmp_path, run_cli):
     code, out = run_cli("train-student", "--cache", view_cache, "--views", "--epochs", "2", "--student-config",
                         TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu", "--out", tmp_path / "r")
     assert code == 0, out
-    run = train_student.load_report(tmp_path / "r").run
+    run = run_folder.load_report(tmp_path / "r").run
     assert run["consistency"]["views"] and run["consistency"]["consistent"]
     assert run["consistency"]["stored_views"]["views"] == K
 
@@ -161,7 +161,7 @@ def test_the_guardrail_refuses_online_augmentation_the_cache_does_not_cover(cach
     code, out = run_cli("train-student", "--cache", view_cache, "--views", "--augment", "flip", "--allow-inconsistent",
                         *common, "--out", tmp_path / "c")
     assert code == 0 and "warning" in out
-    assert "not the inputs" in train_student.load_report(tmp_path / "c").run["consistency"]["warning"]
+    assert "not the inputs" in run_folder.load_report(tmp_path / "c").run["consistency"]["warning"]
 
 
 def test_views_need_a_processor_that_can_be_replayed():

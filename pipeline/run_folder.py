@@ -1,0 +1,117 @@
+"""A train-student run folder and its files. What a folder holds while training: checkpoint.pt (everything
+needed to resume, after every epoch) with checkpoint.sha256, metrics.jsonl (one line per epoch); when
+complete: run.json (results and provenance) and model/ (the student, save_pretrained + model card), and the
+checkpoint is removed. Every file is replaced whole (files.py). train_student decides what goes in them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import files, locking
+from .config import TrainConfig, without_new_defaults
+from .errors import KdpipeError
+
+# What a run folder may hold; state.pt is benchmarks/reproduce_results.py's per-epoch state of its BN variants.
+RUN_FILES = ("checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model", "tensorboard", "state.pt")
+CHECKPOINT, SUMS, METRICS, RUN_JSON, MODEL = "checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model"
+
+
+def claim(out: Path, resume: bool) -> None:
+    """Make `out` this run's folder: a new or empty one, or (with --resume) a run's; never anything else."""
+    held = sorted(p.name for p in out.iterdir() if p.name != locking.LOCK_NAME) if out.is_dir() else []
+    if held and not set(held) & set(RUN_FILES):  # a cache, a sweep, someone's documents: never written into
+        raise KdpipeError(f"--out {out} is not a train-student run folder (it holds {', '.join(held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}), so there is no run to --resume there; choose a new or "
+                          "empty --out")
+    if held and not resume:
+        raise KdpipeError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_checkpoint(out: Path, state: dict, history: list[dict]) -> None:
+    """`state` (torch.save'able, weights_only) to checkpoint.pt and `history` to metrics.jsonl, each replaced
+    whole. checkpoint.sha256 lists the digests a valid checkpoint.pt may have (the new one first, then the
+    one it replaces, so a crash between the two renames is not mistaken for corruption)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    path, sums = out / CHECKPOINT, out / SUMS
+    before = sums.read_text() if sums.exists() else None
+    previous = before.split()[:1] if before else []
+    try:
+        files.write_text(sums, "\n".join([hashlib.sha256(data).hexdigest(), *previous]) + "\n")
+        files.write_bytes(path, data, fsync=True)
+        files.write_text(out / METRICS, "".join(files.json_text(record) + "\n" for record in history))
+    except OSError as e:
+        if not path.exists() or before is not None and files.sha256(path) in before.split():
+            _restore(sums, before)  # the new checkpoint did not land: the digests are those of the one there
+        raise KdpipeError(f"cannot write checkpoint in {out}: {e.strerror or e}; free space and --resume") from None
+
+
+def _restore(path: Path, text: str | None) -> None:
+    """Put back a small file as it was (None: absent), on a best-effort basis: the disk may still be full."""
+    try:
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            files.write_text(path, text)
+    except OSError:
+        pass
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load a checkpoint after checking its digest; never unpickles arbitrary objects (weights_only)."""
+    data = path.read_bytes()
+    sums = path.with_name(SUMS)
+    fix = f"delete {path} to restart the run from epoch 1, or choose another --out"
+    if not sums.exists() or hashlib.sha256(data).hexdigest() not in sums.read_text().split():
+        raise KdpipeError(f"{path} does not match its checksum (corrupted or edited); {fix}")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a valid digest of an unreadable file: written by something else
+        raise KdpipeError(f"{path} cannot be read ({type(e).__name__}); {fix}") from None
+
+
+def refuse_other_settings(cfg: TrainConfig, saved: dict, out: Path) -> None:
+    """--resume continues a run (interrupted or finished) only with the settings it was started with."""
+    now = without_new_defaults(cfg.to_dict(), saved)
+    ignored = ("resume", "out", "device", "workers", "allow_changed_data")  # where it runs, and a permission
+    differs = [k for k in now if k not in ignored and saved.get(k) != now[k]]
+    if differs:
+        raise KdpipeError(f"--resume: {out} was started with other settings ({', '.join(differs)}); "
+                          "use the same flags, or another --out")
+
+
+@dataclass
+class RunReport:
+    out: Path
+    best_epoch: int
+    validation: dict
+    test: dict | None
+    confusion_matrix: list | None
+    label_names: list[str]
+    wall_time_s: float
+    history: list[dict]
+    run: dict  # the run.json contents
+
+
+def load_report(out: Path) -> RunReport:
+    """The report of a complete run, from its run.json and metrics.jsonl."""
+    try:
+        r = json.loads((Path(out) / RUN_JSON).read_text())
+        history = [json.loads(line) for line in (Path(out) / METRICS).read_text().splitlines() if line]
+        assert isinstance(r, dict) and {"best_epoch", "validation", "test", "test_confusion_matrix", "label_names",
+                                         "total_time_s"} <= r.keys()
+    except (OSError, ValueError, AssertionError) as e:
+        raise KdpipeError(f"{out}: its run.json or metrics.jsonl is missing or damaged "
+                          f"({type(e).__name__}); train it again in another --out") from None
+    return RunReport(Path(out), r["best_epoch"], r["validation"], r["test"], r["test_confusion_matrix"],
+                     r["label_names"], r["total_time_s"], history, r)
+
+

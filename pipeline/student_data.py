@@ -1,0 +1,234 @@
+"""Stage two's data: the cache and the dataset opened and checked against each other, and each split held as
+the student sees it (SplitData): uint8 pixels decoded once at the student's resolution (pixels.py), or, for
+the split trained on views, a source that renders each stored view when used; labels; the teacher's logits
+joined by id. Nothing here trains; train_student.setup calls `open_source` and `load_splits`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import logit_store, loss, pixels, runtime, views
+from .config import TrainConfig
+from .data import ImageDataset, open_dataset, reopen_dataset
+from .errors import KdpipeError
+from .logit_store import TopK
+from .student import image_size
+
+DEFAULT_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # used only without a cache (alpha = 0): ViT's
+
+
+@dataclass
+class SplitData:
+    name: str
+    ids: list[str]
+    pixels: torch.Tensor | None  # (N, H, W, 3) uint8, on the device when it fits; None with a `source`
+    labels: torch.Tensor  # (N,) int64
+    teacher_logits: torch.Tensor | TopK | None  # (N * V, C) float32, dataset label order; TopK: densified per batch
+    views: int = 1  # V stored views per image (cache-teacher --views): pixels and teacher rows i * V + v
+    view_of: torch.Tensor | None = None  # (N,) the view each image uses this epoch (views.epoch_views)
+    targets: torch.Tensor | None = None  # (N * V, C) float32 label distributions of mixed views, else None
+    source: pixels.ViewSource | None = None  # renders rows i * V + v when used, instead of a pixel store
+
+    def __len__(self):
+        return len(self.ids)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The stored rows of images `idx` this epoch: i, or with views i * V + view_of[i]."""
+        return idx if self.views == 1 else idx * self.views + self.view_of[idx.to(self.view_of.device)].to(idx.device)
+
+    def plan(self, batches: list[torch.Tensor]) -> None:
+        """With a `source`, start rendering these batches of images (in the order `batch` will ask for them)
+        on its background threads; without one, nothing to do."""
+        if self.source is not None:
+            self.source.plan([self.rows(idx).cpu().numpy() for idx in batches])
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> dict:
+        """Images `idx` (B,): pixels (B, H, W, 3) uint8, labels (B,) (or (B, C) label distributions of mixed
+        views), teacher_logits (B, C) of the same view."""
+        rows = self.rows(idx)
+        labels = (self.labels[idx.to(self.labels.device)] if self.targets is None
+                  else self.targets[rows.to(self.targets.device)])
+        u8 = (self.source.take(rows.cpu().numpy()) if self.source is not None
+              else self.pixels[rows.to(self.pixels.device)])
+        u8 = torch.from_numpy(u8) if isinstance(u8, np.ndarray) else u8  # a DeviceViewSource renders on the device
+        out = {"pixels": u8, "labels": labels}
+        if isinstance(self.teacher_logits, TopK):
+            out["teacher_logits"] = torch.from_numpy(self.teacher_logits.take(rows.cpu().numpy()).dense())  # (B, C)
+        elif self.teacher_logits is not None:
+            out["teacher_logits"] = self.teacher_logits[rows.to(self.teacher_logits.device)]
+        return runtime.to_device(out, device)
+
+
+class SharedData:
+    """The opened cache and dataset and the device-resident pixels, kept for the next run in the same
+    process (a sweep's trials differ in training settings, not in data): each is read once."""
+
+    def __init__(self):
+        self._items: dict[tuple, object] = {}
+
+    def get(self, key: tuple, build: Callable[[], object]):
+        if key not in self._items:
+            self._items[key] = build()
+        return self._items[key]
+
+
+def open_source(cfg: TrainConfig) -> tuple[dict | None, ImageDataset]:
+    """The cache (split -> LogitSplit; None for alpha 0 without one) and the dataset, checked to match."""
+    cache = open_cache(cfg.cache) if cfg.cache else None
+    return cache, dataset_for(cfg, cache)
+
+
+def open_cache(cache_dir: Path) -> dict[str, logit_store.LogitSplit]:
+    cache = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
+    logit_store.check_one_source({name: split.meta for name, split in cache.items()}, f"--cache {cache_dir}")
+    return cache
+
+
+def dataset_for(cfg: TrainConfig, cache: dict | None) -> ImageDataset:
+    """The splits train-student asks for: from --dataset, or from the dataset the cache was built from."""
+    flags = {s: flag for flag, s in (("--test-split", cfg.test_split), ("--val-split", cfg.val_split),
+                                     ("--train-split", cfg.train_split)) if s}  # a split asked twice: the first flag
+    wanted = list(dict.fromkeys(s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s))
+    if cache is None:
+        return open_dataset(cfg.dataset, splits=wanted, image_column=cfg.image_column, label_column=cfg.label_column,
+                            flags=flags)
+    meta = next(iter(cache.values())).meta
+    dataset = reopen_dataset(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column, flags)
+    if dataset.label_names != meta["label_names"]:
+        raise KdpipeError(f"--dataset {dataset.spec} has labels {dataset.label_names} but --cache {cfg.cache} has "
+                          f"{meta['label_names']}; use the dataset the cache was built from")
+    return dataset
+
+
+def input_spec(model, cache: dict | None) -> dict:
+    """Student inputs: the student's resolution, with the teacher processor's filter and statistics
+    (the guide feeds the student the teacher processor's pixels)."""
+    mean, std, resample = *DEFAULT_MEAN_STD, 2
+    if cache is not None:
+        proc = next(iter(cache.values())).meta["processor"]
+        mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
+        resample = proc.get("resample", resample)
+    return {"size": image_size(model), "resample": int(resample), "mean": list(mean), "std": list(std)}
+
+
+def with_tensors(inputs: dict, device: torch.device) -> dict:
+    return {**inputs, "mean_t": torch.tensor(inputs["mean"], device=device),
+            "std_t": torch.tensor(inputs["std"], device=device)}
+
+
+def load_splits(cache: dict | None, dataset: ImageDataset, inputs: dict, device, progress,
+                 view_split: str | None = None, sizes: dict | None = None) -> dict[str, SplitData]:
+    """Each split as uint8 pixels at the student's resolution (decoded once, pixels.load_or_build; `sizes`:
+    another resolution for some splits, --eval-size), its labels, and the teacher's logits joined by id;
+    `view_split` with every view the cache stores for it, rendered when used exactly as the teacher saw
+    them (pixels.ViewSource)."""
+    splits = {}
+    for name, split in dataset.splits.items():
+        if name == view_split:
+            splits[name] = load_views(cache, split, inputs, device, progress)
+            continue
+        u8 = pixels.load_or_build(split, (sizes or {}).get(name, inputs["size"]), inputs["resample"], progress=progress)
+        teacher = None
+        if cache is not None and name in cache:
+            teacher = cache[name].aligned_to(split.ids, split.labels, f"--cache split {name!r}", sparse=True)
+            if isinstance(teacher, np.ndarray):
+                teacher = torch.from_numpy(teacher).to(device)
+        splits[name] = SplitData(name, split.ids, pixels.as_tensor(u8, device), torch.from_numpy(split.labels).to(device),
+                                 teacher)
+    return splits
+
+
+def load_views(cache: dict | None, split, inputs: dict, device, progress) -> SplitData:
+    where = f"--views: --cache split {split.name!r}"
+    if cache is None or split.name not in cache:
+        raise KdpipeError(f"{where} is missing; build the cache with kdpipe cache-teacher --views K")
+    stored = cache[split.name].aligned_views(split.ids, split.labels, where)  # rows i * V + v
+    v, n = stored.views_per_image, len(split)
+    mixes, targets = mixed_views(stored, split, where)
+    originals = pixels.load_or_build_originals(split, progress=progress)  # None over its cap: decode when used
+    params = (stored.boxes.reshape(n, v, 4), stored.flips.reshape(n, v), inputs["size"], inputs["resample"])
+    if device.type == "cuda" and inputs["resample"] in pixels.FILTERS:  # rendered in batches on the GPU
+        array = originals.array if originals is not None else lambda i: np.asarray(split.image(i))
+        source = pixels.DeviceViewSource(array, *params, device, mixes)
+    else:  # on background threads
+        source = pixels.ViewSource(split.image if originals is None else originals.image, *params, mixes)
+    teacher = stored.topk if stored.topk is not None else torch.from_numpy(stored.logits).to(device)
+    return SplitData(split.name, split.ids, None, torch.from_numpy(split.labels).to(device), teacher, views=v,
+                     targets=None if targets is None else targets.to(device), source=source)
+
+
+def mixed_views(stored: logit_store.LogitSplit, split, where: str) -> tuple[views.Mixes | None, torch.Tensor | None]:
+    """For a cache of mixed views: their Mixes with partners as split indices, and each view's label
+    distribution (1 - w) * onehot(y) + w * onehot(y_partner) (N * V, C), mixup's target for the CE term."""
+    if stored.mixes is None:
+        return None, None
+    index = {id_: i for i, id_ in enumerate(split.ids)}
+    m = stored.mixes
+    mixed = m.weights > 0
+    missing = sorted({p for p in m.partners[mixed] if p not in index})
+    if missing:
+        raise KdpipeError(f"{where}: mixed views blend images missing from the dataset (e.g. {missing[0]}); "
+                          "use the dataset the cache was built from")
+    partners = np.array([index[p] if w > 0 else -1 for p, w in zip(m.partners, m.weights)], dtype=np.int64)
+    rows = np.repeat(np.arange(len(split)), stored.views_per_image)
+    w = torch.from_numpy(m.weights.astype(np.float32))[:, None]  # (N * V, 1)
+    eye = torch.eye(stored.meta["num_classes"])
+    own = eye[torch.from_numpy(split.labels[rows])]
+    other = eye[torch.from_numpy(split.labels[np.where(partners >= 0, partners, rows)])]
+    return views.Mixes(partners, m.boxes, m.flips, m.weights), (1 - w) * own + w * other
+
+
+def check_targets(cfg: TrainConfig, train: SplitData) -> None:
+    """Refuse a loss the cached targets cannot serve (docs/training.md, "Top-K caches and mixed targets")."""
+    teacher = train.teacher_logits
+    if isinstance(teacher, TopK) and teacher.values.shape[1] < teacher.num_classes:
+        why = loss.topk_refusal(cfg.loss, cfg.standardize)
+        if why:
+            raise KdpipeError(f"--loss {cfg.loss}{' --standardize' if cfg.standardize else ''}: {why} (--cache "
+                              f"{cfg.cache} keeps {teacher.values.shape[1]} of {teacher.num_classes}); use --loss kd "
+                              "or dkd without --standardize, or a cache of full logits")
+    if cfg.loss == "dkd" and train.targets is not None:
+        raise KdpipeError(f"--loss dkd needs one target class per example, and --cache {cfg.cache} holds views "
+                          "blended from two images (--view-mixup); use --loss kd or dist, or a cache without it")
+
+
+def changed_images(cache: dict | None, dataset: ImageDataset) -> dict[str, dict]:
+    """Per split in both the cache and the dataset whose contents differ from those the cache was built
+    from (dataset fingerprint): how many images changed under the same id and the first of them, from the
+    per-image SHA-256s the cache stores; `examples` None for a cache written before it stored them. Ids and
+    labels were checked already (LogitSplit.aligned_to); rows merely in another order count as unchanged."""
+    out = {}
+    for name, split in dataset.splits.items():
+        if cache is None or name not in cache or split.fingerprint() == cache[name].meta["dataset_fingerprint"]:
+            continue
+        changed = cache[name].changed_images(split.ids, split.digests())
+        if changed is None or changed:
+            out[name] = {"examples": None if changed is None else len(changed), "of": len(split),
+                         "example": changed[0] if changed else None}
+    return out
+
+
+def describe_changed(changed: dict[str, dict]) -> str:
+    counts = [c["examples"] for c in changed.values()]
+    if None in counts:  # an older cache: which images is unknown
+        return (f"the images of split {next(iter(changed))!r} differ from those the cache was built from (it predates "
+                "per-image digests: rebuilding it names them)")
+    per = ", ".join(f"split {name!r}: {c['examples']} of {c['of']}" for name, c in changed.items())
+    example = next(iter(changed.values()))["example"]
+    return f"{sum(counts)} example{'s' if sum(counts) != 1 else ''} changed since the cache was built ({per}; e.g. {example})"
+
+
+def refuse_changed_images(cfg: TrainConfig, dataset: ImageDataset, changed: dict[str, dict]) -> None:
+    """Training against logits of other pixels is the one silent error a logit cache invites: refused
+    unless --allow-changed-data (then recorded in run.json as `changed_data`)."""
+    if changed and not cfg.allow_changed_data:
+        raise KdpipeError(f"--dataset {dataset.spec}: {describe_changed(changed)}, so their teacher logits in --cache "
+                          f"{cfg.cache} belong to other pixels; rebuild the cache with kdpipe cache-teacher --force, "
+                          "or pass --allow-changed-data to train anyway (recorded in run.json)")
+
+
