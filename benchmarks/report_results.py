@@ -1,7 +1,11 @@
 """Tables and a plot from the result files of reproduce_results.py (whatever has finished so far).
 
-    python benchmarks/report_results.py                 # reads docs/results/, writes docs/results/guide.md + .png
-                                                        # and, once steps 3-4 have results, recipe.md + .png
+    python benchmarks/report_results.py     # reads benchmarks/results/, writes docs/results/guide.md + .png
+                                            # and, once steps 3-4 have results, recipe.md + .png
+
+Every result file `<folder>/<name>-seed<k>.json` carries a `settings` block (reproduce_results.arm_settings
+for steps 3-4; for step 2 its arm, seed and how its BatchNorm variants were obtained): arms are grouped,
+labelled, ordered and chosen by it, never by folder or file names.
 
 For each arm (scratch, distilled) and BatchNorm variant (upstream = the guide's momentum 0.997,
 momentum0.1, precise): the number of seeds, test accuracy of the best epoch chosen on validation
@@ -17,7 +21,8 @@ best validation epoch, mean ± std over seeds; which distilled arm on views (bud
 per image, crop area, learning rate) is reported is chosen on validation by VIEWS_RULE; the gap between
 distilled and its alpha = 0 twin gets a Welch 95 % interval, a paired one over the seeds both ran (paired),
 and the number of seeds per arm that would separate a gap that size from zero (seeds_needed); a gap whose
-seed count was fixed before its runs is marked interim until it has them all (verdict).
+seed count was fixed before its runs (benchmarks/decisions.json: the count and where it was recorded) is
+marked interim until it has them all (verdict).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -48,18 +52,23 @@ def pct(values: list[float]) -> str:
     return f"{100 * m:.1f} %" if math.isnan(s) else f"{100 * m:.1f} ± {100 * s:.1f} %"
 
 
-def by_seed(paths) -> list[Path]:
-    """Result files `<arm>-seed<k>.json` in seed order (seed 10 after seed 9, not after seed 1)."""
-    return sorted(paths, key=lambda p: (p.name.split("-seed")[0], int(p.stem.rpartition("-seed")[2])))
+def load_results(results: Path) -> list[dict]:
+    """Every result file `<folder>/<name>-seed<k>.json` under `results`, in seed order; each must carry its
+    settings block (a file without one is refused, not guessed from its name)."""
+    found = []
+    for path in sorted(results.glob("*/*-seed*.json")):
+        r = json.loads(path.read_text())
+        if "settings" not in r:
+            raise SystemExit(f"{path} has no settings block (what its arm ran with): write it with "
+                             f"benchmarks/reproduce_results.py, or move it out of {results}")
+        found.append(r)
+    return sorted(found, key=lambda r: r["settings"]["seed"])
 
 
 def load_runs(results: Path) -> dict[str, list[dict]]:
-    runs = {arm: [] for arm in ARMS}
-    for path in by_seed((results / "guide").glob("*-seed*.json")):
-        arm = path.name.split("-seed")[0]
-        if arm in runs:
-            runs[arm].append(json.loads(path.read_text()))
-    return runs
+    """Step 2's result files per arm, in seed order."""
+    found = [r for r in load_results(results) if r["settings"]["step"] == "guide"]
+    return {arm: [r for r in found if r["settings"]["arm"] == arm] for arm in ARMS}
 
 
 def summary_rows(runs: dict[str, list[dict]]) -> list[dict]:
@@ -71,7 +80,7 @@ def summary_rows(runs: dict[str, list[dict]]) -> list[dict]:
             s = [r["summary"][variant] for r in runs[arm]]
             noise = [mean_std(x["validation_accuracy_per_epoch"][-10:])[1] for x in s]
             last10 = [mean_std(x["validation_accuracy_per_epoch"][-10:])[0] for x in s]
-            rows.append({"arm": arm, "variant": variant, "seeds": [r["config"]["seed"] for r in runs[arm]],
+            rows.append({"arm": arm, "variant": variant, "seeds": [r["settings"]["seed"] for r in runs[arm]],
                          "test": [x["test"]["accuracy"] for x in s], "validation": [x["validation"]["accuracy"] for x in s],
                          "agreement": [x["test"].get("teacher_agreement", float("nan")) for x in s],
                          "best_epoch": [x["best_epoch"] for x in s], "noise_last10": noise, "val_last10": last10})
@@ -87,17 +96,23 @@ def markdown(rows: list[dict], runs: dict[str, list[dict]], teacher: dict | None
         out.append(f"| {r['arm']} | {r['variant']} | {len(r['seeds'])} | {pct(r['test'])} | {pct(r['validation'])} | "
                    f"{pct(r['val_last10'])} | {pct(r['agreement'])} | {100 * mean_std(r['noise_last10'])[0]:.1f} pp | "
                    f"{', '.join(map(str, r['best_epoch']))} |")
+    kinds = list(dict.fromkeys(r["settings"]["bn_variants"] for arm in ARMS for r in runs[arm]))
     out += ["", "Mean ± sample standard deviation over seeds. upstream = momentum 0.997 (transformers' MobileNetV2 "
             "default, the guide), momentum0.1 = PyTorch's default, precise = statistics recomputed over the train "
-            "split before each evaluation. All three come from the same training run per seed.", ""]
+            "split before each evaluation. " + " ".join(BN_VARIANTS_FROM[k][0] for k in kinds), ""]
     out += bn_choice(rows)
-    all_runs = [r for arm in ARMS for r in runs[arm]]
+    trained = {k: [t for arm in ARMS for r in runs[arm] if r["settings"]["bn_variants"] == k for t in _trainings(r)]
+               for k in kinds}
+    all_runs = [t for ts in trained.values() for t in ts]
     if all_runs:
-        walls = [r["wall_time_s"] for r in all_runs]
-        train = [sum(e["train_time_s"] for e in r["epochs"]) for r in all_runs]
-        out += ["## Cost", "", f"- runs finished: {len(all_runs)}; wall time per run {mean_std(walls)[0] / 60:.1f} min "
-                f"(training epochs {mean_std(train)[0] / 60:.1f} min of it; the rest is evaluating three BN variants "
-                f"on validation and test after every epoch); training {mean_std([r['train_images_per_s'] for r in all_runs])[0]:.1f} images/s"]
+        train = [t["train_time_s"] for t in all_runs]
+        out += ["## Cost", ""]
+        for kind, ts in trained.items():
+            wall, spent, rate = (mean_std([t[k] for t in ts])[0] for k in ("wall_time_s", "train_time_s",
+                                                                           "train_images_per_s"))
+            out.append(f"- runs finished: {len(ts)}; wall time per run {wall / 60:.1f} min (training epochs "
+                       f"{spent / 60:.1f} min of it; the rest is {BN_VARIANTS_FROM[kind][1]}); training "
+                       f"{rate:.1f} images/s")
         if teacher:
             out.append(f"- teacher pass over all {sum(s['rows'] for s in teacher['splits'].values())} images, once: "
                        f"{teacher['wall_time_s']:.1f} s")
@@ -107,6 +122,22 @@ def markdown(rows: list[dict], runs: dict[str, list[dict]], teacher: dict | None
                        f"{mean_std(train)[0] / 60:.0f}")
         out.append("")
     return "\n".join(out)
+
+
+# a guide file's settings.bn_variants -> (how its three variants were obtained, where the rest of a run's time went)
+BN_VARIANTS_FROM = {
+    "side by side": ("All three come from the same training run per seed.",
+                     "evaluating three BN variants on validation and test after every epoch"),
+    "separate runs": ("Each comes from its own train-student run with that seed; the three train alike (BN "
+                      "statistics never influence training).", "validation after every epoch (precise: after its "
+                      "pass over the train split) and the test of the best epoch"),
+}
+
+
+def _trainings(r: dict) -> list[dict]:
+    """The training runs behind a guide file, each with wall_time_s, train_time_s and train_images_per_s: the
+    file itself (side by side), or its three variants' runs."""
+    return [r] if r["settings"]["bn_variants"] == "side by side" else list(r["summary"].values())
 
 
 def bn_choice(rows: list[dict]) -> list[str]:
@@ -171,112 +202,94 @@ def plot(runs: dict[str, list[dict]], path: Path) -> Path | None:
     return plot_curves(series, "MobileNetV2 on Beans, the guide's setup", path)
 
 
-RECIPE_ARMS = (  # (results folder, arm file prefix, label); the other views arms are found as they come
-    ("recipe", "scratch", "no views, from scratch (λ = 0)"),
-    ("recipe", "distilled", "no views, distilled (T 5, λ 0.9)"),
-    ("views", "scratch", "stored views, from scratch (λ = 0)"),
-    ("views", "distilled", "stored views, distilled (T 5, λ 0.9)"),
-)
+STORED_VIEWS = 8  # the protocol's stored views per image (reproduce_results.VIEWS): labelled plainly "stored views"
 CHOICE_SEEDS = 3  # an arm is chosen on the mean over at least this many seeds, as issue 5 asks of every result
 VIEWS_RULE = (f"the distilled arms on views with at least {CHOICE_SEEDS} seeds are taken cheapest first (fewer "
               "epochs, then no input mixing, then fewer stored views per image, then the recipe's crops and "
               "learning rate before other values); "
               "a later one replaces the choice only with a mean best-epoch validation accuracy at least 1 pp "
               "(about one validation image) higher")
-VERDICTS = {("views", "distilled-e30"): (15, "498bf37")}  # (folder, arm): seeds per arm fixed before the runs, commit
+DECISIONS = Path(__file__).resolve().with_name("decisions.json")  # seed counts fixed before the runs
 
 
-def _mix(arm: str) -> str:
-    """The input mix in a views arm's name: 'distilled-cutmix-e30' -> 'cutmix'; '' for 'distilled-e30'."""
-    return arm.rpartition("-e")[0].partition("-")[2]
+Arm = tuple  # an arm: its settings block without the seed, as sorted (key, value) pairs
 
 
-VIEW_FOLDER = re.compile(r"views(?P<k>\d*)(?:-scale(?P<scale>[\d.]+))?(?:-mixup(?P<mixup>[\d.]+))?"
-                         r"(?:-lr(?P<lr>[\d.e+-]+))?")
+def _arm(settings: dict) -> Arm:
+    return tuple(sorted((k, v) for k, v in settings.items() if k != "seed"))
 
 
-def view_variant(folder: str) -> dict | None:
-    """What a views step's result folder holds (reproduce_results.views_folder): views/ = 8 stored views per
-    image with the default crops and the chosen recipe's learning rate; views<K>/ = K views; -scale<x> = a
-    smallest crop area of x; -mixup<a> = views blended before the teacher saw them, share ~ Beta(a, a);
-    -lr<x> = learning rate x. None for any other folder."""
-    m = VIEW_FOLDER.fullmatch(folder)
-    if not m:
-        return None
-    number = lambda key: float(m[key]) if m[key] else None  # noqa: E731
-    return {"views": int(m["k"] or 8), "scale": number("scale"), "mixup": number("mixup"), "lr": number("lr")}
+def _twin(arm: Arm) -> Arm:
+    """The same arm at alpha 0: the same data, augmentation and budget without the teacher."""
+    return _arm({**dict(arm), "alpha": 0.0, "temperature": None})
 
 
-def views_per_image(folder: str) -> int | None:
-    """Stored views per image of a views step's result folder; None for any other folder."""
-    variant = view_variant(folder)
-    return variant["views"] if variant else None
+def _varied(s: dict) -> bool:
+    """Whether an arm changes the crops, the mixing or the learning rate of the chosen recipe."""
+    return s["view_scale"] is not None or bool(s["view_mixup"]) or s["view_lr"] is not None
 
 
-def view_folders(results: Path) -> dict[str, int]:
-    """The views step's result folders under `results` -> stored views per image, fewest first, then the
-    default crops and learning rate before other values (by name)."""
-    found = {p.name: view_variant(p.name) for p in results.iterdir() if p.is_dir()}
-    found = {f: v for f, v in found.items() if v}
-    return {f: found[f]["views"] for f in sorted(found, key=lambda f: (found[f]["views"], _varied(f), f))}
+def _views_label(s: dict) -> str:
+    """'stored views', with the number of views unless it is STORED_VIEWS, the smallest crop area, the mixing
+    and the learning rate where an arm changes them: '16 stored views (crop area ≥ 0.5)'; 'no views' for the
+    plain cache."""
+    label = {0: "no views", STORED_VIEWS: "stored views"}.get(s["views"], f"{s['views']} stored views")
+    label += f" (crop area ≥ {s['view_scale']:g})" if s["view_scale"] is not None else ""
+    label += f", half blended before the teacher (mixup {s['view_mixup']:g})" if s["view_mixup"] else ""
+    return label + (f", lr {s['view_lr']:g}" if s["view_lr"] is not None else "")
 
 
-def _varied(folder: str) -> bool:
-    """Whether a views folder changes the crops, the mixing or the learning rate of the chosen recipe."""
-    variant = view_variant(folder)
-    return bool(variant and (variant["scale"] or variant["mixup"] or variant["lr"]))
+def label(arm: Arm) -> str:
+    """An arm's row label: its views, input mix and kind, then its budget where it is not the recipe's, or
+    else (distilled) its T and λ."""
+    s = dict(arm)
+    tail = (f", {s['epochs']} epochs" if s["epochs"] != s["recipe_epochs"] else
+            f" (T {s['temperature']:g}, λ {s['alpha']:g})" if s["alpha"] else "")
+    mix = f" + {s['mix']}" if s["mix"] != "none" else ""
+    return f"{_views_label(s)}{mix}, {'distilled' if s['alpha'] else 'from scratch (λ = 0)'}{tail}"
 
 
-def _views_label(folder: str) -> str:
-    """'stored views', with the number of views unless it is the default 8, the smallest crop area and the
-    learning rate where a folder changes them: 'views16-scale0.5' -> '16 stored views (crop area ≥ 0.5)';
-    'views0' -> 'no views' (the views step's arms trained on the plain cache)."""
-    variant = view_variant(folder)
-    label = {0: "no views", 8: "stored views"}.get(variant["views"], f"{variant['views']} stored views")
-    label += f" (crop area ≥ {variant['scale']:g})" if variant["scale"] else ""
-    label += f", half blended before the teacher (mixup {variant['mixup']:g})" if variant["mixup"] else ""
-    return label + (f", lr {variant['lr']:g}" if variant["lr"] else "")
+def _order(arm: Arm) -> tuple:
+    """Table order: the recipe's budget without and with the protocol's views, from scratch first; then by
+    stored views per image, the recipe's crops, mixing and learning rate before others, budget, input mix,
+    distilled before its twin."""
+    s = dict(arm)
+    if s["epochs"] == s["recipe_epochs"] and s["mix"] == "none" and (
+            s["step"] == "recipe" or s["views"] == STORED_VIEWS and not _varied(s)):
+        return 0, s["step"] != "recipe", bool(s["alpha"])
+    return (1, s["views"], _varied(s), s["view_lr"] is None, not s["view_mixup"], s["view_scale"] is None,
+            s["view_lr"] or 0, s["view_mixup"], s["view_scale"] or 0, s["epochs"], s["mix"] != "none", s["mix"],
+            not s["alpha"])
 
 
-def recipe_arms(results: Path) -> list[tuple[str, str, str]]:
-    """RECIPE_ARMS, then the views arms named <kind>[-<mix>]-e<epochs> as their result files appear (in
-    views<K>/ also the 15-epoch <kind> arms), labelled by what their folder changes (_views_label)."""
-    what = {"scratch": "from scratch (λ = 0)", "distilled": "distilled"}
-    arms = []
-    for folder in view_folders(results):
-        names = {p.name.split("-seed")[0] for p in (results / folder).glob("*-seed*.json")}
-        for arm in sorted(names - ({"scratch", "distilled"} if folder == "views" else set()),
-                          key=lambda arm: (_budget(arm), _mix(arm), arm)):
-            views = _views_label(folder)
-            budget = f", {_budget(arm)} epochs" if _budget(arm) else ""
-            arms.append((folder, arm, f"{views}{' + ' + _mix(arm) if _mix(arm) else ''}, "
-                                      f"{what[arm.partition('-')[0]]}{budget}"))
-    return [*RECIPE_ARMS, *arms]
-
-
-def _budget(arm: str) -> int:
-    """The epochs in a views arm's name: 'distilled-cutmix-e30' -> 30; 0 for 'distilled' (the recipe's)."""
-    head, _, tail = arm.rpartition("-e")
-    return int(tail) if head and tail.isdigit() else 0
-
-
-def recipe_runs(results: Path) -> dict[tuple[str, str, str], list[dict]]:
-    """(folder, arm, label) -> the result files of its seeds, for the arms with any."""
+def recipe_runs(results: Path) -> dict[Arm, list[dict]]:
+    """Steps 3 and 4: arm -> the result files of its seeds (in seed order), arms in table order (_order)."""
     runs = {}
-    for key in recipe_arms(results):
-        found = [json.loads(p.read_text()) for p in by_seed((results / key[0]).glob(f"{key[1]}-seed*.json"))]
-        if found:
-            runs[key] = found
-    return runs
+    for r in load_results(results):
+        if r["settings"]["step"] in ("recipe", "views"):
+            runs.setdefault(_arm(r["settings"]), []).append(r)
+    return {arm: runs[arm] for arm in sorted(runs, key=_order)}
 
 
-def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
+def load_decisions(path: Path | None = None) -> list[dict]:
+    """The seed counts fixed before the runs (DECISIONS): per decision the arm (settings it must match), the
+    seeds per arm, and where the count was recorded before the runs."""
+    return json.loads((path or DECISIONS).read_text())["planned_seeds"]
+
+
+def planned(arm: Arm, decisions: list[dict]) -> dict | None:
+    s = dict(arm)
+    return next((d for d in decisions if all(s.get(k) == v for k, v in d["arm"].items())), None)
+
+
+def recipe_markdown(runs: dict[Arm, list[dict]], decisions: list[dict] | None = None) -> str:
+    decisions = load_decisions() if decisions is None else decisions
     out = ["# The recipe with and without stored views (generated by benchmarks/report_results.py)", "",
            "| arm | epochs | seeds | test accuracy (best val epoch) | its val accuracy | test agreement with teacher "
            "| per seed (test) | wall time per run |", "|---|---|---|---|---|---|---|---|"]
-    for (_, _, label), rs in runs.items():
+    for arm, rs in runs.items():
         test = [r["test"]["accuracy"] for r in rs]
-        out.append(f"| {label} | {_epochs(rs)} | {len(rs)} | {pct(test)} | "
+        out.append(f"| {label(arm)} | {_epochs(rs)} | {len(rs)} | {pct(test)} | "
                    f"{pct([r['validation']['accuracy'] for r in rs])} | "
                    f"{pct([r['test']['teacher_agreement'] for r in rs])} | "
                    f"{', '.join(f'{100 * t:.1f}' for t in test)} | "
@@ -284,87 +297,93 @@ def recipe_markdown(runs: dict[tuple[str, str, str], list[dict]]) -> str:
     out += ["", "Mean ± sample standard deviation over seeds; each run's best epoch is chosen on validation.", ""]
     chosen = views_choice(runs)
     if chosen:
-        out += [f"Rule: {VIEWS_RULE}. Chosen: **{chosen[2]}** ({_epochs(runs[chosen])} epochs).", ""]
+        out += [f"Rule: {VIEWS_RULE}. Chosen: **{label(chosen)}** ({_epochs(runs[chosen])} epochs).", ""]
     out += ["## Distilled against the same recipe with λ = 0 (test, Welch 95 % interval of the difference)", "",
             "Each distilled arm against its twin: the same data, augmentation and budget without the teacher. "
             "Paired: the mean of the per-seed differences (a seed fixes the initial weights, batch order, views and "
             "dropout in both arms), with its 95 % t interval.", ""]
-    by_arm = {(folder, arm): (label, rs) for (folder, arm, label), rs in runs.items()}
-    test = {key: [r["test"]["accuracy"] for r in rs] for key, (_, rs) in by_arm.items()}
-    test_by_seed = {key: {r["seed"]: r["test"]["accuracy"] for r in rs if "seed" in r}
-                    for key, (_, rs) in by_arm.items()}
-    for (folder, arm), (label, rs) in by_arm.items():
-        twin = (folder, arm.replace("distilled", "scratch"))
-        gap = welch(test[folder, arm], test[twin]) if arm.startswith("distilled") and twin in test else None
+    test = {arm: [r["test"]["accuracy"] for r in rs] for arm, rs in runs.items()}
+    test_by_seed = {arm: {r["settings"]["seed"]: r["test"]["accuracy"] for r in rs} for arm, rs in runs.items()}
+    for arm, rs in runs.items():
+        twin = _twin(arm)
+        gap = welch(test[arm], test[twin]) if dict(arm)["alpha"] and twin in test else None
         if gap:
-            mark = " (chosen)" if chosen and chosen[:2] == (folder, arm) else ""
-            n = seeds_needed(test[folder, arm], test[twin])
+            mark = " (chosen)" if arm == chosen else ""
+            n = seeds_needed(test[arm], test[twin])
             power = f"; {n} seeds per arm would separate such a gap from zero (80 % power)" if n else ""
-            pair = paired(test_by_seed[folder, arm], test_by_seed[twin])
+            pair = paired(test_by_seed[arm], test_by_seed[twin])
             pair = (f"; paired by seed, {100 * pair[0]:+.1f} ± {100 * pair[1]:.1f} pp over {pair[2]} seeds"
                     if pair else "")
-            out.append(f"- {_named(label, rs)}{mark} − its λ = 0 twin = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"
-                       f"{pair}{power}{verdict((folder, arm), gap, min(len(rs), len(test[twin])))}")
-    plain = next((k for k in (("views0", chosen[1]), ("recipe", "distilled")) if k in test), None) if chosen else None
-    gap = welch(test[chosen[:2]], test[plain]) if plain else None  # the same budget without views where it ran
+            out.append(f"- {_named(arm, rs)}{mark} − its λ = 0 twin = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"
+                       f"{pair}{power}{verdict(planned(arm, decisions), gap, min(len(rs), len(test[twin])))}")
+    plain = _without_views(chosen, runs) if chosen else None
+    gap = welch(test[chosen], test[plain]) if plain else None  # the same budget without views where it ran
     if gap:
-        out += ["", f"Views against no views, both distilled: {_named(*by_arm[chosen[:2]])} − "
-                    f"{_named(*by_arm[plain])} = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"]
+        out += ["", f"Views against no views, both distilled: {_named(chosen, runs[chosen])} − "
+                    f"{_named(plain, runs[plain])} = {100 * gap[0]:+.1f} ± {100 * gap[1]:.1f} pp"]
     return "\n".join(out) + "\n"
 
 
-def verdict(key: tuple[str, str], gap: tuple[float, float], seeds: int) -> str:
-    """For a gap with a seed count fixed before its runs (VERDICTS): marked interim below that count, so
-    that adding seeds until the interval clears zero cannot decide it; at the count, whether the Welch
-    interval excludes zero."""
-    if key not in VERDICTS:
+def _without_views(arm: Arm, runs: dict[Arm, list[dict]]) -> Arm | None:
+    """The chosen arm's budget, mix and kind on the plain cache (--views 0) where it ran, else the recipe
+    step's distilled arm."""
+    same = _arm({**dict(arm), "views": 0, "view_scale": None, "view_mixup": 0.0, "view_lr": None})
+    return same if same in runs else next((a for a in runs if dict(a)["step"] == "recipe" and dict(a)["alpha"]), None)
+
+
+def verdict(decision: dict | None, gap: tuple[float, float], seeds: int) -> str:
+    """For a gap with a seed count fixed before its runs (a decision of DECISIONS): marked interim below that
+    count, so that adding seeds until the interval clears zero cannot decide it; at the count, whether the
+    Welch interval excludes zero."""
+    if decision is None:
         return ""
-    planned, commit = VERDICTS[key]
+    planned, where = decision["seeds_per_arm"], decision["recorded_in"]
     if seeds < planned:
-        return (f"; interim: {seeds} of the {planned} seeds per arm fixed before the runs (commit {commit}), "
+        return (f"; interim: {seeds} of the {planned} seeds per arm fixed before the runs ({where}), "
                 f"judged at {planned}")
     found = ("above λ = 0, zero outside the interval" if gap[0] - gap[1] > 0
              else "not clearly above λ = 0, zero inside the interval")
-    return f"; the verdict at the {planned} seeds per arm fixed before the runs (commit {commit}): {found}"
+    return f"; the verdict at the {planned} seeds per arm fixed before the runs ({where}): {found}"
 
 
 def _epochs(rs: list[dict]) -> int:
     return len(rs[0]["validation_accuracy_per_epoch"])
 
 
-def _named(label: str, rs: list[dict]) -> str:
+def _named(arm: Arm, rs: list[dict]) -> str:
     """An arm's label with its budget, unless the label already says it."""
-    return label if label.endswith(" epochs") else f"{label}, {_epochs(rs)} epochs"
+    text = label(arm)
+    return text if text.endswith(" epochs") else f"{text}, {_epochs(rs)} epochs"
 
 
-def views_choice(runs: dict[tuple[str, str, str], list[dict]]) -> tuple[str, str, str] | None:
+def views_choice(runs: dict[Arm, list[dict]]) -> Arm | None:
     """VIEWS_RULE over the distilled arms on views with at least CHOICE_SEEDS seeds (a one-seed screen only
-    decides whether an arm gets more seeds), shortest budget first; None before any qualifies. views0/ (no
-    views, views_per_image 0) is a baseline, never the choice."""
+    decides whether an arm gets more seeds), shortest budget first; None before any qualifies. Arms without
+    views (the recipe step, --views 0) are baselines, never the choice."""
     chosen, best = None, -1.0
-    views = {k[0]: views_per_image(k[0]) for k in runs}
-    eligible = [k for k in runs if views[k[0]] and k[1].startswith("distilled") and len(runs[k]) >= CHOICE_SEEDS]
-    for key in sorted(eligible,
-                      key=lambda k: (_epochs(runs[k]), bool(_mix(k[1])), views[k[0]], _varied(k[0]))):
-        val = mean_std([r["validation"]["accuracy"] for r in runs[key]])[0]
+    eligible = [a for a, rs in runs.items()
+                if dict(a)["step"] == "views" and dict(a)["views"] and dict(a)["alpha"] and len(rs) >= CHOICE_SEEDS]
+    for arm in sorted(eligible, key=lambda a: (_epochs(runs[a]), dict(a)["mix"] != "none", dict(a)["views"],
+                                               _varied(dict(a)))):
+        val = mean_std([r["validation"]["accuracy"] for r in runs[arm]])[0]
         if chosen is None or val >= best + 0.01:
-            chosen, best = key, val
+            chosen, best = arm, val
     return chosen
 
 
-def recipe_series(runs: dict[tuple[str, str, str], list[dict]]) -> list[tuple[str, list[list[float]], str, str]]:
+def recipe_series(runs: dict[Arm, list[dict]]) -> list[tuple[str, list[list[float]], str, str]]:
     """plot_curves' series for the arms with at least 3 seeds (one-seed screens are only tabulated): one
-    colour per input and budget, solid for distilled, dashed for its λ = 0 twin."""
+    colour per input and budget (an arm and its twin), solid for distilled, dashed for its λ = 0 twin."""
     colours, series = {}, []
-    for (folder, arm, label), rs in runs.items():
+    for arm, rs in runs.items():
         if len(rs) >= 3:
-            colour = colours.setdefault((folder, arm.partition("-")[2]), f"C{len(colours)}")
-            series.append((label, [r["validation_accuracy_per_epoch"] for r in rs], colour,
-                           "-" if arm.startswith("distilled") else "--"))
+            colour = colours.setdefault(_twin(arm), f"C{len(colours)}")
+            series.append((label(arm), [r["validation_accuracy_per_epoch"] for r in rs], colour,
+                           "-" if dict(arm)["alpha"] else "--"))
     return series
 
 
-def recipe_plot(runs: dict[tuple[str, str, str], list[dict]], path: Path) -> Path | None:
+def recipe_plot(runs: dict[Arm, list[dict]], path: Path) -> Path | None:
     return plot_curves(recipe_series(runs), "MobileNetV2 on Beans, the recipe", path)
 
 
@@ -378,22 +397,26 @@ def write_report(path: Path, text: str, png: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", type=Path, default=REPO / "docs" / "results")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
+                   help="the result files (reproduce_results.py --results)")
+    p.add_argument("--docs", type=Path, default=REPO / "docs" / "results", help="where the tables and plots go")
+    p.add_argument("--stage-two", type=Path, default=REPO / "docs" / "results" / "benchmarks" / "stage_two.json",
+                   help="bench_train_student.py's figures: the online/cached time ratio of the cost section")
     args = p.parse_args(argv)
     runs = load_runs(args.results)
     if not any(runs.values()):
         print(f"no finished runs under {args.results / 'guide'}; run benchmarks/reproduce_results.py", file=sys.stderr)
         return 1
     teacher_file = args.results / "teacher.json"
-    stage_two = args.results / "benchmarks" / "stage_two.json"
-    ratio = json.loads(stage_two.read_text())["ratios"]["online_over_cached"] if stage_two.exists() else None
+    ratio = (json.loads(args.stage_two.read_text())["ratios"]["online_over_cached"] if args.stage_two.exists()
+             else None)
     text = markdown(summary_rows(runs), runs, json.loads(teacher_file.read_text()) if teacher_file.exists() else None,
                     ratio)
-    write_report(args.results / "guide.md", text, plot(runs, args.results / "guide.png"))
+    args.docs.mkdir(parents=True, exist_ok=True)
+    write_report(args.docs / "guide.md", text, plot(runs, args.docs / "guide.png"))
     recipe = recipe_runs(args.results)
     if recipe:
-        write_report(args.results / "recipe.md", recipe_markdown(recipe),
-                     recipe_plot(recipe, args.results / "recipe.png"))
+        write_report(args.docs / "recipe.md", recipe_markdown(recipe), recipe_plot(recipe, args.docs / "recipe.png"))
     return 0
 
 

@@ -3,22 +3,25 @@
     python benchmarks/reproduce_results.py            # full protocol (hours on a 2-core CPU; resumable)
     python benchmarks/reproduce_results.py --quick    # 1 epoch, 1 seed: a smoke check in a few minutes
 
-Steps, each writing its result files under --results (default docs/results/); a file that exists is not
-recomputed, so an interrupted or partial protocol continues where it stopped (also across sessions):
+Steps, each writing its result files under --results (default benchmarks/results/; docs/ keeps only the
+tables and plots report_results.py renders from them); a file that exists is not recomputed, and every run
+is a kdpipe.train_student.run with resume=True (its checksummed checkpoint after every epoch), so an
+interrupted or partial protocol continues where it stopped (also across sessions). Each result file of
+steps 2-4 carries a `settings` block (arm_settings: what its arm ran with, from its run.json), which
+report_results.py reads; folder and file names only say where a file is.
 
 1. `teacher.json`: cache the teacher over all splits (kdpipe.cache_teacher.run); accuracy, wall time.
 2. `guide/<arm>-seed<k>.json`: the guide's setup (the train-student defaults: AdamW, lr 5e-5, batch 8,
-   linear decay, 30 epochs), arms scratch (alpha 0) and distilled (T 5, alpha 0.5), seeds 0,1,2.
-
-   BatchNorm running statistics never influence training (a BN layer in train mode normalises with the
-   batch's own statistics), and precise BN runs under `fork_rng`, so one training run yields the exact
-   outcome of three runs that differ only in their BN statistics. Each run therefore evaluates, after
-   every epoch, on validation and test:
+   linear decay, 30 epochs), arms scratch (alpha 0) and distilled (T 5, alpha 0.5), seeds 0,1,2, each
+   under three BatchNorm variants (BN_VARIANTS), one ordinary train-student run per variant:
      - "upstream": momentum 0.997 (transformers' MobileNetV2, i.e. the guide);
      - "momentum0.1": PyTorch's default momentum;
-     - "precise": statistics recomputed over the train split (train_student.recompute_bn_stats).
-   (The first two are EMAs of the same batch statistics, see ShadowBN.) The best epoch is chosen per
-   variant on validation accuracy; its test accuracy is reported.
+     - "precise": statistics recomputed over the train split before each evaluation (--precise-bn).
+   BatchNorm running statistics never influence training (a BN layer in train mode normalises with the
+   batch's own statistics, and precise BN runs under fork_rng), so the three runs of a seed train alike
+   and differ only in the statistics they evaluate with. The best epoch is chosen per run on validation
+   accuracy; its test accuracy is reported. (The files behind docs/results/guide.md came from an earlier
+   version that evaluated the three variants side by side in one training run; their settings say so.)
 3. `recipe/`: a better recipe within the 30-epoch budget, chosen on validation only, with `kdpipe sweep`
    (kdpipe.sweep). Fixed, with their reasons: RECIPE (batch 32: steadier BatchNorm batch statistics and
    faster per image on CPU; cosine decay with 5% warmup and weight decay 0.05, the usual from-scratch
@@ -37,6 +40,7 @@ recomputed, so an interrupted or partial protocol continues where it stopped (al
    `--view-lr x` (instead of the chosen recipe's) write to `views[<K>]-scale<x>-lr<x>/`, and `--view-mixup a`
    (half the views blended with another image's before the teacher saw them) to `views-mixup<a>/`; `--views 0` runs
    the same arms without views (the plain cache) into `views0/`, the baseline at an equal budget.
+   (The folders keep arms that differ apart; what an arm varies is read from its settings block.)
    Also the guide's 30-epoch budget, CutMix of the stored views, and the alpha = 0 twin of each (VIEW_ARMS).
    Only the seeds without a result file run, so a later session (whose data/ may be gone) completes an arm.
    The runs behind docs/results.md: `--steps views` (every arm, seeds 0-2), then `--seeds 3,4 --view-arms
@@ -65,12 +69,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kdpipe import cache_teacher, logit_store, runtime, sweep, sweep_report, train_student  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
 from kdpipe.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
-from kdpipe.student import batchnorm_layers  # noqa: E402
 from kdpipe.views import ViewPolicy  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ARMS = {"scratch": {"alpha": 0.0}, "distilled": {"alpha": 0.5, "temperature": 5.0}}
-MOMENTA = {"upstream": 0.997, "momentum0.1": 0.1}
+GUIDE = {}  # the guide's setup is train-student's defaults (AdamW, lr 5e-5, batch 8, linear decay); tests shrink it
+# step 2's BatchNorm variants, each a TrainConfig of its own
+BN_VARIANTS = {"upstream": {"bn_momentum": 0.997}, "momentum0.1": {"bn_momentum": 0.1}, "precise": {"precise_bn": True}}
 RECIPE = {"batch_size": 32, "schedule": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.05, "epochs": 15,
           "temperature": 5.0, "student_config": {"classifier_dropout_prob": 0.2}}
 SCREEN = {"lr": "1e-3,3e-3", "alpha": "0,0.5,0.9"}
@@ -87,110 +92,31 @@ VIEW_ARMS = {"distilled": {}, "distilled-long": {}, "scratch": {"alpha": 0.0}, "
              "distilled-cutmix-long": {"mix": "cutmix"}, "scratch-cutmix-long": {"alpha": 0.0, "mix": "cutmix"}}
 
 
-class ShadowBN:
-    """Running statistics with other momenta, computed from the same batches at almost no cost.
-
-    The model's BN layers run with momentum 1.0, so after each training forward their buffers hold exactly
-    that batch's statistics (mean, unbiased variance); a forward hook folds them into one EMA per momentum
-    with PyTorch's update rule, running = (1 - m) * running + m * batch, starting from PyTorch's init (0, 1).
-    """
-
-    def __init__(self, model: torch.nn.Module, momenta: dict[str, float]):
-        self.layers = batchnorm_layers(model)
-        for m in self.layers:
-            m.momentum = 1.0
-        self.momenta = momenta
-        self.stats = {name: [(torch.zeros_like(m.running_mean), torch.ones_like(m.running_var)) for m in self.layers]
-                      for name in momenta}
-        self.index = {m: i for i, m in enumerate(self.layers)}
-        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
-        self.enabled = True
-
-    @torch.no_grad()
-    def _hook(self, module, args, output):
-        if not (module.training and self.enabled):
-            return
-        i = self.index[module]
-        for name, m in self.momenta.items():
-            rm, rv = self.stats[name][i]
-            rm.mul_(1 - m).add_(module.running_mean, alpha=m)
-            rv.mul_(1 - m).add_(module.running_var, alpha=m)
-
-    def load(self, name: str) -> None:
-        for m, (rm, rv) in zip(self.layers, self.stats[name]):
-            m.running_mean.copy_(rm)
-            m.running_var.copy_(rv)
+def print_epoch(record: dict) -> None:
+    """train_student.run's on_epoch callback: one line per finished epoch."""
+    print(f"  epoch {record['epoch']:>2}  loss {record['train']['loss']:.4f}  val acc "
+          f"{record['validation']['accuracy']:.3f}  ({record['train_time_s']:.0f} s train)", flush=True)
 
 
-def evaluate_both(s) -> dict:
-    val, _ = train_student.evaluate_split(s, s.cfg.val_split)
-    test, _ = train_student.evaluate_split(s, s.cfg.test_split)
-    return {"validation": val, "test": test}
-
-
-def run_with_bn_variants(cfg: TrainConfig) -> dict:
-    """Train once, evaluate the three BN variants after every epoch. Resumable: the state after each
-    epoch is saved to <out>/state.pt (atomically), so a run cut short (a session's end) continues."""
-    s = train_student.setup(cfg)
-    shadow = ShadowBN(s.model, MOMENTA)
-    epochs, elapsed = load_state(s, shadow, cfg.out_dir() / "state.pt")
-    start = time.perf_counter() - elapsed
-    for epoch in range(len(epochs), cfg.epochs):
-        t0 = time.perf_counter()
-        train = train_student.train_epoch(s, epoch)
-        train_time = time.perf_counter() - t0
-        record = {"epoch": epoch + 1, "train": train, "train_time_s": round(train_time, 2), "variants": {}}
-        for name in MOMENTA:
-            shadow.load(name)
-            record["variants"][name] = evaluate_both(s)
-        shadow.enabled = False  # precise BN's forwards are not training batches
-        train_student.recompute_bn_stats(s)
-        shadow.enabled = True
-        record["variants"]["precise"] = evaluate_both(s)
-        epochs.append(record)
-        save_state(s, shadow, epochs, time.perf_counter() - start, cfg.out_dir() / "state.pt")
-        v = {k: f"{r['validation']['accuracy']:.3f}" for k, r in record["variants"].items()}
-        print(f"  epoch {epoch + 1:>2}  loss {train['loss']:.4f}  val acc {v}  ({train_time:.0f} s train)", flush=True)
-    summary = {}
-    for variant in epochs[0]["variants"]:
-        val = [e["variants"][variant]["validation"]["accuracy"] for e in epochs]
-        best = max(range(len(val)), key=lambda i: (val[i], -i))  # first epoch with the best accuracy
-        summary[variant] = {"best_epoch": best + 1, "validation": epochs[best]["variants"][variant]["validation"],
-                            "test": epochs[best]["variants"][variant]["test"], "validation_accuracy_per_epoch": val}
-    return {"config": cfg.to_dict(), "provenance": s.provenance, "epochs": epochs, "summary": summary,
-            "wall_time_s": round(time.perf_counter() - start, 1),
-            "train_images_per_s": round(len(s.splits[cfg.train_split]) * cfg.epochs /
-                                        sum(e["train_time_s"] for e in epochs), 2)}
-
-
-def save_state(s, shadow: ShadowBN, epochs: list, elapsed: float, path: Path) -> None:
-    state = {"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-             "generator": s.generator.get_state(), "torch_rng": torch.get_rng_state(),
-             "shadow": {k: [list(pair) for pair in v] for k, v in shadow.stats.items()},
-             "epochs": json.dumps(epochs), "elapsed": elapsed, "config": json.dumps(s.cfg.to_dict())}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_state(s, shadow: ShadowBN, path: Path) -> tuple[list, float]:
-    if not path.exists():
-        return [], 0.0
-    state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, still never a pickle
-    if json.loads(state["config"]) != s.cfg.to_dict():
-        raise SystemExit(f"{path} was written with other settings; delete it to start that run again")
-    s.model.load_state_dict(state["model"])
-    s.optimizer.load_state_dict(state["optimizer"])
-    s.scheduler.load_state_dict(state["scheduler"])
-    s.generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    for name, pairs in state["shadow"].items():
-        for (rm, rv), (m, v) in zip(shadow.stats[name], pairs):
-            rm.copy_(m)
-            rv.copy_(v)
-    epochs = json.loads(state["epochs"])
-    print(f"  resumed after epoch {len(epochs)} from {path}", flush=True)
-    return epochs, state["elapsed"]
+def guide(args, cache: Path) -> None:
+    """Step 2: each arm and seed under the three BatchNorm variants, one train-student run each; a run cut
+    short continues from its last checkpoint (resume=True), a finished one returns its report."""
+    for seed in args.seed_list:
+        for arm, overrides in ARMS.items():
+            path = args.results / "guide" / f"{arm}-seed{seed}.json"
+            if path.exists():
+                print(f"{path} exists: skipped")
+                continue
+            summary = {}
+            for variant, bn in BN_VARIANTS.items():
+                print(f"{arm} seed {seed}, BatchNorm {variant}: {args.epochs} epochs", flush=True)
+                cfg = TrainConfig(cache=cache, seed=seed, epochs=args.epochs, resume=True,
+                                  out=args.work / "runs" / f"guide-{arm}-{variant}-seed{seed}",
+                                  **{**GUIDE, **overrides, **bn})
+                summary[variant] = run_record(train_student.run(cfg, on_epoch=print_epoch))
+            write_json(path, {"settings": {"step": "guide", "arm": arm, "seed": seed, "epochs": args.epochs,
+                                           "bn_variants": "separate runs"}, "summary": summary})
+            print(f"wrote {path}", flush=True)
 
 
 def write_json(path: Path, obj) -> None:
@@ -211,14 +137,27 @@ def sweep_to_the_end(cfg: SweepConfig):
         time.sleep(30)
 
 
-def run_record(arm: str, seed: int, run_dir: Path, **extra) -> dict:
-    """A finished train-student run as a result file: its best epoch's scores, the validation curve, and
-    run.json (config, provenance, versions)."""
-    r = train_student.load_report(run_dir)
-    return {"arm": arm, "seed": seed, "run_dir": str(run_dir), **extra, "best_epoch": r.best_epoch,
-            "validation": r.validation, "test": r.test,
+def run_record(r: train_student.RunReport, **extra) -> dict:
+    """A finished train-student run as a result file: `extra` (the settings block first), its best epoch's
+    scores, the validation curve, its cost, and run.json (config, provenance, versions)."""
+    return {**extra, "run_dir": str(r.out), "best_epoch": r.best_epoch, "validation": r.validation, "test": r.test,
             "validation_accuracy_per_epoch": [e["validation"]["accuracy"] for e in r.history],
-            "wall_time_s": r.wall_time_s, "run": r.run}
+            "wall_time_s": r.wall_time_s, "train_time_s": round(sum(e["train_time_s"] for e in r.history), 2),
+            "train_images_per_s": r.run["train_images_per_s"], "run": r.run}
+
+
+def arm_settings(step: str, run: dict, recipe_lr: float, recipe_epochs: int) -> dict:
+    """What a recipe or views run trained with, read from its run.json (its config, and the stored views of
+    the cache it trained on): report_results groups, labels, orders and chooses arms by this block, never by
+    a folder or file name. None marks the protocol's own crops (VIEW_SCALE) and learning rate (the chosen
+    recipe's); temperature is None at alpha 0, where it changes nothing."""
+    cfg, stored = run["config"], run["consistency"]["stored_views"] or {}
+    policy = stored.get("policy", {})
+    scale = policy.get("scale", [VIEW_SCALE])[0]
+    return {"step": step, "views": stored.get("views", 0), "view_scale": None if scale == VIEW_SCALE else scale,
+            "view_mixup": policy.get("mixup", 0.0), "view_lr": None if cfg["lr"] == recipe_lr else cfg["lr"],
+            "epochs": cfg["epochs"], "recipe_epochs": recipe_epochs, "mix": cfg.get("mix", "none"),
+            "alpha": cfg["alpha"], "temperature": cfg["temperature"] if cfg["alpha"] else None, "seed": cfg["seed"]}
 
 
 def recipe(args, cache: Path) -> None:
@@ -240,7 +179,9 @@ def recipe(args, cache: Path) -> None:
         for seed in args.seed_list:
             run_dir = (screen / "runs" / f"{sweep.config_key(params)}-seed{seed}" if seed == 0 else
                        final / "runs" / f"{sweep.config_key({'alpha': alpha})}-seed{seed}")
-            write_json(results / f"{arm}-seed{seed}.json", run_record(arm, seed, run_dir))
+            r = train_student.load_report(run_dir)
+            write_json(results / f"{arm}-seed{seed}.json", run_record(
+                r, settings=arm_settings("recipe", r.run, chosen.params["lr"], base.epochs), arm=arm, seed=seed))
     print(f"wrote {results}", flush=True)
 
 
@@ -265,8 +206,8 @@ def views_folder(k: int, scale: float = VIEW_SCALE, lr: float | None = None, mix
     """Where the views step keeps results: views/ for the default VIEWS stored views per image, crop area
     and learning rate (the runs behind docs/results.md); views<k>/ for another k, then -scale<min> for
     another smallest crop area, -mixup<a> for views blended before the teacher saw them, and -lr<lr> for
-    a learning rate other than the chosen recipe's, so arms that differ in any of these never mix
-    (report_results.view_variant reads the name back)."""
+    a learning rate other than the chosen recipe's, so arms that differ in any of these never mix (a
+    name only: report_results reads each file's settings block)."""
     return ("views" if k == VIEWS else f"views{k}") + _cache_tag(scale, mixup) + (f"-lr{lr:g}" if lr else "")
 
 
@@ -293,7 +234,8 @@ def views_step(args, teacher: str, dataset: str) -> None:
                                  **{k: v for k, v in logit_store.read_meta(r.path).items()
                                     if k in ("views", "views_teacher_accuracy", "teacher_inputs_per_s",
                                              "wall_time_s", "augment")}} for r in reports}})
-    params = {**chosen_recipe(args), **({"lr": args.view_lr} if args.view_lr else {})}
+    chosen = chosen_recipe(args)
+    params = {**chosen, **({"lr": args.view_lr} if args.view_lr else {})}
     epochs = args.recipe_epochs or RECIPE["epochs"]
     base = TrainConfig(cache=cache, views=args.views > 0, **{**RECIPE, "epochs": epochs}, **params)
     sweeps = {}  # arm -> sweep over the seeds that have no result file yet (run folders may be gone)
@@ -317,8 +259,9 @@ def views_step(args, teacher: str, dataset: str) -> None:
     for arm, cfg in sweeps.items():
         out, _ = sweep_to_the_end(cfg)
         for seed in cfg.seeds:
+            r = train_student.load_report(out / "runs" / f"base-seed{seed}")
             write_json(results / f"{arm}-seed{seed}.json", run_record(
-                f"{arm}+views", seed, out / "runs" / f"base-seed{seed}", epochs=cfg.train.epochs, alpha=cfg.train.alpha))
+                r, settings=arm_settings("views", r.run, chosen["lr"], epochs), arm=f"{arm}+views", seed=seed))
     print(f"wrote {results}", flush=True)
 
 
@@ -327,7 +270,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, results under /tmp")
     p.add_argument("--dataset", default=str(SHARED / "beans"))
     p.add_argument("--teacher", default=str(SHARED / "teachers" / "beans-efficientnet-lite0"))
-    p.add_argument("--results", type=Path, default=Path("docs/results"))
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results"),
+                   help="result files; report_results.py renders the tables docs/ cite from them")
     p.add_argument("--work", type=Path, default=Path("data/reproduce"), help="caches and run folders")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--epochs", type=int, default=30, help="guide step")
@@ -371,19 +315,8 @@ def main():
         cache_teacher.run(CacheConfig(teacher=args.teacher, dataset=args.dataset, out=cache))  # reuses it
     if teacher_file.exists():
         print(json.loads(teacher_file.read_text()))
-    for seed in args.seed_list if "guide" in steps else []:
-        for arm, overrides in ARMS.items():
-            path = args.results / "guide" / f"{arm}-seed{seed}.json"
-            if path.exists():
-                print(f"{path} exists: skipped")
-                continue
-            print(f"{arm} seed {seed}: {args.epochs} epochs", flush=True)
-            out = args.work / "runs" / f"guide-{arm}-seed{seed}"  # a run cut short resumes from out/state.pt
-            # bn_momentum=1.0: buffers hold each batch's statistics; ShadowBN turns them into the variants
-            cfg = TrainConfig(cache=cache, seed=seed, epochs=args.epochs, bn_momentum=1.0, out=out, resume=True,
-                              **overrides)
-            write_json(path, run_with_bn_variants(cfg))
-            print(f"wrote {path}", flush=True)
+    if "guide" in steps:
+        guide(args, cache)
     if "recipe" in steps:
         recipe(args, cache)
     if "views" in steps:

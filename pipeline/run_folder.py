@@ -17,8 +17,7 @@ from . import files, locking
 from .config import TrainConfig, without_new_defaults
 from .errors import KdpipeError
 
-# What a run folder may hold; state.pt is benchmarks/reproduce_results.py's per-epoch state of its BN variants.
-RUN_FILES = ("checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model", "tensorboard", "state.pt")
+RUN_FILES = ("checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model", "tensorboard")
 CHECKPOINT, SUMS, METRICS, RUN_JSON, MODEL = "checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model"
 
 
