@@ -45,7 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kdpipe import cache_teacher, logit_store, stats, train_student  # noqa: E402
-from kdpipe.config import CacheConfig, TrainConfig, parse_overrides  # noqa: E402
+from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
+from kdpipe.run_folder import RunReport  # noqa: E402
+from kdpipe.settings import overrides  # noqa: E402
 from kdpipe.views import ViewPolicy  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -91,7 +93,7 @@ def make_plan(args) -> dict:
             "views_per_image": max(epochs[-1], 2), "k": max(epochs[-1] - 1, 1),
             "view_policy": {"mixup": args.view_mixup, "mixup_p": args.view_mixup_p},
             "recipe": {**RECIPE, "batch_size": args.batch_size,
-                       "student_config": {**RECIPE["student_config"], **parse_overrides(args.student_config)}},
+                       "student_config": {**RECIPE["student_config"], **overrides(args.student_config)}},
             "sizes": args.size_list,
             "dataset": str(args.dataset), "teacher": str(args.teacher), "precision": args.precision,
             "chosen_on": "validation accuracy (best epoch of each run, and the screened resolution); test read once "
@@ -139,7 +141,7 @@ def train_config(args, plan: dict, caches: dict, arm: str, epochs: int, seed: in
                        student_config={**recipe["student_config"], "image_size": size})
 
 
-def run_once(cfg: TrainConfig) -> train_student.RunReport:
+def run_once(cfg: TrainConfig) -> RunReport:
     """train_student.run (resuming the run folder), keeping a ledger of the CPU seconds of every attempt."""
     ledger_path = cfg.out_dir() / LEDGER
     attempt = f"{os.uname().nodename}-{os.getpid()}-{time.time():.0f}"
@@ -153,7 +155,7 @@ def run_once(cfg: TrainConfig) -> train_student.RunReport:
     return train_student.run(cfg, on_epoch=on_epoch)
 
 
-def record(report: train_student.RunReport, arm: str, seed: int, epochs: int, size: int) -> dict:
+def record(report: RunReport, arm: str, seed: int, epochs: int, size: int) -> dict:
     ledger = read_json(report.out / LEDGER) or {}
     return {"arm": arm, "seed": seed, "epochs": epochs, "size": size, "run_dir": str(report.out),
             "best_epoch": report.best_epoch, "validation": report.validation, "test": report.test,
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=str(SHARED / "beans"))
     p.add_argument("--teacher", default=str(SHARED / "teachers" / "beans-efficientnet-lite0"))
-    p.add_argument("--results", type=Path, default=Path("docs/results/patience"))
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/patience"))
     p.add_argument("--work", type=Path, default=Path("data/patience"), help="caches and run folders")
     p.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="the curve's points E")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="paired seeds of every arm at every E")

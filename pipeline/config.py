@@ -1,5 +1,6 @@
-"""Argument dataclasses for each command. Defaults carry a one-line reason; `__post_init__` validates
-and names the flag in its error, so the CLI and the Python API refuse the same things."""
+"""Argument dataclasses for each command, the one place each setting lives: its default (with a one-line
+reason), its help and flags (`setting`, settings.py; cli.py builds the options from them) and its check in
+`__post_init__`, which names the flag, so the CLI and the Python API refuse the same things."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import KdpipeError
+from .settings import comma_list, flag, ints, none_if_empty, overrides, setting, value_type
 from .loss import LOSSES, STANDARDIZABLE
 from .runtime import DEVICES, PRECISIONS
 from .views import ViewPolicy
@@ -29,17 +31,15 @@ def _finite_at_least(name: str, value, flag: str, low: float = 0.0) -> None:
     _check(ok, f"{flag} must be a finite number >= {low:g} (got {value})")
 
 
-FLAGS = {"temperature": "-T/--temperature", "stale_after_s": "--stale-after"}  # where not --<name>
-
-
 def _finite_floats(config) -> None:
     """Every float setting must be a finite number: inf passes `> 0` checks and trains to NaN, and nan fails
     every range check with a message that hides the real problem."""
     for f in fields(config):
+        if not f.init:
+            continue
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise KdpipeError(f"{FLAGS.get(f.name, '--' + f.name.replace('_', '-'))} must be a finite number "
-                              f"(got {value})")
+            raise KdpipeError(f"{flag(f)} must be a finite number (got {value})")
 
 
 def _positive(name: str, value, flag: str) -> None:
@@ -48,25 +48,32 @@ def _positive(name: str, value, flag: str) -> None:
 
 @dataclass
 class CacheConfig:
-    teacher: str = "merve/beans-vit-224"  # the guide's fine-tuned ViT-B/16 teacher
-    revision: str | None = None  # hub branch, tag or commit of the teacher; None = main
-    dataset: str = "beans"  # the guide's dataset (hub id, image folder or Parquet/Arrow)
-    dataset_revision: str | None = None
-    splits: list[str] | None = None  # None = every split present
-    image_column: str | None = None  # None = detect (image, img)
-    label_column: str | None = None  # None = detect (label, labels)
-    out: Path | None = None  # None = data/cache/<teacher>/<dataset>
-    batch_size: int = 32  # large enough to keep the teacher busy; inference holds no activations
-    precision: str = "auto"  # bf16 where the hardware is fast at it, else fp32
-    device: str = "auto"
-    workers: int | None = None  # None = one per spare core, decoding overlaps the teacher
-    force: bool = False  # rebuild even when a valid cache for the same inputs exists
-    trust_remote_code: bool = False  # never run a repository's code unless asked
-    topk: int | None = None  # store only the K largest logits (+ logsumexp): for thousands of classes
-    topk_dtype: str = "float32"  # float16 halves the top-K values again (about 1e-3 relative rounding)
-    views: int = 0  # K random views per image of view_splits, besides view 0 (the image itself)
-    view_splits: list[str] = field(default_factory=lambda: ["train"])  # evaluation splits stay un-augmented
-    augment: ViewPolicy = field(default_factory=ViewPolicy)  # how the K views are drawn
+    teacher: str = setting("merve/beans-vit-224", "Hub id or local save_pretrained folder.")  # the guide's ViT-B/16
+    revision: str | None = setting(None, "Hub branch, tag or commit of the teacher.", shown="main")
+    dataset: str = setting("beans", "Hub id, image folder (split/class/*.jpg) or Parquet/Arrow.")  # the guide's
+    dataset_revision: str | None = setting(None, "Hub revision of the dataset.", shown="main")
+    splits: list[str] | None = setting(None, "Comma-separated splits.", shown="every split", parse=comma_list)
+    image_column: str | None = setting(None, "Image column.", shown="image or img")
+    label_column: str | None = setting(None, "Label column.", shown="label or labels")
+    out: Path | None = setting(None, "Output folder.", shown="data/cache/<teacher>/<dataset>")
+    # large enough to keep the teacher busy; inference holds no activations
+    batch_size: int = setting(32, "Teacher batch size.")
+    precision: str = setting("auto", "auto|fp32|bf16|fp16 (auto: bf16 where the hardware is fast at it, else fp32).")
+    device: str = setting("auto", "auto|cpu|cuda.")
+    workers: int | None = setting(None, "Decoding processes beside the teacher.", shown="one per spare core")
+    force: bool = setting(False, "Rebuild even if a valid cache for the same inputs exists.", flags=("--force",))
+    trust_remote_code: bool = setting(False, "Allow the teacher repository's own code (off: never run it unasked).",
+                                      flags=("--trust-remote-code",))
+    topk: int | None = setting(None, "Store only the K largest logits per image (+ logsumexp), for thousands of "
+                                     "classes.", shown="all")
+    # float16 halves the top-K values again (about 1e-3 relative rounding)
+    topk_dtype: str = setting("float32", "float32|float16 for the top-K values.")
+    views: int = setting(0, "K random augmented views per image of --view-splits, besides the image itself.",
+                         panel="Views")
+    view_splits: list[str] = setting(help="Comma-separated splits that get views (evaluation splits stay "
+                                          "un-augmented).", factory=lambda: ["train"], parse=comma_list, panel="Views")
+    augment: ViewPolicy = setting(help="How the K views are drawn (the --view-* flags).", factory=ViewPolicy,
+                                  panel="Views")
 
     def __post_init__(self):
         _positive("batch_size", self.batch_size, "--batch-size")
@@ -94,45 +101,75 @@ class CacheConfig:
 
 @dataclass
 class TrainConfig:
-    cache: Path | None = None  # stage one's folder; None only for alpha=0 (from scratch)
-    dataset: str | None = None  # None = the dataset the cache was built from
-    image_column: str | None = None
-    label_column: str | None = None
-    train_split: str = "train"
-    val_split: str = "validation"
-    test_split: str | None = "test"  # None = no test evaluation
-    student: str | None = None  # None = MobileNetV2 (transformers defaults) from random init, as the guide
-    student_config: dict = field(default_factory=dict)  # overrides, e.g. {"depth_multiplier": 0.75}
-    temperature: float = 5.0  # the guide's T
-    alpha: float = 0.5  # the guide's lambda: weight of the KD term; 0 = plain cross-entropy
-    loss: str = "kd"  # the KD term: Hinton et al. (2015), the guide's; dkd | dist (docs/training.md)
-    standardize: bool = False  # z-score both logit vectors before T (Sun et al., 2024); kd and dkd only
-    dkd_beta: float = 8.0  # DKD's non-target weight: Zhao et al.'s CIFAR-100 value, mdistiller's default
-    dist_gamma: float = 1.0  # DIST's intra- to inter-class weight: Huang et al. (2022) set beta = gamma = 1
-    lr: float = 5e-5  # transformers Trainer default, which the guide uses
-    batch_size: int = 8  # the guide's per-device batch size
-    epochs: int = 30  # the guide's num_train_epochs
-    weight_decay: float = 0.0  # Trainer default
-    schedule: str = "linear"  # Trainer default: linear decay to 0, no warmup
-    warmup_ratio: float = 0.0
-    bn_momentum: float | None = 0.1  # PyTorch semantics; transformers' MobileNetV2 ships 0.997 (see docs)
-    precise_bn: bool = False  # recompute BN statistics over the train split before each evaluation
-    views: bool = False  # train on the cache's stored augmented views (cache-teacher --views K), one per epoch
-    eval_size: int | None = None  # validation, test and the saved preprocessor at this resolution; None = training's
-    augment: str = "none"  # online augmentation the cache does not cover ("flip"): inconsistent with the teacher
-    allow_inconsistent: bool = False  # permit --augment with a KD term (recorded as a warning in run.json)
-    allow_changed_data: bool = False  # train although images changed since the cache was built (recorded)
-    mix: str = "none"  # mixup|cutmix of each batch with its own permutation, soft targets mixed alike (approximate)
-    mix_alpha: float = 1.0  # Beta(a, a) for the mixing weight; 1.0 = uniform, as in CutMix (Yun et al., 2019)
-    seed: int = 0
-    precision: str = "auto"
-    device: str = "auto"
-    compile: bool = False
-    workers: int = 0  # batches come from an in-memory uint8 tensor: workers only add overhead
-    out: Path | None = None  # None = data/runs/<name>
-    name: str | None = None  # None = derived from the settings
-    resume: bool = False
-    log_tensorboard: bool = True  # when the tensorboard extra is installed
+    # data
+    cache: Path | None = setting(None, "Stage one's folder (required unless --alpha 0).", panel="Data")
+    dataset: str | None = setting(None, "Dataset.", shown="the one the cache was built from", panel="Data")
+    image_column: str | None = setting(None, "Image column.", shown="as cached, or detected", panel="Data")
+    label_column: str | None = setting(None, "Label column.", shown="as cached, or detected", panel="Data")
+    train_split: str = setting("train", "Split to train on.", panel="Data")
+    val_split: str = setting("validation", "Split that picks the best epoch.", panel="Data")
+    test_split: str | None = setting("test", "Split reported at the end ('' for none).", parse=none_if_empty,
+                                     panel="Data")
+    # None = MobileNetV2 (transformers defaults) from random init, as the guide
+    student: str | None = setting(None, "Hub id or folder.", shown="MobileNetV2 from scratch", panel="Data")
+    student_config: dict = setting(help="Config overrides, e.g. depth_multiplier=0.75,image_size=160.",
+                                   factory=dict, parse=overrides, panel="Data")
+    eval_size: int | None = setting(None, "Validate, test and save the student at this resolution.",
+                                    shown="its training resolution", panel="Data")
+    # the KD term
+    temperature: float = setting(5.0, "Softmax temperature T of the KD term.", flags=("--temperature", "-T"),
+                                 search="T", panel="Distillation")  # the guide's T
+    alpha: float = setting(0.5, "Weight of the KD term (0 = from scratch, 1 = pure distillation: labels unused).",
+                           flags=("--alpha", "--lambda"), search="a", panel="Distillation")  # the guide's lambda
+    # optimisation: the guide's (transformers Trainer defaults: AdamW 5e-5, batch 8, 30 epochs, linear decay)
+    lr: float = setting(5e-5, "Peak learning rate (AdamW).", search="lr", panel="Optimisation")
+    batch_size: int = setting(8, "Training batch size.", search="bs", panel="Optimisation")
+    epochs: int = setting(30, "Training epochs.", search="e", panel="Optimisation")
+    weight_decay: float = setting(0.0, "AdamW weight decay (not on biases and norm scales).", search="wd",
+                                  panel="Optimisation")
+    warmup_ratio: float = setting(0.0, "Fraction of steps of linear warm-up.", search="wu", panel="Optimisation")
+    schedule: str = setting("linear", "linear|cosine|constant learning-rate schedule.", search="", panel="Optimisation")
+    # PyTorch semantics; transformers' MobileNetV2 ships 0.997, the guide's (docs/training.md)
+    bn_momentum: float | None = setting(0.1, "BatchNorm momentum, PyTorch semantics (0.997 = the guide's).",
+                                        search="bnm", panel="Optimisation")
+    precise_bn: bool = setting(False, "Recompute BN statistics on the train split before each evaluation.",
+                               flags=("--precise-bn/--no-precise-bn",), panel="Optimisation")
+    # views and mixing
+    views: bool = setting(False, "Train on the cache's stored augmented views (one per image per epoch).",
+                          flags=("--views/--no-views",), panel="Views and mixing")
+    # mixup|cutmix of each batch with its own permutation, soft targets mixed alike (approximate)
+    mix: str = setting("none", "none|mixup|cutmix within each batch; soft targets mixed alike (approximate, see "
+                               "docs/views.md).", search="", panel="Views and mixing")
+    # 1.0 = uniform, as in CutMix (Yun et al., 2019)
+    mix_alpha: float = setting(1.0, "Beta(a, a) of the mixing weight.", search="ma", panel="Views and mixing")
+    # other KD terms from the same cache (docs/training.md)
+    loss: str = setting("kd", "KD term: kd (Hinton) | dkd (decoupled, Zhao 2022) | dist (correlations, Huang 2022).",
+                        search="", panel="Distillation")
+    standardize: bool = setting(False, "z-score both logit vectors before T (Sun 2024); kd and dkd.",
+                                flags=("--standardize/--no-standardize",), search="ls", panel="Distillation")
+    # Zhao et al.'s CIFAR-100 value, mdistiller's default
+    dkd_beta: float = setting(8.0, "dkd: weight of the non-target term (mdistiller's CIFAR-100 default).",
+                              search="b", panel="Distillation")
+    # Huang et al. (2022) set beta = gamma = 1
+    dist_gamma: float = setting(1.0, "dist: weight of the intra-class term relative to the inter-class one.",
+                                search="g", panel="Distillation")
+    augment: str = setting("none", "none|flip: online augmentation the cached teacher did not see.", panel="Views and mixing")
+    allow_inconsistent: bool = setting(False, "Permit --augment with a KD term (warned in run.json).",
+                                       flags=("--allow-inconsistent",), panel="Views and mixing")
+    allow_changed_data: bool = setting(False, "Train although images changed since the cache was built "
+                                              "(recorded in run.json).", flags=("--allow-changed-data",), panel="Data")
+    # the run
+    seed: int = setting(0, "Seed for init, data order and views.", panel="Run")
+    precision: str = setting("auto", "auto|fp32|bf16|fp16 (auto: bf16 where the hardware is fast at it, else fp32).",
+                             panel="Run")
+    device: str = setting("auto", "auto|cpu|cuda.", panel="Run")
+    compile: bool = setting(False, "torch.compile the student (2-core CPU: 1.08x per step after ~76 s compiling; see "
+                                   "docs/benchmarks.md).", flags=("--compile",), panel="Run")
+    out: Path | None = setting(None, "Run folder.", shown="data/runs/<name>", panel="Run")
+    name: str | None = setting(None, "Run name.", shown="from the settings", panel="Run")
+    resume: bool = setting(False, "Continue an interrupted run from its last epoch.", flags=("--resume",), panel="Run")
+    log_tensorboard: bool = setting(True, "TensorBoard events in the run folder (with the tensorboard extra).",
+                                    cli=False)
 
     def __post_init__(self):
         _finite_floats(self)
@@ -171,7 +208,6 @@ class TrainConfig:
                "--bn-momentum must be in (0, 1] (PyTorch semantics: weight of the newest batch)")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
-        _check(self.workers >= 0, "--workers must be >= 0")
         _check(self.eval_size is None or (isinstance(self.eval_size, int) and self.eval_size > 0),
                f"--eval-size must be a positive number of pixels (got {self.eval_size})")
         _check(not self.eval_size or self.train_split not in (self.val_split, self.test_split),
@@ -198,36 +234,8 @@ def without_new_defaults(now: dict, saved: dict) -> dict:
     return {k: v for k, v in now.items() if k in saved or k not in TRAIN_DEFAULTS or v != TRAIN_DEFAULTS[k]}
 
 
-def parse_overrides(text: str | None, flag: str = "--student-config") -> dict:
-    """`key=value,key=value` -> dict with ints, floats and booleans parsed."""
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        _check(bool(sep and key.strip()), f"{flag}: expected key=value[,key=value...] (got {part!r})")
-        out[key.strip()] = _parse_scalar(value.strip())
-        _check(not isinstance(out[key.strip()], float) or math.isfinite(out[key.strip()]),
-               f"{flag}: {part.strip()} is not a finite number")
-    return out
-
-
-def _parse_scalar(value: str):
-    lowered = value.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
-# Train-student settings a sweep can search, with their types (flags: --temperature, --alpha, ...).
-SWEEPABLE = {"temperature": float, "alpha": float, "lr": float, "batch_size": int, "epochs": int,
-             "weight_decay": float, "warmup_ratio": float, "schedule": str, "bn_momentum": float, "mix": str,
-             "mix_alpha": float, "loss": str, "standardize": bool, "dkd_beta": float, "dist_gamma": float}
+# Train-student settings a sweep can search (`setting(search=...)`), in field order, with their types.
+SWEEPABLE = {f.name: value_type(TrainConfig, f.name) for f in fields(TrainConfig) if f.metadata["search"] is not None}
 # Settings of one loss only (the losses each applies to): a config of another loss leaves them out.
 LOSS_SETTINGS = {"standardize": STANDARDIZABLE, "dkd_beta": ("dkd",), "dist_gamma": ("dist",)}
 
@@ -308,16 +316,38 @@ TRAIN_DEFAULTS = {f.name: (f.default if f.default is not MISSING else f.default_
 
 @dataclass
 class SweepConfig:
-    train: TrainConfig  # everything not searched (cache, student, precision, ...); out/seed/name are per trial
-    space: dict[str, str] = field(default_factory=dict)  # setting -> "1,2,5" or "1e-5:1e-2:log" (as typed)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # a claim needs a spread; 3 is the minimum
-    sampler: str = "grid"  # every config x every seed; "tpe" samples --trials configs
-    trials: int | None = None  # tpe: how many configs
-    prune: str = "none"  # stop hopeless trials on per-epoch validation accuracy (median | halving)
-    storage: str | None = None  # None = a journal file in the sweep folder; or an RDB URL for many workers
-    out: Path | None = None  # None = data/sweeps/<name>
-    name: str | None = None  # study name; None = the folder's name
-    stale_after_s: float = 3600.0  # a RUNNING trial of another host that is silent this long is rerun
+    train: TrainConfig = setting(cli=False)  # everything not searched; out/seed/name/resume are per trial
+    space: dict[str, str] = setting(factory=dict, cli=False)  # setting -> "1,2,5" or "1e-5:1e-2:log" (as typed)
+    # a claim needs a spread; 3 is the minimum
+    seeds: list[int] = setting(help="Seeds; every config runs every seed.", factory=lambda: [0, 1, 2], parse=ints)
+    sampler: str = setting("grid", "grid (every config x seed) or tpe (Optuna's TPE, --trials configs).")
+    trials: int | None = setting(None, "tpe: how many configs to try.")
+    prune: str = setting("none", "none|median|halving: stop hopeless trials on per-epoch validation accuracy.")
+    storage: str | None = setting(None, "Optuna storage URL for many workers.", shown="a journal file in --out")
+    out: Path | None = setting(None, "Sweep folder.", shown="data/sweeps/<name>")
+    name: str | None = setting(None, "Study name.", shown="the folder's name")
+    stale_after_s: float = setting(3600.0, "Seconds of silence after which another host's trial is rerun.",
+                                   flags=("--stale-after",))
+    dims: dict = field(init=False, repr=False, compare=False)  # the space, parsed once: name -> Dimension
+
+    @classmethod
+    def from_flags(cls, train: dict, **sweep) -> "SweepConfig":
+        """A sweep from train-student settings as typed (`train`: a searchable one as text, "1,2,5" or a range,
+        None when not given; any other as its value) and the sweep's own settings. A searchable setting with
+        one value is fixed for every run (it stays out of config names); more values or a range are searched."""
+        fixed, space = {}, {}
+        for name in SWEEPABLE:
+            text = train.pop(name, None)
+            if text is None:
+                continue
+            dim = parse_dimension(name, text)
+            if len(dim.choices) == 1:
+                fixed[name] = dim.choices[0]
+            else:
+                space[name] = text
+        if "alpha" in space and train.get("cache") is None:  # checked below, over every searched alpha
+            fixed["alpha"] = 0.0
+        return cls(train=TrainConfig(**train, **fixed), space=space, **sweep)
 
     def __post_init__(self):
         _finite_floats(self)
@@ -329,7 +359,7 @@ class SweepConfig:
         _check(len(set(self.seeds)) == len(self.seeds), f"--seeds: repeated seed in {self.seeds}")
         unknown = set(self.space) - set(SWEEPABLE)
         _check(not unknown, f"cannot sweep {sorted(unknown)}; searchable: {', '.join(SWEEPABLE)}")
-        dims = self.dimensions()
+        self.dims = dims = {name: parse_dimension(name, text) for name, text in self.space.items()}
         if self.sampler == "grid":
             ranged = [d.name for d in dims.values() if d.is_range]
             _check(not ranged, f"--{ranged[0].replace('_', '-') if ranged else ''}: ranges need --sampler tpe; "
@@ -351,9 +381,6 @@ class SweepConfig:
                "--cache is required when --alpha is > 0 (the KD term needs teacher logits)")
         _check(self.stale_after_s > 0, "--stale-after must be > 0 seconds")
 
-    def dimensions(self) -> dict[str, Dimension]:
-        return {name: parse_dimension(name, text) for name, text in self.space.items()}
-
     def out_dir(self) -> Path:
         return self.out or DATA_ROOT / "sweeps" / (self.name or "sweep")
 
@@ -365,20 +392,5 @@ class SweepConfig:
         train = self.train.to_dict()
         for k in ("out", "name", "seed", "resume", "device", "workers", *self.space):
             train.pop(k, None)
-        return {"space": {k: d.to_dict() for k, d in self.dimensions().items()}, "seeds": list(self.seeds),
+        return {"space": {k: d.to_dict() for k, d in self.dims.items()}, "seeds": list(self.seeds),
                 "sampler": self.sampler, "trials": self.trials, "prune": self.prune, "train": train}
-
-
-def split_space(flags: dict[str, str | None]) -> tuple[dict, dict[str, str]]:
-    """Sweep flags -> (fixed settings, searched settings): a flag with one value is a fixed setting of
-    every run (it does not appear in config names); two or more values, or a range, are searched."""
-    fixed, space = {}, {}
-    for name, text in flags.items():
-        if text is None:
-            continue
-        dim = parse_dimension(name, text)
-        if len(dim.choices) == 1:
-            fixed[name] = dim.choices[0]
-        else:
-            space[name] = text
-    return fixed, space

@@ -77,6 +77,7 @@ def saved(run_dir: Path, split: str = "test", dataset: str | None = None, device
     logits = predict(model, data, dev, precision, inputs)
     report = metrics.classification_report(logits, source.labels, teacher.numpy() if teacher is not None else None)
     report["confusion_matrix"] = metrics.confusion_matrix(logits.argmax(1), source.labels, len(ds.label_names)).tolist()
+    report["label_names"] = ds.label_names
     return report
 
 

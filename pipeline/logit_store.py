@@ -535,6 +535,25 @@ def describe_source(meta: dict, part: str) -> str:
     return f"{d.get('spec')}{'@' + str(d['revision'])[:12] if d.get('revision') else ''}"
 
 
+def inspect(path: Path) -> list[tuple[str, LogitSplit, float, int]]:
+    """Verify a cache folder (or one split's file): every split file read (format and checksum checked), its
+    teacher accuracy recomputed from the stored logits and compared with the recorded one, and all splits
+    from one source. Per split: (name, split, recomputed accuracy, file bytes)."""
+    path = Path(path)
+    paths = {path.stem: path} if path.is_file() else cache_splits(path, where=str(path))
+    rows = []
+    for name, f in paths.items():
+        split = read_split(f)
+        plain = split.view0()
+        acc = float((plain.teacher_logits().argmax(1) == plain.labels).mean())  # top-1 is kept by --topk too
+        if abs(acc - split.meta["teacher_accuracy"]) > 1e-9:
+            raise KdpipeError(f"{f}: stored teacher accuracy {split.meta['teacher_accuracy']:.4f} differs from "
+                              f"the recomputed {acc:.4f}; rebuild it with --force")
+        rows.append((name, split, acc, f.stat().st_size))
+    check_one_source({name: split.meta for name, split, _, _ in rows}, str(path))
+    return rows
+
+
 def check_one_source(metas: dict[str, dict], where: str) -> None:
     """Refuse split files that come from different teachers, datasets or label sets (a folder reused
     for another cache): names the odd splits and what differs. The reference is the source most splits

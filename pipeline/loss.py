@@ -31,7 +31,7 @@ STANDARDIZABLE = ("kd", "dkd")  # Sun et al. (2024) evaluate the z-score on KD, 
 
 def compute(name: str, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
             *, temperature: float, alpha: float, mix: Mix | None = None, standardize: bool = False,
-            dkd_beta: float = 8.0, dist_gamma: float = 1.0) -> dict[str, torch.Tensor]:
+            dkd_beta: float, dist_gamma: float) -> dict[str, torch.Tensor]:
     """The loss `name` (one of LOSSES) with its parts PARTS[name]."""
     if name == "kd":
         return distillation_loss(student_logits, labels, teacher_logits, temperature, alpha, mix, standardize)
@@ -47,9 +47,9 @@ def compute(name: str, student_logits: torch.Tensor, labels: torch.Tensor, teach
 def distillation_loss(
     student_logits: torch.Tensor,  # (B, C)
     labels: torch.Tensor,  # (B,) int, or (B, C) label distributions (mixed views)
-    teacher_logits: torch.Tensor | None = None,  # (B, C) raw, cached
-    temperature: float = 5.0,
-    alpha: float = 0.5,
+    teacher_logits: torch.Tensor | None,  # (B, C) raw, cached; None with alpha = 0
+    temperature: float,  # defaults: TrainConfig's, the one place they live
+    alpha: float,
     mix: Mix | None = None,
     standardize: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -90,10 +90,10 @@ def distillation_loss(
 def dkd_loss(
     student_logits: torch.Tensor,  # (B, C)
     labels: torch.Tensor,  # (B,) int: DKD needs one target class per example
-    teacher_logits: torch.Tensor | None = None,  # (B, C) raw, cached
-    temperature: float = 5.0,
-    alpha: float = 0.5,
-    beta: float = 8.0,
+    teacher_logits: torch.Tensor | None,  # (B, C) raw, cached; None with alpha = 0
+    temperature: float,  # defaults: TrainConfig's, the one place they live
+    alpha: float,
+    beta: float,
     standardize: bool = False,
     mix: Mix | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -150,10 +150,10 @@ def _decoupled(z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, tor
 def dist_loss(
     student_logits: torch.Tensor,  # (B, C)
     labels: torch.Tensor,  # (B,) int, or (B, C) label distributions (used by CE only)
-    teacher_logits: torch.Tensor | None = None,  # (B, C) raw, cached
-    temperature: float = 5.0,
-    alpha: float = 0.5,
-    gamma: float = 1.0,
+    teacher_logits: torch.Tensor | None,  # (B, C) raw, cached; None with alpha = 0
+    temperature: float,  # defaults: TrainConfig's, the one place they live
+    alpha: float,
+    gamma: float,
     mix: Mix | None = None,
 ) -> dict[str, torch.Tensor]:
     """DIST (Huang et al., 2022), returned with its parts. With Y = softmax(z / T) row-wise (B, C) and

@@ -18,14 +18,18 @@ import shlex
 
 import yaml
 
-from .config import TRAIN_DEFAULTS
+from dataclasses import fields
+
+from .config import TRAIN_DEFAULTS, TrainConfig
+from .settings import option_names
 from .data import looks_like_hub_id
 
 LOSS_NAMES = {"kd": "Hinton et al. (2015) KD", "dkd": "decoupled KD (Zhao et al., CVPR 2022)",
               "dist": "DIST (Huang et al., NeurIPS 2022)"}
 SPLITS = ("test", "validation")  # reported in this order; the best epoch is chosen on validation
 # Settings that do not change what is trained (where it runs, where it is written), left out of the command.
-NOT_RECIPE = ("out", "name", "resume", "device", "workers", "log_tensorboard", "precision")
+NOT_RECIPE = ("out", "name", "resume", "device", "precision")
+OPTIONS = {f.name: f for f in fields(TrainConfig) if f.metadata["cli"]}  # train-student's options
 ALWAYS = ("cache", "dataset", "loss", "temperature", "alpha", "epochs", "seed")  # shown even at their default
 
 
@@ -68,13 +72,13 @@ def reproduce_command(run: dict) -> str:
     cfg = run["config"]
     args = ["kdpipe", "train-student"]
     for key, value in cfg.items():
-        if key in NOT_RECIPE or key not in TRAIN_DEFAULTS:
+        if key in NOT_RECIPE or key not in OPTIONS:  # not an option, or one a later kdpipe dropped
             continue
         if key not in ALWAYS and value == TRAIN_DEFAULTS[key]:
             continue
-        flag = "--" + key.replace("_", "-")
+        flag, off = option_names(OPTIONS[key])
         if isinstance(value, bool):
-            args += [flag] if value else ([f"--no-{key.replace('_', '-')}"] if TRAIN_DEFAULTS[key] else [])
+            args += [flag] if value else ([off] if TRAIN_DEFAULTS[key] and off else [])
         elif value is None:
             args += [flag, ""] if key == "test_split" else []  # student, dataset, columns: the CLI's defaults too
         elif isinstance(value, dict):

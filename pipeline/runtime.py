@@ -55,6 +55,11 @@ def distributed() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def main_process() -> bool:
+    """Whether this process reports and writes for its job: rank 0 of a launcher's job, or a process alone."""
+    return distributed()[0] == 0
+
+
 def start_distributed(device: torch.device) -> None:
     """Join the process group the launcher described (NCCL between GPUs, gloo on CPUs). On a GPU the
     process first makes its own device current: NCCL runs collectives and barrier() on the current

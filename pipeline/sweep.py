@@ -42,9 +42,8 @@ from .config import LOSS_SETTINGS, SweepConfig, TrainConfig, applicable, without
 from .errors import KdpipeError
 
 SPEC_FILE = "sweep.json"
-SHORT = {"temperature": "T", "alpha": "a", "lr": "lr", "batch_size": "bs", "epochs": "e", "weight_decay": "wd",
-         "warmup_ratio": "wu", "schedule": "", "bn_momentum": "bnm", "mix": "", "mix_alpha": "ma", "loss": "",
-         "standardize": "ls", "dkd_beta": "b", "dist_gamma": "g"}
+SHORT = {f.name: f.metadata["search"] for f in dataclasses.fields(TrainConfig)  # a config's name: T5-a0.5
+         if f.metadata["search"] is not None}
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class Point:
 
 
 def config_key(params: dict) -> str:
-    """A readable folder-safe name for a config, e.g. T5-a0.5-lr5e-05 or T4-a0.5-dkd-b8-ls1 ("base" when
+    """A readable folder-safe name for a config, e.g. T5-a0.5-lr5e-05 or T4-a0.5-dkd-ls1-b8 ("base" when
     nothing is searched)."""
     def part(k) -> str:
         v = params[k]
@@ -77,7 +76,7 @@ def grid_points(cfg: SweepConfig) -> list[Point]:
     """Every config of the product x every seed, except that alpha = 0 runs once per setting of the rest:
     without the KD term the temperature and the loss change nothing, so they are left out of those configs;
     likewise a loss's own settings (e.g. --dkd-beta) are left out of the other losses' configs (applicable)."""
-    dims = cfg.dimensions()
+    dims = cfg.dims
     names = sorted(dims)
     configs = {}
     for values in itertools.product(*(dims[n].choices for n in names)):
@@ -288,7 +287,7 @@ def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None
 
     points = {p.key: p for p in grid_points(cfg)}
     shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
-    choices = {name: list(d.choices) for name, d in cfg.dimensions().items()}
+    choices = {name: list(d.choices) for name, d in cfg.dims.items()}
     choices["seed"] = list(cfg.seeds)
     rng = random.Random(f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
     collided = False
@@ -336,7 +335,7 @@ def _held_points(study) -> set[str]:
 def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
     from optuna.trial import TrialState
 
-    dims = cfg.dimensions()
+    dims = cfg.dims
     shared = student_data.SharedData()
     while True:
         for number in fail_stale_trials(study, cfg.stale_after_s):  # rerun a dead worker's config

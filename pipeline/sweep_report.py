@@ -43,6 +43,10 @@ class ConfigRow:
     def __post_init__(self):
         self.val_mean, self.val_std, self.val_ci95 = mean_std_ci(self.validation)
 
+    def test_mean_std(self) -> tuple[float, float] | None:
+        """Test accuracy over seeds, mean and std (the chosen config's, reported not used); None without it."""
+        return mean_std_ci(self.test)[:2] if self.test else None
+
 
 @dataclass
 class SweepSummary:
@@ -179,7 +183,7 @@ def _write(s: SweepSummary) -> list[Path]:
     w.writerow([*names, "seeds", "val_mean", "val_std", "val_ci95", "pruned_trials", "chosen", "test_mean", "test_std"])
     for r in s.rows:
         chosen = r is s.best
-        test = mean_std_ci(r.test) if chosen and r.test else None
+        test = r.test_mean_std() if chosen else None
         w.writerow([*(r.params.get(n) for n in names), len(r.seeds), f"{r.val_mean:.6f}", f"{r.val_std:.6f}",
                     "" if math.isnan(r.val_ci95) else f"{r.val_ci95:.6f}", r.pruned, int(chosen),
                     f"{test[0]:.6f}" if test else "", f"{test[1]:.6f}" if test else ""])

@@ -52,6 +52,13 @@ class Setup:
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"epoch": None, "accuracy": -1.0, "state": None})
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (runtime.grad_scaler); None = plain steps
+    rank: int = 0  # this process in a torchrun job (runtime.distributed), decided once at setup
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The process that writes checkpoints, metrics, the model and run.json (rank 0; a process alone)."""
+        return self.rank == 0
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -86,12 +93,13 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     model = runtime.prepare_model(model, device)
     optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits[cfg.train_split]) / cfg.batch_size))
     forward = runtime.compile_model(model, device) if cfg.compile else model
-    if runtime.distributed()[1] > 1:  # data-parallel: gradients averaged across processes every step
+    rank, world = runtime.distributed()
+    if world > 1:  # data-parallel: gradients averaged across processes every step
         forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     provenance = _provenance(cfg, cache, dataset, device, precision)
     return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
                  student_data.with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
-                 generator, scaler=runtime.grad_scaler(device, precision))
+                 generator, scaler=runtime.grad_scaler(device, precision), rank=rank, world=world)
 
 
 def _optimizer(model, cfg: TrainConfig, steps_per_epoch: int):
@@ -163,7 +171,7 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     takes every N-th example of each batch (same order everywhere: same seed), DDP averages the
     gradients, and a final batch smaller than N is skipped so no process idles in a step."""
     cfg, data = s.cfg, s.splits[s.cfg.train_split]
-    rank, world = runtime.distributed()
+    rank, world = s.rank, s.world
     s.model.train()
     if data.views > 1:  # this epoch's view of every image; its teacher targets come with it (consistent)
         data.view_of = torch.from_numpy(views.epoch_views(len(data), data.views, epoch, cfg.seed))
@@ -308,7 +316,7 @@ def _fit_epochs(s: Setup, progress, on_epoch, board) -> None:
         s.history.append(record)
         if val["accuracy"] > s.best["accuracy"]:
             s.best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "state": _cpu_state(s.model)}
-        if _writes(s):
+        if s.main:
             run_folder.write_checkpoint(s.out, checkpoint_state(s), s.history)
         if board is not None:
             _log_scalars(board, record)
@@ -319,7 +327,7 @@ def _fit_epochs(s: Setup, progress, on_epoch, board) -> None:
 def _tensorboard(s: Setup):
     """A SummaryWriter on `<out>/tensorboard` when asked for and the `tensorboard` extra is installed.
     On --resume, events after the resumed epoch (from the interrupted attempt) are purged."""
-    if not s.cfg.log_tensorboard or not _writes(s):
+    if not s.cfg.log_tensorboard or not s.main:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -338,11 +346,6 @@ def _log_scalars(board, record: dict) -> None:
     board.add_scalar("lr", record["lr"], step)
     board.add_scalar("train/images_per_s", record["train_images_per_s"], step)
     board.flush()
-
-
-def _writes(s: Setup) -> bool:
-    """Only the first process of a torchrun job writes checkpoints, metrics, the model and run.json."""
-    return runtime.distributed()[0] == 0
 
 
 def _cpu_state(model) -> dict:
@@ -393,7 +396,7 @@ def finish(s: Setup, wall_time: float) -> RunReport:
         test, logits = evaluate_split(s, s.cfg.test_split)
         labels = s.splits[s.cfg.test_split].labels.cpu().numpy()
         confusion = metrics.confusion_matrix(logits.argmax(1), labels, len(s.label_names)).tolist()
-    if not _writes(s):  # another process of the job: wait for the first to write everything
+    if not s.main:  # another process of the job: wait for the first to write everything
         torch.distributed.barrier()
         return load_report(s.out)
     with files.replacing(s.out / run_folder.MODEL) as tmp:
@@ -404,7 +407,7 @@ def finish(s: Setup, wall_time: float) -> RunReport:
     files.write_json(s.out / run_folder.RUN_JSON, run)
     for name in (run_folder.CHECKPOINT, run_folder.SUMS):  # the run is complete; model/ is the result
         (s.out / name).unlink(missing_ok=True)
-    if runtime.distributed()[1] > 1:
+    if s.world > 1:
         torch.distributed.barrier()
     return RunReport(s.out, s.best["epoch"], val, test, confusion, s.label_names, wall_time, s.history, run)
 

@@ -28,18 +28,25 @@ import numpy as np
 from PIL import Image
 
 from .errors import KdpipeError
+from .settings import pair, setting
 
 
 @dataclass(frozen=True)
 class ViewPolicy:
     """How random views are drawn. Defaults: torchvision's RandomResizedCrop ratio range and a milder
     area range than its (0.08, 1), since Beans' lesions are small details of a leaf; flip with p = 0.5."""
-    scale: tuple[float, float] = (0.25, 1.0)  # crop area as a fraction of the image's
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height
-    flip: float = 0.5  # probability of a horizontal flip
-    seed: int = 0  # views are a pure function of (seed, image id, view index)
-    mixup: float = 0.0  # Beta(a, a) of the partner's share in a mixed view; 0 = no mixed views
-    mixup_p: float = 0.5  # probability that an augmented view is mixed: half stay single images
+    scale: tuple[float, float] = setting((0.25, 1.0), "Random-resized-crop area range, as fractions of the image.",
+                                         flags=("--view-scale",), shown="0.25,1", parse=pair, panel="Views")
+    ratio: tuple[float, float] = setting((3 / 4, 4 / 3), "Random-resized-crop aspect-ratio range (width / height).",
+                                         flags=("--view-ratio",), shown="3/4,4/3", parse=pair, panel="Views")
+    flip: float = setting(0.5, "Probability of a horizontal flip per view.", flags=("--view-flip",), panel="Views")
+    seed: int = setting(0, "Seed of the views (a view is a function of seed, image id, index).",
+                        flags=("--view-seed",), panel="Views")
+    mixup: float = setting(0.0, "Blend views with another image's view, share ~ Beta(a, a), before the teacher sees "
+                                "them (0 = off).", flags=("--view-mixup",), panel="Views")
+    # half the views stay single images
+    mixup_p: float = setting(0.5, "With --view-mixup: probability that an augmented view is blended.",
+                             flags=("--view-mixup-p",), panel="Views")
 
     def __post_init__(self):
         for flag, values in (("--view-scale", self.scale), ("--view-ratio", self.ratio), ("--view-flip", (self.flip,)),

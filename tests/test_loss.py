@@ -23,6 +23,9 @@ TEACHER = torch.tensor([[3.0, 1.0, 0.0], [-1.0, 2.0, 0.5]])
 Y = torch.tensor([0, 2])
 
 
+BETA_GAMMA = {"dkd_beta": 8.0, "dist_gamma": 1.0}  # loss.compute takes every setting (TrainConfig holds the defaults)
+
+
 def softmax(row, t):
     e = [math.exp(v / t) for v in row]
     return [v / sum(e) for v in e]
@@ -59,21 +62,21 @@ def test_t_squared_scaling_is_applied():
 
 
 def test_alpha_zero_needs_no_teacher_and_one_ignores_labels():
-    assert distillation_loss(S, Y, None, alpha=0.0)["loss"].item() == pytest.approx(hand_ce(), rel=1e-5)
-    a = distillation_loss(S, Y, TEACHER, alpha=1.0)["loss"].item()
-    b = distillation_loss(S, torch.tensor([1, 1]), TEACHER, alpha=1.0)["loss"].item()
+    assert distillation_loss(S, Y, None, temperature=5.0, alpha=0.0)["loss"].item() == pytest.approx(hand_ce(), rel=1e-5)
+    a = distillation_loss(S, Y, TEACHER, temperature=5.0, alpha=1.0)["loss"].item()
+    b = distillation_loss(S, torch.tensor([1, 1]), TEACHER, temperature=5.0, alpha=1.0)["loss"].item()
     assert a == b
     with pytest.raises(ValueError):
-        distillation_loss(S, Y, None, alpha=0.5)
+        distillation_loss(S, Y, None, temperature=5.0, alpha=0.5)
 
 
 def test_loss_gradient_flows_to_the_student_only():
     s = S.clone().requires_grad_(True)
     t = TEACHER.clone().requires_grad_(True)
-    distillation_loss(s, Y, t, alpha=0.5)["loss"].backward()
+    distillation_loss(s, Y, t, temperature=5.0, alpha=0.5)["loss"].backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     # the parts are reported detached
-    assert not distillation_loss(s, Y, t)["kd"].requires_grad
+    assert not distillation_loss(s, Y, t, temperature=5.0, alpha=0.5)["kd"].requires_grad
 
 
 def test_metrics_by_hand():
@@ -119,7 +122,7 @@ DISTRIBUTIONS = torch.tensor([[0.8, 0.2, 0.0], [0.0, 0.5, 0.5]])
 def test_kd_is_unchanged_bit_for_bit(labels, mix, t, alpha):
     want = _hinton_as_of_today(S, labels, TEACHER, t, alpha, mix)
     for got in (distillation_loss(S, labels, TEACHER, t, alpha, mix),
-                compute("kd", S, labels, TEACHER, temperature=t, alpha=alpha, mix=mix)):
+                compute("kd", S, labels, TEACHER, temperature=t, alpha=alpha, mix=mix, **BETA_GAMMA)):
         assert set(got) == set(PARTS["kd"])
         for k in want:
             assert torch.equal(got[k], want[k]), k
@@ -213,10 +216,10 @@ def test_dkd_stays_finite_when_the_target_is_certain():
 
 def test_dkd_refuses_mixed_targets():
     with pytest.raises(ValueError, match="one target class"):
-        dkd_loss(S, DISTRIBUTIONS, TEACHER, 4.0, 0.5)
+        dkd_loss(S, DISTRIBUTIONS, TEACHER, 4.0, 0.5, beta=8.0)
     with pytest.raises(ValueError, match="one target class"):
-        dkd_loss(S, Y, TEACHER, 4.0, 0.5, mix=MIX)
-    assert dkd_loss(S, DISTRIBUTIONS, None, 4.0, 0.0)["kd"].item() == 0.0  # no KD term: plain (soft) CE
+        dkd_loss(S, Y, TEACHER, 4.0, 0.5, beta=8.0, mix=MIX)
+    assert dkd_loss(S, DISTRIBUTIONS, None, 4.0, 0.0, beta=8.0)["kd"].item() == 0.0  # no KD term: plain (soft) CE
 
 
 # -------------------------------------------------------------------------------------------- dist
@@ -260,15 +263,15 @@ def test_dist_by_hand_on_two_classes():
     # inter = (0 + 0 + 2) / 3 at T = 1.
     s = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
     t = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
-    assert dist_loss(s, torch.tensor([0, 1, 1]), t, 1.0, 1.0)["inter"].item() == pytest.approx(2 / 3, rel=1e-6)
+    assert dist_loss(s, torch.tensor([0, 1, 1]), t, 1.0, 1.0, 1.0)["inter"].item() == pytest.approx(2 / 3, rel=1e-6)
 
 
 def test_dist_on_identical_logits_is_zero():
-    parts = dist_loss(S4, Y4, S4.clone(), 4.0, 1.0)
+    parts = dist_loss(S4, Y4, S4.clone(), 4.0, 1.0, 1.0)
     assert parts["inter"].item() == pytest.approx(0.0, abs=1e-6)
     assert parts["intra"].item() == pytest.approx(0.0, abs=1e-6)
     assert parts["loss"].item() == pytest.approx(0.0, abs=1e-5)
-    assert dist_loss(S4, Y4, T4, 4.0, 1.0)["loss"].item() > 0.1  # and is not zero otherwise
+    assert dist_loss(S4, Y4, T4, 4.0, 1.0, 1.0)["loss"].item() > 0.1  # and is not zero otherwise
 
 
 def test_dist_is_blind_to_what_correlation_ignores_but_kd_is_not():
@@ -276,7 +279,7 @@ def test_dist_is_blind_to_what_correlation_ignores_but_kd_is_not():
     # has inter = 0; KL is not zero. Student rows = softmax(t) mapped to 0.5 * p + 0.5 / C, as logits.
     p = torch.softmax(T4, -1)
     s = torch.log(0.5 * p + 0.5 / 3)
-    assert dist_loss(s, Y4, T4, 1.0, 1.0)["inter"].item() == pytest.approx(0.0, abs=1e-6)
+    assert dist_loss(s, Y4, T4, 1.0, 1.0, 1.0)["inter"].item() == pytest.approx(0.0, abs=1e-6)
     assert distillation_loss(s, Y4, T4, 1.0, 1.0)["kd"].item() > 0.01
 
 
@@ -291,14 +294,14 @@ def test_dist_mixes_the_teachers_probabilities_and_takes_label_distributions():
     want_ce = 0.25 * F.cross_entropy(S4, Y4).item() + 0.75 * F.cross_entropy(S4, Y4[perm]).item()
     assert parts["ce"].item() == pytest.approx(want_ce, rel=1e-6)
     soft = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.2, 0.0, 0.8]])
-    a, b = dist_loss(S4, soft, T4, 2.0, 0.5), dist_loss(S4, Y4, T4, 2.0, 0.5)
+    a, b = dist_loss(S4, soft, T4, 2.0, 0.5, 1.0), dist_loss(S4, Y4, T4, 2.0, 0.5, 1.0)
     assert a["kd"].item() == b["kd"].item()  # labels reach CE only
     assert a["ce"].item() == pytest.approx(-(soft * torch.log_softmax(S4, -1)).sum(1).mean().item(), rel=1e-6)
 
 
 def test_a_constant_vector_has_no_correlation_and_a_finite_gradient():
     s = torch.zeros(1, 3, requires_grad=True)  # one example: every column of the batch is constant
-    parts = dist_loss(s, torch.tensor([0]), torch.tensor([[2.0, 0.0, 1.0]]), 1.0, 1.0)
+    parts = dist_loss(s, torch.tensor([0]), torch.tensor([[2.0, 0.0, 1.0]]), 1.0, 1.0, 1.0)
     parts["loss"].backward()
     assert parts["intra"].item() == pytest.approx(1.0)  # rho = 0 for each class: d = 1
     assert torch.isfinite(s.grad).all()
@@ -337,7 +340,7 @@ def test_standardised_kd_matches_the_formula(t):
 
 @pytest.mark.parametrize("name", ["kd", "dkd"])
 def test_standardisation_is_invariant_to_shift_and_scale_of_the_teachers_logits(name):
-    kw = dict(temperature=2.0, alpha=0.7)
+    kw = dict(temperature=2.0, alpha=0.7, **BETA_GAMMA)
     base = compute(name, S4, Y4, T4, standardize=True, **kw)
     for moved in (T4 + 7.0, 3.0 * T4, 0.25 * T4 - 2.0, T4 * torch.tensor([[2.0], [0.5], [4.0], [1.0]])):
         other = compute(name, S4, Y4, moved, standardize=True, **kw)
@@ -363,16 +366,16 @@ CASES = [("kd", False), ("kd", True), ("dkd", False), ("dkd", True), ("dist", Fa
 @pytest.mark.parametrize("name, standardize", CASES)
 def test_parts_are_named_detached_and_zero_without_a_kd_term(name, standardize):
     s = S4.clone().requires_grad_(True)
-    parts = compute(name, s, Y4, T4, temperature=4.0, alpha=0.5, standardize=standardize)
+    parts = compute(name, s, Y4, T4, temperature=4.0, alpha=0.5, standardize=standardize, **BETA_GAMMA)
     assert tuple(parts) == PARTS[name]
     assert parts["loss"].requires_grad and not any(parts[k].requires_grad for k in PARTS[name][1:])
     parts["loss"].backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
-    plain = compute(name, S4, Y4, None, temperature=4.0, alpha=0.0, standardize=standardize)
+    plain = compute(name, S4, Y4, None, temperature=4.0, alpha=0.0, standardize=standardize, **BETA_GAMMA)
     assert tuple(plain) == PARTS[name] and plain["loss"].item() == pytest.approx(F.cross_entropy(S4, Y4).item())
     assert all(plain[k].item() == 0.0 for k in PARTS[name][2:])
     with pytest.raises(ValueError, match="teacher_logits"):
-        compute(name, S4, Y4, None, temperature=4.0, alpha=0.5, standardize=standardize)
+        compute(name, S4, Y4, None, temperature=4.0, alpha=0.5, standardize=standardize, **BETA_GAMMA)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -390,7 +393,8 @@ def test_gradients_are_finite_under_cpu_autocast(dtype, name, standardize):
         pytest.skip(f"CPU autocast in {dtype}: {e}")
     if logits.dtype != dtype:
         pytest.skip(f"CPU autocast does not run Linear in {dtype} in this torch")
-    parts = compute(name, logits, labels, teacher.to(dtype), temperature=2.0, alpha=0.5, standardize=standardize)
+    parts = compute(name, logits, labels, teacher.to(dtype), temperature=2.0, alpha=0.5, standardize=standardize,
+                    **BETA_GAMMA)
     parts["loss"].backward()
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in parts.values())  # computed in fp32
     assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
@@ -398,9 +402,9 @@ def test_gradients_are_finite_under_cpu_autocast(dtype, name, standardize):
 
 def test_compute_refuses_unknown_losses_and_standardised_dist():
     with pytest.raises(ValueError, match="unknown loss"):
-        compute("ckd", S, Y, TEACHER, temperature=1.0, alpha=0.5)
+        compute("ckd", S, Y, TEACHER, temperature=1.0, alpha=0.5, **BETA_GAMMA)
     with pytest.raises(ValueError, match="standardize applies to kd and dkd"):
-        compute("dist", S, Y, TEACHER, temperature=1.0, alpha=0.5, standardize=True)
+        compute("dist", S, Y, TEACHER, temperature=1.0, alpha=0.5, standardize=True, **BETA_GAMMA)
     assert set(LOSSES) == set(PARTS)
 
 

@@ -71,8 +71,8 @@ def test_mixed_targets_match_a_hand_computation(lam):
 
 
 def test_lam_one_is_the_unmixed_loss():
-    plain = distillation_loss(S, Y, T, alpha=0.7)
-    mixed = distillation_loss(S, Y, T, alpha=0.7, mix=mixing.Mix(1.0, PERM))
+    plain = distillation_loss(S, Y, T, temperature=5.0, alpha=0.7)
+    mixed = distillation_loss(S, Y, T, temperature=5.0, alpha=0.7, mix=mixing.Mix(1.0, PERM))
     assert {k: round(v.item(), 6) for k, v in plain.items()} == {k: round(v.item(), 6) for k, v in mixed.items()}
 
 

@@ -1,0 +1,99 @@
+"""One place per setting (issue 27, point 3): the command line is built from the config dataclasses, so a
+setting's default, help, flags and parser live in its field; a new field is a new option without other edits."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from kdpipe import cli, settings
+from kdpipe.config import SWEEPABLE, CacheConfig, SweepConfig, TrainConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.sweep import SHORT, config_key
+
+
+@dataclasses.dataclass
+class Toy:
+    rate: float = settings.setting(0.1, "A rate.", flags=("--rate", "-r"), search="r")
+    tags: list[str] = settings.setting(help="Tags.", factory=lambda: ["a"], parse=settings.comma_list)
+    loud: bool = settings.setting(False, "Be loud.", flags=("--loud/--quiet",))
+
+    def __post_init__(self):
+        if self.rate <= 0:
+            raise KdpipeError(f"--rate must be > 0 (got {self.rate})")
+
+
+def _toy_app():
+    app = typer.Typer()
+
+    @app.command()
+    @cli.configured(flags=Toy)
+    def go(flags: dict):
+        print(repr(Toy(**flags)))
+
+    return app
+
+
+@pytest.mark.parametrize("args, expected", [([], Toy()), (["-r", "0.5", "--tags", "x,y", "--loud"],
+                                                         Toy(0.5, ["x", "y"], True))])
+def test_a_new_field_is_a_new_option_with_its_default_parser_and_check(args, expected):
+    result = CliRunner().invoke(_toy_app(), args)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == repr(expected)
+    refused = CliRunner().invoke(_toy_app(), ["--rate", "0"])
+    assert refused.exit_code == 1 and "--rate must be > 0" in refused.output and "Traceback" not in refused.output
+
+
+def _options(command) -> dict:
+    callback = next(c.callback for c in cli.app.registered_commands if c.name == command)
+    return {name: p.default for name, p in inspect.signature(callback).parameters.items()}
+
+
+@pytest.mark.parametrize("command, cls", [("train-student", TrainConfig), ("cache-teacher", CacheConfig)])
+def test_every_option_is_a_config_field_with_the_fields_default(command, cls):
+    options = _options(command)
+    for f in dataclasses.fields(cls):
+        if not f.metadata["cli"] or dataclasses.is_dataclass(settings.value_type(cls, f.name)):
+            continue
+        info = options.pop(f.name)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.metadata["parse"] is None:
+            assert info.default == default, f.name
+        assert info.help == f.metadata["help"], f.name
+    nested = {k for k in options if "__" in k}  # CacheConfig.augment: the ViewPolicy fields
+    assert set(options) == nested
+    assert not set(options) - {f"augment__{f.name}" for f in dataclasses.fields(CacheConfig().augment)}
+
+
+def test_the_sweep_offers_every_train_setting_and_searches_the_marked_ones():
+    options = _options("sweep")
+    per_trial = {"out", "name", "seed", "resume"}
+    train = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["cli"]} - per_trial
+    own = {f.name for f in dataclasses.fields(SweepConfig) if f.init and f.metadata["cli"]}
+    assert set(options) == train | own
+    for name in SWEEPABLE:
+        assert options[name].default is None and "range low:high" in options[name].help  # text: values or a range
+
+
+def test_sweep_flags_split_into_fixed_settings_and_searched_ones():
+    cfg = SweepConfig.from_flags({"cache": ".", "temperature": "2,5", "lr": "1e-3", "alpha": None}, seeds=[0])
+    assert cfg.space == {"temperature": "2,5"} and cfg.train.lr == 1e-3 and cfg.train.alpha == 0.5
+    assert list(cfg.dims) == ["temperature"] and cfg.dims["temperature"].choices == (2.0, 5.0)
+    scratch = SweepConfig.from_flags({"dataset": ".", "lr": "1e-3,1e-2", "alpha": "0"}, seeds=[0])  # no cache
+    assert scratch.train.alpha == 0.0 and scratch.space == {"lr": "1e-3,1e-2"}
+    with pytest.raises(KdpipeError, match="--cache is required"):  # searching alpha > 0 needs teacher logits
+        SweepConfig.from_flags({"dataset": ".", "alpha": "0,0.5"}, seeds=[0])
+
+
+def test_config_names_keep_their_order():
+    """A sweep's trials are keyed by config names; reordering TrainConfig's searchable fields would rename the
+    configs of every sweep already on disk, so their order is pinned here."""
+    assert list(SHORT) == ["temperature", "alpha", "lr", "batch_size", "epochs", "weight_decay", "warmup_ratio",
+                           "schedule", "bn_momentum", "mix", "mix_alpha", "loss", "standardize", "dkd_beta",
+                           "dist_gamma"]
+    assert config_key({"loss": "dkd", "temperature": 4.0, "dkd_beta": 8.0, "alpha": 0.5, "standardize": True}) == \
+        "T4-a0.5-dkd-ls1-b8"
