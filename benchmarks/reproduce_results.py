@@ -41,7 +41,7 @@ report_results.py reads; folder and file names only say where a file is.
    (half the views blended with another image's before the teacher saw them) to `views-mixup<a>/`; `--views 0` runs
    the same arms without views (the plain cache) into `views0/`, the baseline at an equal budget.
    (The folders keep arms that differ apart; what an arm varies is read from its settings block.)
-   Also the guide's 30-epoch budget, CutMix of the stored views, and the alpha = 0 twin of each (VIEW_ARMS).
+   Also the guide's 30-epoch budget and the alpha = 0 twin of each (VIEW_ARMS).
    Only the seeds without a result file run, so a later session (whose data/ may be gone) completes an arm.
    The runs behind docs/results.md: `--steps views` (every arm, seeds 0-2), then `--seeds 3,4 --view-arms
    distilled-long,scratch-long` (later also `--seeds 5`, `6`, ..., `14`, two processes each), then `--seeds 0,1,2
@@ -86,10 +86,9 @@ VIEW_SCALE = ViewPolicy().scale[0]  # smallest crop area of a view, as a fractio
 # with the guide's full 30-epoch budget (a "patient" teacher, Beyer et al. 2022; --views-long sets the epochs,
 # 0 skips it); the alpha = 0 twin of each (the same augmentation without a teacher). Which distilled budget
 # is reported is chosen on validation (benchmarks/report_results.py).
-# Then the longer budget with CutMix of the stored views (train-student --mix cutmix; each region of a mixed
-# image is still a real view the teacher saw, which mixup's blend is not) and its alpha = 0 twin.
-VIEW_ARMS = {"distilled": {}, "distilled-long": {}, "scratch": {"alpha": 0.0}, "scratch-long": {"alpha": 0.0},
-             "distilled-cutmix-long": {"mix": "cutmix"}, "scratch-cutmix-long": {"alpha": 0.0, "mix": "cutmix"}}
+# (CutMix of the stored views was a further arm, screened and dropped on validation; train-student's batch-level
+# --mix has since been removed, and its result file stays in benchmarks/results/views/.)
+VIEW_ARMS = {"distilled": {}, "distilled-long": {}, "scratch": {"alpha": 0.0}, "scratch-long": {"alpha": 0.0}}
 
 
 def print_epoch(record: dict) -> None:
@@ -156,7 +155,7 @@ def arm_settings(step: str, run: dict, recipe_lr: float, recipe_epochs: int) -> 
     scale = policy.get("scale", [VIEW_SCALE])[0]
     return {"step": step, "views": stored.get("views", 0), "view_scale": None if scale == VIEW_SCALE else scale,
             "view_mixup": policy.get("mixup", 0.0), "view_lr": None if cfg["lr"] == recipe_lr else cfg["lr"],
-            "epochs": cfg["epochs"], "recipe_epochs": recipe_epochs, "mix": cfg.get("mix", "none"),
+            "epochs": cfg["epochs"], "recipe_epochs": recipe_epochs, "mix": "none",  # batch-level --mix is gone
             "alpha": cfg["alpha"], "temperature": cfg["temperature"] if cfg["alpha"] else None, "seed": cfg["seed"]}
 
 

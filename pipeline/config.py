@@ -17,8 +17,6 @@ from .views import ViewPolicy
 
 DATA_ROOT = Path("data")
 SCHEDULES = ("linear", "cosine", "constant")
-AUGMENTS = ("none", "flip")
-MIXES = ("none", "mixup", "cutmix")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -134,14 +132,10 @@ class TrainConfig:
                                         search="bnm", panel="Optimisation")
     precise_bn: bool = setting(False, "Recompute BN statistics on the train split before each evaluation.",
                                flags=("--precise-bn/--no-precise-bn",), panel="Optimisation")
-    # views and mixing
+    # augmentation: only the views the teacher saw (cache-teacher --views K, --view-mixup a), never an online
+    # transform the cached logits do not belong to
     views: bool = setting(False, "Train on the cache's stored augmented views (one per image per epoch).",
-                          flags=("--views/--no-views",), panel="Views and mixing")
-    # mixup|cutmix of each batch with its own permutation, soft targets mixed alike (approximate)
-    mix: str = setting("none", "none|mixup|cutmix within each batch; soft targets mixed alike (approximate, see "
-                               "docs/views.md).", search="", panel="Views and mixing")
-    # 1.0 = uniform, as in CutMix (Yun et al., 2019)
-    mix_alpha: float = setting(1.0, "Beta(a, a) of the mixing weight.", search="ma", panel="Views and mixing")
+                          flags=("--views/--no-views",), panel="Data")
     # other KD terms from the same cache (docs/training.md)
     loss: str = setting("kd", "KD term: kd (Hinton) | dkd (decoupled, Zhao 2022) | dist (correlations, Huang 2022).",
                         search="", panel="Distillation")
@@ -153,9 +147,6 @@ class TrainConfig:
     # Huang et al. (2022) set beta = gamma = 1
     dist_gamma: float = setting(1.0, "dist: weight of the intra-class term relative to the inter-class one.",
                                 search="g", panel="Distillation")
-    augment: str = setting("none", "none|flip: online augmentation the cached teacher did not see.", panel="Views and mixing")
-    allow_inconsistent: bool = setting(False, "Permit --augment with a KD term (warned in run.json).",
-                                       flags=("--allow-inconsistent",), panel="Views and mixing")
     allow_changed_data: bool = setting(False, "Train although images changed since the cache was built "
                                               "(recorded in run.json).", flags=("--allow-changed-data",), panel="Data")
     # the run
@@ -179,21 +170,11 @@ class TrainConfig:
             self.out = Path(self.out)
         _positive("temperature", self.temperature, "--temperature")
         _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1] (got {self.alpha})")
-        _check(self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}")
-        _check(self.augment == "none" or self.alpha == 0 or self.allow_inconsistent,
-               f"--augment {self.augment} changes the student's input but not the cached teacher's, so the KD "
-               "targets would belong to another image; cache views (cache-teacher --views K) and train with "
-               "--views, or pass --allow-inconsistent")
-        _check(self.mix in MIXES, f"--mix must be one of {', '.join(MIXES)}")
         _check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
         _check(not self.standardize or self.loss in STANDARDIZABLE,
                f"--standardize applies to --loss {' or '.join(STANDARDIZABLE)} (Sun et al. 2024), not --loss {self.loss}")
-        _check(self.loss != "dkd" or self.mix == "none",
-               f"--loss dkd splits each example's target class from the others, and --mix {self.mix} blends two "
-               "examples with two targets; use --loss kd or dist with --mix")
         _finite_at_least("dkd_beta", self.dkd_beta, "--dkd-beta")
         _finite_at_least("dist_gamma", self.dist_gamma, "--dist-gamma")
-        _positive("mix_alpha", self.mix_alpha, "--mix-alpha")
         _check(self.alpha == 0 or self.cache is not None,
                "--cache is required when --alpha > 0 (the KD term needs teacher logits); use --alpha 0 for a "
                "from-scratch baseline")
@@ -227,11 +208,20 @@ class TrainConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-def without_new_defaults(now: dict, saved: dict) -> dict:
-    """`now` (a TrainConfig.to_dict(), or part of one) less the settings `saved` lacks that hold their default:
-    a later kdpipe added them, and their default is what the earlier one did, so runs and sweeps started
-    before the upgrade still resume."""
-    return {k: v for k, v in now.items() if k in saved or k not in TRAIN_DEFAULTS or v != TRAIN_DEFAULTS[k]}
+# Settings a later kdpipe removed, each with the value that did what kdpipe does now without it: the batch-level
+# --mix (two cached answers mixed: an approximation the mixed views replace) and the online --augment flip (a
+# student input the cached teacher never saw). (TrainConfig.workers, never read, was removed too: any value
+# did what kdpipe does now, so it is not compared.)
+REMOVED = {"mix": "none", "mix_alpha": 1.0, "augment": "none", "allow_inconsistent": False}
+
+
+def comparable(now: dict, saved: dict) -> dict:
+    """`now` (a TrainConfig.to_dict(), or part of one) as the kdpipe that wrote `saved` would have written it:
+    less the settings `saved` lacks that hold their default (added since; their default is what the earlier
+    kdpipe did), plus the removed settings `saved` has, at the value that means what kdpipe does now. So runs
+    and sweeps started before an upgrade resume, and one that used a removed setting differs in it."""
+    out = {k: v for k, v in now.items() if k in saved or k not in TRAIN_DEFAULTS or v != TRAIN_DEFAULTS[k]}
+    return {**out, **{k: v for k, v in REMOVED.items() if k in saved}}
 
 
 # Train-student settings a sweep can search (`setting(search=...)`), in field order, with their types.
@@ -369,9 +359,6 @@ class SweepConfig:
             _check(self.trials is not None and self.trials > 0, "--sampler tpe needs --trials N (N > 0)")
             _check(bool(dims), "--sampler tpe needs at least one searched setting, e.g. --lr 1e-5:1e-2:log")
         losses = dims["loss"].choices if "loss" in dims else (self.train.loss,)
-        mixes = dims["mix"].choices if "mix" in dims else (self.train.mix,)
-        _check("dkd" not in losses or set(mixes) == {"none"},
-               "--loss dkd cannot run with --mix (one target class per example); sweep dkd and --mix separately")
         _check(not (self.train.standardize and "dist" in losses),
                "--standardize true does not apply to --loss dist; search --standardize true,false instead "
                "(dist configs run without it)")

@@ -21,8 +21,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .mixing import Mix
-
 LOSSES = ("kd", "dkd", "dist")
 PARTS = {"kd": ("loss", "ce", "kd"), "dkd": ("loss", "ce", "kd", "tckd", "nckd"),
          "dist": ("loss", "ce", "kd", "inter", "intra")}
@@ -30,17 +28,17 @@ STANDARDIZABLE = ("kd", "dkd")  # Sun et al. (2024) evaluate the z-score on KD, 
 
 
 def compute(name: str, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-            *, temperature: float, alpha: float, mix: Mix | None = None, standardize: bool = False,
+            *, temperature: float, alpha: float, standardize: bool = False,
             dkd_beta: float, dist_gamma: float) -> dict[str, torch.Tensor]:
     """The loss `name` (one of LOSSES) with its parts PARTS[name]."""
     if name == "kd":
-        return distillation_loss(student_logits, labels, teacher_logits, temperature, alpha, mix, standardize)
+        return distillation_loss(student_logits, labels, teacher_logits, temperature, alpha, standardize)
     if standardize and name not in STANDARDIZABLE:
         raise ValueError(f"standardize applies to {' and '.join(STANDARDIZABLE)}, not {name}")
     if name == "dkd":
-        return dkd_loss(student_logits, labels, teacher_logits, temperature, alpha, dkd_beta, standardize, mix)
+        return dkd_loss(student_logits, labels, teacher_logits, temperature, alpha, dkd_beta, standardize)
     if name == "dist":
-        return dist_loss(student_logits, labels, teacher_logits, temperature, alpha, dist_gamma, mix)
+        return dist_loss(student_logits, labels, teacher_logits, temperature, alpha, dist_gamma)
     raise ValueError(f"unknown loss {name!r}; one of {', '.join(LOSSES)}")
 
 
@@ -50,7 +48,6 @@ def distillation_loss(
     teacher_logits: torch.Tensor | None,  # (B, C) raw, cached; None with alpha = 0
     temperature: float,  # defaults: TrainConfig's, the one place they live
     alpha: float,
-    mix: Mix | None = None,
     standardize: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Knowledge-distillation loss (`kd`), returned with its parts.
@@ -64,24 +61,16 @@ def distillation_loss(
     (B, C), mixup's targets for views blended before the teacher saw them (views.Mixes): CE is then
     -sum_c y_c log softmax(s)_c, and the teacher's logits are its own answer on the blend.
 
-    With `mix` (the inputs were mixed with a permutation of the batch, weight lam; kdpipe.mixing) both
-    targets are mixed alike: CE = lam * CE(s, y) + (1 - lam) * CE(s, y[perm]), and the teacher's distribution
-    is lam * softmax(t / T) + (1 - lam) * softmax(t[perm] / T), an approximation of its answer on the
-    mixed image.
-
     With `standardize` (Sun et al., 2024) both logit vectors are z-scored per example before the
     temperature, s -> zscore(s), t -> zscore(t), so T acts as their base temperature; CE keeps the raw s.
     """
     s = student_logits.float()
-    ce = _hard_term(s, labels, mix)
+    ce = _hard_term(s, labels)
     if alpha == 0 or teacher_logits is None:
         return _hard_only(ce, alpha)
     s_soft, t_soft = (zscore(s), zscore(teacher_logits.float())) if standardize else (s, teacher_logits.float())
     log_p_student = F.log_softmax(s_soft / temperature, dim=-1)  # (B, C)
     log_p_teacher = F.log_softmax(t_soft / temperature, dim=-1)  # (B, C)
-    if mix is not None:  # log(lam * p + (1 - lam) * p[perm]); log(0) = -inf is exact at lam = 0 or 1
-        perm = mix.perm.to(labels.device)
-        log_p_teacher = torch.logaddexp(log_p_teacher + _log(mix.lam), log_p_teacher[perm] + _log(1 - mix.lam))
     kd = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
     loss = (1 - alpha) * ce + alpha * kd
     return {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}
@@ -95,7 +84,6 @@ def dkd_loss(
     alpha: float,
     beta: float,
     standardize: bool = False,
-    mix: Mix | None = None,
 ) -> dict[str, torch.Tensor]:
     """Decoupled KD (Zhao et al., 2022), returned with its parts.
 
@@ -114,15 +102,15 @@ def dkd_loss(
     Probabilities are formed as logsumexp differences, so a confident target (p_y -> 1) stays finite.
 
     Mixed targets are refused (ValueError): the decomposition needs the example's one target class, and a
-    blended image (`mix`, or (B, C) label distributions of mixed views) has two. With `standardize`, both
+    blended image ((B, C) label distributions of mixed views) has two. With `standardize`, both
     logit vectors are z-scored per example first (Sun et al., 2024; the paper's DKD + ours).
     """
     s = student_logits.float()
-    ce = _hard_term(s, labels, mix)
+    ce = _hard_term(s, labels)
     if alpha == 0 or teacher_logits is None:
         return _hard_only(ce, alpha, "tckd", "nckd")
-    if mix is not None or labels.ndim != 1:
-        raise ValueError("dkd needs one target class per example: mixed inputs or label distributions have two")
+    if labels.ndim != 1:
+        raise ValueError("dkd needs one target class per example: label distributions of mixed views have two")
     t = teacher_logits.float()
     if standardize:
         s, t = zscore(s), zscore(t)
@@ -154,7 +142,6 @@ def dist_loss(
     temperature: float,  # defaults: TrainConfig's, the one place they live
     alpha: float,
     gamma: float,
-    mix: Mix | None = None,
 ) -> dict[str, torch.Tensor]:
     """DIST (Huang et al., 2022), returned with its parts. With Y = softmax(z / T) row-wise (B, C) and
     rho the Pearson correlation, d(u, v) = 1 - rho(u, v):
@@ -172,17 +159,14 @@ def dist_loss(
     a batch of one example: every column is constant).
 
     The teacher's probabilities enter only through relations, so `labels` may be label distributions
-    (they reach CE alone). With `mix`, the teacher's rows are lam * Y_t + (1 - lam) * Y_t[perm], the same
-    approximation as kd's.
+    (they reach CE alone).
     """
     s = student_logits.float()
-    ce = _hard_term(s, labels, mix)
+    ce = _hard_term(s, labels)
     if alpha == 0 or teacher_logits is None:
         return _hard_only(ce, alpha, "inter", "intra")
     y_s = F.softmax(s / temperature, dim=-1)  # (B, C)
     y_t = F.softmax(teacher_logits.float() / temperature, dim=-1)  # (B, C)
-    if mix is not None:
-        y_t = mix.lam * y_t + (1 - mix.lam) * y_t[mix.perm.to(y_t.device)]
     inter = (1 - pearson(y_s, y_t, dim=1)).mean() * temperature**2
     intra = (1 - pearson(y_s, y_t, dim=0)).mean() * temperature**2
     kd = inter + gamma * intra
@@ -237,14 +221,7 @@ def _hard_only(ce: torch.Tensor, alpha: float, *parts: str) -> dict[str, torch.T
     return {"loss": ce, "ce": ce.detach(), "kd": zero, **{name: zero for name in parts}}
 
 
-def _hard_term(s: torch.Tensor, labels: torch.Tensor, mix: Mix | None) -> torch.Tensor:
-    """CE(s, labels), or with `mix` lam * CE(s, y) + (1 - lam) * CE(s, y[perm])."""
-    ce = F.cross_entropy(s, labels)
-    if mix is not None:
-        perm = mix.perm.to(labels.device)
-        ce = mix.lam * ce + (1 - mix.lam) * F.cross_entropy(s, labels[perm])
-    return ce
+def _hard_term(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE(s, labels); with label distributions (B, C), -sum_c y_c log softmax(s)_c."""
+    return F.cross_entropy(s, labels)
 
-
-def _log(x: float) -> float:
-    return math.log(x) if x > 0 else -math.inf

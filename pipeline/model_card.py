@@ -142,7 +142,7 @@ def _body(run: dict, name: str) -> str:
     recipe += [("epochs", str(cfg["epochs"])), ("best epoch (chosen on validation)", str(run.get("best_epoch"))),
                ("views", views), ("seed", str(run.get("seed", cfg.get("seed")))), ("optimizer", optimizer),
                ("batch size", str(cfg["batch_size"])), ("precision", str(run.get("precision", "?")))]
-    if cfg.get("mix", "none") != "none":
+    if cfg.get("mix", "none") != "none":  # a run of a kdpipe that had --mix
         recipe.append(("batch mixing", f"{cfg['mix']}, Beta({cfg['mix_alpha']:g}, {cfg['mix_alpha']:g})"))
     lines += [f"| {k} | {v} |" for k, v in recipe]
     lines += ["", "## Results", "", "| split | accuracy | macro-F1 | agreement with the teacher | images |",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import files, locking
-from .config import TrainConfig, without_new_defaults
+from .config import TrainConfig, comparable
 from .errors import KdpipeError
 
 RUN_FILES = ("checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model", "tensorboard")
@@ -79,8 +79,8 @@ def read_checkpoint(path: Path) -> dict:
 
 def refuse_other_settings(cfg: TrainConfig, saved: dict, out: Path) -> None:
     """--resume continues a run (interrupted or finished) only with the settings it was started with."""
-    now = without_new_defaults(cfg.to_dict(), saved)
-    ignored = ("resume", "out", "device", "workers", "allow_changed_data")  # where it runs, and a permission
+    now = comparable(cfg.to_dict(), saved)
+    ignored = ("resume", "out", "device", "allow_changed_data")  # where it runs, and a permission
     differs = [k for k in now if k not in ignored and saved.get(k) != now[k]]
     if differs:
         raise KdpipeError(f"--resume: {out} was started with other settings ({', '.join(differs)}); "

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import files, student_data, train_student
-from .config import LOSS_SETTINGS, SweepConfig, TrainConfig, applicable, without_new_defaults
+from .config import LOSS_SETTINGS, SweepConfig, TrainConfig, applicable, comparable
 from .errors import KdpipeError
 
 SPEC_FILE = "sweep.json"
@@ -114,7 +114,7 @@ def open_study(cfg: SweepConfig, out: Path):
 
 def _as_saved(spec: dict, saved: dict) -> dict:
     """`spec` without the train settings a sweep started by an earlier kdpipe lacks and that hold their default."""
-    return {**spec, "train": without_new_defaults(spec["train"], saved.get("train", {}))}
+    return {**spec, "train": comparable(spec["train"], saved.get("train", {}))}
 
 
 def open_storage(url: str | None, out: Path):

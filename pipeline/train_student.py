@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import files, locking, loss, metrics, mixing, model_card, pixels, run_folder, runtime, student_data, views
+from . import files, locking, loss, metrics, model_card, pixels, run_folder, runtime, student_data, views
 from .config import TrainConfig
 from .data import ImageDataset
 from .errors import KdpipeError
@@ -126,16 +126,7 @@ def _optimizer(model, cfg: TrainConfig, steps_per_epoch: int):
 def _consistency(cfg: TrainConfig, cache: dict | None) -> dict:
     """Whether the student's inputs are the inputs the cached teacher logits belong to."""
     stored = cache[cfg.train_split].meta.get("augment") if cache and cfg.train_split in cache else None
-    out = {"views": bool(cfg.views), "stored_views": stored, "online_augment": cfg.augment,
-           "consistent": cfg.augment == "none" or cfg.alpha == 0}
-    if not out["consistent"]:
-        out["warning"] = (f"--augment {cfg.augment} with --allow-inconsistent: the student's inputs are not the "
-                          "inputs of the cached teacher logits it is distilled from")
-    if cfg.mix != "none":
-        out["mix"] = {"kind": cfg.mix, "alpha": cfg.mix_alpha,
-                      "note": "inputs mixed within each batch, teacher distributions mixed in the same proportion: "
-                              "an approximation, the teacher never saw the mixed images"}
-    return out
+    return {"views": bool(cfg.views), "stored_views": stored, "consistent": True}  # no online augmentation
 
 
 def _provenance(cfg, cache, dataset: ImageDataset, device, precision) -> dict:
@@ -187,15 +178,11 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
             continue
         idx = whole[rank::world]
         batch = data.batch(idx, s.device)
-        if cfg.augment == "flip":  # online, not seen by the teacher: only with alpha 0 or --allow-inconsistent
-            flip = (torch.rand(len(idx), generator=s.generator) < 0.5).to(s.device)
-            batch["pixels"] = torch.where(flip[:, None, None, None], batch["pixels"].flip(2), batch["pixels"])
         x = student_inputs(s, batch)  # (B, 3, H, W)
-        mix = mixing.sample(cfg.mix, cfg.mix_alpha, x.shape, s.generator) if cfg.mix != "none" else None
         with runtime.autocast(s.device, s.precision):
-            student_logits = s.forward(pixel_values=mixing.apply(x, mix) if mix else x).logits  # (B, C)
+            student_logits = s.forward(pixel_values=x).logits  # (B, C)
         parts = loss.compute(cfg.loss, student_logits, batch["labels"], batch.get("teacher_logits"),
-                             temperature=cfg.temperature, alpha=cfg.alpha, mix=mix, standardize=cfg.standardize,
+                             temperature=cfg.temperature, alpha=cfg.alpha, standardize=cfg.standardize,
                              dkd_beta=cfg.dkd_beta, dist_gamma=cfg.dist_gamma)
         if s.scaler is not None:  # fp16: scaled backward, unscaled (or skipped) step
             s.scaler.scale(parts["loss"]).backward()

@@ -77,7 +77,7 @@ def test_the_same_images_in_another_folder_train_without_the_flag(run_cli, cache
 
 
 @pytest.mark.parametrize("flag, value", [("-T", "inf"), ("--lr", "nan"), ("--alpha", "nan"), ("--weight-decay", "inf"),
-                                         ("--warmup-ratio", "nan"), ("--bn-momentum", "nan"), ("--mix-alpha", "inf"),
+                                         ("--warmup-ratio", "nan"), ("--bn-momentum", "nan"), ("--dkd-beta", "inf"),
                                          ("--lr", "-inf")])
 def test_non_finite_train_flags_are_refused(run_cli, cache_dir, tmp_path, flag, value):
     out = tmp_path / "run"

@@ -15,7 +15,6 @@ from kdpipe import cache_teacher, metrics, train_student
 from kdpipe.config import CacheConfig, SweepConfig, TrainConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.loss import LOSSES, PARTS, compute, distillation_loss, dist_loss, dkd_loss, pearson, topk_refusal, zscore
-from kdpipe.mixing import Mix
 from kdpipe.views import ViewPolicy
 
 S = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
@@ -95,34 +94,28 @@ def test_metrics_by_hand():
 # ------------------------------------------------------------------------------ kd: today's, bit for bit
 
 
-def _hinton_as_of_today(s, labels, t, temperature, alpha, mix=None):
-    """distillation_loss as it stood before dkd/dist (commit cc1fe50), kept verbatim as the reference."""
+def _hinton_as_of_today(s, labels, t, temperature, alpha):
+    """distillation_loss as it stood before dkd/dist (commit cc1fe50), kept verbatim (less its batch-mixing
+    branch, since removed with --mix) as the reference."""
     s = s.float()
     ce = F.cross_entropy(s, labels)
-    if mix is not None:
-        perm = mix.perm.to(labels.device)
-        ce = mix.lam * ce + (1 - mix.lam) * F.cross_entropy(s, labels[perm])
     if alpha == 0 or t is None:
         return {"loss": ce, "ce": ce.detach(), "kd": torch.zeros((), device=s.device)}
     log_p_student = F.log_softmax(s / temperature, dim=-1)
     log_p_teacher = F.log_softmax(t.float() / temperature, dim=-1)
-    if mix is not None:
-        log_p_teacher = torch.logaddexp(log_p_teacher + (math.log(mix.lam) if mix.lam > 0 else -math.inf),
-                                        log_p_teacher[perm] + (math.log(1 - mix.lam) if mix.lam < 1 else -math.inf))
     kd = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
     return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach()}
 
 
-MIX = Mix(0.7, torch.tensor([1, 0]))
 DISTRIBUTIONS = torch.tensor([[0.8, 0.2, 0.0], [0.0, 0.5, 0.5]])
 
 
-@pytest.mark.parametrize("labels, mix", [(Y, None), (Y, MIX), (DISTRIBUTIONS, None)])
+@pytest.mark.parametrize("labels", [Y, DISTRIBUTIONS])
 @pytest.mark.parametrize("t, alpha", [(5.0, 0.5), (1.0, 0.3), (2.0, 1.0), (5.0, 0.0)])
-def test_kd_is_unchanged_bit_for_bit(labels, mix, t, alpha):
-    want = _hinton_as_of_today(S, labels, TEACHER, t, alpha, mix)
-    for got in (distillation_loss(S, labels, TEACHER, t, alpha, mix),
-                compute("kd", S, labels, TEACHER, temperature=t, alpha=alpha, mix=mix, **BETA_GAMMA)):
+def test_kd_is_unchanged_bit_for_bit(labels, t, alpha):
+    want = _hinton_as_of_today(S, labels, TEACHER, t, alpha)
+    for got in (distillation_loss(S, labels, TEACHER, t, alpha),
+                compute("kd", S, labels, TEACHER, temperature=t, alpha=alpha, **BETA_GAMMA)):
         assert set(got) == set(PARTS["kd"])
         for k in want:
             assert torch.equal(got[k], want[k]), k
@@ -217,8 +210,6 @@ def test_dkd_stays_finite_when_the_target_is_certain():
 def test_dkd_refuses_mixed_targets():
     with pytest.raises(ValueError, match="one target class"):
         dkd_loss(S, DISTRIBUTIONS, TEACHER, 4.0, 0.5, beta=8.0)
-    with pytest.raises(ValueError, match="one target class"):
-        dkd_loss(S, Y, TEACHER, 4.0, 0.5, beta=8.0, mix=MIX)
     assert dkd_loss(S, DISTRIBUTIONS, None, 4.0, 0.0, beta=8.0)["kd"].item() == 0.0  # no KD term: plain (soft) CE
 
 
@@ -283,16 +274,7 @@ def test_dist_is_blind_to_what_correlation_ignores_but_kd_is_not():
     assert distillation_loss(s, Y4, T4, 1.0, 1.0)["kd"].item() > 0.01
 
 
-def test_dist_mixes_the_teachers_probabilities_and_takes_label_distributions():
-    perm = torch.tensor([1, 0, 3, 2])
-    mix = Mix(0.25, perm)
-    y_t = 0.25 * torch.softmax(T4 / 2, -1) + 0.75 * torch.softmax(T4[perm] / 2, -1)
-    ys = torch.softmax(S4 / 2, -1)
-    want_inter = 4 * sum(1 - hand_pearson(a, b) for a, b in zip(ys.tolist(), y_t.tolist())) / 4
-    parts = dist_loss(S4, Y4, T4, 2.0, 0.5, 1.0, mix=mix)
-    assert parts["inter"].item() == pytest.approx(want_inter, rel=1e-5)
-    want_ce = 0.25 * F.cross_entropy(S4, Y4).item() + 0.75 * F.cross_entropy(S4, Y4[perm]).item()
-    assert parts["ce"].item() == pytest.approx(want_ce, rel=1e-6)
+def test_dist_takes_label_distributions():
     soft = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.2, 0.0, 0.8]])
     a, b = dist_loss(S4, soft, T4, 2.0, 0.5, 1.0), dist_loss(S4, Y4, T4, 2.0, 0.5, 1.0)
     assert a["kd"].item() == b["kd"].item()  # labels reach CE only
@@ -421,7 +403,6 @@ def test_top_k_rule():
 @pytest.mark.parametrize("overrides, message", [
     ({"loss": "ckd"}, "--loss must be one of kd, dkd, dist"),
     ({"loss": "dist", "standardize": True}, "--standardize applies to --loss kd or dkd"),
-    ({"loss": "dkd", "mix": "mixup"}, "--loss dkd splits each example's target"),
     ({"dkd_beta": -1.0}, "--dkd-beta must be a finite number >= 0"),
     ({"dkd_beta": math.inf}, "--dkd-beta must be a finite number"),
     ({"dist_gamma": math.nan}, "--dist-gamma must be a finite number"),
@@ -441,8 +422,6 @@ def test_a_sweep_searches_the_loss_and_leaves_out_what_does_not_apply():
     # alpha = 0 once; kd x 2 standardize; dkd x 2 standardize x 2 beta; dist once (no standardize, no beta)
     assert keys == sorted(["a0", "a0.5-kd-ls0", "a0.5-kd-ls1", "a0.5-dist", "a0.5-dkd-ls0-b0.5", "a0.5-dkd-ls1-b0.5",
                            "a0.5-dkd-ls0-b8", "a0.5-dkd-ls1-b8"])
-    with pytest.raises(KdpipeError, match="--loss dkd cannot run with --mix"):
-        SweepConfig(train=TrainConfig(cache="."), space={"loss": "kd,dkd", "mix": "none,mixup"})
     with pytest.raises(KdpipeError, match="--standardize true does not apply to --loss dist"):
         SweepConfig(train=TrainConfig(cache=".", standardize=True), space={"loss": "kd,dist"})
     with pytest.raises(KdpipeError, match="--standardize: cannot read"):

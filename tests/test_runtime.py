@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_train_config
-from kdpipe import mixing, pixels, run_folder, runtime, train_student
+from kdpipe import pixels, run_folder, runtime, train_student
 from kdpipe.errors import KdpipeError
 from kdpipe.logit_store import TopK
 from kdpipe.student_data import SplitData
@@ -193,16 +193,13 @@ def _split(views: int = 1, topk: bool = False) -> SplitData:
 @pytest.mark.parametrize("views, topk", [(1, False), (3, False), (1, True)], ids=["plain", "views", "topk"])
 def test_a_batch_lands_on_the_target_device_and_normalises_there(views, topk):
     """Pixels, labels and targets on the host (a store too big for the GPU, sparse targets) all arrive on
-    the target device; normalising and mixing then run there, with the host's generator."""
+    the target device, and normalising runs there."""
     data = _split(views, topk)
     batch = data.batch(torch.tensor([4, 0, 2]), META)
     assert {k: v.device for k, v in batch.items()} == {k: META for k in ("pixels", "labels", "teacher_logits")}
     assert batch["pixels"].shape == (3, 8, 8, 3) and batch["teacher_logits"].shape == (3, 3)
     x = pixels.normalise(batch["pixels"], torch.zeros(3, device=META), torch.ones(3, device=META))
     assert x.device == META and x.shape == (3, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
-    for kind in ("mixup", "cutmix"):
-        mix = mixing.sample(kind, 1.0, x.shape, torch.Generator().manual_seed(0))  # a host generator
-        assert mix.perm.device == torch.device("cpu") and mixing.apply(x, mix).device == META
 
 
 def test_to_device_moves_tensors_only():

@@ -10,8 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from kdpipe import cli, settings
-from kdpipe.config import SWEEPABLE, CacheConfig, SweepConfig, TrainConfig
+from kdpipe import cli, run_folder, settings
+from kdpipe.config import REMOVED, SWEEPABLE, CacheConfig, SweepConfig, TrainConfig, comparable
 from kdpipe.errors import KdpipeError
 from kdpipe.sweep import SHORT, config_key
 
@@ -93,7 +93,26 @@ def test_config_names_keep_their_order():
     """A sweep's trials are keyed by config names; reordering TrainConfig's searchable fields would rename the
     configs of every sweep already on disk, so their order is pinned here."""
     assert list(SHORT) == ["temperature", "alpha", "lr", "batch_size", "epochs", "weight_decay", "warmup_ratio",
-                           "schedule", "bn_momentum", "mix", "mix_alpha", "loss", "standardize", "dkd_beta",
-                           "dist_gamma"]
+                           "schedule", "bn_momentum", "loss", "standardize", "dkd_beta", "dist_gamma"]
     assert config_key({"loss": "dkd", "temperature": 4.0, "dkd_beta": 8.0, "alpha": 0.5, "standardize": True}) == \
         "T4-a0.5-dkd-ls1-b8"
+
+
+def test_settings_added_later_at_their_default_do_not_block_a_resume():
+    now = TrainConfig(cache=".", seed=3).to_dict()
+    older = {k: v for k, v in now.items() if k not in ("loss", "dkd_beta")}  # written before --loss existed
+    assert comparable(now, older) == older
+    changed = TrainConfig(cache=".", seed=3, loss="dkd").to_dict()
+    assert comparable(changed, older)["loss"] == "dkd"  # a setting really changed still differs
+
+
+@pytest.mark.parametrize("removed, value, resumes", [("mix", "none", True), ("mix", "cutmix", False),
+                                                    ("augment", "flip", False), ("workers", 2, True)])
+def test_a_run_that_used_a_removed_setting_is_refused_on_resume(tmp_path, removed, value, resumes):
+    cfg = TrainConfig(cache=".", seed=3, resume=True)
+    saved = {**cfg.to_dict(), **REMOVED, removed: value}  # run.json of a kdpipe that had the setting
+    if resumes:
+        run_folder.refuse_other_settings(cfg, saved, tmp_path)
+    else:
+        with pytest.raises(KdpipeError, match=f"other settings \\({removed}\\)"):
+            run_folder.refuse_other_settings(cfg, saved, tmp_path)

@@ -194,18 +194,18 @@ def test_a_sweep_started_before_a_setting_existed_still_resumes(run_cli, cache_d
             "--temperature", "2,5"]
     spec = SweepConfig.spec
 
-    def older_spec(self):  # what a kdpipe without --mix wrote into sweep.json and the study
+    def older_spec(self):  # what a kdpipe without the other losses wrote into sweep.json and the study
         out = spec(self)
-        out["train"] = {k: v for k, v in out["train"].items() if k not in ("mix", "mix_alpha")}
+        out["train"] = {k: v for k, v in out["train"].items() if k not in ("loss", "dkd_beta")}
         return out
 
     monkeypatch.setattr(SweepConfig, "spec", older_spec)
     assert run_cli(*base)[0] == 0
     monkeypatch.undo()
-    assert "mix" not in json.loads((tmp_path / "sw" / "sweep.json").read_text())["spec"]["train"]
+    assert "dkd_beta" not in json.loads((tmp_path / "sw" / "sweep.json").read_text())["spec"]["train"]
     code, out = run_cli(*base)
     assert code == 0 and "other settings" not in out, out
-    code, out = run_cli(*base[:-2], "--temperature", "2,5", "--mix", "mixup")  # a real change is still refused
+    code, out = run_cli(*base[:-2], "--temperature", "2,5", "--dkd-beta", "2")  # a real change is still refused
     assert code == 1 and "other settings (train)" in out, out
 
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import TINY_STUDENT, student_and_teacher_views, tiny_train_config
 from kdpipe import cache_teacher, data, evaluate, logit_store, pixels, run_folder, train_student, views
-from kdpipe.config import CacheConfig, TrainConfig
+from kdpipe.config import CacheConfig
 from kdpipe.errors import KdpipeError
 
 K = 3
@@ -149,19 +149,10 @@ def test_the_fidelity_check_catches_views_rendered_other_than_stored(image_folde
     assert r["augmented_views"] > 0 and r["max_abs_diff"] > 1e-3
 
 
-def test_the_guardrail_refuses_online_augmentation_the_cache_does_not_cover(cache_dir, view_cache, tmp_path, run_cli):
-    with pytest.raises(KdpipeError, match="--allow-inconsistent"):
-        TrainConfig(cache=cache_dir, augment="flip", alpha=0.5)
-    TrainConfig(cache=cache_dir, augment="flip", alpha=0.0)  # no teacher term: nothing to be inconsistent with
+def test_training_on_views_needs_a_cache_with_views(cache_dir, tmp_path, run_cli):
     common = ["--epochs", "1", "--student-config", TINY_STUDENT, "--precision", "fp32", "--device", "cpu"]
-    code, out = run_cli("train-student", "--cache", cache_dir, "--augment", "flip", *common, "--out", tmp_path / "a")
-    assert code == 1 and "Traceback" not in out and "--allow-inconsistent" in out
     code, out = run_cli("train-student", "--cache", cache_dir, "--views", *common, "--out", tmp_path / "b")
-    assert code == 1 and "cache-teacher --views K" in out
-    code, out = run_cli("train-student", "--cache", view_cache, "--views", "--augment", "flip", "--allow-inconsistent",
-                        *common, "--out", tmp_path / "c")
-    assert code == 0 and "warning" in out
-    assert "not the inputs" in run_folder.load_report(tmp_path / "c").run["consistency"]["warning"]
+    assert code == 1 and "cache-teacher --views K" in out and "Traceback" not in out
 
 
 def test_views_need_a_processor_that_can_be_replayed():
