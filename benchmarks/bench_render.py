@@ -58,11 +58,10 @@ def arm_setup(cache: Path, out: Path, size: int, prebuilt_root: Path | None = No
     if prebuilt_root is not None:
         d = s.splits[cfg.train_split]
         src = d.source
-        n = len(d)
-        store = pixels.load_or_build_views(_split(cache), src.size, src.resample, src.boxes.reshape(n, src.views, 4),
-                                           src.flips.reshape(n, src.views), root=prebuilt_root, mixes=src.mixes)
+        store = pixels.load_or_build_views(_split(cache), src.size, src.resample, src.layout.grid(src.boxes),
+                                           src.layout.grid(src.flips), root=prebuilt_root, mixes=src.mixes)
         s.splits[cfg.train_split] = student_data.SplitData(d.name, d.ids, pixels.as_tensor(store, s.device), d.labels,
-                                                            d.teacher_logits, views=d.views, targets=d.targets)
+                                                            d.teacher_logits, d.per_image, targets=d.targets)
     return s
 
 

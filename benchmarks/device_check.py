@@ -345,8 +345,8 @@ def _batches(c: Check, data: SplitData, inp: dict, device: torch.device | None =
     epoch = [0]
 
     def one_pass():
-        if data.views > 1:
-            data.view_of = torch.from_numpy(views.epoch_views(n, data.views, epoch[0], 0))
+        if data.per_image > 1:
+            data.view_of = torch.from_numpy(views.epoch_views(n, data.per_image, epoch[0], 0))
             epoch[0] += 1
         order = torch.randperm(n, generator=g)
         batches = [order[start:start + b] for start in range(0, n, b)]
@@ -357,7 +357,7 @@ def _batches(c: Check, data: SplitData, inp: dict, device: torch.device | None =
             if normalise:
                 pixels.normalise(batch["pixels"], inp["mean_t"], inp["std_t"])
 
-    if data.views > 1:
+    if data.per_image > 1:
         data.view_of = torch.zeros(n, dtype=torch.long)
     data.batch(torch.arange(min(b, n)), device)  # warm-up
     return {**c.timed(one_pass, n), "images": n, "batch_size": b}
@@ -378,7 +378,7 @@ def data_path_views(c: Check) -> dict:
     finally:
         if source is not None and hasattr(source, "close"):
             source.close()
-    return {**out, "views_per_image": data.views, "build_s": round(build, 3),
+    return {**out, "views_per_image": data.per_image, "build_s": round(build, 3),
             "renderer": f"{type(source).__name__}, {source.threads} CPU threads" if source is not None else
             ("stored pixels on the device" if data.pixels.device.type == "cuda" else "stored pixels, host memory map"),
             "note": "one stored view per image per epoch, rendered from decode-once originals when a source renders"}

@@ -44,7 +44,7 @@ class SplitReport:
 class Batch:
     """Teacher outputs for some images: one row per (image, view), image by image then view."""
     rows: np.ndarray  # (R,) dataset row of each output row
-    views: np.ndarray  # (R,) int16 view index (0 = the image itself)
+    view: np.ndarray  # (R,) int16 view index (0 = the image itself; views.ViewRows)
     logits: np.ndarray  # (R, C) float32 raw, teacher label order
     boxes: np.ndarray | None = None  # (R, 4) float32 crop boxes, with views
     flips: np.ndarray | None = None  # (R,) bool, with views
@@ -71,7 +71,7 @@ def view_input(image, processor, view: tuple | None = None, inputs: dict | None 
     if view is None:
         return processor(images=image, return_tensors="np")["pixel_values"][0]
     box, flip = view
-    return views.normalise(views.render_mixed(image, box, bool(flip), inputs["size"], inputs["resample"], mix),
+    return views.processor_pixels(views.render_mixed(image, box, bool(flip), inputs["size"], inputs["resample"], mix),
                            inputs["mean"], inputs["std"])
 
 
@@ -161,7 +161,9 @@ def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precis
             done += len(images)
             if progress:
                 progress(split.name, done, len(rows))
-            yield Batch(np.repeat(images, per_image), np.tile(np.arange(per_image, dtype=np.int16), len(images)),
+            layout = views.ViewRows(len(images), per_image)
+            at = np.arange(len(layout))  # the batch's rows: image by image, then view
+            yield Batch(images[layout.image(at)], layout.view(at).astype(np.int16),
                         logits.cpu().numpy(), params.get("boxes"), params.get("flips"), mixes)
 
 
@@ -203,7 +205,8 @@ def _merge_parts(split: Split, out_dir: Path, world: int, batch_size: int, per_i
     done = 0  # images
     while done < len(split):
         chunks = [s.take(step) for s in streams]  # part r's j-th image -> dataset image j * N + r
-        key = np.concatenate([np.arange(len(c)) // per_image * world + r for r, c in enumerate(chunks)])
+        layout = views.ViewRows(step // per_image, per_image)  # a chunk's rows: image by image, then view
+        key = np.concatenate([layout.image(np.arange(len(c))) * world + r for r, c in enumerate(chunks)])
         order = np.argsort(key, kind="stable")  # image by image, each image's views in order
         images = done + np.arange(len(order) // per_image)
         ids = [i for c in chunks for i in c.column("id").to_pylist()]
@@ -215,7 +218,7 @@ def _merge_parts(split: Split, out_dir: Path, world: int, batch_size: int, per_i
         mixes = None
         if "mix_id" in joined:
             mixes = views.Mixes(joined["mix_id"], joined["mix_box"], joined["mix_flip"], joined["mix_weight"])
-        yield Batch(np.repeat(images, per_image), joined["view"], joined["logits"], joined.get("view_box"),
+        yield Batch(images[layout.image(np.arange(len(order)))], joined["view"], joined["logits"], joined.get("view_box"),
                     joined.get("view_flip"), mixes)
     for path in paths:
         path.unlink()
@@ -295,17 +298,18 @@ class _Journal:
 
     def _read(self, path: Path, first: int, end: int, index: dict) -> Batch:
         c = logit_store.read_split(path)  # verifies the checksum
-        rows = np.repeat(self.rows[first:end], self.per_image)
-        if [index.get(i, -1) for i in c.ids] != rows.tolist() or \
-                not np.array_equal(c.views, np.tile(np.arange(self.per_image), end - first)):
+        layout = views.ViewRows(end - first, self.per_image)
+        at = np.arange(len(layout))
+        rows = self.rows[first:end][layout.image(at)]
+        if [index.get(i, -1) for i in c.ids] != rows.tolist() or not np.array_equal(c.view, layout.view(at)):
             raise KdpipeError(f"{path}: holds other rows than this split's images {first}..{end - 1}")
-        return Batch(rows, c.views, c.logits, c.boxes, c.flips, c.mixes)
+        return Batch(rows, c.view, c.logits, c.boxes, c.flips, c.mixes)
 
     def _commit(self, b: Batch, first: int, end: int, seconds: float) -> None:
         path = self.folder / f"{first:010d}-{end:010d}.parquet"
         with logit_store.SplitWriter(path, self.perm_width, with_views=self.spec is not None,
                                      with_mixes=_mixes(self.spec)) as chunk:  # teacher label order, as yielded
-            chunk.write([self.split.ids[i] for i in b.rows], self.split.labels[b.rows], b.logits, b.views, b.boxes,
+            chunk.write([self.split.ids[i] for i in b.rows], self.split.labels[b.rows], b.logits, b.view, b.boxes,
                         b.flips, b.mixes)
             chunk.close({"split": self.split.name, "images": [first, end], "seconds": round(seconds, 4)})
 
@@ -447,7 +451,7 @@ def _cache_split(job: _Job, split: Split, progress, rank: int, world: int) -> Sp
         with logit_store.SplitWriter(_part_path(job.out_dir, split.name, rank, world), len(job.perm),
                                      with_views=spec is not None, with_mixes=_mixes(spec)) as part:
             for b in batches:  # teacher label order; rank 0 maps them in _write
-                part.write([split.ids[i] for i in b.rows], split.labels[b.rows], b.logits, b.views, b.boxes, b.flips,
+                part.write([split.ids[i] for i in b.rows], split.labels[b.rows], b.logits, b.view, b.boxes, b.flips,
                            b.mixes)
             part.close({"split": split.name, "part": rank, "parts": world})
         journal.remove()  # the part holds it all now
@@ -488,8 +492,8 @@ def _write(job: _Job, split: Split, path: Path, batches, key: dict, spec: ViewSp
                                   f"(split {split.name!r}, precision {job.precision}); no split file was written: "
                                   "retry with --precision fp32")
             right = logits.argmax(1) == labels
-            correct += [right[b.views == 0].sum(), right[b.views > 0].sum()]
-            writer.write([split.ids[i] for i in b.rows], split.labels[b.rows], logits, b.views, b.boxes, b.flips,
+            correct += [right[b.view == 0].sum(), right[b.view > 0].sum()]
+            writer.write([split.ids[i] for i in b.rows], split.labels[b.rows], logits, b.view, b.boxes, b.flips,
                          b.mixes, digests[b.rows])
         wall = time.perf_counter() - start
         meta = {
@@ -573,7 +577,7 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
             raise KdpipeError(f"{cache_dir}: cached id {c.ids[j]!r} is not in the dataset's {name!r} split; "
                               "pass the dataset it was built from with --dataset")
         image = split.image(index[name][c.ids[j]])
-        stored_view = None if c.views[j] == 0 else (c.boxes[j], c.flips[j])  # rebuilt from the stored parameters
+        stored_view = None if c.view[j] == 0 else (c.boxes[j], c.flips[j])  # rebuilt from the stored parameters
         mix = None
         if c.mixes is not None and c.mixes.weights[j]:
             partner = c.mixes.partners[j]
@@ -602,7 +606,7 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
     kl = torch.nn.functional.kl_div(torch.log_softmax(torch.from_numpy(live), 1),
                                     torch.log_softmax(torch.from_numpy(stored), 1), log_target=True,
                                     reduction="none").sum(1).numpy()  # KL(stored || live) per row
-    return {"pairs": len(picked), "augmented_views": int(sum(cached[n].views[j] > 0 for n, j in picked)),
+    return {"pairs": len(picked), "augmented_views": int(sum(cached[n].view[j] > 0 for n, j in picked)),
             "mixed_views": int(sum(cached[n].mixes is not None and cached[n].mixes.weights[j] > 0 for n, j in picked)),
             "max_abs_diff": float(diff), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
             "agreement": float((live.argmax(1) == stored.argmax(1)).mean()), "precision": precision,

@@ -90,7 +90,7 @@ class TopK:
 @dataclass
 class LogitSplit:
     ids: list[str]
-    views: np.ndarray  # (N,) int16
+    view: np.ndarray  # (R,) int16: each row's view index (views.ViewRows; 0 = the image itself)
     labels: np.ndarray  # (N,) int64
     logits: np.ndarray | None  # (N, C) float32, dataset label order; None when stored as top-K
     meta: dict
@@ -102,7 +102,7 @@ class LogitSplit:
 
     def take(self, rows: np.ndarray) -> "LogitSplit":
         pick = lambda a: None if a is None else a.take(rows) if isinstance(a, (TopK, Mixes)) else a[rows]  # noqa: E731
-        return LogitSplit([self.ids[i] for i in rows], self.views[rows], self.labels[rows], pick(self.logits),
+        return LogitSplit([self.ids[i] for i in rows], self.view[rows], self.labels[rows], pick(self.logits),
                           self.meta, pick(self.topk), pick(self.boxes), pick(self.flips), pick(self.mixes),
                           pick(self.digests))
 
@@ -118,11 +118,12 @@ class LogitSplit:
         return [ids[i] for i in np.flatnonzero((stored != np.asarray(digests)).any(1))]
 
     @property
-    def views_per_image(self) -> int:
+    def per_image(self) -> int:
+        """V, the rows each image has (views.ViewRows): the metadata's "views" (K + 1 with --views K)."""
         return int(self.meta.get("views", 1))
 
     def view0(self) -> "LogitSplit":
-        return self if (self.views == 0).all() else self.take(np.flatnonzero(self.views == 0))
+        return self if (self.view == 0).all() else self.take(np.flatnonzero(self.view == 0))
 
     def teacher_logits(self) -> np.ndarray:
         """(N, C) float32: the stored logits, or the top-K reconstruction (TopK.dense)."""
@@ -150,13 +151,13 @@ class LogitSplit:
         return aligned.topk if sparse and aligned.topk is not None else aligned.teacher_logits()
 
     def aligned_views(self, ids: list[str], labels: np.ndarray, where: str) -> "LogitSplit":
-        """Every stored view of the images `ids`, rows ordered image by image then view (row i * V + v),
+        """Every stored view of the images `ids`, rows in views.ViewRows order (image by image, then view),
         after the same checks as aligned_to; refuses a cache without views or with a view missing."""
-        v = self.views_per_image
+        v = self.per_image
         if v < 2 or self.boxes is None:
             raise KdpipeError(f"{where}: holds no augmented views; build it with kdpipe cache-teacher --views K")
         self.aligned_to(ids, labels, where, sparse=True)  # the id and label checks, on view 0
-        index = {(id_, int(view)): i for i, (id_, view) in enumerate(zip(self.ids, self.views))}
+        index = {(id_, int(view)): i for i, (id_, view) in enumerate(zip(self.ids, self.view))}
         try:
             order = np.array([index[(id_, k)] for id_ in ids for k in range(v)], dtype=np.int64)
         except KeyError as e:

@@ -64,6 +64,7 @@ def load_or_build_views(split: Split, size: tuple[int, int], resample: int, boxe
     (N, V)). Mixed views (`mixes`, rows i * V + v, partners as split indices) are blended as the teacher's
     were (views.render_mixed)."""
     n, v = flips.shape
+    layout = views.ViewRows(n, v)
     params = hashlib.sha256(np.ascontiguousarray(boxes, np.float32).tobytes() + np.asarray(flips, bool).tobytes())
     if mixes is not None:
         for a in (np.asarray(mixes.partners, np.int64), np.asarray(mixes.boxes, np.float32),
@@ -78,10 +79,10 @@ def load_or_build_views(split: Split, size: tuple[int, int], resample: int, boxe
 
     def render_all(i: int) -> list[np.ndarray]:
         image = split.image(i)
-        return [views.render_mixed(image, boxes[i, k], bool(flips[i, k]), size, resample, mix(i * v + k))
+        return [views.render_mixed(image, boxes[i, k], bool(flips[i, k]), size, resample, mix(layout.row(i, k)))
                 for k in range(v)]
 
-    return _store(root, split, key, f"{split.name}.views{v}", n * v, size, render_all, progress,
+    return _store(root, split, key, f"{split.name}.views{v}", len(layout), size, render_all, progress,
                   {"resample": resample, "views": v, "mixed": mixes is not None})
 
 
@@ -254,10 +255,10 @@ class ViewSource:
     def __init__(self, image: Callable[[int], Image.Image], boxes: np.ndarray, flips: np.ndarray,
                  size: tuple[int, int], resample: int, mixes: views.Mixes | None = None, threads: int | None = None,
                  depth: int | None = None):
-        n, v = np.shape(flips)
-        self.image, self.views, self.size, self.resample = image, v, (int(size[0]), int(size[1])), int(resample)
-        self.boxes = np.asarray(boxes, np.float32).reshape(n * v, 4)
-        self.flips = np.asarray(flips, bool).reshape(n * v)
+        self.layout = views.ViewRows(*np.shape(flips))
+        self.image, self.size, self.resample = image, (int(size[0]), int(size[1])), int(resample)
+        self.boxes = np.asarray(boxes, np.float32).reshape(len(self.layout), 4)
+        self.flips = np.asarray(flips, bool).reshape(len(self.layout))
         self.mixes = mixes  # rows i * V + v, partners as split indices (-1: not mixed)
         self.threads = threads or default_render_threads()
         self.depth = depth or max(4, 2 * self.threads)
@@ -277,7 +278,7 @@ class ViewSource:
             if self.mixes is not None and self.mixes.weights[r]:
                 mix = (self.image(int(self.mixes.partners[r])), self.mixes.boxes[r], bool(self.mixes.flips[r]),
                        self.mixes.weights[r])
-            out[k] = views.render_mixed(self.image(r // self.views), self.boxes[r], bool(self.flips[r]), self.size,
+            out[k] = views.render_mixed(self.image(self.layout.image(r)), self.boxes[r], bool(self.flips[r]), self.size,
                                         self.resample, mix)
         return out
 
@@ -472,7 +473,7 @@ class DeviceViewSource(ViewSource):
 
     def render_on_device(self, rows) -> torch.Tensor:
         rows = np.asarray(rows, np.int64).reshape(-1)
-        images = [self.array(int(r) // self.views) for r in rows]
+        images = [self.array(self.layout.image(int(r))) for r in rows]
         out = _flip_rows(resample_batch(images, self.boxes[rows], self.size, self.resample, self.device),
                          self.flips[rows], self.device)
         if self.mixes is None:

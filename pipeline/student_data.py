@@ -29,7 +29,7 @@ class SplitData:
     pixels: torch.Tensor | None  # (N, H, W, 3) uint8, on the device when it fits; None with a `source`
     labels: torch.Tensor  # (N,) int64
     teacher_logits: torch.Tensor | TopK | None  # (N * V, C) float32, dataset label order; TopK: densified per batch
-    views: int = 1  # V stored views per image (cache-teacher --views): pixels and teacher rows i * V + v
+    per_image: int = 1  # V rows per image (views.ViewRows): with stored views, pixels and teacher rows i * V + v
     view_of: torch.Tensor | None = None  # (N,) the view each image uses this epoch (views.epoch_views)
     targets: torch.Tensor | None = None  # (N * V, C) float32 label distributions of mixed views, else None
     source: pixels.ViewSource | None = None  # renders rows i * V + v when used, instead of a pixel store
@@ -38,8 +38,10 @@ class SplitData:
         return len(self.ids)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """The stored rows of images `idx` this epoch: i, or with views i * V + view_of[i]."""
-        return idx if self.views == 1 else idx * self.views + self.view_of[idx.to(self.view_of.device)].to(idx.device)
+        """The stored rows of images `idx` this epoch: i, or with views the row of view_of[i] (views.ViewRows)."""
+        if self.per_image == 1:
+            return idx
+        return views.ViewRows(len(self), self.per_image).row(idx, self.view_of[idx.to(self.view_of.device)].to(idx.device))
 
     def plan(self, batches: list[torch.Tensor]) -> None:
         """With a `source`, start rendering these batches of images (in the order `batch` will ask for them)
@@ -147,18 +149,18 @@ def load_views(cache: dict | None, split, inputs: dict, device, progress) -> Spl
     where = f"--views: --cache split {split.name!r}"
     if cache is None or split.name not in cache:
         raise KdpipeError(f"{where} is missing; build the cache with kdpipe cache-teacher --views K")
-    stored = cache[split.name].aligned_views(split.ids, split.labels, where)  # rows i * V + v
-    v, n = stored.views_per_image, len(split)
+    stored = cache[split.name].aligned_views(split.ids, split.labels, where)  # rows image by image, then view
+    layout = views.ViewRows(len(split), stored.per_image)
     mixes, targets = mixed_views(stored, split, where)
     originals = pixels.load_or_build_originals(split, progress=progress)  # None over its cap: decode when used
-    params = (stored.boxes.reshape(n, v, 4), stored.flips.reshape(n, v), inputs["size"], inputs["resample"])
+    params = (layout.grid(stored.boxes), layout.grid(stored.flips), inputs["size"], inputs["resample"])
     if device.type == "cuda" and inputs["resample"] in pixels.FILTERS:  # rendered in batches on the GPU
         array = originals.array if originals is not None else lambda i: np.asarray(split.image(i))
         source = pixels.DeviceViewSource(array, *params, device, mixes)
     else:  # on background threads
         source = pixels.ViewSource(split.image if originals is None else originals.image, *params, mixes)
     teacher = stored.topk if stored.topk is not None else torch.from_numpy(stored.logits).to(device)
-    return SplitData(split.name, split.ids, None, torch.from_numpy(split.labels).to(device), teacher, views=v,
+    return SplitData(split.name, split.ids, None, torch.from_numpy(split.labels).to(device), teacher, layout.per_image,
                      targets=None if targets is None else targets.to(device), source=source)
 
 
@@ -175,7 +177,8 @@ def mixed_views(stored: logit_store.LogitSplit, split, where: str) -> tuple[view
         raise KdpipeError(f"{where}: mixed views blend images missing from the dataset (e.g. {missing[0]}); "
                           "use the dataset the cache was built from")
     partners = np.array([index[p] if w > 0 else -1 for p, w in zip(m.partners, m.weights)], dtype=np.int64)
-    rows = np.repeat(np.arange(len(split)), stored.views_per_image)
+    layout = views.ViewRows(len(split), stored.per_image)
+    rows = layout.image(np.arange(len(layout)))  # each row's image
     w = torch.from_numpy(m.weights.astype(np.float32))[:, None]  # (N * V, 1)
     eye = torch.eye(stored.meta["num_classes"])
     own = eye[torch.from_numpy(split.labels[rows])]

@@ -82,7 +82,7 @@ def _weights_sha256(folder: Path) -> str | None:
     return h.hexdigest()
 
 
-def _normalise(name: str) -> str:
+def _label_key(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
@@ -92,7 +92,7 @@ def label_mapping(teacher_names: list[str], dataset_names: list[str]) -> np.ndar
     Names are compared ignoring case and `_`/`-`/space differences; any other difference is refused
     (re-initialising the head, as `ignore_mismatched_sizes=True` does, would yield a useless teacher).
     """
-    key = _normalise
+    key = _label_key
     if len({key(n) for n in teacher_names}) < len(teacher_names) or len({key(n) for n in dataset_names}) < len(dataset_names):
         key = str  # names that differ only in case or separators ("leaf spot", "leaf_spot"): match exactly
     index = {key(n): i for i, n in enumerate(teacher_names)}

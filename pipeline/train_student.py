@@ -164,8 +164,8 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     cfg, data = s.cfg, s.splits[s.cfg.train_split]
     rank, world = s.rank, s.world
     s.model.train()
-    if data.views > 1:  # this epoch's view of every image; its teacher targets come with it (consistent)
-        data.view_of = torch.from_numpy(views.epoch_views(len(data), data.views, epoch, cfg.seed))
+    if data.per_image > 1:  # this epoch's view of every image; its teacher targets come with it (consistent)
+        data.view_of = torch.from_numpy(views.epoch_views(len(data), data.per_image, epoch, cfg.seed))
     order = torch.randperm(len(data), generator=s.generator)
     names = loss.PARTS[cfg.loss]  # loss, ce, kd and the loss's own parts
     sums = torch.zeros(len(names) + 1, device=s.device)  # each part summed over examples, then the examples

@@ -77,6 +77,32 @@ class ViewPolicy:
 
 
 @dataclass(frozen=True)
+class ViewRows:
+    """Where views sit among a split's rows, the one place this arithmetic lives: image i's view v is row
+    i * per_image + v, image by image. View 0 is the image itself and views 1..K its augmented views, so
+    per_image = V = K + 1 (cache-teacher --views K; the cache metadata's "views"); a split without views has
+    V = 1 and row = image. Works on ints, numpy arrays and tensors alike."""
+    images: int  # N
+    per_image: int = 1  # V
+
+    def __len__(self) -> int:
+        return self.images * self.per_image
+
+    def row(self, image, view=0):
+        return image * self.per_image + view
+
+    def image(self, row):
+        return row // self.per_image
+
+    def view(self, row):
+        return row % self.per_image
+
+    def grid(self, per_row: np.ndarray) -> np.ndarray:
+        """Per-row values (N * V, ...) -> (N, V, ...)."""
+        return np.asarray(per_row).reshape(self.images, self.per_image, *np.shape(per_row)[1:])
+
+
+@dataclass(frozen=True)
 class Mixes:
     """What each view is blended with (ViewPolicy.mixup), one entry per view row: the partner image (its
     id in the cache; its index in the split while sampling), the partner's crop box and flip, and the
@@ -191,8 +217,9 @@ def processor_inputs(processor: dict, where: str) -> dict:
             "mean": list(processor.get("image_mean", [0.5] * 3)), "std": list(processor.get("image_std", [0.5] * 3))}
 
 
-def normalise(u8: np.ndarray, mean, std) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, H, W) float32: x / 255, then (x - mean) / std (as pixels.normalise)."""
+def processor_pixels(u8: np.ndarray, mean, std) -> np.ndarray:
+    """One view as the teacher processor feeds it: (H, W, 3) uint8 -> (3, H, W) float32, x / 255, then
+    (x - mean) / std (pixels.normalise does the same to a batch on the device)."""
     x = u8.astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
     return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
 

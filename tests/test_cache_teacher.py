@@ -59,7 +59,7 @@ def test_metadata_is_complete_and_correct(cache_dir, teacher_dir, image_folder):
     assert m["dataset_fingerprint"] == open_dataset(str(image_folder), splits=["validation"]).splits["validation"].fingerprint()
     assert m["teacher_accuracy"] == pytest.approx(float((split.logits.argmax(1) == split.labels).mean()))
     assert m["wall_time_s"] > 0 and m["images_per_s"] > 0 and {"torch", "transformers"} <= set(m["versions"])
-    assert split.ids[0].startswith("validation/") and (split.views == 0).all()
+    assert split.ids[0].startswith("validation/") and (split.view == 0).all()
 
 
 def test_any_parquet_reader_opens_the_files(cache_dir):

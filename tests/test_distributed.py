@@ -34,7 +34,7 @@ def test_two_processes_cache_the_same_logits_as_one(image_folder, teacher_dir, t
     for name in ("train", "validation", "test"):
         a = logit_store.read_split(logit_store.split_path(single, name))
         b = logit_store.read_split(logit_store.split_path(sharded, name))
-        assert a.ids == b.ids and np.array_equal(a.labels, b.labels) and np.array_equal(a.views, b.views)
+        assert a.ids == b.ids and np.array_equal(a.labels, b.labels) and np.array_equal(a.view, b.view)
         if mixed and name == "train":  # the view parameters travel through the parts unchanged
             np.testing.assert_array_equal(b.boxes, a.boxes)
             for f in ("partners", "boxes", "flips", "weights"):

@@ -63,11 +63,11 @@ def test_mixes_are_stored_with_their_logits(mixed_cache, image_folder):
     split = data.open_dataset(str(image_folder)).splits["train"]
     assert train.meta["augment"]["policy"]["kind"] == "random-resized-crop+hflip+mixup"
     m = train.mixes
-    assert m is not None and (m.weights[train.views == 0] == 0).all() and (m.weights > 0).any()
+    assert m is not None and (m.weights[train.view == 0] == 0).all() and (m.weights > 0).any()
     for j in range(0, len(train.ids), 5):
         i = split.ids.index(train.ids[j])
         expected = views.sample_mixes(POLICY, split.ids, i, K, lambda r: split.image(r).size)
-        v = train.views[j]
+        v = train.view[j]
         assert m.partners[j] == (split.ids[expected.partners[v]] if expected.weights[v] else "")
         assert m.weights[j] == expected.weights[v] and m.flips[j] == expected.flips[v]
         np.testing.assert_array_equal(m.boxes[j], expected.boxes[v])
@@ -96,7 +96,7 @@ def test_the_student_sees_the_teachers_blend_and_learns_its_label_mixture(mixed_
     for i in range(len(split)):
         seen_by_teacher = teacher_inputs[i]["pixel_values"]  # (V, 3, H, W)
         for v in range(1, K + 1):
-            j = next(r for r in range(len(stored.ids)) if stored.ids[r] == split.ids[i] and stored.views[r] == v)
+            j = next(r for r in range(len(stored.ids)) if stored.ids[r] == split.ids[i] and stored.view[r] == v)
             w = stored.mixes.weights[j]
             if not w:
                 continue

@@ -132,7 +132,7 @@ def test_a_split_data_batch_renders_this_epochs_view(odd_folder, tmp_path):
     originals = pixels.load_or_build_originals(split, root=tmp_path)
     source = pixels.ViewSource(originals.image, boxes, flips, (16, 16), 2)
     logits = torch.randn(n * v, 2)
-    train = SplitData("train", split.ids, None, torch.from_numpy(split.labels), logits, views=v, source=source)
+    train = SplitData("train", split.ids, None, torch.from_numpy(split.labels), logits, per_image=v, source=source)
     train.view_of = torch.from_numpy(views.epoch_views(n, v, 3, seed=0))
     order = torch.randperm(n)
     train.plan([order[:4], order[4:]])

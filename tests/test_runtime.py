@@ -184,7 +184,7 @@ def _split(views: int = 1, topk: bool = False) -> SplitData:
     teacher = logits
     if topk:
         teacher = TopK.from_logits(logits.numpy(), 2)  # densified per batch on the host
-    data = SplitData("train", [str(i) for i in range(n)], u8, torch.arange(n) % c, teacher, views=views)
+    data = SplitData("train", [str(i) for i in range(n)], u8, torch.arange(n) % c, teacher, per_image=views)
     if views > 1:
         data.view_of = torch.arange(n) % views
     return data

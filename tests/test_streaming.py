@@ -77,7 +77,7 @@ def test_parts_merge_back_in_dataset_order(tmp_path, n, world, batch, per_image)
             w.close({"part": r})
     merged = list(cache_teacher._merge_parts(_Split(image_ids), tmp_path, world, batch, per_image))
     np.testing.assert_array_equal(np.concatenate([b.rows for b in merged]), np.repeat(np.arange(n), per_image))
-    np.testing.assert_array_equal(np.concatenate([b.views for b in merged]), np.tile(np.arange(per_image), n))
+    np.testing.assert_array_equal(np.concatenate([b.view for b in merged]), np.tile(np.arange(per_image), n))
     np.testing.assert_array_equal(np.concatenate([b.logits for b in merged]), logits)
     if per_image > 1:
         np.testing.assert_array_equal(np.concatenate([b.boxes for b in merged]), boxes)

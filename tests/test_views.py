@@ -39,9 +39,9 @@ def test_view_parameters_are_stored_and_read_back(view_cache, image_folder):
         i = split.ids.index(train.ids[j])
         w, h = split.image(i).size
         boxes, flips = views.sample(views.ViewPolicy(), split.ids[i], w, h, K)
-        np.testing.assert_array_equal(train.boxes[j], boxes[train.views[j]])
-        assert train.flips[j] == flips[train.views[j]]
-    zero = train.views == 0
+        np.testing.assert_array_equal(train.boxes[j], boxes[train.view[j]])
+        assert train.flips[j] == flips[train.view[j]]
+    zero = train.view == 0
     assert (train.boxes[zero] == [0, 0, 40, 40]).all() and not train.flips[zero].any()  # the whole image
     assert ((train.boxes[:, :2] >= 0) & (train.boxes[:, 2:] <= 40) & (train.boxes[:, 2:] > train.boxes[:, :2])).all()
     assert train.flips.any() and len({tuple(b) for b in train.boxes}) > len(split)  # really random views
@@ -76,7 +76,7 @@ def test_the_student_sees_exactly_the_teachers_view(view_cache, image_folder, te
         for v in range(K + 1):
             batch = student_batch(train, i, v)
             u8 = batch["pixels"][0]  # (H, W, 3) the student's input for that view, as a training step gets it
-            j = next(r for r in range(len(stored.ids)) if stored.ids[r] == split.ids[i] and stored.views[r] == v)
+            j = next(r for r in range(len(stored.ids)) if stored.ids[r] == split.ids[i] and stored.view[r] == v)
             np.testing.assert_array_equal(u8.numpy(), views.render(split.image(i), stored.boxes[j],
                                                                    bool(stored.flips[j]), (32, 32), 2))
             student_input = pixels.normalise(u8[None], s.inputs["mean_t"], s.inputs["std_t"])[0]
@@ -98,7 +98,7 @@ def test_a_student_at_its_own_resolution_sees_the_teachers_box_and_flip(view_cac
     train = s.splits["train"]
     for i in (1, 7):
         for v in range(K + 1):
-            j = next(r for r in range(len(stored.ids)) if stored.ids[r] == split.ids[i] and stored.views[r] == v)
+            j = next(r for r in range(len(stored.ids)) if stored.ids[r] == split.ids[i] and stored.view[r] == v)
             np.testing.assert_array_equal(student_batch(train, i, v)["pixels"][0].numpy(), views.render(
                 split.image(i), stored.boxes[j], bool(stored.flips[j]), (24, 24), 2))
     assert s.splits["validation"].pixels.shape[1:] == (32, 32, 3) and s.splits["test"].pixels.shape[1:] == (32, 32, 3)
@@ -201,7 +201,7 @@ def test_a_teacher_pass_killed_mid_split_resumes_losing_only_the_batch_in_flight
     cache_teacher.run(CacheConfig(out=tmp_path / "whole", **cfg))  # the same pass, never interrupted
     whole = logit_store.read_split(tmp_path / "whole" / "train.parquet")
     assert resumed.ids == whole.ids and len(whole.ids) == 12 * 21
-    for f in ("views", "labels", "boxes", "flips"):
+    for f in ("view", "labels", "boxes", "flips"):
         np.testing.assert_array_equal(getattr(resumed, f), getattr(whole, f))
     np.testing.assert_allclose(resumed.logits, whole.logits, rtol=1e-5, atol=1e-6)  # same batches, fp32
 
@@ -231,3 +231,14 @@ def test_a_damaged_chunk_is_recomputed_with_everything_after_it(image_folder, te
     [other] = cache_teacher.run(CacheConfig(**{**cfg.to_dict(), "out": tmp_path / "d",
                                                "augment": views.ViewPolicy(seed=1)}))
     assert other.resumed_images == 0
+
+
+def test_one_type_owns_the_row_layout_of_views():
+    layout = views.ViewRows(images=4, per_image=3)  # K = 2 augmented views + the image itself
+    rows = np.arange(len(layout))
+    assert len(layout) == 12 and layout.row(2, 1) == 7 and layout.row(torch.tensor([0, 3]), 2).tolist() == [2, 11]
+    assert layout.image(rows).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert layout.view(rows).tolist() == [0, 1, 2] * 4
+    assert (layout.row(layout.image(rows), layout.view(rows)) == rows).all()
+    assert layout.grid(np.arange(24).reshape(12, 2)).shape == (4, 3, 2)
+    assert views.ViewRows(5).row(np.arange(5)).tolist() == list(range(5))  # no views: row = image
