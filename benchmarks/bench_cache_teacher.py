@@ -2,7 +2,7 @@
 
 What it measures, on real Beans images (the train split by default) and in one run:
 
-  (a) stage one: `kdpipe.cache_teacher.teacher_logits` exactly as `cache_teacher.run` calls it (teacher
+  (a) stage one: `kdpipe.cache_teacher.teacher_batches` exactly as `cache_teacher.run` calls it (teacher
       loaded by `kdpipe.teacher.load_teacher`, prepared by `runtime.prepare_model`, precision
       `runtime.resolve_precision("auto", device)`, the pipeline's default DataLoader workers), i.e. JPEG
       decoding + the teacher processor in workers, overlapped with the teacher's forward pass;
@@ -83,7 +83,8 @@ def first_rows(split: Split, n: int) -> Split:
 def time_stage_one(teacher, split: Split, device, precision: str, batch_size: int, workers: int) -> float:
     sync(device)
     start = time.perf_counter()
-    logits = cache_teacher.teacher_logits(teacher, split, device, precision, batch_size, workers)
+    logits = np.concatenate([b.logits for b in  # stage one's batches exactly as cache_teacher.run takes them
+                             cache_teacher.teacher_batches(teacher, split, device, precision, batch_size, workers)])
     sync(device)
     elapsed = time.perf_counter() - start
     assert logits.shape == (len(split), teacher.model.config.num_labels)
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table("throughput (ViT-B/16-shaped teacher, random weights)",
                 ["measurement", "seconds", "images/s", "cores busy", "all repeats (s)"], [
-        ["stage one: teacher_logits (decode+process in workers)", f"{min(stage):.2f}", f"{stage_ips:.1f}",
+        ["stage one: teacher_batches (decode+process in workers)", f"{min(stage):.2f}", f"{stage_ips:.1f}",
          f"{cores['stage one']:.2f}", " ".join(f"{t:.2f}" for t in stage)],
         ["bare forward on preprocessed batches in memory", f"{min(bare):.2f}", f"{bare_ips:.1f}",
          f"{cores['bare forward']:.2f}", " ".join(f"{t:.2f}" for t in bare)],

@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kdpipe import cache_teacher, logit_store, stats, train_student  # noqa: E402
+from kdpipe import cache_teacher, stats, train_student  # noqa: E402
 from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.run_folder import RunReport  # noqa: E402
 from kdpipe.settings import overrides  # noqa: E402

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import locking, logit_store, runtime, views
+from . import files, locking, logit_store, runtime, views
 from .config import CacheConfig
 from .data import Split, open_dataset, reopen_dataset
 from .errors import KdpipeError
@@ -167,13 +167,6 @@ def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precis
                         logits.cpu().numpy(), params.get("boxes"), params.get("flips"), mixes)
 
 
-def teacher_logits(teacher: Teacher, split: Split, device: torch.device, precision: str, batch_size: int,
-                   workers: int, progress: Progress | None = None, rows: np.ndarray | None = None) -> np.ndarray:
-    """All of teacher_batches at once (no views): (N, C) float32."""
-    return np.concatenate([b.logits for b in
-                           teacher_batches(teacher, split, device, precision, batch_size, workers, progress, rows)])
-
-
 def run(cfg: CacheConfig, progress: Progress | None = None) -> list[SplitReport]:
     """Cache the teacher's logits for every requested split; reuse files made from the same inputs.
     One writer per --out folder (locking.exclusive). Rows stream from the teacher into the Parquet file
@@ -257,7 +250,7 @@ class _Journal:
         for stale in self.folder.glob(".*.tmp-*"):  # a chunk being written when the process was killed
             stale.unlink(missing_ok=True)
         if not same or job.cfg.force:
-            marker.write_text(json.dumps({"key_sha256": digest, "split": split.name, "per_image": self.per_image}))
+            files.write_text(marker, json.dumps({"key_sha256": digest, "split": split.name, "per_image": self.per_image}))
         self.chunks = self._readable_prefix()  # [(first, end, path, seconds)]
         self.done = self.chunks[-1][1] if self.chunks else 0  # images of self.rows already committed
         self.earlier_s = sum(c[3] for c in self.chunks)

@@ -344,15 +344,6 @@ class SplitWriter:
             raise KdpipeError(f"cannot write {self.path}: {e.strerror or e}; free space or choose another --out") from None
 
 
-def write_split(path: Path, ids: list[str], labels: np.ndarray, logits: np.ndarray, meta: dict,
-                views: np.ndarray | None = None, topk: int | None = None, topk_dtype: str = "float32") -> dict:
-    """Write a whole split at once (SplitWriter in one step); returns the metadata written."""
-    logits = np.asarray(logits, dtype=np.float32)
-    with SplitWriter(path, logits.shape[1], topk, topk_dtype) as w:
-        w.write(ids, labels, logits, views)
-        return w.close(meta)
-
-
 def _box_array(boxes, n: int) -> np.ndarray:
     return np.ascontiguousarray(boxes, dtype=np.float32).reshape(n, 4)
 

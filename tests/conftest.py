@@ -146,3 +146,15 @@ def student_and_teacher_views(cache, image_folder, teacher_dir, out, k, policy):
     teacher = cache_teacher.load_teacher(str(teacher_dir), None, False)
     spec = cache_teacher.ViewSpec(k, policy, views.processor_inputs(stored.meta["processor"], "test"))
     return s, stored, split, cache_teacher._TeacherInputs(split, teacher.processor, np.arange(len(split)), spec)
+
+
+def write_split(path: Path, ids: list[str], labels, logits, meta: dict, views=None, topk: int | None = None,
+                topk_dtype: str = "float32") -> dict:
+    """A whole cache split in one step (logit_store.SplitWriter), for tests that need a cache of given logits;
+    returns the metadata written."""
+    from kdpipe import logit_store
+
+    logits = np.asarray(logits, dtype=np.float32)
+    with logit_store.SplitWriter(path, logits.shape[1], topk, topk_dtype) as w:
+        w.write(ids, labels, logits, views)
+        return w.close(meta)

@@ -13,11 +13,10 @@ import socket
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_STUDENT, make_image_folder, spawn_kdpipe, tiny_train_config
+from conftest import TINY_STUDENT, make_image_folder, spawn_kdpipe, tiny_train_config, write_split
 from kdpipe import files, locking, logit_store, train_student
 from kdpipe.errors import KdpipeError
 
@@ -346,7 +345,7 @@ def test_a_cache_written_before_image_digests_is_still_refused_when_its_images_c
     for path in old.glob("*.parquet"):  # as format 2 wrote it: no image_sha256 column
         s = logit_store.read_split(path)
         meta = {k: v for k, v in s.meta.items() if k not in ("format", "rows", "num_classes", "content_sha256")}
-        logit_store.write_split(path, s.ids, s.labels, s.logits, meta)
+        write_split(path, s.ids, s.labels, s.logits, meta)
     data = _changed_copy(image_folder, tmp_path / "changed", "validation/healthy/healthy_1.png")
     code, text = _train(run_cli, old, tmp_path / "run", "--dataset", data)
     _one_line_error(code, text, "'validation'", "predates per-image digests", "--allow-changed-data")

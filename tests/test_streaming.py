@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import read_cache_table
+from conftest import read_cache_table, write_split
 from kdpipe import cache_teacher, logit_store
 from kdpipe.errors import KdpipeError
 
@@ -22,7 +22,7 @@ def _rows(n: int, c: int = 7, seed: int = 0):
 def test_a_file_written_in_pieces_equals_one_written_at_once(tmp_path, topk):
     ids, labels, logits = _rows(1000)
     whole = tmp_path / "whole.parquet"
-    logit_store.write_split(whole, ids, labels, logits, {"split": "train"}, topk=topk)
+    write_split(whole, ids, labels, logits, {"split": "train"}, topk=topk)
     pieces = tmp_path / "pieces.parquet"
     with logit_store.SplitWriter(pieces, 7, topk=topk, rows_per_group=128) as w:
         for start in range(0, 1000, 37):  # batches that do not line up with row groups

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_cache_table, tiny_train_config
+from conftest import read_cache_table, tiny_train_config, write_split
 from kdpipe import logit_store, train_student
 from kdpipe.errors import KdpipeError
 from kdpipe.logit_store import TopK
@@ -58,8 +58,8 @@ def test_top_k_files_are_smaller_checksummed_and_read_back(logits, tmp_path, dty
     ids = [f"img{i}.jpg" for i in range(len(logits))]
     labels = logits.argmax(1)
     full, sparse = tmp_path / "full.parquet", tmp_path / "topk.parquet"
-    logit_store.write_split(full, ids, labels, logits, {})
-    logit_store.write_split(sparse, ids, labels, logits, {}, topk=10, topk_dtype=dtype)
+    write_split(full, ids, labels, logits, {})
+    write_split(sparse, ids, labels, logits, {}, topk=10, topk_dtype=dtype)
     assert sparse.stat().st_size < 0.1 * full.stat().st_size
     back = logit_store.read_split(sparse)
     assert back.logits is None and back.meta["logits_storage"] == {"kind": "topk", "k": 10, "dtype": dtype}

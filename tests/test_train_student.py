@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASSES, TINY_STUDENT, tiny_train_config
+from conftest import CLASSES, TINY_STUDENT, tiny_train_config, write_split
 from kdpipe import evaluate, logit_store, pixels, train_student
 from kdpipe.data import open_dataset
 from kdpipe.errors import KdpipeError
@@ -99,7 +99,7 @@ def _rewrite_cache(src, dst, edit):
     ids, labels, logits, meta = edit(list(s.ids), s.labels.copy(), s.logits.copy(), dict(s.meta))
     for key in ("format", "format_version", "rows", "num_classes", "content_sha256"):
         meta.pop(key, None)
-    logit_store.write_split(path, ids, labels, logits, meta)
+    write_split(path, ids, labels, logits, meta)
     return dst
 
 
