@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SIZE = 16  # image, teacher and student resolution
-RESULT = REPO / "docs" / "results" / "benchmarks" / "memory.json"
+RESULT = REPO / "benchmarks" / "results" / "benchmarks" / "memory.json"
 
 
 def make_data(root: Path, n_train: int, classes: int, seed: int = 0) -> Path:

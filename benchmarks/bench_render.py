@@ -44,7 +44,7 @@ from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.views import ViewPolicy  # noqa: E402
 
 SHARED = REPO.parent / "shared"
-RESULT = REPO / "docs" / "results" / "benchmarks" / "render.json"
+RESULT = REPO / "benchmarks" / "results" / "benchmarks" / "render.json"
 TARGETS = {"on_the_fly_over_prebuilt": 1.10, "img_s_128_over_224": 2.5, "cache_bytes_per_view": 64}
 
 

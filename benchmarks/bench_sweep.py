@@ -14,7 +14,7 @@ test, linked into a temporary image folder) with the real shared teacher cached 
                      default student is built from a config) and stage one's teacher_batches. Must be 0.
   guide's way        the same sweep with the teacher forwarded on every training batch, as the guide's
                      ImageDistilTrainer does: each run's train time x the online/cached epoch ratio that
-                     stage two's benchmark measured (docs/results/benchmarks/stage_two.json, or --ratio),
+                     stage two's benchmark measured (benchmarks/results/benchmarks/stage_two.json, or --ratio),
                      plus its validation time.
   pruning            the same grid again with --prune median: fraction of epochs saved, and whether the
                      config chosen on validation changed.
@@ -41,7 +41,7 @@ from kdpipe import cache_teacher, sweep, sweep_report, teacher  # noqa: E402
 from kdpipe.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
 
 SHARED = REPO.parent / "shared"
-STAGE_TWO = REPO / "docs" / "results" / "benchmarks" / "stage_two.json"
+STAGE_TWO = REPO / "benchmarks" / "results" / "benchmarks" / "stage_two.json"
 TARGET = 1.05
 
 

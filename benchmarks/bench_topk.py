@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SIZE = 16
-RESULT = REPO / "docs" / "results" / "benchmarks" / "topk.json"
+RESULT = REPO / "benchmarks" / "results" / "benchmarks" / "topk.json"
 
 
 def make_data(root: Path, classes: int, per_split: dict[str, int], noise: float, seed: int = 0) -> Path:

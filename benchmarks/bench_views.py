@@ -30,7 +30,7 @@ from kdpipe import cache_teacher, data, logit_store, pixels  # noqa: E402
 from kdpipe.config import CacheConfig  # noqa: E402
 
 SHARED = REPO.parent / "shared"
-RESULT = REPO / "docs" / "results" / "benchmarks" / "views.json"
+RESULT = REPO / "benchmarks" / "results" / "benchmarks" / "views.json"
 
 
 def main() -> None:

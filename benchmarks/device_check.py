@@ -742,13 +742,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="start no measurement after this many seconds (420: the last one ends within ~8 min)")
     p.add_argument("--json", type=Path, default=None,
-                   help="output (default docs/results/benchmarks/device_check_<device>.json; none with --tiny)")
+                   help="output (default benchmarks/results/benchmarks/device_check_<device>.json; none with --tiny)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (caches, runs) and print its path")
     args = p.parse_args(argv)
     device = runtime.resolve_device(args.device)
     if args.compile is None:
         args.compile = device.type == "cuda"
-    json_path = args.json or (None if args.tiny else REPO / "docs" / "results" / "benchmarks" /
+    json_path = args.json or (None if args.tiny else REPO / "benchmarks" / "results" / "benchmarks" /
                               f"device_check_{device.type}.json")
     if not args.tiny:  # absolute before the working directory changes
         args.dataset, args.teacher = str(Path(args.dataset).resolve()), str(Path(args.teacher).resolve())

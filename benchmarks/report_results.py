@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
                    help="the result files (reproduce_results.py --results)")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "results", help="where the tables and plots go")
-    p.add_argument("--stage-two", type=Path, default=REPO / "docs" / "results" / "benchmarks" / "stage_two.json",
+    p.add_argument("--stage-two", type=Path, default=REPO / "benchmarks" / "results" / "benchmarks" / "stage_two.json",
                    help="bench_train_student.py's figures: the online/cached time ratio of the cost section")
     args = p.parse_args(argv)
     runs = load_runs(args.results)
