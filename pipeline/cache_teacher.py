@@ -1,7 +1,11 @@
-"""Stage one: run the teacher once over every split (no augmentation) and write its raw logits.
+"""Stage one: run the teacher once over every split and write its raw logits (logit_store.py).
 
-Decoding and preprocessing run in DataLoader workers so they overlap the teacher's forward pass;
-the teacher runs in eval mode under `torch.inference_mode` and autocast.
+Each image as the teacher's processor prepares it (view 0), and with `--views K` (on --view-splits, train by
+default) K random augmented views per image besides it, optionally blended with another image's view
+(`--view-mixup`), each stored with the parameters that render it again (views.py). Decoding and
+preprocessing run in DataLoader workers so they overlap the teacher's forward pass; the teacher runs in
+eval mode under `torch.inference_mode` and autocast. A pass over many views journals its chunks and resumes
+mid-split after a kill; under torchrun each rank takes every N-th image and the parts are merged.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ its point is run again, continuing its run folder from the last epoch checkpoint
 
 Pruning (`--prune median|halving`) reports validation accuracy after every epoch to Optuna's
 MedianPruner or SuccessiveHalvingPruner; a pruned trial keeps its run folder (metrics.jsonl) as it stood.
-Everything is chosen on validation; test accuracy is read only for the chosen config (report.py).
+Everything is chosen on validation; test accuracy is read only for the chosen config (sweep_report.py).
 """
 
 from __future__ import annotations
