@@ -67,7 +67,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from _common import cpu_seconds, kd_step, print_table, subset_folder, sync  # noqa: E402
 from bench_cache_teacher import preprocess, time_bare_forward  # noqa: E402
-from kdpipe import cache_teacher, evaluate, logit_store, pixels, runtime, student_data, train_student, views  # noqa: E402
+from kdpipe import cache_teacher, evaluate, files, logit_store, pixels, runtime, student_data, train_student, views  # noqa: E402
 from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.data import open_dataset  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
@@ -784,9 +784,7 @@ def main(argv: list[str] | None = None) -> dict:
     if json_path is not None:
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        os.replace(tmp, json_path)
+        files.write_text(json_path, json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {json_path}")
     return result
 

@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kdpipe import cache_teacher, stats, train_student  # noqa: E402
+from kdpipe import cache_teacher, files, stats, train_student  # noqa: E402
 from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.run_folder import RunReport  # noqa: E402
 from kdpipe.settings import overrides  # noqa: E402
@@ -65,9 +65,7 @@ LEDGER = "cpu_seconds.json"  # in each run folder: CPU seconds per attempt, upda
 
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    files.write_json(path, obj, indent=1)
 
 
 def read_json(path: Path):

@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import sys
 import time
@@ -66,7 +65,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdpipe import cache_teacher, logit_store, runtime, sweep, sweep_report, train_student  # noqa: E402
+from kdpipe import cache_teacher, files, logit_store, runtime, sweep, sweep_report, train_student  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
 from kdpipe.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
 from kdpipe.views import ViewPolicy  # noqa: E402
@@ -120,9 +119,7 @@ def guide(args, cache: Path) -> None:
 
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    files.write_json(path, obj, indent=1)
 
 
 def sweep_to_the_end(cfg: SweepConfig):
