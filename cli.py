@@ -382,13 +382,16 @@ def _print_sweep(s) -> None:
         console.print(line)
     if s.teacher_gain:
         _print_gain(s.teacher_gain)
+    for loss, gain in (s.loss_gains or {}).items():
+        if gain:
+            _print_gain(gain, f"--loss {loss}, its best config chosen on validation")
     if s.interrupted:
         console.print(f"[yellow]interrupted[/]: no process holds {', '.join(s.interrupted)} (its worker is gone); "
                       "rerun the sweep to continue from the last checkpoint", highlight=False)
     console.print("wrote " + ", ".join(str(f) for f in s.files))
 
 
-def _print_gain(g: dict) -> None:
+def _print_gain(g: dict, label: str = "teacher's gain") -> None:
     """The teacher's gain: the best distilled config minus its alpha = 0 twin, in percentage points."""
     def pp(split: str) -> str:
         d = g[split]
@@ -399,7 +402,7 @@ def _print_gain(g: dict) -> None:
         return text
 
     parts = [pp(split) for split in ("validation", "test") if split in g]
-    console.print(f"teacher's gain, {g['distilled']} − its λ = 0 twin {g['twin']}: " + "; ".join(parts))
+    console.print(f"{label}, {g['distilled']} − its λ = 0 twin {g['twin']}: " + "; ".join(parts))
 
 
 def main():

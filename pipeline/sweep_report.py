@@ -3,7 +3,9 @@
 Per config, over its seeds: mean, sample std and a 95% Student-t interval of the best-epoch validation
 accuracy. The chosen config is the best mean validation accuracy; test accuracy is read for that config
 only (reading test for every config invites choosing on it). When the sweep has alpha = 0 configs, the
-teacher's gain: the best distilled config minus its alpha = 0 twin (teacher_gain). Written next to the study:
+teacher's gain: the best distilled config minus its alpha = 0 twin (teacher_gain), and, when the sweep searches
+the loss, the same per loss: each loss's best config (chosen on validation among its own) minus its twin, test
+included (loss_gains; one arm per loss, as a table of methods reports them). Written next to the study:
 results.csv (one row per config), results.json (configs, every run, the choice) and, when the sweep
 varies both T and alpha and matplotlib is installed, heatmap.png of mean validation accuracy over T x alpha.
 
@@ -59,6 +61,7 @@ class SweepSummary:
     epochs: dict  # run, planned (for pruning's savings)
     seconds: float  # summed epoch time of every run
     teacher_gain: dict | None = None  # the best distilled config against its alpha = 0 twin (teacher_gain())
+    loss_gains: dict | None = None  # per loss searched: its best config against its twin (loss_gains())
     files: list[Path] = field(default_factory=list)
     interrupted: list[str] = field(default_factory=list)  # run folders of RUNNING trials whose worker is gone
 
@@ -113,9 +116,10 @@ def build(out: Path, write: bool = True) -> SweepSummary:
     best = rows[0] if rows else None
     if best is not None:
         best.test = [r["test"] for r in groups[best.key]["runs"] if r.get("test") is not None] or None
-    gain = teacher_gain(rows, {key: g["runs"] for key, g in groups.items()})
+    runs = {key: g["runs"] for key, g in groups.items()}
     summary = SweepSummary(out, record["study_name"], record["spec"], rows, best, counts,
-                           {"run": epochs_run, "planned": epochs_planned}, seconds, gain, interrupted=interrupted)
+                           {"run": epochs_run, "planned": epochs_planned}, seconds, teacher_gain(rows, runs),
+                           loss_gains(rows, runs, record["spec"]["train"].get("loss", "kd")), interrupted=interrupted)
     if write:
         summary.files = _write(summary)
     return summary
@@ -153,19 +157,40 @@ def teacher_gain(rows: list[ConfigRow], runs: dict[str, list[dict]]) -> dict | N
     order and dropout in both). The distilled config won on validation against the others, so its
     validation gap is flattered by that choice. The test gap is not; it is given when the distilled config
     is the chosen one (test is read for the chosen config only, here as a difference). None without a pair."""
-    def settings(r: ConfigRow) -> dict:  # what a twin shares: not alpha, T, the loss or its own settings
-        return {k: v for k, v in r.params.items() if k not in ("alpha", "temperature", "loss", *LOSS_SETTINGS)}
-
     distilled = next((r for r in rows if r.params.get("alpha", 0) > 0), None)
     if distilled is None:
         return None
+    return _against_twin(distilled, rows, runs, ("validation", "test") if distilled is rows[0] else ("validation",))
+
+
+def loss_gains(rows: list[ConfigRow], runs: dict[str, list[dict]], base_loss: str) -> dict | None:
+    """When the sweep searched the loss: per loss, its best config with alpha > 0 (chosen on validation among
+    that loss's configs; rows are best first) against its alpha = 0 twin, as teacher_gain, with test for each:
+    one arm per loss, each chosen on validation and reported on test once, the way a table of methods reads.
+    None when fewer than two losses ran."""
+    best = {}
+    for r in rows:
+        if r.params.get("alpha", 0) > 0:
+            best.setdefault(r.params.get("loss", base_loss), r)
+    if len(best) < 2:
+        return None
+    return {loss: _against_twin(r, rows, runs, ("validation", "test")) for loss, r in best.items()}
+
+
+def _against_twin(distilled: ConfigRow, rows: list[ConfigRow], runs: dict[str, list[dict]],
+                  splits: tuple[str, ...]) -> dict | None:
+    """`distilled` minus its twin, the row with the same settings but alpha = 0, on `splits`: the gap of the
+    means, Welch's 95 % interval, and the gap paired by seed with its interval. None without a twin."""
+    def settings(r: ConfigRow) -> dict:  # what a twin shares: not alpha, T, the loss or its own settings
+        return {k: v for k, v in r.params.items() if k not in ("alpha", "temperature", "loss", *LOSS_SETTINGS)}
+
     twins = [r for r in rows if r.params.get("alpha") == 0 and settings(r) == settings(distilled)]
     if not twins:
         return None
     twin = next((r for r in twins if r.params.get("temperature") in (None, distilled.params.get("temperature"))),
                 twins[0])
     out = {"distilled": distilled.key, "twin": twin.key}
-    for split in ("validation", "test") if distilled is rows[0] else ("validation",):
+    for split in splits:
         a, b = ({r["seed"]: r[split] for r in runs[row.key] if r.get(split) is not None} for row in (distilled, twin))
         if not (a and b):
             continue
@@ -209,7 +234,7 @@ def to_dict(s: SweepSummary) -> dict:
             best.update(test_mean=m, test_std=sd, test_ci95=None if math.isnan(ci) else ci)
     return {"study_name": s.study_name, "spec": s.spec, "trials": s.counts, "epochs": s.epochs,
             "train_seconds": round(s.seconds, 2), "configs": [row(r) for r in s.rows], "best": best,
-            "teacher_gain": s.teacher_gain, "interrupted": s.interrupted}
+            "teacher_gain": s.teacher_gain, "loss_gains": s.loss_gains, "interrupted": s.interrupted}
 
 
 def heatmap(s: SweepSummary, path: Path) -> Path | None:

@@ -477,3 +477,20 @@ def test_train_student_with_each_new_loss_through_the_cli(run_cli, cache_dir, tm
     code, text = run_cli("train-student", "--cache", cache_dir, "--loss", loss, "--dkd-beta", "-1",
                          "--out", tmp_path / "x")
     assert code == 1 and "--dkd-beta must be a finite number >= 0" in text and "Traceback" not in text
+
+
+def test_a_loss_sweep_reports_each_loss_against_its_twin():
+    from kdpipe import sweep_report
+
+    val = {"a0.5-kd": [0.90, 0.92], "a0.5-dkd-b8": [0.93, 0.95], "a0.5-dkd-b2": [0.80, 0.82], "a0": [0.88, 0.89]}
+    params = {"a0.5-kd": {"alpha": 0.5, "loss": "kd"}, "a0.5-dkd-b8": {"alpha": 0.5, "loss": "dkd", "dkd_beta": 8.0},
+              "a0.5-dkd-b2": {"alpha": 0.5, "loss": "dkd", "dkd_beta": 2.0}, "a0": {"alpha": 0.0}}
+    rows = sorted((sweep_report.ConfigRow(k, params[k], [0, 1], v, 0) for k, v in val.items()), key=lambda r: -r.val_mean)
+    runs = {k: [{"seed": s, "validation": v[s], "test": v[s] - 0.01} for s in range(2)] for k, v in val.items()}
+    gains = sweep_report.loss_gains(rows, runs, "kd")
+    assert set(gains) == {"kd", "dkd"} and gains["dkd"]["distilled"] == "a0.5-dkd-b8"  # chosen within dkd
+    assert gains["kd"]["twin"] == gains["dkd"]["twin"] == "a0"
+    assert gains["dkd"]["test"]["gap"] == pytest.approx(0.055) and gains["kd"]["test"]["gap"] == pytest.approx(0.025)
+    assert gains["kd"]["validation"]["paired"]["seeds"] == 2
+    one_loss = [r for r in rows if r.params.get("loss") != "dkd"]
+    assert sweep_report.loss_gains(one_loss, runs, "kd") is None  # teacher_gain says it all

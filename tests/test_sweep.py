@@ -266,3 +266,17 @@ def test_the_teacher_gain_pairs_the_twin_with_the_same_other_settings():
     chosen = sweep_report.teacher_gain([r for r in rows if r.key != "a0-lr0.003"], runs)
     assert chosen["test"]["gap"] == pytest.approx(gain["validation"]["gap"])  # the same shift in both arms
     assert sweep_report.teacher_gain([r for r in rows if r.key != "a0-lr0.001"], runs) is None  # no twin
+
+
+def test_a_sweep_over_losses_reports_each_loss_against_the_same_twin(run_cli, cache_dir, tmp_path):
+    code, out = run_cli("sweep", "--cache", cache_dir, "--loss", "kd,dist", "--alpha", "0,0.5", "--epochs", "1",
+                        "--seeds", "0", "--out", tmp_path / "sw", *TINY)
+    assert code == 0, out
+    result = json.loads((tmp_path / "sw" / "results.json").read_text())
+    gains = result["loss_gains"]
+    assert set(gains) == {"kd", "dist"} and {g["twin"] for g in gains.values()} == {"a0"}
+    assert all("test" in g and "validation" in g for g in gains.values())  # each loss's chosen config, on test too
+    text = " ".join(out.split())
+    for loss in ("kd", "dist"):
+        assert f"--loss {loss}, its best config chosen on validation, {gains[loss]['distilled']} − its λ = 0 twin a0" \
+            in text, out
