@@ -82,7 +82,7 @@ def _bars(bar: Progress):
     return update
 
 
-SWEEP_HELP = "Values 1,2,5 (grid or tpe) or a range low:high[:log] (tpe only); one value = fixed for every run."
+SEARCHABLE = "Searchable: several values, or a range (tpe)."
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ def _params(cls, group: Group, prefix: str) -> list[inspect.Parameter]:
         decls = m["flags"]
         if group.search and m["search"] is not None:  # a sweep: values or a range, as text
             kind, default = Optional[str], None
-            option.update(help=f"{m['help']} {SWEEP_HELP}", show_default=m["shown"] or _text(_default(f)))
+            decls = tuple(d.split("/")[0] for d in decls)  # --standardize true,false: not a switch here
+            option.update(help=f"{m['help']} {SEARCHABLE}", show_default=m["shown"] or _text(_default(f)))
         elif m["parse"] is not None:  # typed as text, parsed by the setting's own parser
             kind, default = Optional[str], None
             option["show_default"] = m["shown"] or _text(_default(f)) or False
@@ -328,8 +329,9 @@ def evaluate_cmd(
 @configured(train=Group(TrainConfig, search=True, skip=("out", "name", "seed", "resume")), sweep=SweepConfig)
 def sweep_cmd(train: dict, sweep: dict):
     """Sweep student settings against one cache (an Optuna study; rerun the same command to resume or to add
-    a worker). Every train-student setting is fixed for all runs, or, where searchable, given several values
-    or a range to search. The teacher is never loaded."""
+    a worker). Every train-student setting can be given, fixed for all runs; a searchable one takes several
+    values (1,2,5: a grid, or tpe's choices) or a range low:high[:log] (--sampler tpe), and one value fixes
+    it. The teacher is never loaded."""
     from kdpipe import sweep as sweeps, sweep_report
 
     cfg = SweepConfig.from_flags(train, **sweep)

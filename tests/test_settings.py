@@ -76,7 +76,8 @@ def test_the_sweep_offers_every_train_setting_and_searches_the_marked_ones():
     own = {f.name for f in dataclasses.fields(SweepConfig) if f.init and f.metadata["cli"]}
     assert set(options) == train | own
     for name in SWEEPABLE:
-        assert options[name].default is None and "range low:high" in options[name].help  # text: values or a range
+        assert options[name].default is None and cli.SEARCHABLE in options[name].help  # text: values or a range
+        assert not any("/" in d for d in options[name].param_decls)  # --standardize true,false, not a switch
 
 
 def test_sweep_flags_split_into_fixed_settings_and_searched_ones():

@@ -280,3 +280,10 @@ def test_a_sweep_over_losses_reports_each_loss_against_the_same_twin(run_cli, ca
     for loss in ("kd", "dist"):
         assert f"--loss {loss}, its best config chosen on validation, {gains[loss]['distilled']} − its λ = 0 twin a0" \
             in text, out
+
+
+def test_a_switch_is_searched_with_true_false(run_cli, cache_dir, tmp_path):
+    code, out = run_cli("sweep", "--cache", cache_dir, "--standardize", "true,false", "--epochs", "1", "--seeds", "0",
+                        "--out", tmp_path / "sw", *TINY)
+    assert code == 0, out
+    assert sorted(p.name for p in (tmp_path / "sw" / "runs").iterdir()) == ["ls0-seed0", "ls1-seed0"]
