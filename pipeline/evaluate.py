@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import files, logit_store, metrics, pixels, runtime
+from . import files, logit_store, metrics, pixels, run_folder, runtime
 from .data import reopen_dataset
 from .errors import KdpipeError
-from .run_folder import load_report
 from .student_data import SplitData, with_tensors
 
 @torch.no_grad()
@@ -37,10 +36,11 @@ def saved(run_dir: Path, split: str = "test", dataset: str | None = None, device
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").exists():
+    if not (run_dir / run_folder.RUN_JSON).exists():
         raise KdpipeError(f"{run_dir}: no run.json; pass a folder written by kdpipe train-student")
-    r = load_report(run_dir).run
-    weights = run_dir / "model" / "model.safetensors"
+    r = run_folder.load_report(run_dir).run
+    model_dir = run_dir / run_folder.MODEL
+    weights = model_dir / "model.safetensors"
     if not weights.is_file():
         raise KdpipeError(f"{weights} is missing: the saved student is incomplete; restore the run's model/ folder, "
                           "or train again")
@@ -49,11 +49,11 @@ def saved(run_dir: Path, split: str = "test", dataset: str | None = None, device
         raise KdpipeError(f"{weights} does not match the checksum in run.json "
                           "(corrupted or replaced); retrain, or restore the file")
     try:
-        model = AutoModelForImageClassification.from_pretrained(run_dir / "model")
-        proc = AutoImageProcessor.from_pretrained(run_dir / "model")
+        model = AutoModelForImageClassification.from_pretrained(model_dir)
+        proc = AutoImageProcessor.from_pretrained(model_dir)
     except (OSError, ValueError) as e:  # config.json or preprocessor_config.json missing or damaged
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdpipeError(f"{run_dir / 'model'}: cannot load the saved student ({first}); restore the run's "
+        raise KdpipeError(f"{model_dir}: cannot load the saved student ({first}); restore the run's "
                           "model/ folder, or train again") from None
     ds = reopen_dataset(r["dataset"], dataset, [split], flags={split: "--split"})
     if ds.label_names != [model.config.id2label[i] for i in range(model.config.num_labels)]:
@@ -64,8 +64,9 @@ def saved(run_dir: Path, split: str = "test", dataset: str | None = None, device
     source = ds.splits[split]
     teacher = None
     cache_dir = r["config"].get("cache")
-    if cache_dir and Path(cache_dir, f"{split}.parquet").exists():
-        cached = logit_store.read_split(logit_store.split_path(Path(cache_dir), split))
+    cached_path = logit_store.split_path(Path(cache_dir), split) if cache_dir else None
+    if cached_path is not None and cached_path.exists():
+        cached = logit_store.read_split(cached_path)
         teacher = torch.from_numpy(cached.aligned_to(source.ids, source.labels, f"cache split {split!r}"))
     data = SplitData(split, source.ids,
                      pixels.as_tensor(pixels.load_or_build(source, inputs["size"], inputs["resample"],

@@ -17,8 +17,9 @@ from . import files, locking
 from .config import TrainConfig, comparable
 from .errors import KdpipeError
 
-RUN_FILES = ("checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model", "tensorboard")
 CHECKPOINT, SUMS, METRICS, RUN_JSON, MODEL = "checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model"
+TENSORBOARD = "tensorboard"
+RUN_FILES = (CHECKPOINT, SUMS, METRICS, RUN_JSON, MODEL, TENSORBOARD)  # what a run folder may hold
 
 
 def claim(out: Path, resume: bool) -> None:

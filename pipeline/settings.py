@@ -6,6 +6,7 @@ one field (plus its check), not an option, a config call and a sweep entry kept 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -44,9 +45,14 @@ def option_names(field: dataclasses.Field) -> tuple[str, str | None]:
     return on, off or None
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def value_type(cls, name: str) -> type:
     """A field's type without None: `float | None` -> float, `list[str] | None` -> list."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = _hints(cls)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
     return typing.get_origin(hint) or hint

@@ -285,8 +285,8 @@ def fit(s: Setup, progress: Progress | None = None, on_epoch: Callable[[dict], N
     finally:
         if board is not None:
             board.close()
-            if sys.exc_info()[0] is not None and not (s.out / "checkpoint.pt").exists():
-                shutil.rmtree(s.out / "tensorboard", ignore_errors=True)  # stopped before a first checkpoint
+            if sys.exc_info()[0] is not None and not (s.out / run_folder.CHECKPOINT).exists():
+                shutil.rmtree(s.out / run_folder.TENSORBOARD, ignore_errors=True)  # stopped before a first checkpoint
 
 
 def _fit_epochs(s: Setup, progress, on_epoch, board) -> None:
@@ -320,7 +320,7 @@ def _tensorboard(s: Setup):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # the optional extra is absent: metrics.jsonl has everything
         return None
-    return SummaryWriter(str(s.out / "tensorboard"), purge_step=len(s.history) + 1)
+    return SummaryWriter(str(s.out / run_folder.TENSORBOARD), purge_step=len(s.history) + 1)
 
 
 def _log_scalars(board, record: dict) -> None:
@@ -419,7 +419,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[
         shared: SharedData | None = None) -> RunReport:
     """setup -> (resume) -> fit -> finish. A finished run with --resume returns its saved report."""
     start = time.perf_counter()
-    finished = cfg.out_dir() / "run.json"
+    finished = cfg.out_dir() / run_folder.RUN_JSON
     if cfg.resume and finished.exists():  # nothing to train: its report, if these are its settings
         report = load_report(cfg.out_dir())
         run_folder.refuse_other_settings(cfg, report.run.get("config", {}), cfg.out_dir())
