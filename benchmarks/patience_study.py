@@ -6,7 +6,9 @@ longer, on a fresh view of every image every epoch?
 
 One resumable command: every step writes its result files atomically and skips what exists, caches resume
 mid-split (cache_teacher's journal) and runs resume from their last epoch (train-student --resume), so
-rerunning the same command after a kill, or in a later session, continues where it stopped.
+rerunning the same command after a kill, or in a later session, continues where it stopped. Two copies of
+the command may run side by side (one per core, `OMP_NUM_THREADS=1`): each step's folder lock is its claim, a
+step another copy is writing is skipped, and a step that needs it (a cache, a screened size) waits for it.
 
 0. `plan.json`, written once before any run: epochs E (default 30, 100, 300), arms, seeds (>= 3, paired:
    a seed fixes a run's initial weights, batch order, views and dropout in every arm), K = max(E) - 1 views
@@ -44,7 +46,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kdpipe import cache_teacher, files, stats, train_student  # noqa: E402
+from kdpipe import cache_teacher, files, locking, stats, train_student  # noqa: E402
+from kdpipe.errors import KdpipeError  # noqa: E402
 from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.run_folder import RunReport  # noqa: E402
 from kdpipe.settings import overrides  # noqa: E402
@@ -61,6 +64,7 @@ ARMS = {"fm": {"alpha": 1.0, "temperature": 1.0, "views": "mixed"},
         "recipe": {"alpha": 0.9, "temperature": 5.0, "views": "plain"},
         "recipe-twin": {"alpha": 0.0, "temperature": 5.0, "views": "plain", "twin_of": "recipe"}}
 LEDGER = "cpu_seconds.json"  # in each run folder: CPU seconds per attempt, updated after every epoch
+POLL_S = 60  # how often a copy waiting for another copy's step looks again
 
 
 def write_json(path: Path, obj) -> None:
@@ -111,6 +115,34 @@ def fix_plan(args) -> dict:
         raise SystemExit(f"{path} fixed another plan ({', '.join(differs)} differ); rerun with its settings, or "
                          "start a new plan in another --results folder")
     return plan
+
+
+def unless_claimed(folder: Path, step):
+    """step(), or None when another copy of the study holds `folder`'s lock (its claim on the step)."""
+    if locking.held(folder):
+        return None
+    try:
+        return step()
+    except KdpipeError:
+        if locking.held(folder):  # claimed between the look and the step
+            return None
+        raise
+
+
+def after_others(folder: Path, step):
+    """step() once no other copy holds `folder`'s lock: their finished step is then read back, not redone."""
+    while (done := unless_claimed(folder, step)) is None:
+        time.sleep(POLL_S)
+    return done
+
+
+def caches_step(args, plan: dict) -> dict:
+    """Both caches; a copy skips the one another copy is writing, then waits for it."""
+    kinds = ("plain", "mixed")
+    outs = {kind: args.work / f"cache-{kind}" for kind in kinds}
+    for kind in kinds:
+        unless_claimed(outs[kind], lambda: cache_step(args, plan, kind))
+    return {kind: after_others(outs[kind], lambda: cache_step(args, plan, kind)) for kind in kinds}
 
 
 def cache_step(args, plan: dict, kind: str) -> Path:
@@ -172,10 +204,16 @@ def screen_step(args, plan: dict, caches: dict) -> int:
     if done is not None:
         return done["chosen"]
     e, seed = plan["epochs"][0], plan["seeds"][0]
+    outs = {size: args.work / "screen" / f"fm-E{e}-px{size}-seed{seed}" for size in sizes}
+
+    def screen(size):
+        return lambda: run_once(train_config(args, plan, caches, "fm", e, seed, size, outs[size]))
+
+    for size in sizes:
+        unless_claimed(outs[size], screen(size))
     rows = {}
     for size in sizes:
-        out = args.work / "screen" / f"fm-E{e}-px{size}-seed{seed}"
-        report = run_once(train_config(args, plan, caches, "fm", e, seed, size, out))
+        report = after_others(outs[size], screen(size))  # a finished run returns its saved report
         rows[str(size)] = record(report, "fm", seed, e, size)
         print(f"screen {size} px: validation {report.validation['accuracy']:.3f}", flush=True)
     chosen = max(sizes, key=lambda s: (rows[str(s)]["validation"]["accuracy"], -s))  # ties: the cheaper
@@ -192,9 +230,13 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
                 path = args.results / f"E{e}" / f"{arm}-seed{seed}.json"
                 if path.exists():
                     continue
-                print(f"E {e}, {arm}, seed {seed}", flush=True)
                 out = args.work / "runs" / f"E{e}-{arm}-px{size}-seed{seed}"
-                report = run_once(train_config(args, plan, caches, arm, e, seed, size, out))
+                print(f"E {e}, {arm}, seed {seed}", flush=True)
+                report = unless_claimed(out, lambda: run_once(train_config(args, plan, caches, arm, e, seed, size,
+                                                                           out)))
+                if report is None:
+                    print("  another copy of the study is running it", flush=True)
+                    continue
                 write_json(path, record(report, arm, seed, e, size))
 
 
@@ -283,7 +325,7 @@ def plot(summary: dict, path: Path) -> Path | None:
     return path
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=str(SHARED / "beans"))
     p.add_argument("--teacher", default=str(SHARED / "teachers" / "beans-efficientnet-lite0"))
@@ -306,10 +348,15 @@ def main(argv: list[str] | None = None) -> dict:
     args.size_list = [int(x) for x in args.sizes.split(",")]
     if min(args.epoch_list) < 1 or len(set(args.seed_list)) != len(args.seed_list) or min(args.size_list) < 1:
         p.error("--epochs and --sizes take positive numbers, --seeds distinct seeds")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     plan = fix_plan(args)
     if args.plan_only:
         return {"plan": plan}
-    caches = {kind: cache_step(args, plan, kind) for kind in ("plain", "mixed")}
+    caches = caches_step(args, plan)
     size = screen_step(args, plan, caches)
     curve_step(args, plan, caches, size)
     summary = summarise(args, plan)

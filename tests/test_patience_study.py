@@ -75,3 +75,28 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     assert again["points"] == summary["points"]
     with pytest.raises(SystemExit, match="seeds"):  # the seed count was fixed before the runs
         study.main([*tiny, "--seeds", "0,1"])
+
+
+def test_a_second_copy_skips_the_run_another_copy_is_writing_and_waits_for_a_cache(tiny, tmp_path, monkeypatch):
+    from kdpipe import locking
+
+    tiny = [*tiny, "--epochs", "1"]
+    results, work = tmp_path / "results", tmp_path / "work"
+    with locking.exclusive(work / "runs" / "E1-fm-px32-seed0"):  # the other copy is training this run
+        study.main(tiny)
+    assert not (results / "E1" / "fm-seed0.json").exists()
+    assert {p.name for p in (results / "E1").iterdir()} == {f"{a}-seed0.json" for a in study.ARMS if a != "fm"}
+    summary = study.main(tiny)  # the other copy stopped without finishing it: this copy runs it now
+    assert (results / "E1" / "fm-seed0.json").exists() and set(summary["points"][0]["arms"]) == set(study.ARMS)
+
+    waits = []  # a cache another copy is writing: skipped, then waited for, then read back (not recomputed)
+    lock = locking.exclusive(work / "cache-plain")
+    lock.__enter__()
+
+    def sleep(_s):
+        waits.append(_s)
+        lock.__exit__(None, None, None)  # the other copy finishes its cache while this one waits
+
+    monkeypatch.setattr(study.time, "sleep", sleep)
+    caches = study.caches_step(study.parse_args(tiny), json.loads((results / "plan.json").read_text()))
+    assert waits == [study.POLL_S] and caches == {"plain": work / "cache-plain", "mixed": work / "cache-mixed"}
