@@ -29,7 +29,8 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
 4. `summary.json` and `curve.png`: per arm and E, test and validation accuracy (mean ± 95 % t interval over
    seeds), teacher agreement on test, and each distilled arm minus its twin paired by seed; the teacher's
    own test and validation accuracy as lines; CPU hours per point (CPU time of every attempt of its runs,
-   from a ledger each run folder keeps, epoch by epoch).
+   from a ledger each run folder keeps, epoch by epoch) and the machines and precisions its runs used (a run
+   resumed in a later session may finish on another CPU: numerics act as one more seed).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kdpipe import cache_teacher, files, locking, stats, train_student  # noqa: E402
+from kdpipe import cache_teacher, files, locking, runtime, stats, train_student  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
 from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.run_folder import RunReport  # noqa: E402
@@ -172,25 +173,28 @@ def train_config(args, plan: dict, caches: dict, arm: str, epochs: int, seed: in
 
 
 def run_once(cfg: TrainConfig) -> RunReport:
-    """train_student.run (resuming the run folder), keeping a ledger of the CPU seconds of every attempt."""
+    """train_student.run (resuming the run folder), keeping a ledger of every attempt: its CPU seconds and the
+    machine it ran on (a run resumed in a later session may continue on another CPU; numerics differ by CPU)."""
     ledger_path = cfg.out_dir() / LEDGER
     attempt = f"{os.uname().nodename}-{os.getpid()}-{time.time():.0f}"
+    machine = runtime.describe(runtime.resolve_device(cfg.device))
     start = cpu_now()
 
     def on_epoch(_record):
         ledger = read_json(ledger_path) or {}
-        ledger[attempt] = cpu_now() - start
+        ledger[attempt] = {"cpu_s": cpu_now() - start, "machine": machine}
         write_json(ledger_path, ledger)
 
     return train_student.run(cfg, on_epoch=on_epoch)
 
 
 def record(report: RunReport, arm: str, seed: int, epochs: int, size: int) -> dict:
-    ledger = read_json(report.out / LEDGER) or {}
+    attempts = (read_json(report.out / LEDGER) or {}).values()
     return {"arm": arm, "seed": seed, "epochs": epochs, "size": size, "run_dir": str(report.out),
             "best_epoch": report.best_epoch, "validation": report.validation, "test": report.test,
             "validation_accuracy_per_epoch": [e["validation"]["accuracy"] for e in report.history],
-            "wall_time_s": report.wall_time_s, "cpu_s": sum(ledger.values()),
+            "wall_time_s": report.wall_time_s, "cpu_s": sum(a["cpu_s"] for a in attempts),
+            "machines": sorted({a["machine"] for a in attempts}), "precision": report.run.get("precision"),
             "train_images_per_s": report.run.get("train_images_per_s")}
 
 
@@ -256,7 +260,9 @@ def summarise(args, plan: dict) -> dict:
                     runs[arm][seed] = r
         point = {"epochs": e, "arms": {}, "gains": {}, "cpu_hours": sum(r["cpu_s"] for by in runs.values()
                                                                        for r in by.values()) / 3600,
-                 "wall_hours": sum(r["wall_time_s"] for by in runs.values() for r in by.values()) / 3600}
+                 "wall_hours": sum(r["wall_time_s"] for by in runs.values() for r in by.values()) / 3600,
+                 "machines": sorted({m for by in runs.values() for r in by.values() for m in r["machines"]}),
+                 "precisions": sorted({r["precision"] for by in runs.values() for r in by.values()})}
         for arm, by in runs.items():
             if not by:
                 continue

@@ -201,11 +201,30 @@ def default_workers(device: torch.device | None = None) -> int:
     return max(0, min(4, share - 1))
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else the platform's word for it): numerics and speed differ by
+    CPU, so every result names the one it ran on."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def describe(device: torch.device) -> str:
+    """The device in words, for provenance: the GPU and its compute capability, or the CPU's model, cores,
+    threads, the kernels torch dispatches to (AVX2, AVX512, AMX...) and whether bf16 is native."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} (sm {major}.{minor}, {cpu_cores()} CPU cores)"
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, bf16 {'native' if cpu_has_fast_bf16() else 'emulated'})"
+    return (f"cpu {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+            f"{torch.backends.cpu.get_cpu_capability()} kernels, bf16 {'native' if cpu_has_fast_bf16() else 'emulated'})")
 
 
 def versions() -> dict:

@@ -58,10 +58,12 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
         assert cache["splits"]["train"]["rows"] == 12 * 2 and cache["splits"]["train"]["seconds"] > 0
     mixed = json.loads((results / "E2" / "fm-seed0.json").read_text())
     assert mixed["epochs"] == 2 and len(mixed["validation_accuracy_per_epoch"]) == 2 and mixed["cpu_s"] > 0
+    assert mixed["precision"] == "fp32" and len(mixed["machines"]) == 1 and mixed["machines"][0].startswith("cpu ")
     run_json = json.loads((tmp_path / "work" / "runs" / "E2-fm-px32-seed0" / "run.json").read_text())
     assert run_json["consistency"]["stored_views"]["policy"]["mixup"] == 1.0 and run_json["config"]["alpha"] == 1.0
     for point in summary["points"]:
         assert set(point["arms"]) == set(study.ARMS) and point["cpu_hours"] > 0
+        assert point["precisions"] == ["fp32"] and point["machines"] == mixed["machines"]
         assert set(point["gains"]) == {"fm - fm-twin", "recipe - recipe-twin"}
         assert point["gains"]["fm - fm-twin"]["test"]["pairs"] == 1
         assert 0 <= point["arms"]["fm"]["test_teacher_agreement"] <= 1

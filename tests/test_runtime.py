@@ -254,3 +254,21 @@ def test_cpu_bf16_is_fast_only_with_the_flag_and_the_kernels_to_use_it(monkeypat
         assert runtime.resolve_precision("auto", torch.device("cpu")) == ("bf16" if fast else "fp32")
     finally:
         runtime.cpu_has_fast_bf16.cache_clear()
+
+
+def test_a_cpu_is_described_by_its_model_kernels_and_bf16(monkeypatch, tmp_path):
+    import builtins
+
+    real_open = builtins.open
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu amx_bf16\n")
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AMX")
+    runtime.cpu_model.cache_clear()
+    runtime.cpu_has_fast_bf16.cache_clear()
+    try:
+        said = runtime.describe(torch.device("cpu"))
+    finally:
+        runtime.cpu_model.cache_clear()
+        runtime.cpu_has_fast_bf16.cache_clear()
+    assert said.startswith("cpu Intel(R) Xeon(R) Platinum 8480+ (") and "AMX kernels, bf16 native" in said
