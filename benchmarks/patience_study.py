@@ -3,6 +3,7 @@ longer, on a fresh view of every image every epoch?
 
     python benchmarks/patience_study.py                  # the full plan on real Beans (days on a 2-core CPU)
     python benchmarks/patience_study.py --plan-only      # write the plan and stop
+    python benchmarks/patience_study.py --status         # what is done, what is running, what is left
 
 One resumable command: every step writes its result files atomically and skips what exists, caches resume
 mid-split (cache_teacher's journal) and runs resume from their last epoch (train-student --resume), so
@@ -47,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kdpipe import cache_teacher, files, locking, runtime, stats, train_student  # noqa: E402
+from kdpipe import cache_teacher, files, locking, logit_store, run_folder, runtime, stats, train_student  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
 from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.run_folder import RunReport  # noqa: E402
@@ -348,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="stage one's decoding workers")
     p.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
+    p.add_argument("--status", action="store_true", help="print what is done and what is left (reads files only)")
     args = p.parse_args(argv)
     args.epoch_list = sorted({int(x) for x in args.epochs.split(",")})
     args.seed_list = [int(x) for x in args.seeds.split(",")]
@@ -357,8 +359,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cache_progress(args, kind: str, images: int) -> str:
+    """A cache's state from its result file or its journal (read only: safe while another copy writes it)."""
+    done = read_json(args.results / f"cache-{kind}.json")
+    if done is not None:
+        train = done["splits"]["train"]
+        return f"done: {train['rows']} train rows, {train['seconds'] / 3600:.1f} h of teacher"
+    chunks = sorted((args.work / f"cache-{kind}" / cache_teacher.JOURNAL).glob("train.r*of*/*.parquet"))
+    if not chunks:
+        return "not started"
+    spans = [tuple(int(x) for x in c.stem.split("-")) for c in chunks]
+    recent = sum(end - first for first, end in spans[-20:]) / sum(
+        float(logit_store.read_meta(c).get("seconds", 0.0)) for c in chunks[-20:])  # images/s lately
+    at = max(end for _, end in spans)
+    state = "being written" if locking.held(args.work / f"cache-{kind}") else "stopped"
+    return (f"{at}/{images} train images, {state}; {recent * 60:.1f} images/min lately, "
+            f"{(images - at) / recent / 3600:.1f} h left at that rate")
+
+
+def run_progress(result: Path | None, out: Path) -> str:
+    """'done', '<e> epochs, running|stopped', 'running' or 'not started', from the files alone."""
+    if (result is not None and result.exists()) or (out / run_folder.RUN_JSON).exists():
+        return "done"
+    running = "running" if locking.held(out) else "stopped"
+    metrics = out / run_folder.METRICS
+    if not metrics.exists():
+        return "running" if running == "running" else "not started"
+    return f"{sum(1 for line in metrics.read_text().splitlines() if line)} epochs, {running}"
+
+
+def status(args, plan: dict) -> list[str]:
+    """What the study has done and what is left, from its files (takes no lock, so safe beside running copies)."""
+    from kdpipe.data import open_dataset
+
+    images = len(open_dataset(plan["dataset"], splits=["train"]).splits["train"].ids)
+    lines = [f"plan {args.results / 'plan.json'}, fixed {plan.get('written_at', '?')}"]
+    lines += [f"cache {kind}: {cache_progress(args, kind, images)}" for kind in ("plain", "mixed")]
+    first_e, first_seed = plan["epochs"][0], plan["seeds"][0]
+    screen = read_json(args.results / "screen.json")
+    if screen is not None or len(plan["sizes"]) == 1:
+        size = screen["chosen"] if screen else plan["sizes"][0]
+        lines.append(f"student resolution: {size} px" + (" (chosen on validation)" if screen else ""))
+    else:
+        size = None
+        lines.append("screen: " + ", ".join(f"{px} px {run_progress(None, args.work / 'screen' / f'fm-E{first_e}-px{px}-seed{first_seed}')}"
+                                            for px in plan["sizes"]))
+    for e in plan["epochs"]:
+        if size is None:
+            lines.append(f"E {e}: waits for the screen")
+            continue
+        states = {(arm, seed): run_progress(args.results / f"E{e}" / f"{arm}-seed{seed}.json",
+                                            args.work / "runs" / f"E{e}-{arm}-px{size}-seed{seed}")
+                  for arm in plan["arms"] for seed in plan["seeds"]}
+        done = sum(state == "done" for state in states.values())
+        busy = [f"{arm} seed {seed} {state}" for (arm, seed), state in states.items() if state not in ("done", "not started")]
+        lines.append(f"E {e}: {done}/{len(states)} runs done" + "".join(f"; {b}" for b in busy))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.status:
+        plan = read_json(args.results / "plan.json")
+        if plan is None:
+            raise SystemExit(f"{args.results / 'plan.json'}: no plan yet; run the study (or --plan-only) first")
+        lines = status(args, plan)
+        print("\n".join(lines), flush=True)
+        return {"status": lines}
     plan = fix_plan(args)
     if args.plan_only:
         return {"plan": plan}

@@ -42,8 +42,13 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
 
     stopped = []
     monkeypatch.setattr(study.train_student, "run", run)
+    with pytest.raises(SystemExit, match="no plan yet"):
+        study.main([*tiny, "--status"])
     with pytest.raises(Stop):
         study.main(tiny)
+    said = study.main([*tiny, "--status"])["status"]  # what is done and left, read from the files
+    assert said[1].startswith("cache plain: done: 24 train rows") and said[2].startswith("cache mixed: done")
+    assert said[3:] == ["student resolution: 32 px", "E 1: 2/4 runs done", "E 2: 0/4 runs done"]
     summary = study.main(tiny)  # the same command again: it continues
     plan = json.loads((results / "plan.json").read_text())
     assert plan["seeds"] == [0] and plan["epochs"] == [1, 2] and plan["k"] == 1  # K + 1 = max(E): no view twice
@@ -70,6 +75,7 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     assert set(summary["teacher_accuracy"]) == {"train", "validation", "test"}
     assert (results / "summary.json").exists() and (results / "curve.png").stat().st_size > 1000
 
+    assert study.main([*tiny, "--status"])["status"][-2:] == ["E 1: 4/4 runs done", "E 2: 4/4 runs done"]
     calls.clear()
     stamp = (results / "E1" / "fm-seed0.json").stat().st_mtime_ns
     again = study.main(tiny)  # rerun: every result exists, nothing is trained again
@@ -86,6 +92,7 @@ def test_a_second_copy_skips_the_run_another_copy_is_writing_and_waits_for_a_cac
     results, work = tmp_path / "results", tmp_path / "work"
     with locking.exclusive(work / "runs" / "E1-fm-px32-seed0"):  # the other copy is training this run
         study.main(tiny)
+        assert study.main([*tiny, "--status"])["status"][-1] == "E 1: 3/4 runs done; fm seed 0 running"
     assert not (results / "E1" / "fm-seed0.json").exists()
     assert {p.name for p in (results / "E1").iterdir()} == {f"{a}-seed0.json" for a in study.ARMS if a != "fm"}
     summary = study.main(tiny)  # the other copy stopped without finishing it: this copy runs it now
