@@ -20,7 +20,8 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
    `mixed`: a share --view-mixup-p of them blended with another image's view before the teacher saw
    them, function matching); evaluation splits un-augmented. Its cost: seconds and teacher inputs/s.
 2. `screen.json` (with more than one --sizes): the student's resolution, chosen on validation accuracy of
-   the function-matching arm at the smallest E, first seed; fixed before the curve's runs.
+   the function-matching arm at the smallest E, first seed; fixed before the curve's runs, which read that
+   arm, E and seed back from the screen's run at the chosen size instead of training it again.
 3. `E<e>/<arm>-seed<s>.json`: every arm at every E and seed, `kdpipe.train_student.run` (the one training
    loop), best epoch chosen on validation, test read for it. ARMS:
      fm        function matching: alpha 1 (pure distillation, labels unused), T 1, mixed views
@@ -199,6 +200,17 @@ def record(report: RunReport, arm: str, seed: int, epochs: int, size: int) -> di
             "train_images_per_s": report.run.get("train_images_per_s")}
 
 
+SCREENED_ARM = "fm"  # the arm the resolution is screened with, at the smallest E and the first seed
+
+
+def run_dir(args, plan: dict, arm: str, epochs: int, seed: int, size: int) -> Path:
+    """A run's folder. The screen's run at the chosen size is the curve's run of the same arm, E and seed:
+    the same config, so the curve reads it back instead of training it twice."""
+    if len(plan["sizes"]) > 1 and (arm, epochs, seed) == (SCREENED_ARM, plan["epochs"][0], plan["seeds"][0]):
+        return args.work / "screen" / f"{arm}-E{epochs}-px{size}-seed{seed}"
+    return args.work / "runs" / f"E{epochs}-{arm}-px{size}-seed{seed}"
+
+
 def screen_step(args, plan: dict, caches: dict) -> int:
     """The student's resolution: the best validation accuracy of the fm arm at the smallest E, first seed."""
     sizes = plan["sizes"]
@@ -209,20 +221,20 @@ def screen_step(args, plan: dict, caches: dict) -> int:
     if done is not None:
         return done["chosen"]
     e, seed = plan["epochs"][0], plan["seeds"][0]
-    outs = {size: args.work / "screen" / f"fm-E{e}-px{size}-seed{seed}" for size in sizes}
+    outs = {size: run_dir(args, plan, SCREENED_ARM, e, seed, size) for size in sizes}
 
     def screen(size):
-        return lambda: run_once(train_config(args, plan, caches, "fm", e, seed, size, outs[size]))
+        return lambda: run_once(train_config(args, plan, caches, SCREENED_ARM, e, seed, size, outs[size]))
 
     for size in sizes:
         unless_claimed(outs[size], screen(size))
     rows = {}
     for size in sizes:
         report = after_others(outs[size], screen(size))  # a finished run returns its saved report
-        rows[str(size)] = record(report, "fm", seed, e, size)
+        rows[str(size)] = record(report, SCREENED_ARM, seed, e, size)
         print(f"screen {size} px: validation {report.validation['accuracy']:.3f}", flush=True)
     chosen = max(sizes, key=lambda s: (rows[str(s)]["validation"]["accuracy"], -s))  # ties: the cheaper
-    write_json(path, {"arm": "fm", "epochs": e, "seed": seed, "runs": rows, "chosen": chosen,
+    write_json(path, {"arm": SCREENED_ARM, "epochs": e, "seed": seed, "runs": rows, "chosen": chosen,
                       "rule": "best validation accuracy; a tie goes to the smaller resolution"})
     print(f"student resolution chosen on validation: {chosen} px", flush=True)
     return chosen
@@ -235,7 +247,7 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
                 path = args.results / f"E{e}" / f"{arm}-seed{seed}.json"
                 if path.exists():
                     continue
-                out = args.work / "runs" / f"E{e}-{arm}-px{size}-seed{seed}"
+                out = run_dir(args, plan, arm, e, seed, size)
                 print(f"E {e}, {arm}, seed {seed}", flush=True)
                 report = unless_claimed(out, lambda: run_once(train_config(args, plan, caches, arm, e, seed, size,
                                                                            out)))
@@ -402,14 +414,15 @@ def status(args, plan: dict) -> list[str]:
         lines.append(f"student resolution: {size} px" + (" (chosen on validation)" if screen else ""))
     else:
         size = None
-        lines.append("screen: " + ", ".join(f"{px} px {run_progress(None, args.work / 'screen' / f'fm-E{first_e}-px{px}-seed{first_seed}')}"
-                                            for px in plan["sizes"]))
+        lines.append("screen: " + ", ".join(
+            f"{px} px {run_progress(None, run_dir(args, plan, SCREENED_ARM, first_e, first_seed, px))}"
+            for px in plan["sizes"]))
     for e in plan["epochs"]:
         if size is None:
             lines.append(f"E {e}: waits for the screen")
             continue
         states = {(arm, seed): run_progress(args.results / f"E{e}" / f"{arm}-seed{seed}.json",
-                                            args.work / "runs" / f"E{e}-{arm}-px{size}-seed{seed}")
+                                            run_dir(args, plan, arm, e, seed, size))
                   for arm in plan["arms"] for seed in plan["seeds"]}
         done = sum(state == "done" for state in states.values())
         busy = [f"{arm} seed {seed} {state}" for (arm, seed), state in states.items() if state not in ("done", "not started")]

@@ -109,3 +109,28 @@ def test_a_second_copy_skips_the_run_another_copy_is_writing_and_waits_for_a_cac
     monkeypatch.setattr(study.time, "sleep", sleep)
     caches = study.caches_step(study.parse_args(tiny), json.loads((results / "plan.json").read_text()))
     assert waits == [study.POLL_S] and caches == {"plain": work / "cache-plain", "mixed": work / "cache-mixed"}
+
+
+def test_the_screen_chooses_the_size_on_validation_and_its_run_is_the_curves(tiny, tmp_path, monkeypatch):
+    tiny = [*tiny, "--epochs", "1", "--sizes", "32,24"]
+    trained = []
+    real = study.train_student.run
+
+    def run(cfg, **kw):
+        if not (cfg.out_dir() / "run.json").exists():
+            trained.append((cfg.out.parent.name, cfg.student_config["image_size"], cfg.alpha))
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(study.train_student, "run", run)
+    study.main(tiny)
+    results = tmp_path / "results"
+    screen = json.loads((results / "screen.json").read_text())
+    accuracy = {int(size): r["validation"]["accuracy"] for size, r in screen["runs"].items()}
+    assert screen["chosen"] == max(sorted(accuracy), key=lambda size: accuracy[size])  # ties: the smaller
+    chosen = screen["chosen"]
+    assert sorted(trained[:2]) == [("screen", 24, 1.0), ("screen", 32, 1.0)]  # fm, both sizes
+    assert len(trained) == 5 and all(folder == "runs" and size == chosen for folder, size, _ in trained[2:])
+    fm = json.loads((results / "E1" / "fm-seed0.json").read_text())  # read back from the screen, not retrained
+    assert fm["run_dir"].endswith(f"screen/fm-E1-px{chosen}-seed0") and fm["size"] == chosen
+    assert study.main([*tiny, "--status"])["status"][3:] == [f"student resolution: {chosen} px (chosen on validation)",
+                                                             "E 1: 4/4 runs done"]
