@@ -74,6 +74,13 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
         assert 0 <= point["arms"]["fm"]["test_teacher_agreement"] <= 1
     assert set(summary["teacher_accuracy"]) == {"train", "validation", "test"}
     assert (results / "summary.json").exists() and (results / "curve.png").stat().st_size > 1000
+    table = (results / "summary.md").read_text().splitlines()
+    for point in summary["points"]:
+        for arm, row in point["arms"].items():
+            assert f"| {point['epochs']} | {arm} | 1 | {100 * row['test']['mean']:.1f} % |" in "\n".join(table)
+        for name in ("fm - fm-twin", "recipe - recipe-twin"):
+            gap = 100 * point["gains"][name]["test"]["gap"]
+            assert any(line.startswith(f"| {point['epochs']} | {name} | 1 | {gap:+.1f} pp |") for line in table)
 
     assert study.main([*tiny, "--status"])["status"][-2:] == ["E 1: 4/4 runs done", "E 2: 4/4 runs done"]
     calls.clear()
