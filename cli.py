@@ -30,6 +30,7 @@ from kdpipe.errors import KdpipeError  # noqa: E402
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for image classifiers with cached teacher logits.")
 console = Console()
+err_console = Console(stderr=True)
 
 
 @app.callback()
@@ -42,8 +43,6 @@ def _quiet_libraries():
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its errors reach us as exceptions
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-err_console = Console(stderr=True)
 
 
 @contextlib.contextmanager
