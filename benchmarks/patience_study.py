@@ -20,7 +20,8 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
    `mixed`: a share --view-mixup-p of them blended with another image's view before the teacher saw
    them, function matching); evaluation splits un-augmented. Its cost: seconds and teacher inputs/s.
 2. `screen.json` (with more than one --sizes): the student's resolution, chosen on validation accuracy of
-   the function-matching arm at the smallest E, first seed; fixed before the curve's runs, which read that
+   the function-matching arm at the smallest E, first seed, by the one-standard-error rule (the smallest
+   size within one binomial standard error of the best: `choose_size`); fixed before the curve's runs, which read that
    arm, E and seed back from the screen's run at the chosen size instead of training it again.
 3. `E<e>/<arm>-seed<s>.json`: every arm at every E and seed, `kdpipe.train_student.run` (the one training
    loop), best epoch chosen on validation, test read for it. ARMS:
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -99,7 +101,7 @@ def make_plan(args) -> dict:
             "view_policy": {"mixup": args.view_mixup, "mixup_p": args.view_mixup_p},
             "recipe": {**RECIPE, "batch_size": args.batch_size,
                        "student_config": {**RECIPE["student_config"], **overrides(args.student_config)}},
-            "sizes": args.size_list,
+            "sizes": args.size_list, "screen_rule": "one standard error",
             "dataset": str(args.dataset), "teacher": str(args.teacher), "precision": args.precision,
             "chosen_on": "validation accuracy (best epoch of each run, and the screened resolution); test read once "
                          "per run, for its best epoch"}
@@ -211,6 +213,21 @@ def run_dir(args, plan: dict, arm: str, epochs: int, seed: int, size: int) -> Pa
     return args.work / "runs" / f"E{epochs}-{arm}-px{size}-seed{seed}"
 
 
+SCREEN_RULE = ("the smallest resolution whose validation accuracy is within one standard error of the best "
+               "(sqrt(p (1 - p) / n) at the best p): the one-standard-error rule")
+
+
+def choose_size(validation: dict[int, dict]) -> tuple[int, float]:
+    """The screened resolution by the one-standard-error rule (Breiman et al. 1984; Hastie, Tibshirani and
+    Friedman, ESL 7.10): one seed on n validation images cannot tell apart sizes closer than the binomial
+    standard error of the best, and a larger size costs about (size / 128)^2 times the CPU hours of the whole
+    curve, so within that noise the cheaper one is taken. Returns (size, the accuracy it had to reach)."""
+    best = max(v["accuracy"] for v in validation.values())
+    n = min(v["n"] for v in validation.values())
+    floor = best - math.sqrt(best * (1 - best) / n)
+    return min(s for s, v in validation.items() if v["accuracy"] >= floor), floor
+
+
 def screen_step(args, plan: dict, caches: dict) -> int:
     """The student's resolution: the best validation accuracy of the fm arm at the smallest E, first seed."""
     sizes = plan["sizes"]
@@ -233,9 +250,9 @@ def screen_step(args, plan: dict, caches: dict) -> int:
         report = after_others(outs[size], screen(size))  # a finished run returns its saved report
         rows[str(size)] = record(report, SCREENED_ARM, seed, e, size)
         print(f"screen {size} px: validation {report.validation['accuracy']:.3f}", flush=True)
-    chosen = max(sizes, key=lambda s: (rows[str(s)]["validation"]["accuracy"], -s))  # ties: the cheaper
+    chosen, floor = choose_size({s: rows[str(s)]["validation"] for s in sizes})
     write_json(path, {"arm": SCREENED_ARM, "epochs": e, "seed": seed, "runs": rows, "chosen": chosen,
-                      "rule": "best validation accuracy; a tie goes to the smaller resolution"})
+                      "rule": SCREEN_RULE, "floor": floor})
     print(f"student resolution chosen on validation: {chosen} px", flush=True)
     return chosen
 

@@ -92,6 +92,15 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
         study.main([*tiny, "--seeds", "0,1"])
 
 
+@pytest.mark.parametrize("accuracy, chosen", [({128: 0.90, 160: 0.92, 224: 0.93}, 160),  # SE at 0.93: 2.2 pp
+                                               ({128: 0.88, 160: 0.90, 224: 0.93}, 224),
+                                               ({128: 0.93, 160: 0.93, 224: 0.90}, 128),
+                                               ({128: 1.00, 160: 0.99, 224: 1.00}, 128)])  # no spread: the best
+def test_the_resolution_is_the_smallest_within_one_standard_error_of_the_best(accuracy, chosen):
+    size, floor = study.choose_size({s: {"accuracy": a, "n": 133} for s, a in accuracy.items()})
+    assert size == chosen and floor <= max(accuracy.values())
+
+
 def test_a_second_copy_skips_the_run_another_copy_is_writing_and_waits_for_a_cache(tiny, tmp_path, monkeypatch):
     from kdpipe import locking
 
@@ -133,7 +142,9 @@ def test_the_screen_chooses_the_size_on_validation_and_its_run_is_the_curves(tin
     results = tmp_path / "results"
     screen = json.loads((results / "screen.json").read_text())
     accuracy = {int(size): r["validation"]["accuracy"] for size, r in screen["runs"].items()}
-    assert screen["chosen"] == max(sorted(accuracy), key=lambda size: accuracy[size])  # ties: the smaller
+    best = max(accuracy.values())
+    floor = best - (best * (1 - best) / 2) ** 0.5  # one standard error at the best (2 validation images)
+    assert screen["chosen"] == min(size for size, a in accuracy.items() if a >= floor)
     chosen = screen["chosen"]
     assert sorted(trained[:2]) == [("screen", 24, 1.0), ("screen", 32, 1.0)]  # fm, both sizes
     assert len(trained) == 5 and all(folder == "runs" and size == chosen for folder, size, _ in trained[2:])
