@@ -160,7 +160,8 @@ def cache_step(args, plan: dict, kind: str) -> Path:
                                             device=args.device, workers=args.workers))
     record = args.results / f"cache-{kind}.json"
     if read_json(record) is None:
-        write_json(record, {"views": kind, "k": plan["k"], "splits": {r.split: {
+        write_json(record, {"views": kind, "k": plan["k"], "precision": plan["precision"],
+                            "finished_on": runtime.describe(runtime.resolve_device(args.device)), "splits": {r.split: {
             "rows": r.rows, "bytes": r.bytes, "bytes_per_row": r.bytes / r.rows, "teacher_accuracy": r.accuracy,
             "seconds": r.seconds, "images_per_s": r.images_per_s, "resumed_images": r.resumed_images,
             "reused": r.reused} for r in reports}})
