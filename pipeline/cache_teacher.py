@@ -136,6 +136,15 @@ def _collate(items):
     return out
 
 
+def teacher_logits(teacher: Teacher, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The teacher's raw logits (N, C) for pixel_values (N, 3, H, W), `batch_size` inputs per forward: an
+    image's K + 1 views arrive together, and one forward over all of them runs ~2.7x slower per input on a
+    CPU than forwards of 32 (EfficientNet-Lite0, 301 views, one thread: benchmarks/bench_cache_teacher.py)."""
+    chunks = pixel_values.split(batch_size)  # each (<= batch_size, 3, H, W)
+    return torch.cat([teacher.model(pixel_values=c.contiguous(memory_format=torch.channels_last)).logits.float()
+                      for c in chunks])
+
+
 def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precision: str, batch_size: int,
                     workers: int, progress: Progress | None = None, rows: np.ndarray | None = None,
                     spec: ViewSpec | None = None):
@@ -160,8 +169,7 @@ def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precis
                 mixes = views.Mixes(ids, params["mix_boxes"], params["mix_flips"], params["mix_weights"])
             images = batch.pop("rows").numpy()  # stays on the host: no round trip through the device
             batch = runtime.to_device(batch, device)
-            pixel_values = batch["pixel_values"].contiguous(memory_format=torch.channels_last)  # (B*V, 3, H, W)
-            logits = teacher.model(pixel_values=pixel_values).logits.float()  # (B*V, C)
+            logits = teacher_logits(teacher, batch["pixel_values"], batch_size)  # (B*V, C)
             done += len(images)
             if progress:
                 progress(split.name, done, len(rows))
