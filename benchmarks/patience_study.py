@@ -18,7 +18,9 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
    included, is fixed before the runs; more seeds mean a new plan in another --results folder.
 1. `cache-<views>.json`: stage one once per view set over N x (K + 1) train views (`plain`: crops and flips;
    `mixed`: a share --view-mixup-p of them blended with another image's view before the teacher saw
-   them, function matching); evaluation splits un-augmented. Its cost: seconds and teacher inputs/s.
+   them, function matching); evaluation splits un-augmented. Its cost: seconds and teacher inputs/s. The
+   finished split files are kept in `<results>/caches/<views>/` (tens of bytes per view, committed with the
+   results) and a fresh checkout restores them: the teacher pass is paid once per plan, not per machine.
 2. `screen.json` (with more than one --sizes): the student's resolution, chosen on validation accuracy of
    the function-matching arm at the smallest E, first seed, by the one-standard-error rule (the smallest
    size within one binomial standard error of the best: `choose_size`); fixed before the curve's runs, which read that
@@ -43,6 +45,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -150,14 +153,21 @@ def caches_step(args, plan: dict) -> dict:
     return {kind: after_others(outs[kind], lambda: cache_step(args, plan, kind)) for kind in kinds}
 
 
+KEPT = "caches"  # under --results: each finished cache's split files, committed with the results
+
+
 def cache_step(args, plan: dict, kind: str) -> Path:
-    """Stage one over the train split's K + 1 views of `kind` (plain | mixed); resumable mid-split."""
+    """Stage one over the train split's K + 1 views of `kind` (plain | mixed); resumable mid-split. A cache
+    kept under --results is restored first and reused (at the precision it was made in, whatever this CPU
+    would choose), so a fresh checkout of the repository does not pay the teacher pass again."""
     policy = ViewPolicy(**({"mixup": plan["view_policy"]["mixup"], "mixup_p": plan["view_policy"]["mixup_p"]}
                            if kind == "mixed" else {}))
-    out = args.work / f"cache-{kind}"
+    out, kept = args.work / f"cache-{kind}", args.results / KEPT / kind
+    precision = restore_cache(kept, out) or plan["precision"]
     reports = cache_teacher.run(CacheConfig(teacher=plan["teacher"], dataset=plan["dataset"], out=out,
-                                            views=plan["k"], augment=policy, precision=plan["precision"],
+                                            views=plan["k"], augment=policy, precision=precision,
                                             device=args.device, workers=args.workers))
+    keep_cache(out, kept)
     record = args.results / f"cache-{kind}.json"
     if read_json(record) is None:
         write_json(record, {"views": kind, "k": plan["k"], "precision": plan["precision"],
@@ -166,6 +176,26 @@ def cache_step(args, plan: dict, kind: str) -> Path:
             "seconds": r.seconds, "images_per_s": r.images_per_s, "resumed_images": r.resumed_images,
             "reused": r.reused} for r in reports}})
     return out
+
+
+def keep_cache(out: Path, kept: Path) -> None:
+    """Copy a finished cache's split files to `kept` (each atomically, once)."""
+    kept.mkdir(parents=True, exist_ok=True)
+    for path in sorted(out.glob("*.parquet")):
+        if not (kept / path.name).exists():
+            with files.replacing(kept / path.name) as tmp:
+                shutil.copyfile(path, tmp)
+
+
+def restore_cache(kept: Path, out: Path) -> str | None:
+    """Copy the kept split files that `out` lacks into it; the precision they were made in, if any."""
+    paths = sorted(kept.glob("*.parquet"))
+    out.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        if not (out / path.name).exists():
+            with files.replacing(out / path.name) as tmp:
+                shutil.copyfile(path, tmp)
+    return logit_store.read_meta(paths[0])["precision"] if paths else None
 
 
 def train_config(args, plan: dict, caches: dict, arm: str, epochs: int, seed: int, size: int, out: Path) -> TrainConfig:

@@ -152,3 +152,20 @@ def test_the_screen_chooses_the_size_on_validation_and_its_run_is_the_curves(tin
     assert fm["run_dir"].endswith(f"screen/fm-E1-px{chosen}-seed0") and fm["size"] == chosen
     assert study.main([*tiny, "--status"])["status"][3:] == [f"student resolution: {chosen} px (chosen on validation)",
                                                              "E 1: 4/4 runs done"]
+
+
+def test_a_fresh_checkout_restores_the_kept_caches_instead_of_running_the_teacher_again(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    results, work = tmp_path / "results", tmp_path / "work"
+    args = study.parse_args([*tiny, "--epochs", "1"])
+    plan = study.fix_plan(args)
+    first = study.caches_step(args, plan)
+    for kind, out in first.items():  # kept beside the results, so a commit carries them
+        assert sorted(p.name for p in (results / "caches" / kind).iterdir()) == sorted(p.name for p in
+                                                                                      out.glob("*.parquet"))
+    shutil.rmtree(work)  # a fresh checkout: the ignored work folder is gone
+    monkeypatch.setattr(study.cache_teacher, "teacher_batches", lambda *a, **k: pytest.fail("the teacher ran"))
+    monkeypatch.setattr(study.runtime, "cpu_has_fast_bf16", lambda: True)  # `auto` here would choose bf16, but the
+    again = study.caches_step(args, {**plan, "precision": "auto"})  # kept caches are fp32: reused as they are
+    assert again == first and all((work / f"cache-{k}" / "train.parquet").exists() for k in ("plain", "mixed"))
