@@ -73,7 +73,6 @@ ARMS = {"fm": {"alpha": 1.0, "temperature": 1.0, "views": "mixed"},
         "recipe-twin": {"alpha": 0.0, "temperature": 5.0, "views": "plain", "twin_of": "recipe"}}
 LEDGER = "cpu_seconds.json"  # in each run folder: CPU seconds per attempt, updated after every epoch
 POLL_S = 60  # how often a copy waiting for another copy's step looks again
-TEACHER_BATCH = 16  # EfficientNet-Lite0 at 224 px, bf16, one thread: 89 inputs/s in forwards of 16, 60 of 32
 
 
 def write_json(path: Path, obj) -> None:
@@ -444,7 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="stage one's decoding workers")
-    p.add_argument("--teacher-batch-size", type=int, default=TEACHER_BATCH,
+    p.add_argument("--teacher-batch-size", type=int, default=CacheConfig.batch_size,
                    help="inputs per teacher forward in the caches (speed only: not part of the plan)")
     p.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
     p.add_argument("--status", action="store_true", help="print what is done and what is left (reads files only)")

@@ -138,8 +138,8 @@ def _collate(items):
 
 def teacher_logits(teacher: Teacher, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The teacher's raw logits (N, C) for pixel_values (N, 3, H, W), `batch_size` inputs per forward: an
-    image's K + 1 views arrive together, and one forward over all 300 of them ran 2.0x slower per input on a
-    CPU than forwards of 32 (EfficientNet-Lite0, bf16, one thread: benchmarks/bench_view_forward.py)."""
+    image's K + 1 views arrive together, and one forward over all 300 of them ran 2.55x slower per input on a
+    CPU than forwards of 16 (EfficientNet-Lite0, bf16, one thread: benchmarks/bench_view_forward.py)."""
     chunks = pixel_values.split(batch_size)  # each (<= batch_size, 3, H, W)
     return torch.cat([teacher.model(pixel_values=c.contiguous(memory_format=torch.channels_last)).logits.float()
                       for c in chunks])

@@ -151,7 +151,7 @@ def test_the_fidelity_check_catches_views_rendered_other_than_stored(image_folde
 
 def test_the_teacher_forward_takes_at_most_batch_size_views(image_folder, teacher_dir, tmp_path, monkeypatch):
     """An image's K + 1 views arrive together; the forward still sees --batch-size inputs at most (one forward
-    over all 300 views of an image ran 2.0x slower per input than forwards of 32 on a CPU)."""
+    over all 300 views of an image ran 2.55x slower per input than forwards of 16 on a CPU)."""
     seen, forward = [], cache_teacher.teacher_logits
 
     def spy(teacher, pixel_values, batch_size):
