@@ -24,7 +24,8 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
 2. `screen.json` (with more than one --sizes): the student's resolution, chosen on validation accuracy of
    the function-matching arm at the smallest E, first seed, by the one-standard-error rule (the smallest
    size within one binomial standard error of the best: `choose_size`); fixed before the curve's runs, which read that
-   arm, E and seed back from the screen's run at the chosen size instead of training it again.
+   arm, E and seed back from the screen's run at the chosen size instead of training it again. Each size's
+   record, `screen/px<size>.json`, is written as its run ends, so a fresh checkout keeps finished sizes.
 3. `E<e>/<arm>-seed<s>.json`: every arm at every E and seed, `kdpipe.train_student.run` (the one training
    loop), best epoch chosen on validation, test read for it. ARMS:
      fm        function matching: alpha 1 (pure distillation, labels unused), T 1, mixed views
@@ -273,20 +274,33 @@ def screen_step(args, plan: dict, caches: dict) -> int:
     outs = {size: run_dir(args, plan, SCREENED_ARM, e, seed, size) for size in sizes}
 
     def screen(size):
-        return lambda: run_once(train_config(args, plan, caches, SCREENED_ARM, e, seed, size, outs[size]))
+        def step():
+            rec = record(run_once(train_config(args, plan, caches, SCREENED_ARM, e, seed, size, outs[size])),
+                         SCREENED_ARM, seed, e, size)
+            write_json(screen_record(args, size), rec)
+            return rec
+        return step
 
     for size in sizes:
-        unless_claimed(outs[size], screen(size))
+        if not screen_record(args, size).exists():
+            unless_claimed(outs[size], screen(size))
     rows = {}
-    for size in sizes:
-        report = after_others(outs[size], screen(size))  # a finished run returns its saved report
-        rows[str(size)] = record(report, SCREENED_ARM, seed, e, size)
-        print(f"screen {size} px: validation {report.validation['accuracy']:.3f}", flush=True)
+    for size in sizes:  # each size's record, read back or waited for (a finished run returns its saved report)
+        rows[str(size)] = read_json(screen_record(args, size)) or after_others(outs[size], screen(size))
+        print(f"screen {size} px: validation {rows[str(size)]['validation']['accuracy']:.3f}", flush=True)
     chosen, floor = choose_size({s: rows[str(s)]["validation"] for s in sizes})
+    curve = args.results / f"E{e}" / f"{SCREENED_ARM}-seed{seed}.json"  # the same run as the curve's: not twice
+    if not curve.exists():
+        write_json(curve, rows[str(chosen)])
     write_json(path, {"arm": SCREENED_ARM, "epochs": e, "seed": seed, "runs": rows, "chosen": chosen,
                       "rule": SCREEN_RULE, "floor": floor})
     print(f"student resolution chosen on validation: {chosen} px", flush=True)
     return chosen
+
+
+def screen_record(args, size: int) -> Path:
+    """A screened size's run record, written as soon as the run ends, so a fresh checkout keeps it."""
+    return args.results / "screen" / f"px{size}.json"
 
 
 def curve_step(args, plan: dict, caches: dict, size: int) -> None:
@@ -499,9 +513,9 @@ def status(args, plan: dict) -> list[str]:
         lines.append(f"student resolution: {size} px" + (" (chosen on validation)" if screen else ""))
     else:
         size = None
-        lines.append("screen: " + ", ".join(
-            f"{px} px {run_progress(None, run_dir(args, plan, SCREENED_ARM, first_e, first_seed, px))}"
-            for px in plan["sizes"]))
+        progress = {px: run_progress(screen_record(args, px), run_dir(args, plan, SCREENED_ARM, first_e, first_seed, px))
+                    for px in plan["sizes"]}
+        lines.append("screen: " + ", ".join(f"{px} px {state}" for px, state in progress.items()))
     for e in plan["epochs"]:
         if size is None:
             lines.append(f"E {e}: waits for the screen")

@@ -153,6 +153,17 @@ def test_the_screen_chooses_the_size_on_validation_and_its_run_is_the_curves(tin
     assert study.main([*tiny, "--status"])["status"][3:] == [f"student resolution: {chosen} px (chosen on validation)",
                                                              "E 1: 4/4 runs done"]
 
+    import shutil  # a fresh checkout: the work folder is gone, the committed records are not
+
+    shutil.rmtree(tmp_path / "work")
+    (results / "screen.json").unlink()
+    (results / "E1" / "fm-seed0.json").unlink()
+    trained.clear()
+    args = study.parse_args(tiny)
+    assert study.screen_step(args, study.fix_plan(args), {}) == chosen and trained == []  # nothing trained again
+    assert json.loads((results / "screen.json").read_text()) == screen
+    assert json.loads((results / "E1" / "fm-seed0.json").read_text()) == fm
+
 
 def test_a_fresh_checkout_restores_the_kept_caches_instead_of_running_the_teacher_again(tiny, tmp_path, monkeypatch):
     import shutil
