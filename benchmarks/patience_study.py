@@ -181,23 +181,25 @@ def cache_step(args, plan: dict, kind: str) -> Path:
 
 
 def keep_cache(out: Path, kept: Path) -> None:
-    """Copy a finished cache's split files to `kept` (each atomically, once)."""
-    kept.mkdir(parents=True, exist_ok=True)
-    for path in sorted(out.glob("*.parquet")):
-        if not (kept / path.name).exists():
-            with files.replacing(kept / path.name) as tmp:
-                shutil.copyfile(path, tmp)
+    """Copy a finished cache's split files to `kept`."""
+    copy_missing(out, kept)
 
 
 def restore_cache(kept: Path, out: Path) -> str | None:
     """Copy the kept split files that `out` lacks into it; the precision they were made in, if any."""
-    paths = sorted(kept.glob("*.parquet"))
-    out.mkdir(parents=True, exist_ok=True)
+    copied = copy_missing(kept, out)
+    return logit_store.read_meta(copied[0])["precision"] if copied else None
+
+
+def copy_missing(src: Path, dst: Path) -> list[Path]:
+    """Copy each of `src`'s split files that `dst` lacks (atomically); every split file `dst` then has from `src`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    paths = sorted(src.glob("*.parquet"))
     for path in paths:
-        if not (out / path.name).exists():
-            with files.replacing(out / path.name) as tmp:
+        if not (dst / path.name).exists():
+            with files.replacing(dst / path.name) as tmp:
                 shutil.copyfile(path, tmp)
-    return logit_store.read_meta(paths[0])["precision"] if paths else None
+    return [dst / path.name for path in paths]
 
 
 def train_config(args, plan: dict, caches: dict, arm: str, epochs: int, seed: int, size: int, out: Path) -> TrainConfig:
@@ -476,10 +478,13 @@ def cache_progress(args, kind: str, images: int) -> str:
     if done is not None:
         train = done["splits"]["train"]
         return f"done: {train['rows']} train rows, {train['seconds'] / 3600:.1f} h of teacher"
-    chunks = sorted((args.work / f"cache-{kind}" / cache_teacher.JOURNAL).glob("train.r*of*/*.parquet"))
+    def span(chunk: Path) -> tuple[int, int]:  # its images first..end: sorted by number, not by name
+        return tuple(int(x) for x in chunk.stem.split("-"))
+
+    chunks = sorted((args.work / f"cache-{kind}" / cache_teacher.JOURNAL).glob("train.r*of*/*.parquet"), key=span)
     if not chunks:
         return "not started"
-    spans = [tuple(int(x) for x in c.stem.split("-")) for c in chunks]
+    spans = [span(c) for c in chunks]
     recent = sum(end - first for first, end in spans[-20:]) / sum(
         float(logit_store.read_meta(c).get("seconds", 0.0)) for c in chunks[-20:])  # images/s lately
     at = max(end for _, end in spans)

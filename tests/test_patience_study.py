@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 
@@ -153,8 +154,7 @@ def test_the_screen_chooses_the_size_on_validation_and_its_run_is_the_curves(tin
     assert study.main([*tiny, "--status"])["status"][3:] == [f"student resolution: {chosen} px (chosen on validation)",
                                                              "E 1: 4/4 runs done"]
 
-    import shutil  # a fresh checkout: the work folder is gone, the committed records are not
-
+    # a fresh checkout: the work folder is gone, the committed records are not
     shutil.rmtree(tmp_path / "work")
     (results / "screen.json").unlink()
     (results / "E1" / "fm-seed0.json").unlink()
@@ -166,8 +166,6 @@ def test_the_screen_chooses_the_size_on_validation_and_its_run_is_the_curves(tin
 
 
 def test_a_fresh_checkout_restores_the_kept_caches_instead_of_running_the_teacher_again(tiny, tmp_path, monkeypatch):
-    import shutil
-
     results, work = tmp_path / "results", tmp_path / "work"
     args = study.parse_args([*tiny, "--epochs", "1"])
     plan = study.fix_plan(args)
