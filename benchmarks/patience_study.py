@@ -4,6 +4,7 @@ longer, on a fresh view of every image every epoch?
     python benchmarks/patience_study.py                  # the full plan on real Beans (days on a 2-core CPU)
     python benchmarks/patience_study.py --plan-only      # write the plan and stop
     python benchmarks/patience_study.py --status         # what is done, what is running, what is left
+    python benchmarks/patience_study.py --summary        # an interim report from the runs done so far
 
 One resumable command: every step writes its result files atomically and skips what exists, caches resume
 mid-split (cache_teacher's journal) and runs resume from their last epoch (train-student --resume), so
@@ -336,7 +337,8 @@ def summarise(args, plan: dict) -> dict:
                 r = read_json(args.results / f"E{e}" / f"{arm}-seed{seed}.json")
                 if r is not None:
                     runs[arm][seed] = r
-        point = {"epochs": e, "arms": {}, "gains": {}, "cpu_hours": sum(r["cpu_s"] for by in runs.values()
+        point = {"epochs": e, "runs": sum(map(len, runs.values())), "planned": len(plan["arms"]) * len(plan["seeds"]),
+                 "arms": {}, "gains": {}, "cpu_hours": sum(r["cpu_s"] for by in runs.values()
                                                                        for r in by.values()) / 3600,
                  "wall_hours": sum(r["wall_time_s"] for by in runs.values() for r in by.values()) / 3600,
                  "machines": sorted({m for by in runs.values() for r in by.values() for m in r["machines"]}),
@@ -389,6 +391,10 @@ def markdown(summary: dict) -> str:
             agree = row["test_teacher_agreement"]
             lines.append(f"| {point['epochs']} | {arm} | {len(row['seeds'])} | {_pct(row['test'])} | "
                          f"{_pct(row['validation'])} | {'-' if agree is None else f'{100 * agree:.1f} %'} |")
+    partial = [f"E {p['epochs']}: {p['runs']}/{p['planned']} runs" for p in summary["points"]
+               if p.get("runs", p.get("planned")) != p.get("planned")]
+    if partial:
+        lines[1:1] = ["", "**Interim: the curve is not finished** (" + "; ".join(partial) + ").", ""]
     lines += ["", "| E | gain over the λ = 0 twin | pairs | test, paired (95 %) | validation, paired | CPU hours "
               "(point) | machines, precision |", "|---|---|---|---|---|---|---|"]
     for point in summary["points"]:
@@ -463,6 +469,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="inputs per teacher forward in the caches (speed only: not part of the plan)")
     p.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
     p.add_argument("--status", action="store_true", help="print what is done and what is left (reads files only)")
+    p.add_argument("--summary", action="store_true",
+                   help="write summary.json, summary.md and curve.png from the runs done so far, and stop (trains nothing)")
     args = p.parse_args(argv)
     args.epoch_list = sorted({int(x) for x in args.epochs.split(",")})
     args.seed_list = [int(x) for x in args.seeds.split(",")]
@@ -543,12 +551,23 @@ def main(argv: list[str] | None = None) -> dict:
         lines = status(args, plan)
         print("\n".join(lines), flush=True)
         return {"status": lines}
+    if args.summary:
+        plan = read_json(args.results / "plan.json")
+        screen = read_json(args.results / "screen.json")
+        if plan is None or (screen is None and len(plan["sizes"]) > 1):
+            raise SystemExit(f"{args.results}: nothing to summarise before the screen has chosen a size")
+        return report(args, plan, screen["chosen"] if screen else plan["sizes"][0])
     plan = fix_plan(args)
     if args.plan_only:
         return {"plan": plan}
     caches = caches_step(args, plan)
     size = screen_step(args, plan, caches)
     curve_step(args, plan, caches, size)
+    return report(args, plan, size)
+
+
+def report(args, plan: dict, size: int) -> dict:
+    """summary.json, summary.md and curve.png from the run records there are (an interim report if some are missing)."""
     summary = summarise(args, plan)
     summary["size"] = size
     write_json(args.results / "summary.json", summary)
@@ -558,7 +577,8 @@ def main(argv: list[str] | None = None) -> dict:
         gains = ", ".join(f"{k}: test {100 * g['test']['gap']:+.1f} pp (± {100 * g['test']['paired_ci95']:.1f})"
                           if g["test"]["paired_ci95"] is not None else f"{k}: test {100 * g['test']['gap']:+.1f} pp"
                           for k, g in point["gains"].items() if g["test"]["gap"] is not None)
-        print(f"E {point['epochs']}: {gains or 'no pairs yet'}; {point['cpu_hours']:.2f} CPU h", flush=True)
+        print(f"E {point['epochs']} ({point['runs']}/{point['planned']} runs): {gains or 'no pairs yet'}; "
+              f"{point['cpu_hours']:.2f} CPU h", flush=True)
     print(f"wrote {args.results / 'summary.json'}, summary.md" + (f", {png}" if png else ""), flush=True)
     return summary
 

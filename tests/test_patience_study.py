@@ -45,11 +45,17 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     monkeypatch.setattr(study.train_student, "run", run)
     with pytest.raises(SystemExit, match="no plan yet"):
         study.main([*tiny, "--status"])
+    with pytest.raises(SystemExit, match="nothing to summarise"):
+        study.main([*tiny, "--summary"])
     with pytest.raises(Stop):
         study.main(tiny)
     said = study.main([*tiny, "--status"])["status"]  # what is done and left, read from the files
     assert said[1].startswith("cache plain: done: 24 train rows") and said[2].startswith("cache mixed: done")
     assert said[3:] == ["student resolution: 32 px", "E 1: 2/4 runs done", "E 2: 0/4 runs done"]
+    interim = study.main([*tiny, "--summary"])  # a report from the two runs there are; it trains nothing
+    assert len(calls) == 2 and [(p["runs"], p["planned"]) for p in interim["points"]] == [(2, 4), (0, 4)]
+    assert set(interim["points"][0]["arms"]) == {"fm", "fm-twin"} and not interim["points"][1]["arms"]
+    assert "Interim: the curve is not finished** (E 1: 2/4 runs; E 2: 0/4 runs)" in (results / "summary.md").read_text()
     summary = study.main(tiny)  # the same command again: it continues
     plan = json.loads((results / "plan.json").read_text())
     assert plan["seeds"] == [0] and plan["epochs"] == [1, 2] and plan["k"] == 1  # K + 1 = max(E): no view twice
@@ -76,6 +82,7 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     assert set(summary["teacher_accuracy"]) == {"train", "validation", "test"}
     assert (results / "summary.json").exists() and (results / "curve.png").stat().st_size > 1000
     table = (results / "summary.md").read_text().splitlines()
+    assert not any("Interim" in line for line in table)
     for point in summary["points"]:
         for arm, row in point["arms"].items():
             assert f"| {point['epochs']} | {arm} | 1 | {100 * row['test']['mean']:.1f} % |" in "\n".join(table)
