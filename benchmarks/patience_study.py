@@ -501,15 +501,18 @@ def cache_progress(args, kind: str, images: int) -> str:
             f"{(images - at) / recent / 3600:.1f} h left at that rate")
 
 
-def run_progress(result: Path | None, out: Path) -> str:
-    """'done', '<e> epochs, running|stopped', 'running' or 'not started', from the files alone."""
+def run_progress(result: Path | None, out: Path, epochs: int) -> str:
+    """'done', 'e/E epochs, running|stopped, ~m min left', 'running' or 'not started', from the files alone."""
     if (result is not None and result.exists()) or (out / run_folder.RUN_JSON).exists():
         return "done"
     running = "running" if locking.held(out) else "stopped"
     metrics = out / run_folder.METRICS
     if not metrics.exists():
         return "running" if running == "running" else "not started"
-    return f"{sum(1 for line in metrics.read_text().splitlines() if line)} epochs, {running}"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    lately = [r["epoch_time_s"] for r in rows[-5:] if "epoch_time_s" in r]  # this run's pace, on this machine
+    left = f", ~{(epochs - len(rows)) * sum(lately) / len(lately) / 60:.0f} min left" if lately else ""
+    return f"{len(rows)}/{epochs} epochs, {running}{left}"
 
 
 def status(args, plan: dict) -> list[str]:
@@ -526,7 +529,8 @@ def status(args, plan: dict) -> list[str]:
         lines.append(f"student resolution: {size} px" + (" (chosen on validation)" if screen else ""))
     else:
         size = None
-        progress = {px: run_progress(screen_record(args, px), run_dir(args, plan, SCREENED_ARM, first_e, first_seed, px))
+        progress = {px: run_progress(screen_record(args, px),
+                                     run_dir(args, plan, SCREENED_ARM, first_e, first_seed, px), first_e)
                     for px in plan["sizes"]}
         lines.append("screen: " + ", ".join(f"{px} px {state}" for px, state in progress.items()))
     for e in plan["epochs"]:
@@ -534,7 +538,7 @@ def status(args, plan: dict) -> list[str]:
             lines.append(f"E {e}: waits for the screen")
             continue
         states = {(arm, seed): run_progress(args.results / f"E{e}" / f"{arm}-seed{seed}.json",
-                                            run_dir(args, plan, arm, e, seed, size))
+                                            run_dir(args, plan, arm, e, seed, size), e)
                   for arm in plan["arms"] for seed in plan["seeds"]}
         done = sum(state == "done" for state in states.values())
         busy = [f"{arm} seed {seed} {state}" for (arm, seed), state in states.items() if state not in ("done", "not started")]

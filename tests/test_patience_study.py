@@ -185,3 +185,13 @@ def test_a_fresh_checkout_restores_the_kept_caches_instead_of_running_the_teache
     monkeypatch.setattr(study.runtime, "cpu_has_fast_bf16", lambda: True)  # `auto` here would choose bf16, but the
     again = study.caches_step(args, {**plan, "precision": "auto"})  # kept caches are fp32: reused as they are
     assert again == first and all((work / f"cache-{k}" / "train.parquet").exists() for k in ("plain", "mixed"))
+
+
+def test_status_reads_a_runs_epochs_and_pace_from_its_metrics(tmp_path):
+    out, result = tmp_path / "run", tmp_path / "E5" / "fm-seed0.json"
+    assert study.run_progress(result, out, 5) == "not started"
+    out.mkdir()
+    (out / study.run_folder.METRICS).write_text('{"epoch": 1, "epoch_time_s": 30}\n{"epoch": 2, "epoch_time_s": 90}\n')
+    assert study.run_progress(result, out, 5) == "2/5 epochs, stopped, ~3 min left"  # 3 epochs at 60 s
+    study.write_json(result, {})
+    assert study.run_progress(result, out, 5) == "done"
