@@ -5,6 +5,7 @@ longer, on a fresh view of every image every epoch?
     python benchmarks/patience_study.py --plan-only      # write the plan and stop
     python benchmarks/patience_study.py --status         # what is done, what is running, what is left
     python benchmarks/patience_study.py --summary        # an interim report from the runs done so far
+    python benchmarks/patience_study.py --hours 2.5      # start only the runs that finish in 2.5 hours
 
 One resumable command: every step writes its result files atomically and skips what exists, caches resume
 mid-split (cache_teacher's journal) and runs resume from their last epoch (train-student --resume), so
@@ -33,6 +34,10 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
      fm-twin   its λ = 0 twin: the same mixed views and budget (CE on each blend's label mixture)
      recipe    the recipe's alpha 0.9, T 5, plain views (docs/views.md)
      recipe-twin  its λ = 0 twin on the same plain views and budget
+   With --hours H a copy starts (or resumes) a run only if the epochs it lacks fit in what is left of H, at
+   the median pace (wall seconds an epoch) of the finished runs at this size on this kind of machine, thread
+   count included: a run folder lives in git-ignored --work and is lost with the machine, so a run that
+   cannot finish in a session is left whole for a later one instead of being cut off.
 4. `summary.json`, `summary.md` (its tables, as docs/results.md shows them) and `curve.png`: per arm and E, test and validation accuracy (mean ± 95 % t interval over
    seeds), teacher agreement on test, and each distilled arm minus its twin paired by seed; the teacher's
    own test and validation accuracy as lines; CPU hours per point (CPU time of every attempt of its runs,
@@ -307,6 +312,9 @@ def screen_record(args, size: int) -> Path:
 
 
 def curve_step(args, plan: dict, caches: dict, size: int) -> None:
+    pace = epoch_seconds(args, size, runtime.describe(runtime.resolve_device(args.device)))
+    if args.deadline is not None and pace is None:
+        print("--hours: no run at this size has finished on this kind of machine yet; runs start unsized", flush=True)
     for e in plan["epochs"]:
         for seed in plan["seeds"]:
             for arm in plan["arms"]:
@@ -314,6 +322,12 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
                 if path.exists():
                     continue
                 out = run_dir(args, plan, arm, e, seed, size)
+                if args.deadline is not None and pace is not None:
+                    need, left = (e - epochs_done(out)) * pace, args.deadline - time.time()
+                    if need > left:  # it would be cut off with the machine: leave it whole to a later session
+                        print(f"E {e}, {arm}, seed {seed}: needs ~{need / 60:.0f} min at {pace:.0f} s an epoch, "
+                              f"{max(left, 0) / 60:.0f} min of --hours left: left for later", flush=True)
+                        continue
                 print(f"E {e}, {arm}, seed {seed}", flush=True)
                 report = unless_claimed(out, lambda: run_once(train_config(args, plan, caches, arm, e, seed, size,
                                                                            out)))
@@ -321,6 +335,21 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
                     print("  another copy of the study is running it", flush=True)
                     continue
                 write_json(path, record(report, arm, seed, e, size))
+
+
+def epoch_seconds(args, size: int, machine: str) -> float | None:
+    """Wall seconds an epoch took in the finished runs at `size` on this kind of machine (thread count included),
+    the median over runs; None before the first. It sizes what still fits in --hours."""
+    records = [read_json(p) for p in [*args.results.glob("E*/*.json"), screen_record(args, size)] if p.exists()]
+    paces = sorted(r["wall_time_s"] / r["epochs"] for r in records
+                   if r and r.get("size") == size and r.get("machines") == [machine])
+    return paces[len(paces) // 2] if paces else None
+
+
+def epochs_done(out: Path) -> int:
+    """Epochs a run folder has finished (its metrics lines): a resumed run needs only the rest."""
+    metrics = out / run_folder.METRICS
+    return sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.exists() else 0
 
 
 def summarise(args, plan: dict) -> dict:
@@ -469,14 +498,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="inputs per teacher forward in the caches (speed only: not part of the plan)")
     p.add_argument("--plan-only", action="store_true", help="write plan.json and stop")
     p.add_argument("--status", action="store_true", help="print what is done and what is left (reads files only)")
+    p.add_argument("--hours", type=float, default=None,
+                   help="this copy's time on the machine: it starts (or resumes) a curve run only if the run fits in "
+                        "what is left, at the pace of the finished runs here, so a session never leaves one cut off")
     p.add_argument("--summary", action="store_true",
                    help="write summary.json, summary.md and curve.png from the runs done so far, and stop (trains nothing)")
     args = p.parse_args(argv)
     args.epoch_list = sorted({int(x) for x in args.epochs.split(",")})
     args.seed_list = [int(x) for x in args.seeds.split(",")]
     args.size_list = [int(x) for x in args.sizes.split(",")]
+    args.deadline = time.time() + 3600 * args.hours if args.hours is not None else None
     if min(args.epoch_list) < 1 or len(set(args.seed_list)) != len(args.seed_list) or min(args.size_list) < 1:
         p.error("--epochs and --sizes take positive numbers, --seeds distinct seeds")
+    if args.hours is not None and args.hours <= 0:
+        p.error("--hours takes a positive number of hours")
     return args
 
 

@@ -99,6 +99,14 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     with pytest.raises(SystemExit, match="seeds"):  # the seed count was fixed before the runs
         study.main([*tiny, "--seeds", "0,1"])
 
+    (results / "E2" / "recipe-seed0.json").unlink()  # a run to do again, and little time on the machine
+    shutil.rmtree(tmp_path / "work" / "runs" / "E2-recipe-px32-seed0")
+    study.main([*tiny, "--hours", "1e-9"])  # it would not finish in time: not started, the report still written
+    assert calls == [] and "E 2: 3/4 runs done" in study.main([*tiny, "--status"])["status"]
+    assert not (tmp_path / "work" / "runs" / "E2-recipe-px32-seed0").exists()
+    study.main([*tiny, "--hours", "1"])
+    assert [(c.epochs, c.alpha) for c in calls] == [(2, study.ARMS["recipe"]["alpha"])]
+
 
 @pytest.mark.parametrize("accuracy, chosen", [({128: 0.90, 160: 0.92, 224: 0.93}, 160),  # SE at 0.93: 2.2 pp
                                                ({128: 0.88, 160: 0.90, 224: 0.93}, 224),
