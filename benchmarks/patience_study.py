@@ -423,7 +423,7 @@ def markdown(summary: dict) -> str:
     partial = [f"E {p['epochs']}: {p['runs']}/{p['planned']} runs" for p in summary["points"]
                if p.get("runs", p.get("planned")) != p.get("planned")]
     if partial:
-        lines[1:1] = ["", "**Interim: the curve is not finished** (" + "; ".join(partial) + ").", ""]
+        lines[1:1] = ["", "**Interim: the curve is not finished** (" + "; ".join(partial) + ")."]
     lines += ["", "| E | gain over the λ = 0 twin | pairs | test, paired (95 %) | validation, paired | CPU hours "
               "(point) | machines, precision |", "|---|---|---|---|---|---|---|"]
     for point in summary["points"]:
