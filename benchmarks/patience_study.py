@@ -421,7 +421,7 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {point['epochs']} | {arm} | {len(row['seeds'])} | {_pct(row['test'])} | "
                          f"{_pct(row['validation'])} | {'-' if agree is None else f'{100 * agree:.1f} %'} |")
     partial = [f"E {p['epochs']}: {p['runs']}/{p['planned']} runs" for p in summary["points"]
-               if p.get("runs", p.get("planned")) != p.get("planned")]
+               if p["runs"] < p["planned"]]
     if partial:
         lines[1:1] = ["", "**Interim: the curve is not finished** (" + "; ".join(partial) + ")."]
     lines += ["", "| E | gain over the λ = 0 twin | pairs | test, paired (95 %) | validation, paired | CPU hours "
