@@ -315,6 +315,7 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
     pace = epoch_seconds(args, size, runtime.describe(runtime.resolve_device(args.device)))
     if args.deadline is not None and pace is None:
         print("--hours: no run at this size has finished on this kind of machine yet; runs start unsized", flush=True)
+    later = []  # runs that would not finish in what is left of --hours
     for e in plan["epochs"]:
         for seed in plan["seeds"]:
             for arm in plan["arms"]:
@@ -325,8 +326,7 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
                 if args.deadline is not None and pace is not None:
                     need, left = (e - epochs_done(out)) * pace, args.deadline - time.time()
                     if need > left:  # it would be cut off with the machine: leave it whole to a later session
-                        print(f"E {e}, {arm}, seed {seed}: needs ~{need / 60:.0f} min at {pace:.0f} s an epoch, "
-                              f"{max(left, 0) / 60:.0f} min of --hours left: left for later", flush=True)
+                        later.append(f"E {e} {arm} seed {seed} (~{need / 60:.0f} min)")
                         continue
                 print(f"E {e}, {arm}, seed {seed}", flush=True)
                 report = unless_claimed(out, lambda: run_once(train_config(args, plan, caches, arm, e, seed, size,
@@ -335,6 +335,9 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
                     print("  another copy of the study is running it", flush=True)
                     continue
                 write_json(path, record(report, arm, seed, e, size))
+    if later:
+        print(f"left for a later session ({pace:.0f} s an epoch here, {len(later)} runs longer than what was left of "
+              f"--hours): " + ", ".join(later), flush=True)
 
 
 def epoch_seconds(args, size: int, machine: str) -> float | None:

@@ -26,7 +26,8 @@ def tiny(tmp_path, teacher_dir):
             "--workers", "0"]
 
 
-def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(tiny, tmp_path, monkeypatch):
+def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(tiny, tmp_path, monkeypatch,
+                                                                                 capsys):
     class Stop(Exception):
         pass
 
@@ -101,7 +102,10 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
 
     (results / "E2" / "recipe-seed0.json").unlink()  # a run to do again, and little time on the machine
     shutil.rmtree(tmp_path / "work" / "runs" / "E2-recipe-px32-seed0")
+    capsys.readouterr()
     study.main([*tiny, "--hours", "1e-9"])  # it would not finish in time: not started, the report still written
+    said = capsys.readouterr().out
+    assert "left for a later session" in said and "E 2 recipe seed 0 (~0 min)" in said
     assert calls == [] and "E 2: 3/4 runs done" in study.main([*tiny, "--status"])["status"]
     assert not (tmp_path / "work" / "runs" / "E2-recipe-px32-seed0").exists()
     study.main([*tiny, "--hours", "1"])
