@@ -324,7 +324,7 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
                     continue
                 out = run_dir(args, plan, arm, e, seed, size)
                 if args.deadline is not None and pace is not None:
-                    need, left = (e - epochs_done(out)) * pace, args.deadline - time.time()
+                    need, left = (e - len(history(out))) * pace, args.deadline - time.time()
                     if need > left:  # it would be cut off with the machine: leave it whole to a later session
                         later.append(f"E {e} {arm} seed {seed} (~{need / 60:.0f} min)")
                         continue
@@ -349,10 +349,9 @@ def epoch_seconds(args, size: int, machine: str) -> float | None:
     return paces[len(paces) // 2] if paces else None
 
 
-def epochs_done(out: Path) -> int:
-    """Epochs a run folder has finished (its metrics lines): a resumed run needs only the rest."""
-    metrics = out / run_folder.METRICS
-    return sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.exists() else 0
+def history(out: Path) -> list[dict]:
+    """A run folder's finished epochs (its metrics records; none before the first): a resumed run needs only the rest."""
+    return run_folder.read_history(out) if (out / run_folder.METRICS).exists() else []
 
 
 def summarise(args, plan: dict) -> dict:
@@ -544,10 +543,9 @@ def run_progress(result: Path | None, out: Path, epochs: int) -> str:
     if (result is not None and result.exists()) or (out / run_folder.RUN_JSON).exists():
         return "done"
     running = "running" if locking.held(out) else "stopped"
-    metrics = out / run_folder.METRICS
-    if not metrics.exists():
+    rows = history(out)
+    if not rows:
         return "running" if running == "running" else "not started"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     lately = [r["epoch_time_s"] for r in rows[-5:] if "epoch_time_s" in r]  # this run's pace, on this machine
     left = f", ~{(epochs - len(rows)) * sum(lately) / len(lately) / 60:.0f} min left" if lately else ""
     return f"{len(rows)}/{epochs} epochs, {running}{left}"

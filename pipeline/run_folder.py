@@ -101,11 +101,16 @@ class RunReport:
     run: dict  # the run.json contents
 
 
+def read_history(out: Path) -> list[dict]:
+    """metrics.jsonl: one record per finished epoch, in order."""
+    return [json.loads(line) for line in (Path(out) / METRICS).read_text().splitlines() if line.strip()]
+
+
 def load_report(out: Path) -> RunReport:
     """The report of a complete run, from its run.json and metrics.jsonl."""
     try:
         r = json.loads((Path(out) / RUN_JSON).read_text())
-        history = [json.loads(line) for line in (Path(out) / METRICS).read_text().splitlines() if line]
+        history = read_history(out)
         assert isinstance(r, dict) and {"best_epoch", "validation", "test", "test_confusion_matrix", "label_names",
                                          "total_time_s"} <= r.keys()
     except (OSError, ValueError, AssertionError) as e:
