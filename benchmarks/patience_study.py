@@ -468,6 +468,9 @@ def plot(summary: dict, path: Path) -> Path | None:
             ax.axhline(100 * summary["teacher_accuracy"][split], color="black", linestyle=style, linewidth=1,
                        label=f"teacher ({split})")
     ax.set_xscale("log")
+    epochs = [p["epochs"] for p in summary["points"]]
+    ax.set_xticks(epochs, [str(e) for e in epochs])  # the curve's points, not a log axis's 3 x 10^1
+    ax.minorticks_off()
     ax.set_xlabel("epochs (a fresh view of every image each epoch)")
     ax.set_ylabel("accuracy (%), mean over seeds; band: 95 % t interval (test)")
     ax.set_title("Patience: distilled arms and their λ = 0 twins")
