@@ -398,6 +398,9 @@ def summarise(args, plan: dict) -> dict:
                 gain[split] = {"gap": sum(x[s] - y[s] for s in both) / len(both) if both else None,
                                "paired_ci95": pair[1] if pair else None, "pairs": len(both),
                                "interval_above_zero": bool(pair and pair[0] - pair[1] > 0)}
+            paired = [runs[a][s] for a in (arm, twin) for s in sorted(runs[arm].keys() & runs[twin].keys())]
+            gain["machines"] = sorted({m for r in paired for m in r["machines"]})  # the pairs' own, not the point's
+            gain["precisions"] = sorted({r["precision"] for r in paired})
             point["gains"][f"{arm} - {twin}"] = gain
         points.append(point)
     return {"plan": {k: plan[k] for k in ("epochs", "seeds", "k")}, "teacher_accuracy": teacher, "points": points}
@@ -427,7 +430,7 @@ def markdown(summary: dict) -> str:
     if partial:
         lines[1:1] = ["", "**Interim: the curve is not finished** (" + "; ".join(partial) + ")."]
     lines += ["", "| E | gain over the λ = 0 twin | pairs | test, paired (95 %) | validation, paired | CPU hours "
-              "(point) | machines, precision |", "|---|---|---|---|---|---|---|"]
+              "(point) | machines, precision (the pairs') |", "|---|---|---|---|---|---|---|"]
     for point in summary["points"]:
         for name, gain in point["gains"].items():
             cells = []
@@ -437,7 +440,7 @@ def markdown(summary: dict) -> str:
                     f" ± {100 * g['paired_ci95']:.1f}" + (" (above 0)" if g["interval_above_zero"] else "")
                     if g["paired_ci95"] is not None else ""))
             lines.append(f"| {point['epochs']} | {name} | {gain['test']['pairs']} | {cells[0]} | {cells[1]} | "
-                         f"{point['cpu_hours']:.1f} | {'; '.join(point['machines'])}, {', '.join(point['precisions'])} |")
+                         f"{point['cpu_hours']:.1f} | {'; '.join(gain['machines'])}, {', '.join(gain['precisions'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -207,3 +207,27 @@ def test_status_reads_a_runs_epochs_and_pace_from_its_metrics(tmp_path):
     assert study.run_progress(result, out, 5) == "2/5 epochs, stopped, ~3 min left"  # 3 epochs at 60 s
     study.write_json(result, {})
     assert study.run_progress(result, out, 5) == "done"
+
+
+def test_a_gain_names_the_machines_of_its_own_pairs_not_the_points(tmp_path):
+    # One point, the fm pair trained on machine A in bf16, the recipe pair on B in fp32: each gain row must name
+    # its pair's machine and precision only (the point as a whole ran on both).
+    results = tmp_path / "results"
+    plan = {"epochs": [5], "seeds": [0], "k": 4, "arms": study.ARMS}
+    where = {"fm": ("cpu A", "bf16"), "fm-twin": ("cpu A", "bf16"), "recipe": ("cpu B", "fp32"),
+             "recipe-twin": ("cpu B", "fp32")}
+    for arm, (machine, precision) in where.items():
+        acc = {"accuracy": 0.9 if "twin" in arm else 0.95, "teacher_agreement": 0.9}
+        study.write_json(results / "E5" / f"{arm}-seed0.json",
+                         {"validation": acc, "test": acc, "cpu_s": 3600.0, "wall_time_s": 3600.0,
+                          "machines": [machine], "precision": precision})
+    args = study.parse_args(["--results", str(results)])
+    point = study.summarise(args, plan)["points"][0]
+    assert point["machines"] == ["cpu A", "cpu B"] and point["precisions"] == ["bf16", "fp32"]
+    assert point["gains"]["fm - fm-twin"]["machines"] == ["cpu A"]
+    assert point["gains"]["fm - fm-twin"]["precisions"] == ["bf16"]
+    assert point["gains"]["recipe - recipe-twin"]["machines"] == ["cpu B"]
+    assert point["gains"]["recipe - recipe-twin"]["test"]["gap"] == pytest.approx(0.05)
+    table = study.markdown({**study.summarise(args, plan), "size": 160})
+    assert any(line.startswith("| 5 | recipe - recipe-twin |") and line.endswith("| cpu B, fp32 |")
+               for line in table.splitlines())
