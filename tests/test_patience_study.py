@@ -231,3 +231,35 @@ def test_a_gain_names_the_machines_of_its_own_pairs_not_the_points(tmp_path):
     table = study.markdown({**study.summarise(args, plan), "size": 160})
     assert any(line.startswith("| 5 | recipe - recipe-twin |") and line.endswith("| cpu B, fp32 |")
                for line in table.splitlines())
+
+
+def test_the_summary_pairs_the_students_kl_to_the_teacher_and_marks_an_interval_below_zero(tmp_path):
+    # Accuracy can tie while the distilled student matches the teacher's function more closely: the summary
+    # pairs test KL(teacher || student) by seed too. fm is closer than its twin on both seeds; the recipe's
+    # records carry no KL (older records), which must show as unknown, not as zero.
+    results = tmp_path / "results"
+    plan = {"epochs": [5], "seeds": [0, 1], "k": 4, "arms": study.ARMS}
+    kl = {("fm", 0): 0.10, ("fm", 1): 0.12, ("fm-twin", 0): 0.30, ("fm-twin", 1): 0.31}
+    for arm in study.ARMS:
+        for seed in (0, 1):
+            test = {"accuracy": 0.9, "teacher_agreement": 0.9}
+            if (arm, seed) in kl:
+                test["kl_to_teacher"] = kl[arm, seed]
+            study.write_json(results / "E5" / f"{arm}-seed{seed}.json",
+                             {"validation": {"accuracy": 0.9}, "test": test, "cpu_s": 1.0, "wall_time_s": 1.0,
+                              "machines": ["cpu A"], "precision": "fp32"})
+    summary = {**study.summarise(study.parse_args(["--results", str(results)]), plan), "size": 160}
+    point = summary["points"][0]
+    fm = point["gains"]["fm - fm-twin"]["test_kl_to_teacher"]
+    assert fm["gap"] == pytest.approx(-0.195) and fm["pairs"] == 2
+    assert fm["interval_below_zero"] and not fm["interval_above_zero"]
+    assert point["gains"]["recipe - recipe-twin"]["test_kl_to_teacher"]["gap"] is None
+    assert point["arms"]["fm"]["test_kl_to_teacher"] == pytest.approx(0.11)
+    assert point["arms"]["recipe"]["test_kl_to_teacher"] is None
+    lines = study.markdown(summary).splitlines()
+    fm_row = next(line for line in lines if line.startswith("| 5 | fm - fm-twin |"))
+    assert "| -0.195 nats ± " in fm_row and "(below 0)" in fm_row
+    assert "| +0.0 pp |" not in fm_row  # two pairs: the accuracy gap has its interval too
+    recipe_row = next(line for line in lines if line.startswith("| 5 | recipe - recipe-twin |"))
+    assert recipe_row.split(" | ")[5] == "-"
+    assert next(line for line in lines if line.startswith("| 5 | fm | 2 |")).endswith("| 0.110 |")
