@@ -391,7 +391,8 @@ def summarise(args, plan: dict) -> dict:
                 continue
             gain = {split: _paired_gap(runs[arm], runs[twin], lambda r: r[split]["accuracy"])
                     for split in ("validation", "test")}
-            gain["test_kl_to_teacher"] = _paired_gap(runs[arm], runs[twin], lambda r: r["test"].get("kl_to_teacher"))
+            gain["kl_to_teacher"] = {split: _paired_gap(runs[arm], runs[twin], lambda r: r[split].get("kl_to_teacher"))
+                                     for split in ("validation", "test")}
             paired = [runs[a][s] for a in (arm, twin) for s in sorted(runs[arm].keys() & runs[twin].keys())]
             gain["machines"] = sorted({m for r in paired for m in r["machines"]})  # the pairs' own, not the point's
             gain["precisions"] = sorted({r["precision"] for r in paired})
@@ -437,13 +438,14 @@ def markdown(summary: dict) -> str:
                if p["runs"] < p["planned"]]
     if partial:
         lines[1:1] = ["", "**Interim: the curve is not finished** (" + "; ".join(partial) + ")."]
-    lines += ["", "| E | gain over the λ = 0 twin | pairs | test, paired (95 %) | validation, paired | test KL to "
-              "the teacher, paired (< 0: closer) | CPU hours (point) | machines, precision (the pairs') |",
+    lines += ["", "| E | gain over the λ = 0 twin | pairs | test, paired (95 %) | validation, paired | KL(teacher ‖ "
+              "student), paired, test / validation (< 0: closer) | CPU hours (point) | machines, precision (the pairs') |",
               "|---|---|---|---|---|---|---|---|"]
     for point in summary["points"]:
         for name, gain in point["gains"].items():
             cells = [_gap_cell(gain[split], 100, "pp") for split in ("test", "validation")]
-            cells.append(_gap_cell(gain.get("test_kl_to_teacher"), 1, "nats"))
+            kl = gain.get("kl_to_teacher", {})
+            cells.append(" / ".join(_gap_cell(kl.get(split), 1, "nats") for split in ("test", "validation")))
             lines.append(f"| {point['epochs']} | {name} | {gain['test']['pairs']} | {' | '.join(cells)} | "
                          f"{point['cpu_hours']:.1f} | {'; '.join(gain['machines'])}, {', '.join(gain['precisions'])} |")
     return "\n".join(lines) + "\n"

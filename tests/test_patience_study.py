@@ -246,20 +246,21 @@ def test_the_summary_pairs_the_students_kl_to_the_teacher_and_marks_an_interval_
             if (arm, seed) in kl:
                 test["kl_to_teacher"] = kl[arm, seed]
             study.write_json(results / "E5" / f"{arm}-seed{seed}.json",
-                             {"validation": {"accuracy": 0.9}, "test": test, "cpu_s": 1.0, "wall_time_s": 1.0,
+                             {"validation": {**test, "kl_to_teacher": 0.2}, "test": test, "cpu_s": 1.0, "wall_time_s": 1.0,
                               "machines": ["cpu A"], "precision": "fp32"})
     summary = {**study.summarise(study.parse_args(["--results", str(results)]), plan), "size": 160}
     point = summary["points"][0]
-    fm = point["gains"]["fm - fm-twin"]["test_kl_to_teacher"]
-    assert fm["gap"] == pytest.approx(-0.195) and fm["pairs"] == 2
-    assert fm["interval_below_zero"] and not fm["interval_above_zero"]
-    assert point["gains"]["recipe - recipe-twin"]["test_kl_to_teacher"]["gap"] is None
+    fm = point["gains"]["fm - fm-twin"]["kl_to_teacher"]
+    assert fm["test"]["gap"] == pytest.approx(-0.195) and fm["test"]["pairs"] == 2
+    assert fm["test"]["interval_below_zero"] and not fm["test"]["interval_above_zero"]
+    assert fm["validation"]["gap"] == pytest.approx(0) and not fm["validation"]["interval_below_zero"]
+    assert point["gains"]["recipe - recipe-twin"]["kl_to_teacher"]["test"]["gap"] is None
     assert point["arms"]["fm"]["test_kl_to_teacher"] == pytest.approx(0.11)
     assert point["arms"]["recipe"]["test_kl_to_teacher"] is None
     lines = study.markdown(summary).splitlines()
     fm_row = next(line for line in lines if line.startswith("| 5 | fm - fm-twin |"))
-    assert "| -0.195 nats ± " in fm_row and "(below 0)" in fm_row
+    assert "| -0.195 nats ± " in fm_row and "(below 0) / +0.000 nats ± 0.000 |" in fm_row
     assert "| +0.0 pp |" not in fm_row  # two pairs: the accuracy gap has its interval too
     recipe_row = next(line for line in lines if line.startswith("| 5 | recipe - recipe-twin |"))
-    assert recipe_row.split(" | ")[5] == "-"
+    assert recipe_row.split(" | ")[5] == "- / +0.000 nats ± 0.000"  # validation's KL is in its records
     assert next(line for line in lines if line.startswith("| 5 | fm | 2 |")).endswith("| 0.110 |")
