@@ -403,7 +403,8 @@ def summarise(args, plan: dict) -> dict:
 
 def _paired_gap(arm: dict[int, dict], twin: dict[int, dict], metric) -> dict:
     """metric(arm's run) - metric(twin's run), paired by seed: the mean gap over the seeds both have, its 95 %
-    half-width (two pairs or more) and whether that interval lies above zero; gap None where a run lacks it."""
+    half-width (two pairs or more) and whether that interval lies wholly above or below zero; gap None where no
+    seed has both runs with the metric."""
     x = {s: metric(r) for s, r in arm.items()}
     y = {s: metric(r) for s, r in twin.items()}
     both = sorted(s for s in x.keys() & y.keys() if x[s] is not None and y[s] is not None)
