@@ -17,7 +17,9 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
    a seed fixes a run's initial weights, batch order, views and dropout in every arm), K = max(E) - 1 views
    per train image (at least 1; K + 1 >= E: no view is used twice, views.epoch_views), the view policy, the recipe,
    the student resolutions to screen. A rerun with other settings is refused: the plan, seed count
-   included, is fixed before the runs; more seeds mean a new plan in another --results folder.
+   included, is fixed before the runs; more seeds mean a new plan in another --results folder. A plan may gain
+   settings it did not have (the loss arms were added on 2026-12-03, before their runs), logged under
+   `amendments`; it never changes one it has.
 1. `cache-<views>.json`: stage one once per view set over N x (K + 1) train views (`plain`: crops and flips;
    `mixed`: a share --view-mixup-p of them blended with another image's view before the teacher saw
    them, function matching); evaluation splits un-augmented. Its cost: seconds and teacher inputs/s. The
@@ -34,6 +36,10 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
      fm-twin   its λ = 0 twin: the same mixed views and budget (CE on each blend's label mixture)
      recipe    the recipe's alpha 0.9, T 5, plain views (docs/views.md)
      recipe-twin  its λ = 0 twin on the same plain views and budget
+   and, only at --loss-epochs (default 100: issue 29, the other losses at the recipe's budget), LOSS_ARMS:
+     dkd, dist, kd-std  the recipe with DKD, DIST or standardised KD in place of Hinton's KD (the recipe is the
+                  kd arm), each paired with recipe-twin
+   Runs go point by point (E ascending), so the loss arms at E = 100 come before the runs at E = 300.
    With --hours H a copy starts (or resumes) a run only if the epochs it lacks fit in what is left of H, at
    the median pace (wall seconds an epoch) of the finished runs at this size on this kind of machine, thread
    count included: a run folder lives in git-ignored --work and is lost with the machine, so a run that
@@ -78,6 +84,16 @@ ARMS = {"fm": {"alpha": 1.0, "temperature": 1.0, "views": "mixed"},
         "fm-twin": {"alpha": 0.0, "temperature": 1.0, "views": "mixed", "twin_of": "fm"},
         "recipe": {"alpha": 0.9, "temperature": 5.0, "views": "plain"},
         "recipe-twin": {"alpha": 0.0, "temperature": 5.0, "views": "plain", "twin_of": "recipe"}}
+# Issue 29: the other logit-only losses at the recipe's alpha, views and budget, each paired with the recipe's λ = 0
+# twin (the recipe itself is the kd arm), only at --loss-epochs; each at the setting the 15-epoch screen
+# (docs/results.md §6) chose on validation, or the paper's ImageNet setting where the screen had none.
+LOSS_ARMS = {"dkd": {"alpha": 0.9, "temperature": 1.0, "views": "plain", "loss": "dkd", "dkd_beta": 0.5,
+                     "twin": "recipe-twin"},  # the screen: beta 0.5, T 1 (ImageNet's) over beta 8, T 5
+             "dist": {"alpha": 0.9, "temperature": 1.0, "views": "plain", "loss": "dist", "dist_gamma": 1.0,
+                      "twin": "recipe-twin"},  # Huang et al.'s ImageNet setting: beta = gamma = 1, tau 1
+             "kd-std": {"alpha": 0.9, "temperature": 2.0, "views": "plain", "standardize": True,
+                        "twin": "recipe-twin"}}  # Sun et al.'s base temperature 2
+LOSS_EPOCHS = (100,)  # the recipe's best budget on validation (docs/results.md §5)
 LEDGER = "cpu_seconds.json"  # in each run folder: CPU seconds per attempt, updated after every epoch
 POLL_S = 60  # how often a copy waiting for another copy's step looks again
 
@@ -107,6 +123,7 @@ def git_commit() -> str | None:
 def make_plan(args) -> dict:
     epochs = sorted(args.epoch_list)
     return {"study": "patience", "epochs": epochs, "seeds": args.seed_list, "arms": ARMS,
+            "loss_arms": LOSS_ARMS, "loss_epochs": args.loss_epoch_list,
             "views_per_image": max(epochs[-1], 2), "k": max(epochs[-1] - 1, 1),
             "view_policy": {"mixup": args.view_mixup, "mixup_p": args.view_mixup_p},
             "recipe": {**RECIPE, "batch_size": args.batch_size,
@@ -118,7 +135,9 @@ def make_plan(args) -> dict:
 
 
 def fix_plan(args) -> dict:
-    """plan.json as written before the first run; a rerun must ask for the same plan."""
+    """plan.json as written before the first run; a rerun must ask for the same plan. A plan may gain a setting it
+    did not have (new arms at their own points, each fixed before its runs: an amendment, logged in plan.json),
+    never change one it has."""
     path = args.results / "plan.json"
     plan, saved = make_plan(args), read_json(path)
     if saved is None:
@@ -126,10 +145,26 @@ def fix_plan(args) -> dict:
         print(f"wrote {path}: the plan, fixed before the runs", flush=True)
         return plan
     differs = sorted(k for k in plan if json.loads(json.dumps(plan[k])) != saved.get(k))
-    if differs:
-        raise SystemExit(f"{path} fixed another plan ({', '.join(differs)} differ); rerun with its settings, or "
+    changed = [k for k in differs if k in saved]
+    if changed:
+        raise SystemExit(f"{path} fixed another plan ({', '.join(changed)} differ); rerun with its settings, or "
                          "start a new plan in another --results folder")
+    if differs:
+        amendment = {"added": differs, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit()}
+        write_json(path, {**saved, **{k: plan[k] for k in differs},
+                          "amendments": [*saved.get("amendments", []), amendment]})
+        print(f"amended {path}: added {', '.join(differs)} (fixed before their runs)", flush=True)
     return plan
+
+
+def arms_at(plan: dict, epochs: int) -> dict:
+    """The arms that run at the curve's point E = `epochs`: the curve's own, and the losses' at their points."""
+    return {**plan["arms"], **(plan.get("loss_arms", {}) if epochs in plan.get("loss_epochs", []) else {})}
+
+
+def twin_of(arms: dict, arm: str) -> str | None:
+    """The λ = 0 twin a distilled arm is measured against (None for a twin itself)."""
+    return arms[arm].get("twin") or next((t for t, b in arms.items() if b.get("twin_of") == arm), None)
 
 
 def unless_claimed(folder: Path, step):
@@ -209,9 +244,10 @@ def copy_missing(src: Path, dst: Path) -> list[Path]:
 
 
 def train_config(args, plan: dict, caches: dict, arm: str, epochs: int, seed: int, size: int, out: Path) -> TrainConfig:
-    a = plan["arms"][arm]
+    a = arms_at(plan, epochs)[arm]
     recipe = plan["recipe"]
-    return TrainConfig(cache=caches[a["views"]], views=True, alpha=a["alpha"], temperature=a["temperature"],
+    own = {k: a[k] for k in ("loss", "standardize", "dkd_beta", "dist_gamma") if k in a}  # the loss arms' settings
+    return TrainConfig(cache=caches[a["views"]], views=True, alpha=a["alpha"], temperature=a["temperature"], **own,
                        epochs=epochs, seed=seed, out=out, resume=True, precision=plan["precision"], device=args.device,
                        **{k: v for k, v in recipe.items() if k != "student_config"},
                        student_config={**recipe["student_config"], "image_size": size})
@@ -318,7 +354,7 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
     later = []  # runs that would not finish in what is left of --hours
     for e in plan["epochs"]:
         for seed in plan["seeds"]:
-            for arm in plan["arms"]:
+            for arm in arms_at(plan, e):
                 path = args.results / f"E{e}" / f"{arm}-seed{seed}.json"
                 if path.exists():
                     continue
@@ -362,13 +398,14 @@ def summarise(args, plan: dict) -> dict:
             teacher = {s: v["teacher_accuracy"] for s, v in c["splits"].items()}
     points = []
     for e in plan["epochs"]:
-        runs = {arm: {} for arm in plan["arms"]}
-        for arm in plan["arms"]:
+        arms = arms_at(plan, e)
+        runs = {arm: {} for arm in arms}
+        for arm in arms:
             for seed in plan["seeds"]:
                 r = read_json(args.results / f"E{e}" / f"{arm}-seed{seed}.json")
                 if r is not None:
                     runs[arm][seed] = r
-        point = {"epochs": e, "runs": sum(map(len, runs.values())), "planned": len(plan["arms"]) * len(plan["seeds"]),
+        point = {"epochs": e, "runs": sum(map(len, runs.values())), "planned": len(arms) * len(plan["seeds"]),
                  "arms": {}, "gains": {}, "cpu_hours": sum(r["cpu_s"] for by in runs.values()
                                                                        for r in by.values()) / 3600,
                  "wall_hours": sum(r["wall_time_s"] for by in runs.values() for r in by.values()) / 3600,
@@ -385,8 +422,8 @@ def summarise(args, plan: dict) -> dict:
                 values = [r["test"].get(key) for r in by.values() if r["test"]]
                 row[f"test_{key}"] = sum(values) / len(values) if values and None not in values else None
             point["arms"][arm] = row
-        for arm, a in plan["arms"].items():
-            twin = next((t for t, b in plan["arms"].items() if b.get("twin_of") == arm), None)
+        for arm in arms:
+            twin = twin_of(arms, arm)
             if twin is None or not runs[arm] or not runs[twin]:
                 continue
             gain = {split: _paired_gap(runs[arm], runs[twin], lambda r: r[split]["accuracy"])
@@ -473,7 +510,8 @@ def plot(summary: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"fm": "tab:blue", "fm-twin": "tab:cyan", "recipe": "tab:red", "recipe-twin": "tab:orange"}
+    colours = {"fm": "tab:blue", "fm-twin": "tab:cyan", "recipe": "tab:red", "recipe-twin": "tab:orange",
+               "dkd": "tab:green", "dist": "tab:purple", "kd-std": "tab:brown"}  # the losses: a point each
     for arm, colour in colours.items():
         pts = [(p["epochs"], p["arms"][arm]) for p in summary["points"] if arm in p["arms"]]
         if not pts:
@@ -514,6 +552,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("data/patience"), help="caches and run folders")
     p.add_argument("--epochs", default=",".join(map(str, EPOCHS)), help="the curve's points E")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="paired seeds of every arm at every E")
+    p.add_argument("--loss-epochs", default=None,
+                   help="the points E (among --epochs) where the other losses run too (issue 29; default: "
+                        f"{', '.join(map(str, LOSS_EPOCHS))} where the curve has it); '' for none")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="student resolutions screened on validation")
     p.add_argument("--view-mixup", type=float, default=1.0, help="Beta(a, a) of a blend's partner share (mixed views)")
     p.add_argument("--view-mixup-p", type=float, default=0.5, help="share of the views blended (mixed views)")
@@ -534,10 +575,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.epoch_list = sorted({int(x) for x in args.epochs.split(",")})
     args.seed_list = [int(x) for x in args.seeds.split(",")]
+    args.loss_epoch_list = (sorted({int(x) for x in args.loss_epochs.split(",") if x.strip()})
+                            if args.loss_epochs is not None else [e for e in LOSS_EPOCHS if e in args.epoch_list])
     args.size_list = [int(x) for x in args.sizes.split(",")]
     args.deadline = time.time() + 3600 * args.hours if args.hours is not None else None
     if min(args.epoch_list) < 1 or len(set(args.seed_list)) != len(args.seed_list) or min(args.size_list) < 1:
         p.error("--epochs and --sizes take positive numbers, --seeds distinct seeds")
+    if not set(args.loss_epoch_list) <= set(args.epoch_list):
+        p.error(f"--loss-epochs {args.loss_epochs} must be among --epochs {args.epochs} (or '' for none)")
     if args.hours is not None and args.hours <= 0:
         p.error("--hours takes a positive number of hours")
     return args
@@ -601,7 +646,7 @@ def status(args, plan: dict) -> list[str]:
             continue
         states = {(arm, seed): run_progress(args.results / f"E{e}" / f"{arm}-seed{seed}.json",
                                             run_dir(args, plan, arm, e, seed, size), e)
-                  for arm in plan["arms"] for seed in plan["seeds"]}
+                  for arm in arms_at(plan, e) for seed in plan["seeds"]}
         done = sum(state == "done" for state in states.values())
         busy = [f"{arm} seed {seed} {state}" for (arm, seed), state in states.items() if state not in ("done", "not started")]
         lines.append(f"E {e}: {done}/{len(states)} runs done" + "".join(f"; {b}" for b in busy))

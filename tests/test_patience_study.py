@@ -31,6 +31,7 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     class Stop(Exception):
         pass
 
+    tiny = [*tiny, "--loss-epochs", "2"]  # the other losses' arms at the second point only
     results = tmp_path / "results"
     calls = []
     real = study.train_student.run
@@ -52,20 +53,27 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
         study.main(tiny)
     said = study.main([*tiny, "--status"])["status"]  # what is done and left, read from the files
     assert said[1].startswith("cache plain: done: 24 train rows") and said[2].startswith("cache mixed: done")
-    assert said[3:] == ["student resolution: 32 px", "E 1: 2/4 runs done", "E 2: 0/4 runs done"]
+    assert said[3:] == ["student resolution: 32 px", "E 1: 2/4 runs done", "E 2: 0/7 runs done"]
     interim = study.main([*tiny, "--summary"])  # a report from the two runs there are; it trains nothing
-    assert len(calls) == 2 and [(p["runs"], p["planned"]) for p in interim["points"]] == [(2, 4), (0, 4)]
+    assert len(calls) == 2 and [(p["runs"], p["planned"]) for p in interim["points"]] == [(2, 4), (0, 7)]
     assert set(interim["points"][0]["arms"]) == {"fm", "fm-twin"} and not interim["points"][1]["arms"]
-    assert "Interim: the curve is not finished** (E 1: 2/4 runs; E 2: 0/4 runs)" in (results / "summary.md").read_text()
+    assert "Interim: the curve is not finished** (E 1: 2/4 runs; E 2: 0/7 runs)" in (results / "summary.md").read_text()
     summary = study.main(tiny)  # the same command again: it continues
     plan = json.loads((results / "plan.json").read_text())
     assert plan["seeds"] == [0] and plan["epochs"] == [1, 2] and plan["k"] == 1  # K + 1 = max(E): no view twice
-    assert len(calls) == 8 and len({c.out for c in calls}) == 8  # 4 arms x 2 points, the first two not again
+    assert plan["loss_epochs"] == [2] and plan["loss_arms"] == study.LOSS_ARMS
+    assert len(calls) == 11 and len({c.out for c in calls}) == 11  # 4 arms x 2 points + 3 losses at E 2, the first two not again
     assert {(c.epochs, c.seed) for c in calls} == {(1, 0), (2, 0)}
+    every = {**study.ARMS, **study.LOSS_ARMS}
     for c in calls:  # one training loop, the plan's arms, each twin on its arm's views and budget
-        arm = next(a for a in study.ARMS if c.out.name.startswith(f"E{c.epochs}-{a}-px"))
-        assert c.views and c.alpha == study.ARMS[arm]["alpha"] and c.student_config["image_size"] == 32
-        assert c.cache.name == f"cache-{study.ARMS[arm]['views']}"
+        arm = next(a for a in every if c.out.name.startswith(f"E{c.epochs}-{a}-px"))
+        a = every[arm]
+        assert c.views and c.alpha == a["alpha"] and c.temperature == a["temperature"]
+        assert c.student_config["image_size"] == 32 and c.cache.name == f"cache-{a['views']}"
+        assert (c.loss, c.standardize) == (a.get("loss", "kd"), a.get("standardize", False))
+        assert (arm in study.LOSS_ARMS) == (c.epochs == 2 and arm in ("dkd", "dist", "kd-std"))
+    dkd = next(c for c in calls if c.loss == "dkd")
+    assert dkd.dkd_beta == study.LOSS_ARMS["dkd"]["dkd_beta"] and dkd.epochs == 2
     for kind in ("plain", "mixed"):
         cache = json.loads((results / f"cache-{kind}.json").read_text())
         assert cache["splits"]["train"]["rows"] == 12 * 2 and cache["splits"]["train"]["seconds"] > 0
@@ -74,10 +82,11 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     assert mixed["precision"] == "fp32" and len(mixed["machines"]) == 1 and mixed["machines"][0].startswith("cpu ")
     run_json = json.loads((tmp_path / "work" / "runs" / "E2-fm-px32-seed0" / "run.json").read_text())
     assert run_json["consistency"]["stored_views"]["policy"]["mixup"] == 1.0 and run_json["config"]["alpha"] == 1.0
-    for point in summary["points"]:
-        assert set(point["arms"]) == set(study.ARMS) and point["cpu_hours"] > 0
+    losses = {f"{arm} - recipe-twin" for arm in study.LOSS_ARMS}  # each loss against the recipe's twin, at E 2
+    for point, extra in zip(summary["points"], (set(), set(study.LOSS_ARMS))):
+        assert set(point["arms"]) == set(study.ARMS) | extra and point["cpu_hours"] > 0
         assert point["precisions"] == ["fp32"] and point["machines"] == mixed["machines"]
-        assert set(point["gains"]) == {"fm - fm-twin", "recipe - recipe-twin"}
+        assert set(point["gains"]) == {"fm - fm-twin", "recipe - recipe-twin"} | (losses if extra else set())
         assert point["gains"]["fm - fm-twin"]["test"]["pairs"] == 1
         assert 0 <= point["arms"]["fm"]["test_teacher_agreement"] <= 1
     assert set(summary["teacher_accuracy"]) == {"train", "validation", "test"}
@@ -87,11 +96,11 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     for point in summary["points"]:
         for arm, row in point["arms"].items():
             assert f"| {point['epochs']} | {arm} | 1 | {100 * row['test']['mean']:.1f} % |" in "\n".join(table)
-        for name in ("fm - fm-twin", "recipe - recipe-twin"):
+        for name in point["gains"]:
             gap = 100 * point["gains"][name]["test"]["gap"]
             assert any(line.startswith(f"| {point['epochs']} | {name} | 1 | {gap:+.1f} pp |") for line in table)
 
-    assert study.main([*tiny, "--status"])["status"][-2:] == ["E 1: 4/4 runs done", "E 2: 4/4 runs done"]
+    assert study.main([*tiny, "--status"])["status"][-2:] == ["E 1: 4/4 runs done", "E 2: 7/7 runs done"]
     calls.clear()
     stamp = (results / "E1" / "fm-seed0.json").stat().st_mtime_ns
     again = study.main(tiny)  # rerun: every result exists, nothing is trained again
@@ -106,10 +115,31 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     study.main([*tiny, "--hours", "1e-9"])  # it would not finish in time: not started, the report still written
     said = capsys.readouterr().out
     assert "left for a later session" in said and "E 2 recipe seed 0 (~0 min)" in said
-    assert calls == [] and "E 2: 3/4 runs done" in study.main([*tiny, "--status"])["status"]
+    assert calls == [] and "E 2: 6/7 runs done" in study.main([*tiny, "--status"])["status"]
     assert not (tmp_path / "work" / "runs" / "E2-recipe-px32-seed0").exists()
     study.main([*tiny, "--hours", "1"])
     assert [(c.epochs, c.alpha) for c in calls] == [(2, study.ARMS["recipe"]["alpha"])]
+
+
+def test_a_plan_gains_the_loss_arms_once_logged_and_never_changes_a_setting_it_has(tiny, tmp_path, capsys):
+    path = tmp_path / "results" / "plan.json"
+    study.main([*tiny, "--plan-only"])
+    assert json.loads(path.read_text())["loss_epochs"] == []  # 100 is not among these --epochs: no loss arms
+    older = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("loss_arms", "loss_epochs")}
+    path.write_text(json.dumps(older))  # a plan written before the loss arms existed (2026-12-01)
+    study.main([*tiny, "--loss-epochs", "2", "--plan-only"])
+    amended = json.loads(path.read_text())
+    assert "amended" in capsys.readouterr().out
+    assert {k: amended[k] for k in older} == older  # nothing it had is changed
+    assert amended["loss_arms"] == study.LOSS_ARMS and amended["loss_epochs"] == [2]
+    assert [a["added"] for a in amended["amendments"]] == [["loss_arms", "loss_epochs"]]
+    study.main([*tiny, "--loss-epochs", "2", "--plan-only"])  # the same plan again: no second amendment
+    assert json.loads(path.read_text()) == amended
+    with pytest.raises(SystemExit, match="loss_epochs differ"):  # a setting it has is never changed
+        study.main([*tiny, "--loss-epochs", "1", "--plan-only"])
+    with pytest.raises(SystemExit):
+        study.parse_args([*tiny, "--loss-epochs", "3"])
+    assert "--loss-epochs 3 must be among --epochs 1,2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("accuracy, chosen", [({128: 0.90, 160: 0.92, 224: 0.93}, 160),  # SE at 0.93: 2.2 pp
