@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import shlex
 
-import click
 import pytest
 import typer
 
@@ -57,7 +56,7 @@ def test_a_documented_command_parses(where, argv):
     from kdpipe import cli
 
     group = typer.main.get_command(cli.app)
-    command = group.get_command(click.Context(group), argv[0])
+    command = group.get_command(typer.Context(group), argv[0])
     assert command is not None, f"{where}: no command {argv[0]!r}"
     try:
         command.make_context(argv[0], argv[1:])
