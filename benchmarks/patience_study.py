@@ -430,12 +430,21 @@ def summarise(args, plan: dict) -> dict:
                     for split in ("validation", "test")}
             gain["kl_to_teacher"] = {split: _paired_gap(runs[arm], runs[twin], lambda r: r[split].get("kl_to_teacher"))
                                      for split in ("validation", "test")}
+            # exploratory, added after E = 100 (not in the plan): how fast, not how far: the mean validation accuracy
+            # over a run's epochs (the area under its validation curve over E), paired by seed
+            gain["validation_curve_mean"] = _paired_gap(runs[arm], runs[twin], _curve_mean)
             paired = [runs[a][s] for a in (arm, twin) for s in sorted(runs[arm].keys() & runs[twin].keys())]
             gain["machines"] = sorted({m for r in paired for m in r["machines"]})  # the pairs' own, not the point's
             gain["precisions"] = sorted({r["precision"] for r in paired})
             point["gains"][f"{arm} - {twin}"] = gain
         points.append(point)
     return {"plan": {k: plan[k] for k in ("epochs", "seeds", "k")}, "teacher_accuracy": teacher, "points": points}
+
+
+def _curve_mean(run: dict) -> float | None:
+    """A run's validation accuracy averaged over its epochs; None for a record without the curve."""
+    curve = run.get("validation_accuracy_per_epoch")
+    return sum(curve) / len(curve) if curve else None
 
 
 def _paired_gap(arm: dict[int, dict], twin: dict[int, dict], metric) -> dict:
@@ -486,6 +495,14 @@ def markdown(summary: dict) -> str:
             cells.append(" / ".join(_gap_cell(kl.get(split), 1, "nats") for split in ("test", "validation")))
             lines.append(f"| {point['epochs']} | {name} | {gain['test']['pairs']} | {' | '.join(cells)} | "
                          f"{point['cpu_hours']:.1f} | {'; '.join(gain['machines'])}, {', '.join(gain['precisions'])} |")
+    lines += ["", "Exploratory (added after E = 100, not in the plan): how fast rather than how far, the mean validation "
+              "accuracy over a run's epochs (the area under its validation curve), distilled arm minus twin, paired by seed.",
+              "", "| E | gain over the λ = 0 twin | pairs | mean validation accuracy over the epochs, paired (95 %) |",
+              "|---|---|---|---|"]
+    for point in summary["points"]:
+        for name, gain in point["gains"].items():
+            curve = gain.get("validation_curve_mean")
+            lines.append(f"| {point['epochs']} | {name} | {curve['pairs'] if curve else 0} | {_gap_cell(curve, 100, 'pp')} |")
     return "\n".join(lines) + "\n"
 
 

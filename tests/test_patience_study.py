@@ -275,9 +275,11 @@ def test_the_summary_pairs_the_students_kl_to_the_teacher_and_marks_an_interval_
             test = {"accuracy": 0.9, "teacher_agreement": 0.9}
             if (arm, seed) in kl:
                 test["kl_to_teacher"] = kl[arm, seed]
+            curve = {"fm": [0.8, 1.0], "fm-twin": [0.7, 0.9]}.get(arm)  # fm's validation curve runs 10 pp higher
             study.write_json(results / "E5" / f"{arm}-seed{seed}.json",
                              {"validation": {**test, "kl_to_teacher": 0.2}, "test": test, "cpu_s": 1.0, "wall_time_s": 1.0,
-                              "machines": ["cpu A"], "precision": "fp32"})
+                              "machines": ["cpu A"], "precision": "fp32",
+                              **({"validation_accuracy_per_epoch": curve} if curve else {})})
     summary = {**study.summarise(study.parse_args(["--results", str(results)]), plan), "size": 160}
     point = summary["points"][0]
     fm = point["gains"]["fm - fm-twin"]["kl_to_teacher"]
@@ -286,6 +288,8 @@ def test_the_summary_pairs_the_students_kl_to_the_teacher_and_marks_an_interval_
     assert fm["validation"]["gap"] == pytest.approx(0) and not fm["validation"]["interval_below_zero"]
     assert point["gains"]["recipe - recipe-twin"]["kl_to_teacher"]["test"]["gap"] is None
     assert point["arms"]["fm"]["test_kl_to_teacher"] == pytest.approx(0.11)
+    assert point["gains"]["fm - fm-twin"]["validation_curve_mean"]["gap"] == pytest.approx(0.1)  # (0.8+1)/2 - (0.7+0.9)/2
+    assert point["gains"]["recipe - recipe-twin"]["validation_curve_mean"]["gap"] is None  # records without the curve
     assert point["arms"]["recipe"]["test_kl_to_teacher"] is None
     lines = study.markdown(summary).splitlines()
     fm_row = next(line for line in lines if line.startswith("| 5 | fm - fm-twin |"))
@@ -294,3 +298,5 @@ def test_the_summary_pairs_the_students_kl_to_the_teacher_and_marks_an_interval_
     recipe_row = next(line for line in lines if line.startswith("| 5 | recipe - recipe-twin |"))
     assert recipe_row.split(" | ")[5] == "- / +0.000 nats ± 0.000"  # validation's KL is in its records
     assert next(line for line in lines if line.startswith("| 5 | fm | 2 |")).endswith("| 0.110 |")
+    assert "| 5 | fm - fm-twin | 2 | +10.0 pp ± 0.0 (above 0) |" in lines  # the exploratory table: how fast
+    assert "| 5 | recipe - recipe-twin | 0 | - |" in lines
