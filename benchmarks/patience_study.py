@@ -545,6 +545,9 @@ def plot(summary: dict, path: Path) -> Path | None:
         if split in summary["teacher_accuracy"]:
             ax.axhline(100 * summary["teacher_accuracy"][split], color="black", linestyle=style, linewidth=1,
                        label=f"teacher ({split})")
+    teacher = [100 * summary["teacher_accuracy"][s] for s in ("test", "validation") if s in summary["teacher_accuracy"]]
+    if teacher:  # the teacher's lines inside the frame, not on its edge
+        ax.set_ylim(top=max(ax.get_ylim()[1], max(teacher) + 0.5))
     ax.set_xscale("log")
     epochs = [p["epochs"] for p in summary["points"]]
     ax.set_xticks(epochs, [str(e) for e in epochs])  # the curve's points, not a log axis's 3 x 10^1
