@@ -69,7 +69,7 @@ sys.path.insert(0, str(REPO))
 
 from kdpipe import cache_teacher, files, locking, logit_store, run_folder, runtime, stats, train_student  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
-from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
+from kdpipe.config import LOSS_SETTINGS, CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.run_folder import RunReport  # noqa: E402
 from kdpipe.settings import overrides  # noqa: E402
 from kdpipe.views import ViewPolicy  # noqa: E402
@@ -246,7 +246,7 @@ def copy_missing(src: Path, dst: Path) -> list[Path]:
 def train_config(args, plan: dict, caches: dict, arm: str, epochs: int, seed: int, size: int, out: Path) -> TrainConfig:
     a = arms_at(plan, epochs)[arm]
     recipe = plan["recipe"]
-    own = {k: a[k] for k in ("loss", "standardize", "dkd_beta", "dist_gamma") if k in a}  # the loss arms' settings
+    own = {k: a[k] for k in ("loss", *LOSS_SETTINGS) if k in a}  # the loss arms' settings
     return TrainConfig(cache=caches[a["views"]], views=True, alpha=a["alpha"], temperature=a["temperature"], **own,
                        epochs=epochs, seed=seed, out=out, resume=True, precision=plan["precision"], device=args.device,
                        **{k: v for k, v in recipe.items() if k != "student_config"},
