@@ -93,6 +93,7 @@ LOSS_ARMS = {"dkd": {"alpha": 0.9, "temperature": 1.0, "views": "plain", "loss":
                       "twin": "recipe-twin"},  # Huang et al.'s ImageNet setting: beta = gamma = 1, tau 1
              "kd-std": {"alpha": 0.9, "temperature": 2.0, "views": "plain", "standardize": True,
                         "twin": "recipe-twin"}}  # Sun et al.'s base temperature 2
+KD_ARM = "recipe"  # the loss arms' reference: the recipe is Hinton's KD with the same views, α and budget
 LOSS_EPOCHS = (100,)  # the recipe's best budget on validation (docs/results.md §5)
 LEDGER = "cpu_seconds.json"  # in each run folder: CPU seconds per attempt, updated after every epoch
 POLL_S = 60  # how often a copy waiting for another copy's step looks again
@@ -437,8 +438,24 @@ def summarise(args, plan: dict) -> dict:
             gain["machines"] = sorted({m for r in paired for m in r["machines"]})  # the pairs' own, not the point's
             gain["precisions"] = sorted({r["precision"] for r in paired})
             point["gains"][f"{arm} - {twin}"] = gain
+        if e in plan.get("loss_epochs", []) and plan.get("loss_arms"):
+            point["losses"] = compare_losses(runs, list(plan["loss_arms"]), len(plan["seeds"]))
         points.append(point)
     return {"plan": {k: plan[k] for k in ("epochs", "seeds", "k")}, "teacher_accuracy": teacher, "points": points}
+
+
+def compare_losses(runs: dict[str, dict[int, dict]], losses: list[str], seeds: int) -> dict:
+    """Issue 29's sweep at one point: each other loss minus Hinton's KD (the recipe arm, same views, α, budget and
+    seeds), paired by seed, and the loss the sweep takes: the highest mean validation accuracy among KD and the
+    others, chosen only once every candidate has all its seeds (None before: an interim pick could flip)."""
+    candidates = [KD_ARM, *losses]
+    versus = {arm: {split: _paired_gap(runs[arm], runs[KD_ARM], lambda r: r[split]["accuracy"])
+                    for split in ("validation", "test")}
+              for arm in losses if runs.get(arm) and runs.get(KD_ARM)}
+    chosen = None
+    if all(len(runs.get(arm, {})) == seeds for arm in candidates):
+        chosen = max(candidates, key=lambda arm: sum(r["validation"]["accuracy"] for r in runs[arm].values()))
+    return {"versus": KD_ARM, "gaps": versus, "chosen_on_validation": chosen}
 
 
 def _curve_mean(run: dict) -> float | None:
@@ -495,6 +512,18 @@ def markdown(summary: dict) -> str:
             cells.append(" / ".join(_gap_cell(kl.get(split), 1, "nats") for split in ("test", "validation")))
             lines.append(f"| {point['epochs']} | {name} | {gain['test']['pairs']} | {' | '.join(cells)} | "
                          f"{point['cpu_hours']:.1f} | {'; '.join(gain['machines'])}, {', '.join(gain['precisions'])} |")
+    losses = [(p["epochs"], p["losses"]) for p in summary["points"] if p.get("losses")]
+    if losses:
+        lines += ["", "The other losses (issue 29) against Hinton's KD (the recipe arm: same views, α, budget and seeds), "
+                  "paired by seed; the sweep's choice is the highest mean validation accuracy once every loss has "
+                  "all its seeds.", "", "| E | loss minus KD | pairs | test, paired (95 %) | validation, paired |",
+                  "|---|---|---|---|---|"]
+        for e, cmp in losses:
+            for arm, gap in cmp["gaps"].items():
+                lines.append(f"| {e} | {arm} - {cmp['versus']} | {gap['test']['pairs']} | {_gap_cell(gap['test'], 100, 'pp')} | "
+                             f"{_gap_cell(gap['validation'], 100, 'pp')} |")
+            lines += ["", f"E = {e}: chosen on validation: " + (f"**{cmp['chosen_on_validation']}**"
+                      if cmp["chosen_on_validation"] else "not yet (some losses lack seeds)") + "."]
     lines += ["", "Exploratory (added after E = 100, not in the plan): how fast rather than how far, the mean validation "
               "accuracy over a run's epochs (the area under its validation curve), distilled arm minus twin, paired by seed.",
               "", "| E | gain over the λ = 0 twin | pairs | mean validation accuracy over the epochs, paired (95 %) |",

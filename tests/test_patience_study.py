@@ -300,3 +300,37 @@ def test_the_summary_pairs_the_students_kl_to_the_teacher_and_marks_an_interval_
     assert next(line for line in lines if line.startswith("| 5 | fm | 2 |")).endswith("| 0.110 |")
     assert "| 5 | fm - fm-twin | 2 | +10.0 pp ± 0.0 (above 0) |" in lines  # the exploratory table: how fast
     assert "| 5 | recipe - recipe-twin | 0 | - |" in lines
+
+
+def test_the_losses_are_paired_against_kd_and_one_is_chosen_on_validation_only_when_all_have_their_seeds(tmp_path):
+    # Issue 29's sweep: dkd beats KD on validation but not on test, dist the other way round; the choice reads
+    # validation only, and waits while kd-std lacks a seed.
+    results = tmp_path / "results"
+    plan = {"epochs": [5], "seeds": [0, 1], "k": 4, "arms": study.ARMS, "loss_arms": study.LOSS_ARMS,
+            "loss_epochs": [5]}
+    accuracy = {"recipe": (0.90, 0.90), "recipe-twin": (0.85, 0.85), "dkd": (0.95, 0.88), "dist": (0.89, 0.97),
+                "kd-std": (0.80, 0.80), "fm": (0.9, 0.9), "fm-twin": (0.9, 0.9)}  # (validation, test)
+
+    def write(arm, seed):
+        val, test = accuracy[arm]
+        study.write_json(results / "E5" / f"{arm}-seed{seed}.json",
+                         {"validation": {"accuracy": val + seed / 100}, "test": {"accuracy": test},
+                          "cpu_s": 1.0, "wall_time_s": 1.0, "machines": ["cpu A"], "precision": "fp32"})
+
+    for arm in accuracy:
+        for seed in (0, 1):
+            if (arm, seed) != ("kd-std", 1):
+                write(arm, seed)
+    args = study.parse_args(["--results", str(results)])
+    losses = study.summarise(args, plan)["points"][0]["losses"]
+    assert losses["versus"] == "recipe" and losses["chosen_on_validation"] is None
+    assert losses["gaps"]["dkd"]["validation"]["gap"] == pytest.approx(0.05)
+    assert losses["gaps"]["dkd"]["test"]["gap"] == pytest.approx(-0.02)
+    assert losses["gaps"]["kd-std"]["test"]["pairs"] == 1
+    write("kd-std", 1)
+    summary = {**study.summarise(args, plan), "size": 160}
+    assert summary["points"][0]["losses"]["chosen_on_validation"] == "dkd"  # not dist, the best on test
+    lines = study.markdown(summary).splitlines()
+    assert next(line for line in lines if line.startswith("| 5 | dist - recipe |")).split(" | ")[3] == "+7.0 pp ± 0.0 (above 0)"
+    assert "E = 5: chosen on validation: **dkd**." in lines
+    assert study.summarise(args, {**plan, "loss_epochs": []})["points"][0].get("losses") is None
