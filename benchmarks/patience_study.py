@@ -349,10 +349,8 @@ def screen_record(args, size: int) -> Path:
 
 
 def curve_step(args, plan: dict, caches: dict, size: int) -> None:
-    pace = epoch_seconds(args, size, runtime.describe(runtime.resolve_device(args.device)))
-    if args.deadline is not None and pace is None:
-        print("--hours: no run at this size has finished on this kind of machine yet; runs start unsized", flush=True)
-    later = []  # runs that would not finish in what is left of --hours
+    machine = runtime.describe(runtime.resolve_device(args.device))
+    later, pace = [], None  # runs that would not finish in what is left of --hours; this machine's pace
     for e in plan["epochs"]:
         for seed in plan["seeds"]:
             for arm in arms_at(plan, e):
@@ -360,6 +358,11 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
                 if path.exists():
                     continue
                 out = run_dir(args, plan, arm, e, seed, size)
+                if args.deadline is not None:  # read again before each run: the first one here teaches the pace
+                    pace = epoch_seconds(args, size, machine)
+                    if pace is None:
+                        print("--hours: no run at this size has finished on this kind of machine yet; this one "
+                              "starts unsized", flush=True)
                 if args.deadline is not None and pace is not None:
                     need, left = (e - len(history(out))) * pace, args.deadline - time.time()
                     if need > left:  # it would be cut off with the machine: leave it whole to a later session

@@ -120,6 +120,18 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     study.main([*tiny, "--hours", "1"])
     assert [(c.epochs, c.alpha) for c in calls] == [(2, study.ARMS["recipe"]["alpha"])]
 
+    # A copy that starts on a new kind of machine runs its first run unsized, and sizes the next by that run's pace.
+    for arm in ("recipe", "recipe-twin"):
+        (results / "E2" / f"{arm}-seed0.json").unlink()
+        shutil.rmtree(tmp_path / "work" / "runs" / f"E2-{arm}-px32-seed0")
+    paces = iter([None, 1e9])  # unknown, then (after the first run) far too slow for what is left
+    monkeypatch.setattr(study, "epoch_seconds", lambda *a: next(paces))
+    calls.clear()
+    capsys.readouterr()
+    study.main([*tiny, "--hours", "1"])
+    said = capsys.readouterr().out
+    assert len(calls) == 1 and "this one starts unsized" in said and "left for a later session" in said
+
 
 def test_a_plan_gains_the_loss_arms_once_logged_and_never_changes_a_setting_it_has(tiny, tmp_path, capsys):
     path = tmp_path / "results" / "plan.json"
