@@ -360,12 +360,11 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
                 out = run_dir(args, plan, arm, e, seed, size)
                 if args.deadline is not None:  # read again before each run: the first one here teaches the pace
                     pace = epoch_seconds(args, size, machine)
-                    if pace is None:
+                    need = None if pace is None else (e - len(history(out))) * pace
+                    if need is None:
                         print("--hours: no run at this size has finished on this kind of machine yet; this one "
                               "starts unsized", flush=True)
-                if args.deadline is not None and pace is not None:
-                    need, left = (e - len(history(out))) * pace, args.deadline - time.time()
-                    if need > left:  # it would be cut off with the machine: leave it whole to a later session
+                    elif need > args.deadline - time.time():  # it would be cut off with the machine: leave it whole
                         later.append(f"E {e} {arm} seed {seed} (~{need / 60:.0f} min)")
                         continue
                 print(f"E {e}, {arm}, seed {seed}", flush=True)
