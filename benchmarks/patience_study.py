@@ -46,7 +46,8 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
    cannot finish in a session is left whole for a later one instead of being cut off.
 4. `summary.json`, `summary.md` (its tables, as docs/results.md shows them) and `curve.png`: per arm and E, test and validation accuracy (mean ± 95 % t interval over
    seeds), teacher agreement on test, and each distilled arm minus its twin paired by seed; the teacher's
-   own test and validation accuracy as lines; CPU hours per point (CPU time of every attempt of its runs,
+   own test and validation accuracy as lines; every run in a row of its own (best epoch, first epoch at 95 %
+   validation, mean validation over its epochs, wall minutes, machine and precision); CPU hours per point (CPU time of every attempt of its runs,
    from a ledger each run folder keeps, epoch by epoch) and the machines and precisions its runs used (a run
    resumed in a later session may finish on another CPU: numerics act as one more seed).
 """
@@ -440,6 +441,8 @@ def summarise(args, plan: dict) -> dict:
             gain["machines"] = sorted({m for r in paired for m in r["machines"]})  # the pairs' own, not the point's
             gain["precisions"] = sorted({r["precision"] for r in paired})
             point["gains"][f"{arm} - {twin}"] = gain
+        point["every_run"] = [run_row(arm, seed, r) for seed in plan["seeds"] for arm, by in runs.items()
+                              if (r := by.get(seed)) is not None]
         if e in plan.get("loss_epochs", []) and plan.get("loss_arms"):
             point["losses"] = compare_losses(runs, list(plan["loss_arms"]), len(plan["seeds"]))
         points.append(point)
@@ -458,6 +461,21 @@ def compare_losses(runs: dict[str, dict[int, dict]], losses: list[str], seeds: i
     if all(len(runs.get(arm, {})) == seeds for arm in candidates):
         chosen = max(candidates, key=lambda arm: sum(r["validation"]["accuracy"] for r in runs[arm].values()))
     return {"versus": KD_ARM, "gaps": versus, "chosen_on_validation": chosen}
+
+
+FAST_BAR = 0.95  # "how fast": the first epoch a run's validation accuracy reaches the issue's 95 % target
+
+
+def run_row(arm: str, seed: int, run: dict) -> dict:
+    """One run record as the summary's every-run table shows it (None for what an older record lacks)."""
+    curve = run.get("validation_accuracy_per_epoch") or []
+    test = run.get("test") or {}
+    return {"arm": arm, "seed": seed, "test": test.get("accuracy"), "validation": run["validation"]["accuracy"],
+            "best_epoch": run.get("best_epoch"), "test_teacher_agreement": test.get("teacher_agreement"),
+            "test_kl_to_teacher": test.get("kl_to_teacher"),
+            "first_epoch_at_fast_bar": next((i for i, acc in enumerate(curve, 1) if acc >= FAST_BAR), None),
+            "validation_curve_mean": _curve_mean(run), "epochs_run": len(curve), "wall_minutes": run["wall_time_s"] / 60,
+            "machines": run["machines"], "precision": run["precision"]}
 
 
 def _curve_mean(run: dict) -> float | None:
@@ -526,6 +544,12 @@ def markdown(summary: dict) -> str:
                              f"{_gap_cell(gap['validation'], 100, 'pp')} |")
             lines += ["", f"E = {e}: chosen on validation: " + (f"**{cmp['chosen_on_validation']}**"
                       if cmp["chosen_on_validation"] else "not yet (some losses lack seeds)") + "."]
+    lines += ["", f"Every run, by seed: its test and validation accuracy (best epoch), the first epoch at ≥ {FAST_BAR:.0%} "
+              "validation, the mean validation accuracy over its epochs, wall minutes, and where it ran.", "",
+              "| E | seed | arm | test | validation (best epoch) | test agreement with teacher | test KL(teacher ‖ student) | "
+              f"first epoch at ≥ {FAST_BAR:.0%} validation | mean validation over the epochs | wall minutes | machines, precision |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [_run_line(point["epochs"], row) for point in summary["points"] for row in point.get("every_run", [])]
     lines += ["", "Exploratory (added after E = 100, not in the plan): how fast rather than how far, the mean validation "
               "accuracy over a run's epochs (the area under its validation curve), distilled arm minus twin, paired by seed.",
               "", "| E | gain over the λ = 0 twin | pairs | mean validation accuracy over the epochs, paired (95 %) |",
@@ -535,6 +559,18 @@ def markdown(summary: dict) -> str:
             curve = gain.get("validation_curve_mean")
             lines.append(f"| {point['epochs']} | {name} | {curve['pairs'] if curve else 0} | {_gap_cell(curve, 100, 'pp')} |")
     return "\n".join(lines) + "\n"
+
+
+def _run_line(epochs: int, row: dict) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f} %"
+    fast = row["first_epoch_at_fast_bar"]
+    cells = [epochs, row["seed"], row["arm"], pct(row["test"]),
+             f"{pct(row['validation'])}" + ("" if row["best_epoch"] is None else f" ({row['best_epoch']})"),
+             pct(row["test_teacher_agreement"]), "-" if row["test_kl_to_teacher"] is None else f"{row['test_kl_to_teacher']:.3f}",
+             fast if fast is not None else ("never" if row["epochs_run"] else "-"), pct(row["validation_curve_mean"]),
+             f"{row['wall_minutes']:.0f}", f"{'; '.join(row['machines'])}, {row['precision']}"]
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def _gap_cell(g: dict | None, scale: float, unit: str) -> str:
