@@ -46,7 +46,8 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
    cannot finish in a session is left whole for a later one instead of being cut off.
 4. `summary.json`, `summary.md` (its tables, as docs/results.md shows them) and `curve.png`: per arm and E, test and validation accuracy (mean ± 95 % t interval over
    seeds), teacher agreement on test, and each distilled arm minus its twin paired by seed; the teacher's
-   own test and validation accuracy as lines; every run in a row of its own (best epoch, first epoch at 95 %
+   own test and validation accuracy as lines; every run in a row of its own (best epoch and the epochs that
+   tie with it on validation, first epoch at 95 %
    validation, mean validation over its epochs, wall minutes, machine and precision); CPU hours per point (CPU time of every attempt of its runs,
    from a ledger each run folder keeps, epoch by epoch) and the machines and precisions its runs used (a run
    resumed in a later session may finish on another CPU: numerics act as one more seed).
@@ -474,6 +475,8 @@ def run_row(arm: str, seed: int, run: dict) -> dict:
             "best_epoch": run.get("best_epoch"), "test_teacher_agreement": test.get("teacher_agreement"),
             "test_kl_to_teacher": test.get("kl_to_teacher"),
             "first_epoch_at_fast_bar": next((i for i, acc in enumerate(curve, 1) if acc >= FAST_BAR), None),
+            # the best epoch is the first of these; on a saturated validation set many epochs tie with it
+            "epochs_tied_at_best": sum(acc == run["validation"]["accuracy"] for acc in curve) if curve else None,
             "validation_curve_mean": _curve_mean(run), "epochs_run": len(curve), "wall_minutes": run["wall_time_s"] / 60,
             "machines": run["machines"], "precision": run["precision"]}
 
@@ -544,7 +547,8 @@ def markdown(summary: dict) -> str:
                              f"{_gap_cell(gap['validation'], 100, 'pp')} |")
             lines += ["", f"E = {e}: chosen on validation: " + (f"**{cmp['chosen_on_validation']}**"
                       if cmp["chosen_on_validation"] else "not yet (some losses lack seeds)") + "."]
-    lines += ["", f"Every run, by seed: its test and validation accuracy (best epoch), the first epoch at ≥ {FAST_BAR:.0%} "
+    lines += ["", f"Every run, by seed: its test and validation accuracy (best epoch: the first at that validation "
+              "accuracy, and how many epochs tie with it), the first epoch at ≥ {FAST_BAR:.0%} "
               "validation, the mean validation accuracy over its epochs, wall minutes, and where it ran.", "",
               "| E | seed | arm | test | validation (best epoch) | test agreement with teacher | test KL(teacher ‖ student) | "
               f"first epoch at ≥ {FAST_BAR:.0%} validation | mean validation over the epochs | wall minutes | machines, precision |",
@@ -566,11 +570,17 @@ def _run_line(epochs: int, row: dict) -> str:
         return "-" if x is None else f"{100 * x:.1f} %"
     fast = row["first_epoch_at_fast_bar"]
     cells = [epochs, row["seed"], row["arm"], pct(row["test"]),
-             f"{pct(row['validation'])}" + ("" if row["best_epoch"] is None else f" ({row['best_epoch']})"),
+             f"{pct(row['validation'])}" + ("" if row["best_epoch"] is None else f" ({row['best_epoch']}{_ties(row)})"),
              pct(row["test_teacher_agreement"]), "-" if row["test_kl_to_teacher"] is None else f"{row['test_kl_to_teacher']:.3f}",
              fast if fast is not None else ("never" if row["epochs_run"] else "-"), pct(row["validation_curve_mean"]),
              f"{row['wall_minutes']:.0f}", f"{'; '.join(row['machines'])}, {row['precision']}"]
     return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def _ties(row: dict) -> str:
+    """', 35 tied' when other epochs reached the same best validation accuracy (the earliest is kept), else ''."""
+    tied = row.get("epochs_tied_at_best")
+    return f", {tied} tied" if tied and tied > 1 else ""
 
 
 def _gap_cell(g: dict | None, scale: float, unit: str) -> str:

@@ -316,10 +316,11 @@ def test_the_summary_pairs_the_students_kl_to_the_teacher_and_marks_an_interval_
 
 def test_every_run_has_its_own_row_with_its_machine_and_how_fast_it_reached_the_bar(tmp_path):
     # Two seeds of one pair on two machines: each run's row names its own machine and precision; the first epoch
-    # at >= 95 % validation is read from the curve ("never" where the curve stays below, "-" without a curve).
+    # at >= 95 % validation is read from the curve ("never" where the curve stays below, "-" without a curve), and
+    # so is how many epochs tie with the best one on validation (shown only where more than one does).
     results = tmp_path / "results"
     plan = {"epochs": [5], "seeds": [0, 1], "k": 4, "arms": study.ARMS}
-    curves = {("fm", 0): [0.5, 0.96, 0.94], ("fm", 1): [0.95, 0.9, 0.9], ("fm-twin", 0): [0.5, 0.6, 0.94]}
+    curves = {("fm", 0): [0.5, 0.96, 0.94], ("fm", 1): [0.95, 0.9, 0.9], ("fm-twin", 0): [0.5, 0.94, 0.94]}
     for (arm, seed), curve in curves.items():
         study.write_json(results / "E5" / f"{arm}-seed{seed}.json",
                          {"validation": {"accuracy": max(curve)}, "test": {"accuracy": 0.5 + seed / 4}, "best_epoch": 2,
@@ -332,9 +333,10 @@ def test_every_run_has_its_own_row_with_its_machine_and_how_fast_it_reached_the_
     rows = summary["points"][0]["every_run"]
     assert [(r["seed"], r["arm"]) for r in rows] == [(0, "fm"), (0, "fm-twin"), (1, "fm"), (1, "recipe")]
     assert [r["first_epoch_at_fast_bar"] for r in rows] == [2, None, 1, None]
+    assert [r["epochs_tied_at_best"] for r in rows] == [1, 2, 1, None]
     lines = study.markdown(summary).splitlines()
     assert "| 5 | 0 | fm | 50.0 % | 96.0 % (2) | - | - | 2 | 80.0 % | 2 | cpu A, bf16 |" in lines
-    assert "| 5 | 0 | fm-twin | 50.0 % | 94.0 % (2) | - | - | never | 68.0 % | 2 | cpu A, bf16 |" in lines
+    assert "| 5 | 0 | fm-twin | 50.0 % | 94.0 % (2, 2 tied) | - | - | never | 79.3 % | 2 | cpu A, bf16 |" in lines
     assert "| 5 | 1 | fm | 75.0 % | 95.0 % (2) | - | - | 1 | 91.7 % | 3 | cpu B, fp32 |" in lines
     assert "| 5 | 1 | recipe | 80.0 % | 90.0 % | - | - | - | - | 1 | cpu B, fp32 |" in lines
 
