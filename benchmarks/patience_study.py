@@ -42,15 +42,17 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
    Runs go point by point (E ascending), so the loss arms at E = 100 come before the runs at E = 300.
    With --hours H a copy starts (or resumes) a run only if the epochs it lacks fit in what is left of H, at
    the median pace (wall seconds an epoch) of the finished runs at this size on this kind of machine, thread
-   count included: a run folder lives in git-ignored --work and is lost with the machine, so a run that
-   cannot finish in a session is left whole for a later one instead of being cut off.
-4. `summary.json`, `summary.md` (its tables, as docs/results.md shows them) and `curve.png`: per arm and E, test and validation accuracy (mean ± 95 % t interval over
-   seeds), teacher agreement on test, and each distilled arm minus its twin paired by seed; the teacher's
-   own test and validation accuracy as lines; every run in a row of its own (best epoch and the epochs that
-   tie with it on validation, first epoch at 95 %
-   validation, mean validation over its epochs, wall minutes, machine and precision); CPU hours per point (CPU time of every attempt of its runs,
-   from a ledger each run folder keeps, epoch by epoch) and the machines and precisions its runs used (a run
-   resumed in a later session may finish on another CPU: numerics act as one more seed).
+   count included (a run resumed on several machines counts with its epochs on this one): a run folder lives
+   in git-ignored --work and is lost with the machine, so a run that cannot finish in a session is left whole
+   for a later one instead of being cut off.
+4. `summary.json`, `summary.md` (its tables, as docs/results.md shows them) and `curve.png`: per arm and E,
+   test and validation accuracy (mean ± 95 % t interval over seeds), teacher agreement on test, and each
+   distilled arm minus its twin paired by seed; the teacher's own test and validation accuracy as lines; every
+   run in a row of its own (best epoch and the epochs that tie with it on validation, first epoch at 95 %
+   validation, mean validation over its epochs, wall minutes, machine and precision); CPU hours per point (CPU
+   time of every attempt of its runs, from a ledger each run folder keeps, epoch by epoch, with the attempt's
+   machine and its epochs' wall seconds) and the machines and precisions its runs used (a run resumed in a
+   later session may finish on another CPU: numerics act as one more seed).
 """
 
 from __future__ import annotations
@@ -257,16 +259,19 @@ def train_config(args, plan: dict, caches: dict, arm: str, epochs: int, seed: in
 
 
 def run_once(cfg: TrainConfig) -> RunReport:
-    """train_student.run (resuming the run folder), keeping a ledger of every attempt: its CPU seconds and the
-    machine it ran on (a run resumed in a later session may continue on another CPU; numerics differ by CPU)."""
+    """train_student.run (resuming the run folder), keeping a ledger of every attempt: its CPU seconds, the
+    machine it ran on (a run resumed in a later session may continue on another CPU; numerics differ by CPU), and
+    its epochs and their wall seconds (the pace of that machine, even when a run spans several)."""
     ledger_path = cfg.out_dir() / LEDGER
     attempt = f"{os.uname().nodename}-{os.getpid()}-{time.time():.0f}"
     machine = runtime.describe(runtime.resolve_device(cfg.device))
-    start = cpu_now()
+    start, epochs, epoch_s = cpu_now(), 0, 0.0
 
-    def on_epoch(_record):
+    def on_epoch(epoch_record):
+        nonlocal epochs, epoch_s
+        epochs, epoch_s = epochs + 1, epoch_s + epoch_record["epoch_time_s"]
         ledger = read_json(ledger_path) or {}
-        ledger[attempt] = {"cpu_s": cpu_now() - start, "machine": machine}
+        ledger[attempt] = {"cpu_s": cpu_now() - start, "machine": machine, "epochs": epochs, "epoch_s": epoch_s}
         write_json(ledger_path, ledger)
 
     return train_student.run(cfg, on_epoch=on_epoch)
@@ -279,7 +284,19 @@ def record(report: RunReport, arm: str, seed: int, epochs: int, size: int) -> di
             "validation_accuracy_per_epoch": [e["validation"]["accuracy"] for e in report.history],
             "wall_time_s": report.wall_time_s, "cpu_s": sum(a["cpu_s"] for a in attempts),
             "machines": sorted({a["machine"] for a in attempts}), "precision": report.run.get("precision"),
-            "train_images_per_s": report.run.get("train_images_per_s")}
+            "train_images_per_s": report.run.get("train_images_per_s"),
+            "epoch_seconds_by_machine": machine_paces(attempts)}
+
+
+def machine_paces(attempts) -> dict[str, float]:
+    """Wall seconds an epoch on each machine of a run's attempts (those whose ledger counts epochs)."""
+    totals: dict[str, list[float]] = {}
+    for a in attempts:
+        if a.get("epochs"):
+            seconds_epochs = totals.setdefault(a["machine"], [0.0, 0])
+            seconds_epochs[0] += a["epoch_s"]
+            seconds_epochs[1] += a["epochs"]
+    return {m: seconds / epochs for m, (seconds, epochs) in totals.items()}
 
 
 SCREENED_ARM = "fm"  # the arm the resolution is screened with, at the smallest E and the first seed
@@ -383,11 +400,21 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
 
 def epoch_seconds(args, size: int, machine: str) -> float | None:
     """Wall seconds an epoch took in the finished runs at `size` on this kind of machine (thread count included),
-    the median over runs; None before the first. It sizes what still fits in --hours."""
+    the median over runs; None before the first. It sizes what still fits in --hours. A run that spans several
+    machines counts with its epochs on this one; a record from before the ledger counted epochs, only if it ran
+    on this machine alone."""
     records = [read_json(p) for p in [*args.results.glob("E*/*.json"), screen_record(args, size)] if p.exists()]
-    paces = sorted(r["wall_time_s"] / r["epochs"] for r in records
-                   if r and r.get("size") == size and r.get("machines") == [machine])
+    paces = sorted(pace for r in records if r and r.get("size") == size
+                   if (pace := _pace_on(r, machine)) is not None)
     return paces[len(paces) // 2] if paces else None
+
+
+def _pace_on(record: dict, machine: str) -> float | None:
+    if machine in record.get("epoch_seconds_by_machine", {}):
+        return record["epoch_seconds_by_machine"][machine]
+    if record.get("machines") == [machine]:
+        return record["wall_time_s"] / record["epochs"]
+    return None
 
 
 def history(out: Path) -> list[dict]:

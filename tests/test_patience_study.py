@@ -64,6 +64,8 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     assert plan["loss_epochs"] == [2] and plan["loss_arms"] == study.LOSS_ARMS
     assert len(calls) == 11 and len({c.out for c in calls}) == 11  # 4 arms x 2 points + 3 losses at E 2, the first two not again
     assert {(c.epochs, c.seed) for c in calls} == {(1, 0), (2, 0)}
+    fm = json.loads((results / "E2" / "fm-seed0.json").read_text())  # its ledger's pace, per machine
+    assert list(fm["epoch_seconds_by_machine"]) == fm["machines"] and fm["epoch_seconds_by_machine"][fm["machines"][0]] > 0
     every = {**study.ARMS, **study.LOSS_ARMS}
     for c in calls:  # one training loop, the plan's arms, each twin on its arm's views and budget
         arm = next(a for a in every if c.out.name.startswith(f"E{c.epochs}-{a}-px"))
@@ -249,6 +251,27 @@ def test_status_reads_a_runs_epochs_and_pace_from_its_metrics(tmp_path):
     assert study.run_progress(result, out, 5) == "2/5 epochs, stopped, ~3 min left"  # 3 epochs at 60 s
     study.write_json(result, {})
     assert study.run_progress(result, out, 5) == "done"
+
+
+def test_the_pace_counts_a_run_that_spanned_machines_with_its_epochs_on_this_one(tmp_path):
+    # A run resumed on another machine kept a ledger attempt per machine: its pace here is its epochs here only.
+    attempts = [{"cpu_s": 1.0, "machine": "cpu A", "epochs": 10, "epoch_s": 300.0},
+                {"cpu_s": 1.0, "machine": "cpu B", "epochs": 20, "epoch_s": 1800.0},
+                {"cpu_s": 1.0, "machine": "cpu B", "epochs": 10, "epoch_s": 600.0},
+                {"cpu_s": 1.0, "machine": "cpu C"}]  # an attempt from before the ledger counted epochs
+    assert study.machine_paces(attempts) == {"cpu A": 30.0, "cpu B": 80.0}
+    results = tmp_path / "results"
+    runs = {"spanned": {"size": 32, "epochs": 40, "wall_time_s": 3000.0, "machines": ["cpu A", "cpu B"],
+                        "epoch_seconds_by_machine": {"cpu A": 30.0, "cpu B": 80.0}},
+            "older-alone": {"size": 32, "epochs": 10, "wall_time_s": 900.0, "machines": ["cpu B"]},
+            "older-spanned": {"size": 32, "epochs": 10, "wall_time_s": 100.0, "machines": ["cpu B", "cpu C"]},
+            "other-size": {"size": 64, "epochs": 10, "wall_time_s": 10.0, "machines": ["cpu B"]}}
+    for name, run in runs.items():
+        study.write_json(results / "E40" / f"{name}-seed0.json", run)
+    args = study.parse_args(["--results", str(results), "--work", str(tmp_path / "work")])
+    assert study.epoch_seconds(args, 32, "cpu B") == 90.0  # the upper median of 80 and 90; neither 10 s run counts
+    assert study.epoch_seconds(args, 32, "cpu A") == 30.0
+    assert study.epoch_seconds(args, 32, "cpu C") is None  # its only run mixed machines and counted no epochs
 
 
 def test_a_gain_names_the_machines_of_its_own_pairs_not_the_points(tmp_path):
