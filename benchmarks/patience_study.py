@@ -66,6 +66,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,13 +291,12 @@ def record(report: RunReport, arm: str, seed: int, epochs: int, size: int) -> di
 
 def machine_paces(attempts) -> dict[str, float]:
     """Wall seconds an epoch on each machine of a run's attempts (those whose ledger counts epochs)."""
-    totals: dict[str, list[float]] = {}
+    seconds, epochs = defaultdict(float), defaultdict(int)
     for a in attempts:
         if a.get("epochs"):
-            seconds_epochs = totals.setdefault(a["machine"], [0.0, 0])
-            seconds_epochs[0] += a["epoch_s"]
-            seconds_epochs[1] += a["epochs"]
-    return {m: seconds / epochs for m, (seconds, epochs) in totals.items()}
+            seconds[a["machine"]] += a["epoch_s"]
+            epochs[a["machine"]] += a["epochs"]
+    return {m: seconds[m] / epochs[m] for m in epochs}
 
 
 SCREENED_ARM = "fm"  # the arm the resolution is screened with, at the smallest E and the first seed
