@@ -271,7 +271,7 @@ def train_student_cmd(flags: dict):
             v = r["validation"]
             extra = f"  agree {v['teacher_agreement']:.1%}" if "teacher_agreement" in v else ""
             bar.console.print(f"epoch {r['epoch']:>3}  loss {r['train']['loss']:.4f}  val acc {v['accuracy']:.2%}"
-                              f"  f1 {v['macro_f1']:.3f}{extra}  {r['train_images_per_s']:.0f} img/s")
+                              f"  nll {v['nll']:.3f}  f1 {v['macro_f1']:.3f}{extra}  {r['train_images_per_s']:.0f} img/s")
 
         report = train_student.run(cfg, progress=_bars(bar), on_epoch=on_epoch)
     _print_run(report)
@@ -281,11 +281,11 @@ def _print_run(report) -> None:
     config = report.run.get("config", {})
     val_split, test_split = config.get("val_split", "validation"), config.get("test_split") or "test"
     table = Table(title=f"best epoch {report.best_epoch} (chosen on {val_split}) -> {report.out}")
-    for col in ("split", "accuracy", "macro-F1", "teacher agreement", "KL to teacher"):
+    for col in ("split", "accuracy", "NLL", "macro-F1", "teacher agreement", "KL to teacher"):
         table.add_column(col)
     for name, m in ((val_split, report.validation), (test_split, report.test)):
-        if m:
-            table.add_row(name, f"{m['accuracy']:.2%}", f"{m['macro_f1']:.3f}",
+        if m:  # NLL: absent from an epoch trained before it was recorded (a resumed run)
+            table.add_row(name, f"{m['accuracy']:.2%}", f"{m['nll']:.4f}" if "nll" in m else "-", f"{m['macro_f1']:.3f}",
                           f"{m['teacher_agreement']:.2%}" if "teacher_agreement" in m else "-",
                           f"{m['kl_to_teacher']:.4f}" if "kl_to_teacher" in m else "-")
     console.print(table)
@@ -319,7 +319,7 @@ def evaluate_cmd(
 
     with user_errors():
         m = evaluate.saved(run_dir, split=split, dataset=dataset, device=device)
-    console.print(f"{split}: accuracy {m['accuracy']:.2%}  macro-F1 {m['macro_f1']:.3f}  n={m['n']}" +
+    console.print(f"{split}: accuracy {m['accuracy']:.2%}  NLL {m['nll']:.4f}  macro-F1 {m['macro_f1']:.3f}  n={m['n']}" +
                   (f"  teacher agreement {m['teacher_agreement']:.2%}" if "teacher_agreement" in m else ""))
     _print_confusion(m["confusion_matrix"], m["label_names"], f"{split} confusion (rows: true)")
 

@@ -31,6 +31,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(1, keepdims=True))
 
 
+def nll(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over examples of -log softmax(logits)[label], in nats: the cross-entropy of the true labels, a proper
+    score that still separates checkpoints whose accuracy ties (a saturated validation set)."""
+    return float(-log_softmax(logits)[np.arange(len(labels)), labels].mean())
+
+
 def agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) -> float:
     """Fraction of examples where student and teacher predict the same class."""
     return float((student_logits.argmax(1) == teacher_logits.argmax(1)).mean())
@@ -44,7 +50,8 @@ def kl_to_teacher(student_logits: np.ndarray, teacher_logits: np.ndarray, temper
 
 
 def classification_report(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray | None = None) -> dict:
-    out = {"accuracy": accuracy(logits, labels), "macro_f1": macro_f1(logits, labels), "n": int(len(labels))}
+    out = {"accuracy": accuracy(logits, labels), "macro_f1": macro_f1(logits, labels), "nll": nll(logits, labels),
+           "n": int(len(labels))}
     if teacher_logits is not None:
         out["teacher_agreement"] = agreement(logits, teacher_logits)
         out["kl_to_teacher"] = kl_to_teacher(logits, teacher_logits)

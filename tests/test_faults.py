@@ -134,7 +134,8 @@ def test_a_second_writer_of_a_run_folder_is_refused(run_cli, cache_dir, tmp_path
     with locking.exclusive(out):
         code, text = run_cli("train-student", "--cache", cache_dir, "--epochs", "1", "--out", out, *TINY)
     _one_line_error(code, text, "being written by another kdpipe process")
-    assert run_cli("train-student", "--cache", cache_dir, "--epochs", "1", "--out", out, *TINY)[0] == 0
+    code, text = run_cli("train-student", "--cache", cache_dir, "--epochs", "1", "--out", out, *TINY)
+    assert code == 0 and "  nll " in text and "NLL" in text, text  # the epoch's line and the final table
 
 
 @pytest.mark.slow
@@ -279,6 +280,8 @@ def test_a_corrupted_checkpoint_is_refused_by_resume(cache_dir, tmp_path):
 def test_a_corrupted_saved_student_is_refused_by_evaluate(run_cli, cache_dir, tmp_path):
     out = tmp_path / "run"
     assert run_cli("train-student", "--cache", cache_dir, "--epochs", "1", "--out", out, *TINY)[0] == 0
+    code, text = run_cli("evaluate", out)
+    assert code == 0 and "NLL" in text, text  # intact, it evaluates
     weights = out / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0x01  # inside a tensor: safetensors itself would not notice

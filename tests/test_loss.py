@@ -88,6 +88,12 @@ def test_metrics_by_hand():
     assert metrics.macro_f1(logits, labels) == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
     assert metrics.agreement(logits, logits[[1, 0, 2, 3]]) == 0.5
     assert metrics.kl_to_teacher(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    # NLL: log 3 for a uniform guess; by hand on the first two rows; torch's cross-entropy on S
+    assert metrics.nll(np.zeros((4, 3)), labels) == pytest.approx(np.log(3))
+    by_hand = [np.log(np.exp([2, 1, 0]).sum()) - 2, np.log(np.exp([0, 2, 1]).sum()) - 2]
+    assert metrics.nll(logits[:2], labels[:2]) == pytest.approx(np.mean(by_hand))
+    assert metrics.nll(S.numpy(), Y.numpy()) == pytest.approx(F.cross_entropy(S.double(), Y).item(), rel=1e-9)
+    assert metrics.classification_report(logits, labels)["nll"] == pytest.approx(metrics.nll(logits, labels))
     assert metrics.kl_to_teacher(S.numpy(), TEACHER.numpy()) == pytest.approx(hand_kd(1.0), rel=1e-6)
 
 
