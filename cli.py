@@ -327,8 +327,9 @@ def evaluate_cmd(
 @app.command("sweep")
 @configured(train=Group(TrainConfig, search=True, skip=("out", "name", "seed", "resume")), sweep=SweepConfig)
 def sweep_cmd(train: dict, sweep: dict):
-    """Sweep student settings against one cache (an Optuna study; rerun the same command to resume or to add
-    a worker). Every train-student setting can be given, fixed for all runs; a searchable one takes several
+    """Sweep student settings against one cache (an Optuna study; rerun to resume or to add a worker).
+
+    Every train-student setting can be given, fixed for all runs; a searchable one takes several
     values (1,2,5: a grid, or tpe's choices) or a range low:high[:log] (--sampler tpe), and one value fixes
     it. The teacher is never loaded."""
     from kdpipe import sweep as sweeps, sweep_report

@@ -33,3 +33,12 @@ def test_every_option_help_prints_in_full(run_cli, monkeypatch, command):
         if isinstance(info.show_default, str):
             assert f"[default: ({info.show_default})]" in text, f"{command} {name}: default not shown"
     assert "[default: ]" not in text
+
+
+def test_every_command_summary_is_one_line():
+    """`kdpipe --help` lists each command with its docstring's first paragraph, line breaks kept: one line each."""
+    from kdpipe import cli
+
+    for c in cli.app.registered_commands:
+        summary = inspect.getdoc(c.callback).split("\n\n")[0]
+        assert "\n" not in summary, f"{c.name}: the first paragraph of its docstring spans lines: {summary!r}"
