@@ -623,6 +623,9 @@ def _gap_cell(g: dict | None, scale: float, unit: str) -> str:
 
 
 def plot(summary: dict, path: Path) -> Path | None:
+    """Test and validation accuracy against epochs, a panel each: per arm the mean over seeds and its 95 % t band
+    (clipped to 0-100 %: with 2 seeds a band can be ±40 pp), the teacher as a line. The axis follows the means
+    and the teacher, not the bands, so the curves stay readable while an interval is wide."""
     try:
         import matplotlib
 
@@ -630,37 +633,37 @@ def plot(summary: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {"fm": "tab:blue", "fm-twin": "tab:cyan", "recipe": "tab:red", "recipe-twin": "tab:orange",
                "dkd": "tab:green", "dist": "tab:purple", "kd-std": "tab:brown"}  # the losses: a point each
-    for arm, colour in colours.items():
-        pts = [(p["epochs"], p["arms"][arm]) for p in summary["points"] if arm in p["arms"]]
-        if not pts:
-            continue
-        xs = [e for e, _ in pts]
-        for split, style in (("test", "-"), ("validation", ":")):
-            ys = [100 * r[split]["mean"] for _, r in pts]
-            ax.plot(xs, ys, style, marker="o", color=colour, label=f"{arm} ({split})")
-            if split == "test":
-                err = [100 * (r[split]["ci95"] if r[split]["ci95"] == r[split]["ci95"] else 0) for _, r in pts]
-                ax.fill_between(xs, [y - h for y, h in zip(ys, err)], [y + h for y, h in zip(ys, err)], color=colour,
-                                alpha=0.12)
-    for split, style in (("test", "--"), ("validation", "-.")):
-        if split in summary["teacher_accuracy"]:
-            ax.axhline(100 * summary["teacher_accuracy"][split], color="black", linestyle=style, linewidth=1,
-                       label=f"teacher ({split})")
-    teacher = [100 * summary["teacher_accuracy"][s] for s in ("test", "validation") if s in summary["teacher_accuracy"]]
-    if teacher:  # the teacher's lines inside the frame, not on its edge
-        ax.set_ylim(top=max(ax.get_ylim()[1], max(teacher) + 0.5))
-    ax.set_xscale("log")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    shown = []  # every mean and teacher line drawn: they set the axis
     epochs = [p["epochs"] for p in summary["points"]]
-    ax.set_xticks(epochs, [str(e) for e in epochs])  # the curve's points, not a log axis's 3 x 10^1
-    ax.minorticks_off()
-    ax.set_xlabel("epochs (a fresh view of every image each epoch)")
-    ax.set_ylabel("accuracy (%), mean over seeds; band: 95 % t interval (test)")
-    ax.set_title("Patience: distilled arms and their λ = 0 twins")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    for ax, split in zip(axes, ("test", "validation")):
+        for arm, colour in colours.items():
+            pts = [(p["epochs"], p["arms"][arm][split]) for p in summary["points"] if arm in p["arms"]]
+            if not pts:
+                continue
+            xs, ys = [e for e, _ in pts], [100 * r["mean"] for _, r in pts]
+            half = [100 * r["ci95"] if r["ci95"] == r["ci95"] else 0.0 for _, r in pts]  # NaN (one seed): no band
+            ax.plot(xs, ys, "-", marker="o", color=colour, label=arm)
+            ax.fill_between(xs, [max(0.0, y - h) for y, h in zip(ys, half)],
+                            [min(100.0, y + h) for y, h in zip(ys, half)], color=colour, alpha=0.1, linewidth=0)
+            shown += ys
+        if split in summary["teacher_accuracy"]:
+            teacher = 100 * summary["teacher_accuracy"][split]
+            ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
+            shown.append(teacher)
+        ax.set_xscale("log")
+        ax.set_xticks(epochs, [str(e) for e in epochs])  # the curve's points, not a log axis's 3 x 10^1
+        ax.minorticks_off()
+        ax.set_xlabel("epochs (a fresh view of every image each epoch)")
+        ax.set_title(split)
+        ax.grid(alpha=0.3)
+    if shown:
+        axes[0].set_ylim(max(0.0, min(shown) - 3), min(100.0, max(shown)) + 1)
+    axes[0].set_ylabel("accuracy (%): mean over seeds, band 95 % t")
+    axes[1].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.suptitle("Patience: distilled arms and their λ = 0 twins")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
