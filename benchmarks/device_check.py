@@ -22,11 +22,11 @@ start after --budget-s is recorded as skipped, as are those --only/--skip leave 
                            workers: images/s and the scaling; also with K random views rendered per image
   stage_one.vit.<p>        cache_teacher.run on the train split with a ViT-B/16-shaped teacher (ViTConfig() defaults,
                            random weights: timing only) against its bare forward on the same preprocessed batches
-                           (bench_cache_teacher.preprocess / time_bare_forward), at precision p (fp16, bf16)
+                           (bench_cache_teacher.preprocess / time_bare_forward), at precision p (fp16, bf16, fp32)
   stage_one.agreement.<p>  the real teacher's cache made on the device at p against a CPU fp32 cache of the same
                            split: max |Δlogit|, mean KL, argmax agreement, judged against TOLERANCE[p]
   stage_two.train_student  train_student.run, --epochs E, the cache made on the device (per-epoch images/s from
-                           run.json's own timing; the first epoch apart), also .views and .compile
+                           run.json's own timing; the first epoch apart), also .views, .compile and .fp32 (--precision fp32)
   stage_two.bare.<v>       a bare forward / KD loss / backward / AdamW step (_common.kd_step) on pre-normalised
                            device tensors, v in channels_last+autocast, channels_last, nchw+autocast, nchw, compiled
   stage_two.resume         train-student in a subprocess, killed (SIGKILL) once its first checkpoint lands, resumed
@@ -183,6 +183,7 @@ class Check:
         self.workers = ([int(w) for w in args.workers.split(",")] if args.workers else
                         sorted({0, 1, 2, *(w for w in (4, 8, 16, 32) if w < cores), max(1, cores - 1)}))
         self.results: dict[str, dict] = {}
+        self.partial_json: Path | None = None  # rewritten after each measurement; main() sets it
         self._memo: dict[str, object] = {}
 
     # ----------------------------------------------------------------------------- shared inputs
@@ -281,7 +282,7 @@ class Check:
             reason = f"time budget of {self.args.budget_s:g} s spent"
         if reason is not None:
             record["reason"] = reason
-            self.results[name] = record
+            self.keep(name, record)
             return record
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -299,12 +300,18 @@ class Check:
         record["cores_busy"] = round((cpu_seconds() - cpu0) / max(record["seconds"], 1e-9), 2)  # CPU s per wall s
         if self.cuda:
             record["peak_device_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
-        self.results[name] = record
+        self.keep(name, record)
         ips = record.get("images_per_s")
         print(f"[{self.elapsed():6.1f} s] {name}: {record['status']}"
               + (f", {ips:,.1f} images/s" if ips else "") + (f" ({record.get('error') or record.get('reason')})"
                                                              if record["status"] != "ok" else ""), flush=True)
         return record
+
+    def keep(self, name: str, record: dict) -> None:
+        self.results[name] = record
+        if self.partial_json is not None:  # a check killed at its time limit still leaves what it measured
+            files.write_text(self.partial_json, json.dumps({"partial": True, "measurements": self.results},
+                                                           indent=2, default=str) + "\n")
 
     def timed(self, one_pass, images: int) -> dict:
         """images/s of one_pass() (which handles `images` images), repeated until --min-time has passed; also
@@ -487,7 +494,8 @@ def agreement(c: Check, precision: str) -> dict:
 def stage_two(c: Check, variant: str) -> dict:
     if variant == "compile" and not c.args.compile:
         raise Skip("--compile not given (default on a GPU only: a cold compile took ~76 s on a 2-core CPU)")
-    cfg = c.train_config(variant, views=variant == "views", compile=variant == "compile")
+    cfg = c.train_config(variant, views=variant == "views", compile=variant == "compile",
+                         **({"precision": "fp32"} if variant == "fp32" else {}))
     report = train_student.run(cfg)
     n = len(c.dataset("train"))
     per_epoch = [n / r["train_time_s"] for r in report.history]
@@ -529,7 +537,8 @@ def bare_step(c: Check, variant: str) -> dict:
 
     model.train()
     start = time.perf_counter()
-    for x, labels, teacher_logits in batches[:2]:  # warm-up (where a compiled model compiles)
+    for x, labels, teacher_logits in batches[:2] + batches[-1:]:  # warm-up (a compiled model compiles for
+        # the full batch and again for the smaller last one; timing that had measured 13 img/s on an H200)
         kd_step(forward, optimizer, x, labels, teacher_logits, c.device, precision, 5.0, 0.5)
     sync(c.device)
     warm = time.perf_counter() - start
@@ -548,7 +557,7 @@ def resume_after_kill(c: Check) -> dict:
              "--lr", cfg.lr, "--device", cfg.device, "--precision", cfg.precision, "--seed", cfg.seed, "--out", out]
     if cfg.student_config:
         flags += ["--student-config", ",".join(f"{k}={v}" for k, v in cfg.student_config.items())]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     log = c.work / "killed.log"  # a file, not a pipe: a child blocked on a full pipe would never checkpoint
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "kdpipe", *map(str, flags)], cwd=c.work, env=env, stdout=f,
@@ -593,7 +602,7 @@ def torchrun(c: Check, stage: str) -> dict:
     if count < 2:
         raise Skip(f"needs >= 2 GPUs ({count} visible); tests/test_distributed.py covers 2 CPU processes")
     n = min(count, 8)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "kdpipe"]
     if stage == "cache_teacher":
         single = c.cache()
@@ -632,17 +641,25 @@ def torchrun(c: Check, stage: str) -> dict:
 # ------------------------------------------------------------------------------------------- the report
 
 
+def subprocess_env() -> dict:
+    """This process's environment for a `python -m kdpipe` child, the repository first on its PYTHONPATH
+    and the caller's own entries kept (kdpipe may be importable only through them)."""
+    path = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def plan() -> list[tuple]:
     """Every measurement in order of importance (the budget cuts from the end)."""
     steps = [("data_path.plain", data_path_plain, False), ("data_path.plain_host", data_path_plain, True),
              ("data_path.gather_host", data_path_plain, True, False),
              ("stage_one.decode", decode)]
-    steps += [(f"stage_one.vit.{p}", stage_one_vit, p) for p in ("fp16", "bf16")]
+    steps += [(f"stage_one.vit.{p}", stage_one_vit, p) for p in ("fp16", "bf16", "fp32")]
     steps += [(f"stage_one.agreement.{p}", agreement, p) for p in PRECISIONS]
     steps += [("stage_two.train_student", stage_two, "default")]
     steps += [(f"stage_two.bare.{v}", bare_step, v) for v in BARE_VARIANTS if v != "compiled"]
     steps += [("data_path.views", data_path_views),
               ("stage_two.train_student.views", stage_two, "views"), ("stage_two.resume", resume_after_kill),
+              ("stage_two.train_student.fp32", stage_two, "fp32"),
               ("stage_two.bare.compiled", bare_step, "compiled"), ("stage_two.train_student.compile", stage_two, "compile"),
               ("torchrun.cache_teacher", torchrun, "cache_teacher"), ("torchrun.train_student", torchrun, "train_student")]
     return steps
@@ -660,6 +677,8 @@ def ratios(r: dict) -> dict:
     out = {
         "train_student_over_bare_step": ratio(ips("stage_two.train_student"), bare),
         "views_over_no_views": ratio(ips("stage_two.train_student.views"), ips("stage_two.train_student")),
+        "fp32_over_auto_precision_train_student": ratio(ips("stage_two.train_student.fp32"),
+                                                        ips("stage_two.train_student")),
         "compile_speedup_train_student": ratio(ips("stage_two.train_student.compile"), ips("stage_two.train_student")),
         "compile_speedup_bare": ratio(ips("stage_two.bare.compiled"), bare),
         "channels_last_speedup_autocast": ratio(bare, ips("stage_two.bare.nchw+autocast")),
@@ -668,7 +687,7 @@ def ratios(r: dict) -> dict:
         "data_path_over_bare_step": ratio(ips("data_path.plain"), bare),
         "view_batches_over_bare_step": ratio(ips("data_path.views"), bare),
     }
-    for p in ("fp16", "bf16"):
+    for p in ("fp16", "bf16", "fp32"):
         m = r.get(f"stage_one.vit.{p}", {})
         out[f"stage_one_over_bare_forward_{p}"] = m.get("stage_one_over_bare") if m.get("status") == "ok" else None
     vit = [r[k]["bare_forward_images_per_s"] for k in ("stage_one.vit.fp16", "stage_one.vit.bf16")
@@ -750,13 +769,17 @@ def main(argv: list[str] | None = None) -> dict:
         args.compile = device.type == "cuda"
     json_path = args.json or (None if args.tiny else REPO / "benchmarks" / "results" / "benchmarks" /
                               f"device_check_{device.type}.json")
-    if not args.tiny:  # absolute before the working directory changes
+    if json_path is not None:  # absolute before the working directory changes
+        json_path = Path(json_path).resolve()
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+    if not args.tiny:
         args.dataset, args.teacher = str(Path(args.dataset).resolve()), str(Path(args.teacher).resolve())
     work = Path(tempfile.mkdtemp(prefix="kdpipe-device-check-"))
     cwd = os.getcwd()
     os.chdir(work)  # data/pixels and every default output folder go to the scratch folder
     try:
         c = Check(args, work)
+        c.partial_json = json_path
         print(f"device check: {runtime.describe(c.device)}, mode {c.mode}, sizes {c.sizes}, budget {args.budget_s:g} s",
               flush=True)
         result = {"check": "device_check", "format": 1, "mode": c.mode, "argv": sys.argv[1:] if argv is None else argv,
@@ -782,8 +805,6 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             shutil.rmtree(work, ignore_errors=True)
     if json_path is not None:
-        json_path = Path(json_path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
         files.write_text(json_path, json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {json_path}")
     return result

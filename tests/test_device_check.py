@@ -42,9 +42,9 @@ def test_tiny_cpu_run_records_every_measurement(tmp_path, monkeypatch, request):
                 "skipped": "reason", "failed": "error"}[record["status"]] in record, (name, record)
 
     ok = {n for n, r in m.items() if r["status"] == "ok"}
-    assert {"data_path.plain", "data_path.views", "stage_one.decode", "stage_one.vit.bf16",
+    assert {"data_path.plain", "data_path.views", "stage_one.decode", "stage_one.vit.bf16", "stage_one.vit.fp32",
             "stage_one.agreement.fp32", "stage_one.agreement.bf16", "stage_two.train_student",
-            "stage_two.train_student.views", *(f"stage_two.bare.{v}" for v in device_check.BARE_VARIANTS[:4])} <= ok
+            "stage_two.train_student.views", "stage_two.train_student.fp32", *(f"stage_two.bare.{v}" for v in device_check.BARE_VARIANTS[:4])} <= ok
     assert m["data_path.plain"]["store"] == "host memory map" and m["data_path.plain"]["images"] == 12
     assert set(m["stage_one.decode"]["by_workers"]) == set(m["stage_one.decode"]["with_views_by_workers"]) == {"0", "1"}
     assert m["stage_one.vit.bf16"]["bare_forward_images_per_s"] > 0 and m["stage_one.vit.bf16"]["images"] == 12
@@ -64,6 +64,7 @@ def test_tiny_cpu_run_records_every_measurement(tmp_path, monkeypatch, request):
 
     r = result["ratios"]
     assert r["train_student_over_bare_step"] > 0 and r["data_path_over_bare_step"] > 0
+    assert r["fp32_over_auto_precision_train_student"] > 0 and m["stage_two.train_student.fp32"]["precision"] == "fp32"
     assert r["compile_speedup_bare"] is None and r["stage_one_over_bare_forward_fp16"] is None
     refs = result["references"]
     assert [ref["images_per_s"] for ref in refs] == [2313, 1832, 2900, 3900]
@@ -83,3 +84,27 @@ def test_a_cuda_check_without_a_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(Exception, match="--device cuda: no CUDA device"):
         device_check.main(["--device", "cuda", "--tiny"])
+
+
+def test_a_check_that_dies_leaves_what_it_measured(tmp_path, monkeypatch):
+    """The JSON is rewritten after every measurement: a check killed at a device machine's time limit (or
+    failing after its measurements) still leaves them, marked partial."""
+    def broken(results):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(device_check, "ratios", broken)
+    out = tmp_path / "check.json"
+    with pytest.raises(RuntimeError, match="killed"):
+        device_check.main(["--device", "cpu", "--tiny", "--budget-s", "0", "--json", str(out)])
+    partial = json.loads(out.read_text())
+    assert partial["partial"] is True and list(partial["measurements"]) == _names()
+
+
+def test_a_child_process_keeps_the_callers_pythonpath(monkeypatch):
+    """`python -m kdpipe` children (resume after kill -9, torchrun) import kdpipe where the parent did: on a
+    device machine that is a PYTHONPATH entry, which an earlier version replaced with the repository."""
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    path = device_check.subprocess_env()["PYTHONPATH"].split(":")
+    assert path == [str(REPO), "/tmp/site"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert device_check.subprocess_env()["PYTHONPATH"] == str(REPO)
