@@ -4,9 +4,11 @@
 # JPEG quality 75 (16 MB; the 500 x 500 originals are 175 MB, so decoding there is ~5x cheaper per image
 # than on the real files: stage_one.decode figures from it are upper bounds), the shared teacher (16 MB),
 # and wheels of datasets, dill and multiprocess for Python 3.12 (the machine's image has the rest).
+# Run it with the project's environment active (it needs Pillow and pip): . .venv/bin/activate first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
+command -v python >/dev/null || { echo "device_bundle.sh: no python on PATH; activate the project's environment (. .venv/bin/activate)" >&2; exit 1; }
 grep -qx "/.devdata/" .git/info/exclude 2>/dev/null || echo "/.devdata/" >> .git/info/exclude
 rm -rf .devdata && mkdir -p .devdata/whl
 cp -r "$SHARED/teachers/beans-efficientnet-lite0" .devdata/teacher && chmod -R u+w .devdata/teacher
