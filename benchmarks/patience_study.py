@@ -575,7 +575,7 @@ def markdown(summary: dict) -> str:
             lines += ["", f"E = {e}: chosen on validation: " + (f"**{cmp['chosen_on_validation']}**"
                       if cmp["chosen_on_validation"] else "not yet (some losses lack seeds)") + "."]
     lines += ["", f"Every run, by seed: its test and validation accuracy (best epoch: the first at that validation "
-              "accuracy, and how many epochs tie with it), the first epoch at ≥ {FAST_BAR:.0%} "
+              f"accuracy, and how many epochs tie with it), the first epoch at ≥ {FAST_BAR:.0%} "
               "validation, the mean validation accuracy over its epochs, wall minutes, and where it ran.", "",
               "| E | seed | arm | test | validation (best epoch) | test agreement with teacher | test KL(teacher ‖ student) | "
               f"first epoch at ≥ {FAST_BAR:.0%} validation | mean validation over the epochs | wall minutes | machines, precision |",

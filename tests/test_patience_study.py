@@ -95,6 +95,7 @@ def test_the_study_runs_every_arm_at_every_point_and_continues_where_it_stopped(
     assert (results / "summary.json").exists() and (results / "curve.png").stat().st_size > 1000
     table = (results / "summary.md").read_text().splitlines()
     assert not any("Interim" in line for line in table)
+    assert not any("{" in line for line in table)  # every f-string placeholder was filled in
     for point in summary["points"]:
         for arm, row in point["arms"].items():
             assert f"| {point['epochs']} | {arm} | 1 | {100 * row['test']['mean']:.1f} % |" in "\n".join(table)
