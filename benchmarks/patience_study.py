@@ -17,9 +17,9 @@ step another copy is writing is skipped, and a step that needs it (a cache, a sc
    a seed fixes a run's initial weights, batch order, views and dropout in every arm), K = max(E) - 1 views
    per train image (at least 1; K + 1 >= E: no view is used twice, views.epoch_views), the view policy, the recipe,
    the student resolutions to screen. A rerun with other settings is refused: the plan, seed count
-   included, is fixed before the runs; more seeds mean a new plan in another --results folder. A plan may gain
-   settings it did not have (the loss arms were added on 2026-12-03, before their runs), logged under
-   `amendments`; it never changes one it has.
+   included, is fixed before the runs. A plan may gain settings it did not have, logged under `amendments`
+   (the loss arms on 2026-12-03, and --more-seeds, more paired seeds for one pair at E = 300, on 2026-12-04,
+   each before its runs); it never changes one it has.
 1. `cache-<views>.json`: stage one once per view set over N x (K + 1) train views (`plain`: crops and flips;
    `mixed`: a share --view-mixup-p of them blended with another image's view before the teacher saw
    them, function matching); evaluation splits un-augmented. Its cost: seconds and teacher inputs/s. The
@@ -100,6 +100,11 @@ LOSS_ARMS = {"dkd": {"alpha": 0.9, "temperature": 1.0, "views": "plain", "loss":
                         "twin": "recipe-twin"}}  # Sun et al.'s base temperature 2
 KD_ARM = "recipe"  # the loss arms' reference: the recipe is Hinton's KD with the same views, α and budget
 LOSS_EPOCHS = (100,)  # the recipe's best budget on validation (docs/results.md §5)
+# Issue 25's "more seeds where the interval needs it, the seed count fixed before the runs": more paired seeds for
+# one pair at one point, {E: {"arms", "seeds"}}, added to the plan on 2026-12-04 before any of their runs (why: the
+# amendment in plan.json). Three more pairs: at the spread of the first two recipe pairs' gains (+10.9, +3.9 pp, SD
+# 4.9) six pairs give a 95 % half-width near 5 pp, three give 12.
+MORE_SEEDS = {300: {"arms": ["recipe", "recipe-twin"], "seeds": [3, 4, 5]}}
 LEDGER = "cpu_seconds.json"  # in each run folder: CPU seconds per attempt, updated after every epoch
 POLL_S = 60  # how often a copy waiting for another copy's step looks again
 
@@ -130,6 +135,7 @@ def make_plan(args) -> dict:
     epochs = sorted(args.epoch_list)
     return {"study": "patience", "epochs": epochs, "seeds": args.seed_list, "arms": ARMS,
             "loss_arms": LOSS_ARMS, "loss_epochs": args.loss_epoch_list,
+            "more_seeds": {str(e): more for e, more in args.more_seeds.items()},
             "views_per_image": max(epochs[-1], 2), "k": max(epochs[-1] - 1, 1),
             "view_policy": {"mixup": args.view_mixup, "mixup_p": args.view_mixup_p},
             "recipe": {**RECIPE, "batch_size": args.batch_size,
@@ -142,30 +148,50 @@ def make_plan(args) -> dict:
 
 def fix_plan(args) -> dict:
     """plan.json as written before the first run; a rerun must ask for the same plan. A plan may gain a setting it
-    did not have (new arms at their own points, each fixed before its runs: an amendment, logged in plan.json),
-    never change one it has."""
+    did not have, or an entry in a setting that maps names to settings (new arms at their own points, more seeds
+    at a point: each fixed before its runs, an amendment logged in plan.json); it never changes what it has."""
     path = args.results / "plan.json"
     plan, saved = make_plan(args), read_json(path)
     if saved is None:
         write_json(path, {**plan, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit()})
         print(f"wrote {path}: the plan, fixed before the runs", flush=True)
         return plan
-    differs = sorted(k for k in plan if json.loads(json.dumps(plan[k])) != saved.get(k))
-    changed = [k for k in differs if k in saved]
+    new = json.loads(json.dumps(plan))  # as plan.json holds it (string keys, lists)
+    differs = sorted(k for k in plan if new[k] != saved.get(k))
+    changed = [k for k in differs if k in saved and not _only_gains(saved[k], new[k])]
     if changed:
         raise SystemExit(f"{path} fixed another plan ({', '.join(changed)} differ); rerun with its settings, or "
                          "start a new plan in another --results folder")
     if differs:
-        amendment = {"added": differs, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit()}
+        added = [k if k not in saved else f"{k}: {', '.join(e for e in new[k] if e not in saved[k])}" for k in differs]
+        amendment = {"added": added, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit()}
         write_json(path, {**saved, **{k: plan[k] for k in differs},
                           "amendments": [*saved.get("amendments", []), amendment]})
         print(f"amended {path}: added {', '.join(differs)} (fixed before their runs)", flush=True)
     return plan
 
 
+def _only_gains(old, new) -> bool:
+    """Whether `new` is the mapping `old` with entries added, every entry `old` has unchanged."""
+    return isinstance(old, dict) and isinstance(new, dict) and all(new.get(k) == v for k, v in old.items())
+
+
 def arms_at(plan: dict, epochs: int) -> dict:
     """The arms that run at the curve's point E = `epochs`: the curve's own, and the losses' at their points."""
     return {**plan["arms"], **(plan.get("loss_arms", {}) if epochs in plan.get("loss_epochs", []) else {})}
+
+
+def seeds_of(plan: dict, epochs: int, arm: str) -> list[int]:
+    """The seeds `arm` runs at the point E = `epochs`: the plan's, then those an extension (more_seeds) adds."""
+    more = plan.get("more_seeds", {}).get(str(epochs), {})
+    return [*plan["seeds"], *(more["seeds"] if arm in more.get("arms", []) else [])]
+
+
+def runs_at(plan: dict, epochs: int) -> list[tuple[str, int]]:
+    """Every (arm, seed) of the point E = `epochs`, seed by seed (a pair's two runs one after the other)."""
+    arms = arms_at(plan, epochs)
+    seeds = dict.fromkeys(seed for arm in arms for seed in seeds_of(plan, epochs, arm))  # the plan's first
+    return [(arm, seed) for seed in seeds for arm in arms if seed in seeds_of(plan, epochs, arm)]
 
 
 def twin_of(arms: dict, arm: str) -> str | None:
@@ -371,28 +397,26 @@ def curve_step(args, plan: dict, caches: dict, size: int) -> None:
     machine = runtime.describe(runtime.resolve_device(args.device))
     later, pace = [], None  # runs that would not finish in what is left of --hours; this machine's pace
     for e in plan["epochs"]:
-        for seed in plan["seeds"]:
-            for arm in arms_at(plan, e):
-                path = args.results / f"E{e}" / f"{arm}-seed{seed}.json"
-                if path.exists():
+        for arm, seed in runs_at(plan, e):
+            path = args.results / f"E{e}" / f"{arm}-seed{seed}.json"
+            if path.exists():
+                continue
+            out = run_dir(args, plan, arm, e, seed, size)
+            if args.deadline is not None:  # read again before each run: the first one here teaches the pace
+                pace = epoch_seconds(args, size, machine)
+                need = None if pace is None else (e - len(history(out))) * pace
+                if need is None:
+                    print("--hours: no run at this size has finished on this kind of machine yet; this one "
+                          "starts unsized", flush=True)
+                elif need > args.deadline - time.time():  # it would be cut off with the machine: leave it whole
+                    later.append(f"E {e} {arm} seed {seed} (~{need / 60:.0f} min)")
                     continue
-                out = run_dir(args, plan, arm, e, seed, size)
-                if args.deadline is not None:  # read again before each run: the first one here teaches the pace
-                    pace = epoch_seconds(args, size, machine)
-                    need = None if pace is None else (e - len(history(out))) * pace
-                    if need is None:
-                        print("--hours: no run at this size has finished on this kind of machine yet; this one "
-                              "starts unsized", flush=True)
-                    elif need > args.deadline - time.time():  # it would be cut off with the machine: leave it whole
-                        later.append(f"E {e} {arm} seed {seed} (~{need / 60:.0f} min)")
-                        continue
-                print(f"E {e}, {arm}, seed {seed}", flush=True)
-                report = unless_claimed(out, lambda: run_once(train_config(args, plan, caches, arm, e, seed, size,
-                                                                           out)))
-                if report is None:
-                    print("  another copy of the study is running it", flush=True)
-                    continue
-                write_json(path, record(report, arm, seed, e, size))
+            print(f"E {e}, {arm}, seed {seed}", flush=True)
+            report = unless_claimed(out, lambda: run_once(train_config(args, plan, caches, arm, e, seed, size, out)))
+            if report is None:
+                print("  another copy of the study is running it", flush=True)
+                continue
+            write_json(path, record(report, arm, seed, e, size))
     if later:
         print(f"left for a later session ({pace:.0f} s an epoch here, {len(later)} runs longer than what was left of "
               f"--hours): " + ", ".join(later), flush=True)
@@ -432,12 +456,11 @@ def summarise(args, plan: dict) -> dict:
     for e in plan["epochs"]:
         arms = arms_at(plan, e)
         runs = {arm: {} for arm in arms}
-        for arm in arms:
-            for seed in plan["seeds"]:
-                r = read_json(args.results / f"E{e}" / f"{arm}-seed{seed}.json")
-                if r is not None:
-                    runs[arm][seed] = r
-        point = {"epochs": e, "runs": sum(map(len, runs.values())), "planned": len(arms) * len(plan["seeds"]),
+        for arm, seed in runs_at(plan, e):
+            r = read_json(args.results / f"E{e}" / f"{arm}-seed{seed}.json")
+            if r is not None:
+                runs[arm][seed] = r
+        point = {"epochs": e, "runs": sum(map(len, runs.values())), "planned": len(runs_at(plan, e)),
                  "arms": {}, "gains": {}, "cpu_hours": sum(r["cpu_s"] for by in runs.values()
                                                                        for r in by.values()) / 3600,
                  "wall_hours": sum(r["wall_time_s"] for by in runs.values() for r in by.values()) / 3600,
@@ -458,36 +481,45 @@ def summarise(args, plan: dict) -> dict:
             twin = twin_of(arms, arm)
             if twin is None or not runs[arm] or not runs[twin]:
                 continue
-            gain = {split: _paired_gap(runs[arm], runs[twin], lambda r: r[split]["accuracy"])
-                    for split in ("validation", "test")}
-            gain["kl_to_teacher"] = {split: _paired_gap(runs[arm], runs[twin], lambda r: r[split].get("kl_to_teacher"))
-                                     for split in ("validation", "test")}
-            # exploratory, added after E = 100 (not in the plan): how fast, not how far: the mean validation accuracy
-            # over a run's epochs (the area under its validation curve over E), paired by seed
-            gain["validation_curve_mean"] = _paired_gap(runs[arm], runs[twin], _curve_mean)
-            paired = [runs[a][s] for a in (arm, twin) for s in sorted(runs[arm].keys() & runs[twin].keys())]
-            gain["machines"] = sorted({m for r in paired for m in r["machines"]})  # the pairs' own, not the point's
-            gain["precisions"] = sorted({r["precision"] for r in paired})
-            point["gains"][f"{arm} - {twin}"] = gain
-        point["every_run"] = [run_row(arm, seed, r) for seed in plan["seeds"] for arm, by in runs.items()
-                              if (r := by.get(seed)) is not None]
+            point["gains"][f"{arm} - {twin}"] = paired_gain(runs[arm], runs[twin])
+            if seeds_of(plan, e, arm) != plan["seeds"]:  # extended: the plan's own seeds beside all of them
+                first = lambda by: {s: r for s, r in by.items() if s in plan["seeds"]}  # noqa: E731
+                point["gains"][f"{arm} - {twin}, the plan's seeds"] = paired_gain(
+                    first(runs[arm]), first(runs[twin]))
+        point["every_run"] = [run_row(arm, seed, r) for arm, seed in runs_at(plan, e)
+                              if (r := runs[arm].get(seed)) is not None]
         if e in plan.get("loss_epochs", []) and plan.get("loss_arms"):
-            point["losses"] = compare_losses(runs, list(plan["loss_arms"]), len(plan["seeds"]))
+            point["losses"] = compare_losses(runs, list(plan["loss_arms"]), plan["seeds"])
         points.append(point)
-    return {"plan": {k: plan[k] for k in ("epochs", "seeds", "k")}, "teacher_accuracy": teacher, "points": points}
+    return {"plan": {k: plan.get(k, {}) for k in ("epochs", "seeds", "k", "more_seeds")}, "teacher_accuracy": teacher, "points": points}
 
 
-def compare_losses(runs: dict[str, dict[int, dict]], losses: list[str], seeds: int) -> dict:
+def paired_gain(arm: dict[int, dict], twin: dict[int, dict]) -> dict:
+    """An arm's runs minus its twin's, paired by seed: accuracy, KL to the teacher, and the machines of the pairs."""
+    gain = {split: _paired_gap(arm, twin, lambda r: r[split]["accuracy"]) for split in ("validation", "test")}
+    gain["kl_to_teacher"] = {split: _paired_gap(arm, twin, lambda r: r[split].get("kl_to_teacher"))
+                             for split in ("validation", "test")}
+    # exploratory, added after E = 100 (not in the plan): how fast, not how far: the mean validation accuracy
+    # over a run's epochs (the area under its validation curve over E), paired by seed
+    gain["validation_curve_mean"] = _paired_gap(arm, twin, _curve_mean)
+    paired = [by[s] for by in (arm, twin) for s in sorted(arm.keys() & twin.keys())]
+    gain["machines"] = sorted({m for r in paired for m in r["machines"]})  # the pairs' own, not the point's
+    gain["precisions"] = sorted({r["precision"] for r in paired})
+    return gain
+
+
+def compare_losses(runs: dict[str, dict[int, dict]], losses: list[str], seeds: list[int]) -> dict:
     """Issue 29's sweep at one point: each other loss minus Hinton's KD (the recipe arm, same views, α, budget and
     seeds), paired by seed, and the loss the sweep takes: the highest mean validation accuracy among KD and the
-    others, chosen only once every candidate has all its seeds (None before: an interim pick could flip)."""
+    others over the plan's `seeds`, chosen only once every candidate has them all (None before: an interim pick could
+    flip)."""
     candidates = [KD_ARM, *losses]
     versus = {arm: {split: _paired_gap(runs[arm], runs[KD_ARM], lambda r: r[split]["accuracy"])
                     for split in ("validation", "test")}
               for arm in losses if runs.get(arm) and runs.get(KD_ARM)}
     chosen = None
-    if all(len(runs.get(arm, {})) == seeds for arm in candidates):
-        chosen = max(candidates, key=lambda arm: sum(r["validation"]["accuracy"] for r in runs[arm].values()))
+    if all(set(runs.get(arm, {})) >= set(seeds) for arm in candidates):
+        chosen = max(candidates, key=lambda arm: sum(runs[arm][s]["validation"]["accuracy"] for s in seeds))
     return {"versus": KD_ARM, "gaps": versus, "chosen_on_validation": chosen}
 
 
@@ -682,6 +714,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-epochs", default=None,
                    help="the points E (among --epochs) where the other losses run too (issue 29; default: "
                         f"{', '.join(map(str, LOSS_EPOCHS))} where the curve has it); '' for none")
+    p.add_argument("--more-seeds", default=None,
+                   help="more paired seeds for some arms at one point, 'E:arm,arm:seed,seed' (';' between points; "
+                        "default: " + "; ".join(f"{e}:{','.join(m['arms'])}:{','.join(map(str, m['seeds']))}"
+                                                for e, m in MORE_SEEDS.items()) + " where the curve has E); '' for none")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="student resolutions screened on validation")
     p.add_argument("--view-mixup", type=float, default=1.0, help="Beta(a, a) of a blend's partner share (mixed views)")
     p.add_argument("--view-mixup-p", type=float, default=0.5, help="share of the views blended (mixed views)")
@@ -705,6 +741,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.loss_epoch_list = (sorted({int(x) for x in args.loss_epochs.split(",") if x.strip()})
                             if args.loss_epochs is not None else [e for e in LOSS_EPOCHS if e in args.epoch_list])
     args.size_list = [int(x) for x in args.sizes.split(",")]
+    try:
+        args.more_seeds = (parse_more_seeds(args.more_seeds) if args.more_seeds is not None
+                           else {e: m for e, m in MORE_SEEDS.items() if e in args.epoch_list})
+    except ValueError:
+        p.error(f"--more-seeds {args.more_seeds!r}: write E:arm,arm:seed,seed, e.g. 300:recipe,recipe-twin:3,4")
+    for e, more in args.more_seeds.items():
+        if e not in args.epoch_list or not set(more["arms"]) <= set(ARMS) | set(LOSS_ARMS) \
+                or set(more["seeds"]) & set(args.seed_list) or len(set(more["seeds"])) != len(more["seeds"]):
+            p.error(f"--more-seeds at E {e}: E must be among --epochs, the arms among {', '.join(ARMS)} or the "
+                    "loss arms, and the seeds distinct and not among --seeds")
     args.deadline = time.time() + 3600 * args.hours if args.hours is not None else None
     if min(args.epoch_list) < 1 or len(set(args.seed_list)) != len(args.seed_list) or min(args.size_list) < 1:
         p.error("--epochs and --sizes take positive numbers, --seeds distinct seeds")
@@ -713,6 +759,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.hours is not None and args.hours <= 0:
         p.error("--hours takes a positive number of hours")
     return args
+
+
+def parse_more_seeds(text: str) -> dict[int, dict]:
+    """'300:recipe,recipe-twin:3,4,5;100:fm:3' -> {300: {"arms": [...], "seeds": [3, 4, 5]}, 100: ...}."""
+    more = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        e, arms, seeds = part.split(":")
+        more[int(e)] = {"arms": [a.strip() for a in arms.split(",")], "seeds": [int(x) for x in seeds.split(",")]}
+    return more
 
 
 def cache_progress(args, kind: str, images: int) -> str:
@@ -773,7 +828,7 @@ def status(args, plan: dict) -> list[str]:
             continue
         states = {(arm, seed): run_progress(args.results / f"E{e}" / f"{arm}-seed{seed}.json",
                                             run_dir(args, plan, arm, e, seed, size), e)
-                  for arm in arms_at(plan, e) for seed in plan["seeds"]}
+                  for arm, seed in runs_at(plan, e)}
         done = sum(state == "done" for state in states.values())
         busy = [f"{arm} seed {seed} {state}" for (arm, seed), state in states.items() if state not in ("done", "not started")]
         lines.append(f"E {e}: {done}/{len(states)} runs done" + "".join(f"; {b}" for b in busy))

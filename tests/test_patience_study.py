@@ -157,6 +157,37 @@ def test_a_plan_gains_the_loss_arms_once_logged_and_never_changes_a_setting_it_h
     assert "--loss-epochs 3 must be among --epochs 1,2" in capsys.readouterr().err
 
 
+def test_more_seeds_extend_one_pair_at_one_point_as_a_logged_amendment(tiny, tmp_path, monkeypatch):
+    tiny = [*tiny, "--epochs", "1", "--loss-epochs", ""]
+    study.main(tiny)  # the plan's one seed, every arm
+    plan_path = tmp_path / "results" / "plan.json"
+    assert json.loads(plan_path.read_text())["more_seeds"] == {}  # 300 is not among these --epochs
+    trained, real = [], study.train_student.run
+    monkeypatch.setattr(study.train_student, "run", lambda cfg, **kw: trained.append(cfg.out.name) or real(cfg, **kw))
+    summary = study.main([*tiny, "--more-seeds", "1:recipe,recipe-twin:1,2"])
+    assert trained == [f"E1-{arm}-px32-seed{s}" for s in (1, 2) for arm in ("recipe", "recipe-twin")]  # pair by pair
+    plan = json.loads(plan_path.read_text())
+    assert plan["more_seeds"] == {"1": {"arms": ["recipe", "recipe-twin"], "seeds": [1, 2]}}
+    assert [a["added"] for a in plan["amendments"]] == [["more_seeds: 1"]] and plan["seeds"] == [0]
+    point = summary["points"][0]
+    assert (point["runs"], point["planned"]) == (8, 8)
+    assert point["arms"]["recipe"]["seeds"] == [0, 1, 2] and point["arms"]["fm"]["seeds"] == [0]
+    assert point["gains"]["recipe - recipe-twin"]["test"]["pairs"] == 3
+    assert point["gains"]["recipe - recipe-twin, the plan's seeds"]["test"]["pairs"] == 1  # side by side
+    assert point["gains"]["fm - fm-twin"]["test"]["pairs"] == 1
+    assert [(r["arm"], r["seed"]) for r in point["every_run"]][-2:] == [("recipe", 2), ("recipe-twin", 2)]
+    for other in ("", "1:recipe,recipe-twin:1"):  # an entry it has is never changed or dropped
+        with pytest.raises(SystemExit, match="more_seeds differ"):
+            study.main([*tiny, "--more-seeds", other, "--plan-only"])
+
+
+@pytest.mark.parametrize("more", ["300:recipe:3", "1:nope:3", "1:recipe:0", "1:recipe:3,3", "1-recipe-3"])
+def test_more_seeds_are_refused_off_the_curve_for_unknown_arms_or_seeds_it_has(tiny, more, capsys):
+    with pytest.raises(SystemExit):
+        study.parse_args([*tiny, "--epochs", "1", "--more-seeds", more])
+    assert "--more-seeds" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("accuracy, chosen", [({128: 0.90, 160: 0.92, 224: 0.93}, 160),  # SE at 0.93: 2.2 pp
                                                ({128: 0.88, 160: 0.90, 224: 0.93}, 224),
                                                ({128: 0.93, 160: 0.93, 224: 0.90}, 128),
