@@ -657,7 +657,8 @@ def _gap_cell(g: dict | None, scale: float, unit: str) -> str:
 def plot(summary: dict, path: Path) -> Path | None:
     """Test and validation accuracy against epochs, a panel each: per arm the mean over seeds and its 95 % t band
     (clipped to 0-100 %: with 2 seeds a band can be ±40 pp), the teacher as a line. The axis follows the means
-    and the teacher, not the bands, so the curves stay readable while an interval is wide."""
+    and the teacher, not the bands, so the curves stay readable while an interval is wide. A mean over another
+    number of seeds than the plan's (an extension, or a point still running) is marked with its count."""
     try:
         import matplotlib
 
@@ -670,14 +671,20 @@ def plot(summary: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
     shown = []  # every mean and teacher line drawn: they set the axis
     epochs = [p["epochs"] for p in summary["points"]]
+    planned = len(summary["plan"]["seeds"])
     for ax, split in zip(axes, ("test", "validation")):
         for arm, colour in colours.items():
-            pts = [(p["epochs"], p["arms"][arm][split]) for p in summary["points"] if arm in p["arms"]]
+            pts = [(p["epochs"], p["arms"][arm][split], len(p["arms"][arm]["seeds"])) for p in summary["points"]
+                   if arm in p["arms"]]
             if not pts:
                 continue
-            xs, ys = [e for e, _ in pts], [100 * r["mean"] for _, r in pts]
-            half = [100 * r["ci95"] if r["ci95"] == r["ci95"] else 0.0 for _, r in pts]  # NaN (one seed): no band
+            xs, ys = [e for e, _, _ in pts], [100 * r["mean"] for _, r, _ in pts]
+            half = [100 * r["ci95"] if r["ci95"] == r["ci95"] else 0.0 for _, r, _ in pts]  # NaN (one seed): no band
             ax.plot(xs, ys, "-", marker="o", color=colour, label=arm)
+            for x, y, (_, _, n) in zip(xs, ys, pts):
+                if n != planned:
+                    ax.annotate(f"{n} seed{'s' * (n > 1)}", (x, y), textcoords="offset points", xytext=(-6, 6),
+                                ha="right", fontsize=7, color=colour)
             ax.fill_between(xs, [max(0.0, y - h) for y, h in zip(ys, half)],
                             [min(100.0, y + h) for y, h in zip(ys, half)], color=colour, alpha=0.1, linewidth=0)
             shown += ys
@@ -695,7 +702,7 @@ def plot(summary: dict, path: Path) -> Path | None:
         axes[0].set_ylim(max(0.0, min(shown) - 3), min(100.0, max(shown)) + 1)
     axes[0].set_ylabel("accuracy (%): mean over seeds, band 95 % t")
     axes[1].legend(fontsize=7, ncol=2, loc="lower right")
-    fig.suptitle("Patience: distilled arms and their λ = 0 twins")
+    fig.suptitle(f"Patience: distilled arms and their λ = 0 twins ({planned} seeds a point unless marked)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
