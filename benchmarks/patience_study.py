@@ -481,11 +481,10 @@ def summarise(args, plan: dict) -> dict:
             twin = twin_of(arms, arm)
             if twin is None or not runs[arm] or not runs[twin]:
                 continue
-            point["gains"][f"{arm} - {twin}"] = paired_gain(runs[arm], runs[twin])
-            if seeds_of(plan, e, arm) != plan["seeds"]:  # extended: the plan's own seeds beside all of them
-                first = lambda by: {s: r for s, r in by.items() if s in plan["seeds"]}  # noqa: E731
-                point["gains"][f"{arm} - {twin}, the plan's seeds"] = paired_gain(
-                    first(runs[arm]), first(runs[twin]))
+            point["gains"][f"{arm} - {twin}"] = gain = paired_gain(runs[arm], runs[twin])
+            first = {a: {s: r for s, r in runs[a].items() if s in plan["seeds"]} for a in (arm, twin)}
+            if (own := paired_gain(first[arm], first[twin]))["test"]["pairs"] < gain["test"]["pairs"]:
+                point["gains"][f"{arm} - {twin}, the plan's seeds"] = own  # an extension's pairs are in: both shown
         point["every_run"] = [run_row(arm, seed, r) for arm, seed in runs_at(plan, e)
                               if (r := runs[arm].get(seed)) is not None]
         if e in plan.get("loss_epochs", []) and plan.get("loss_arms"):
