@@ -167,7 +167,7 @@ def fix_plan(args) -> dict:
         amendment = {"added": added, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit()}
         write_json(path, {**saved, **{k: plan[k] for k in differs},
                           "amendments": [*saved.get("amendments", []), amendment]})
-        print(f"amended {path}: added {', '.join(differs)} (fixed before their runs)", flush=True)
+        print(f"amended {path}: added {'; '.join(added)} (fixed before their runs)", flush=True)
     return plan
 
 
@@ -490,7 +490,8 @@ def summarise(args, plan: dict) -> dict:
         if e in plan.get("loss_epochs", []) and plan.get("loss_arms"):
             point["losses"] = compare_losses(runs, list(plan["loss_arms"]), plan["seeds"])
         points.append(point)
-    return {"plan": {k: plan.get(k, {}) for k in ("epochs", "seeds", "k", "more_seeds")}, "teacher_accuracy": teacher, "points": points}
+    return {"plan": {k: plan.get(k, {}) for k in ("epochs", "seeds", "k", "more_seeds")}, "teacher_accuracy": teacher,
+            "points": points}
 
 
 def paired_gain(arm: dict[int, dict], twin: dict[int, dict]) -> dict:
