@@ -568,52 +568,67 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
     teacher = load_teacher(teacher_spec or meta["teacher"]["spec"],
                            None if teacher_spec else meta["teacher"]["revision"], False)
     dataset = reopen_dataset(meta["dataset"], dataset_spec, list(cached))
-    dev = runtime.resolve_device(device)
-    teacher.model = runtime.prepare_model(teacher.model, dev)
-    inputs = views.processor_inputs(meta["processor"], str(cache_dir)) if any(
-        s.boxes is not None for s in cached.values()) else None
     pool = [(name, j) for name, s in cached.items() for j in range(len(s.ids))]
     picked = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False))]
+    inputs = _rebuilt_inputs(cache_dir, cached, dataset, teacher.processor, picked)  # (n, 3, H, W) float
+    dev = runtime.resolve_device(device)
+    precision = runtime.precision_on(meta["precision"], dev)  # a GPU's fp16 cache is replayed in fp32 on a CPU
+    live = _live_logits(teacher.model, inputs, dev, precision)[:, np.asarray(meta["teacher"]["label_map"])]
+    rows = [cached[name].take(np.array([j])) for name, j in picked]
+    stored = np.stack([row.teacher_logits()[0] for row in rows])  # (n, C) dataset label order
+    sparse = None if rows[0].topk is None else [(row.topk.indices[0], row.topk.values[0]) for row in rows]
+    return {"pairs": len(picked), "augmented_views": int(sum(cached[n].view[j] > 0 for n, j in picked)),
+            "mixed_views": int(sum(cached[n].mixes is not None and cached[n].mixes.weights[j] > 0 for n, j in picked)),
+            **_compare(live, stored, sparse), "precision": precision, "cache_precision": meta["precision"],
+            "device": runtime.describe(dev)}
+
+
+def _rebuilt_inputs(cache_dir: Path, cached: dict, dataset, processor, picked: list[tuple[str, int]]) -> list:
+    """The teacher's input of each picked (split, row), rebuilt from the image and the row's stored view."""
+    meta = next(iter(cached.values())).meta
+    inputs = views.processor_inputs(meta["processor"], str(cache_dir)) if any(
+        s.boxes is not None for s in cached.values()) else None
     index = {name: {id_: i for i, id_ in enumerate(split.ids)} for name, split in dataset.splits.items()}
-    pixels, stored, sparse = [], [], []
-    for name, j in picked:
-        c, split = cached[name], dataset.splits[name]
-        if c.ids[j] not in index[name]:
-            raise KdpipeError(f"{cache_dir}: cached id {c.ids[j]!r} is not in the dataset's {name!r} split; "
+
+    def image(name: str, id_: str, what: str):
+        if id_ not in index[name]:
+            raise KdpipeError(f"{cache_dir}: {what} {id_!r} is not in the dataset's {name!r} split; "
                               "pass the dataset it was built from with --dataset")
-        image = split.image(index[name][c.ids[j]])
-        stored_view = None if c.view[j] == 0 else (c.boxes[j], c.flips[j])  # rebuilt from the stored parameters
+        return dataset.splits[name].image(index[name][id_])
+
+    out = []
+    for name, j in picked:
+        c = cached[name]
+        own = image(name, c.ids[j], "cached id")
+        stored_view = None if c.view[j] == 0 else (c.boxes[j], c.flips[j])
         mix = None
         if c.mixes is not None and c.mixes.weights[j]:
-            partner = c.mixes.partners[j]
-            if partner not in index[name]:
-                raise KdpipeError(f"{cache_dir}: partner {partner!r} of a mixed view is not in the dataset's "
-                                  f"{name!r} split; pass the dataset it was built from with --dataset")
-            mix = (split.image(index[name][partner]), c.mixes.boxes[j], c.mixes.flips[j], c.mixes.weights[j])
-        pixels.append(view_input(image, teacher.processor, stored_view, inputs, mix))
-        row = c.take(np.array([j]))
-        stored.append(row.teacher_logits()[0])
-        sparse.append(None if row.topk is None else (row.topk.indices[0], row.topk.values[0]))
-    perm = np.asarray(meta["teacher"]["label_map"])
-    live = []
-    precision = runtime.precision_on(meta["precision"], dev)  # a GPU's fp16 cache is replayed in fp32 on a CPU
+            mix = (image(name, c.mixes.partners[j], "mixed-view partner"), c.mixes.boxes[j], c.mixes.flips[j],
+                   c.mixes.weights[j])
+        out.append(view_input(own, processor, stored_view, inputs, mix))
+    return out
+
+
+def _live_logits(model, inputs: list, dev: torch.device, precision: str, batch: int = 32) -> np.ndarray:
+    """The teacher's logits on `inputs`, in its own label order."""
+    model = runtime.prepare_model(model, dev)
     runtime.configure_backends(dev, precision)
+    live = []
     with torch.inference_mode(), runtime.autocast(dev, precision):
-        for start in range(0, len(pixels), 32):
-            x = torch.from_numpy(np.stack(pixels[start:start + 32]).astype(np.float32)).to(dev)
-            live.append(teacher.model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits.float().cpu())
-    live = torch.cat(live).numpy()[:, perm]  # (n, C) dataset label order
-    stored = np.stack(stored)  # (n, C)
-    if sparse[0] is None:
+        for start in range(0, len(inputs), batch):
+            x = torch.from_numpy(np.stack(inputs[start:start + batch]).astype(np.float32)).to(dev)  # (B, 3, H, W)
+            live.append(model(pixel_values=x.contiguous(memory_format=torch.channels_last)).logits.float().cpu())
+    return torch.cat(live).numpy()  # (n, C)
+
+
+def _compare(live: np.ndarray, stored: np.ndarray, sparse: list | None) -> dict:
+    """Largest |Δlogit| (on the stored top-K entries of a top-K cache), KL(stored ‖ live) at T = 1, agreement."""
+    if sparse is None:
         diff = np.abs(live - stored).max()
     else:
         diff = max(np.abs(live[i, idx] - vals).max() for i, (idx, vals) in enumerate(sparse))
     kl = torch.nn.functional.kl_div(torch.log_softmax(torch.from_numpy(live), 1),
                                     torch.log_softmax(torch.from_numpy(stored), 1), log_target=True,
-                                    reduction="none").sum(1).numpy()  # KL(stored || live) per row
-    return {"pairs": len(picked), "augmented_views": int(sum(cached[n].view[j] > 0 for n, j in picked)),
-            "mixed_views": int(sum(cached[n].mixes is not None and cached[n].mixes.weights[j] > 0 for n, j in picked)),
-            "max_abs_diff": float(diff), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-            "agreement": float((live.argmax(1) == stored.argmax(1)).mean()), "precision": precision,
-            "cache_precision": meta["precision"],
-            "device": runtime.describe(dev)}
+                                    reduction="none").sum(1).numpy()  # (n,)
+    return {"max_abs_diff": float(diff), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+            "agreement": float((live.argmax(1) == stored.argmax(1)).mean())}

@@ -221,3 +221,14 @@ def test_a_partner_missing_from_the_dataset_is_a_clear_error(mixed_cache, image_
     stored.mixes.partners[np.flatnonzero(stored.mixes.weights > 0)[0]] = "elsewhere/gone.png"
     with pytest.raises(KdpipeError, match="missing from the dataset.*gone.png"):
         student_data.mixed_views(stored, split, "t")
+
+
+def test_verify_against_a_dataset_missing_an_image_is_a_clear_error(mixed_cache, image_folder, tmp_path, run_cli):
+    import shutil
+    partial = shutil.copytree(image_folder, tmp_path / "partial")
+    gone = sorted((partial / "train").rglob("*.png"))[0]
+    gone.unlink()  # a cached id of its own rows, and the partner of some mixed views
+    code, out = run_cli("inspect-cache", mixed_cache, "--verify", "100000", "--dataset", partial, "--device", "cpu")
+    assert code == 1 and "Traceback" not in out, out
+    assert re.search(rf"(cached id|mixed-view partner) '[^']*{gone.stem}[^']*' is not in the dataset's 'train' split; "
+                     r"pass the dataset it was built from with --dataset", out), out
