@@ -90,48 +90,61 @@ def reproduce_command(run: dict) -> str:
 
 
 def _body(run: dict, name: str) -> str:
-    cfg, teacher, dataset, student = run["config"], _teacher(run), run["dataset"], run.get("student", {})
-    loss, alpha = cfg.get("loss", "kd"), cfg["alpha"]
-    lines = [f"# {name}", ""]
+    """The card's Markdown: what the model is, its teacher, data, recipe, results, and how to reproduce and use it."""
+    sections = [[f"# {name}", "", _summary(run)], _teacher_section(run), _data_section(run), _recipe_section(run),
+                _results_section(run), _use_section(run)]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _summary(run: dict) -> str:
+    teacher, student = _teacher(run), run.get("student", {})
     arch = student.get("architecture", "student")
     params = f", {student['parameters'] / 1e6:.2f} M parameters" if student.get("parameters") else ""
-    if alpha > 0 and teacher:
-        lines.append(f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe "
-                     f"with knowledge distillation from cached logits of the teacher "
-                     f"`{teacher['spec']}`; the teacher was run once over the data and never loaded in training.")
-    else:
-        lines.append(f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone "
-                     "(λ = 0): the from-scratch twin against which distillation is measured.")
-    lines += ["", "## Teacher", ""]
-    if teacher:
-        where = (f"Hub model `{teacher['spec']}`" + (f" at revision `{teacher['revision']}`" if teacher.get("revision")
-                                                     else "")) if _on_hub(teacher) else \
-            f"local folder `{teacher['spec']}` (weights sha256 `{teacher.get('weights_sha256')}`)"
-        acc = {n: s.get("teacher_accuracy") for n, s in run["cache"].get("splits", {}).items()}
-        acc_text = ", ".join(f"{n} {a:.2%}" for n, a in acc.items() if isinstance(a, (int, float)))
-        lines.append(f"{teacher.get('architecture', 'teacher')}: {where}; logits cached in "
-                     f"{run['cache'].get('precision', '?')}" + (f"; its accuracy: {acc_text}." if acc_text else "."))
-        if alpha == 0:
-            lines.append("With λ = 0 the loss has no KD term: the teacher's logits were not used.")
-    else:
-        lines.append("None (λ = 0, trained without a cache).")
-    lines += ["", "## Data", ""]
-    hub = dataset.get("kind") == "hub"
-    lines.append(f"{'Hub dataset' if hub else 'Local dataset'} `{dataset['spec']}`"
-                 + (f" (revision `{dataset['revision']}`)" if dataset.get("revision") else "")
-                 + f", labels {', '.join(run.get('label_names') or dataset.get('label_names', []))}. Content "
-                 "fingerprints (sha256 over every example's id, image bytes and label):")
-    lines.append("")
-    for split, fp in (run.get("dataset_fingerprints") or {}).items():
-        lines.append(f"- {split}: `{fp}`")
+    if run["config"]["alpha"] > 0 and teacher:
+        return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe with knowledge distillation "
+                f"from cached logits of the teacher `{teacher['spec']}`; the teacher was run once over the data and "
+                "never loaded in training.")
+    return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone "
+            "(λ = 0): the from-scratch twin against which distillation is measured.")
+
+
+def _teacher_section(run: dict) -> list[str]:
+    teacher, lines = _teacher(run), ["", "## Teacher", ""]
+    if not teacher:
+        return lines + ["None (λ = 0, trained without a cache)."]
+    where = (f"Hub model `{teacher['spec']}`" + (f" at revision `{teacher['revision']}`" if teacher.get("revision")
+                                                 else "")) if _on_hub(teacher) else \
+        f"local folder `{teacher['spec']}` (weights sha256 `{teacher.get('weights_sha256')}`)"
+    acc = {n: s.get("teacher_accuracy") for n, s in run["cache"].get("splits", {}).items()}
+    acc_text = ", ".join(f"{n} {a:.2%}" for n, a in acc.items() if isinstance(a, (int, float)))
+    lines.append(f"{teacher.get('architecture', 'teacher')}: {where}; logits cached in "
+                 f"{run['cache'].get('precision', '?')}" + (f"; its accuracy: {acc_text}." if acc_text else "."))
+    if run["config"]["alpha"] == 0:
+        lines.append("With λ = 0 the loss has no KD term: the teacher's logits were not used.")
+    return lines
+
+
+def _data_section(run: dict) -> list[str]:
+    dataset = run["dataset"]
+    lines = ["", "## Data", "",
+             f"{'Hub dataset' if dataset.get('kind') == 'hub' else 'Local dataset'} `{dataset['spec']}`"
+             + (f" (revision `{dataset['revision']}`)" if dataset.get("revision") else "")
+             + f", labels {', '.join(run.get('label_names') or dataset.get('label_names', []))}. Content "
+             "fingerprints (sha256 over every example's id, image bytes and label):", ""]
+    lines += [f"- {split}: `{fp}`" for split, fp in (run.get("dataset_fingerprints") or {}).items()]
     if "cache_matches_dataset_contents" in run:
         lines += ["", "The cached teacher logits were computed on exactly these contents: "
                   f"{'yes' if run['cache_matches_dataset_contents'] else 'no'}."]
-    lines += ["", "## Recipe", "", "| setting | value |", "|---|---|"]
+    return lines
+
+
+def _recipe_section(run: dict) -> list[str]:
+    cfg = run["config"]
+    loss = cfg.get("loss", "kd")
     recipe = [("loss", LOSS_NAMES.get(loss, loss) + (" with logit standardisation (Sun et al., CVPR 2024)"
                                                      if cfg.get("standardize") else "")),
               ("combined as", "(1 − λ) · CE + λ · KD term"), ("temperature T", f"{cfg['temperature']:g}"),
-              ("λ (alpha)", f"{alpha:g}")]
+              ("λ (alpha)", f"{cfg['alpha']:g}")]
     if loss == "dkd":
         recipe.append(("DKD β (non-target weight)", f"{cfg.get('dkd_beta'):g}"))
     if loss == "dist":
@@ -144,20 +157,25 @@ def _body(run: dict, name: str) -> str:
                ("batch size", str(cfg["batch_size"])), ("precision", str(run.get("precision", "?")))]
     if cfg.get("mix", "none") != "none":  # a run of a kdpipe that had --mix
         recipe.append(("batch mixing", f"{cfg['mix']}, Beta({cfg['mix_alpha']:g}, {cfg['mix_alpha']:g})"))
-    lines += [f"| {k} | {v} |" for k, v in recipe]
-    lines += ["", "## Results", "", "| split | accuracy | macro-F1 | agreement with the teacher | images |",
-              "|---|---|---|---|---|"]
+    return ["", "## Recipe", "", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in recipe]
+
+
+def _results_section(run: dict) -> list[str]:
+    lines = ["", "## Results", "", "| split | accuracy | macro-F1 | agreement with the teacher | images |",
+             "|---|---|---|---|---|"]
     for split in SPLITS:
         m = run.get(split)
         if m:
             agree = f"{m['teacher_agreement']:.2%}" if "teacher_agreement" in m else "–"
             lines.append(f"| {split} | {m['accuracy']:.2%} | {m['macro_f1']:.3f} | {agree} | {m.get('n', '?')} |")
-    lines += ["", "One run, one seed: compare runs over several seeds before drawing conclusions.", "",
-              "## Reproduce", "", "```bash", reproduce_command(run), "```", "",
-              "## Use", "", "```python", "from transformers import pipeline", "",
-              'classify = pipeline("image-classification", model="path/to/this/folder")  # or its Hub repo id',
-              'classify("leaf.jpg")', "```", ""]
-    return "\n".join(lines)
+    return lines + ["", "One run, one seed: compare runs over several seeds before drawing conclusions."]
+
+
+def _use_section(run: dict) -> list[str]:
+    return ["", "## Reproduce", "", "```bash", reproduce_command(run), "```", "",
+            "## Use", "", "```python", "from transformers import pipeline", "",
+            'classify = pipeline("image-classification", model="path/to/this/folder")  # or its Hub repo id',
+            'classify("leaf.jpg")', "```", ""]
 
 
 def _teacher(run: dict) -> dict | None:
