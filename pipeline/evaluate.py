@@ -33,28 +33,7 @@ def saved(run_dir: Path, split: str = "test", dataset: str | None = None, device
           progress: Callable[[str, int, int, str], None] | None = None) -> dict:
     """Reload a saved student (model/ with its preprocessor_config.json) and evaluate it on `split`,
     independently of training: inputs are rebuilt from the saved processor, labels from the dataset."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    run_dir = Path(run_dir)
-    if not (run_dir / run_folder.RUN_JSON).exists():
-        raise KdpipeError(f"{run_dir}: no run.json; pass a folder written by kdpipe train-student")
-    r = run_folder.load_report(run_dir).run
-    model_dir = run_dir / run_folder.MODEL
-    weights = model_dir / "model.safetensors"
-    if not weights.is_file():
-        raise KdpipeError(f"{weights} is missing: the saved student is incomplete; restore the run's model/ folder, "
-                          "or train again")
-    expected = r.get("student", {}).get("weights_sha256")
-    if expected and files.sha256(weights) != expected:
-        raise KdpipeError(f"{weights} does not match the checksum in run.json "
-                          "(corrupted or replaced); retrain, or restore the file")
-    try:
-        model = AutoModelForImageClassification.from_pretrained(model_dir)
-        proc = AutoImageProcessor.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:  # config.json or preprocessor_config.json missing or damaged
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdpipeError(f"{model_dir}: cannot load the saved student ({first}); restore the run's "
-                          "model/ folder, or train again") from None
+    r, model, proc = load_saved(Path(run_dir))
     ds = reopen_dataset(r["dataset"], dataset, [split], flags={split: "--split"})
     if ds.label_names != [model.config.id2label[i] for i in range(model.config.num_labels)]:
         raise KdpipeError(f"--dataset {ds.spec}: labels {ds.label_names} differ from the student's")
@@ -80,5 +59,29 @@ def saved(run_dir: Path, split: str = "test", dataset: str | None = None, device
     report["confusion_matrix"] = metrics.confusion_matrix(logits.argmax(1), source.labels, len(ds.label_names)).tolist()
     report["label_names"] = ds.label_names
     return report
+
+
+def load_saved(run_dir: Path):
+    """(run.json, model, image processor) of a finished run, its weights checked against run.json's sha256."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    if not (run_dir / run_folder.RUN_JSON).exists():
+        raise KdpipeError(f"{run_dir}: no run.json; pass a folder written by kdpipe train-student")
+    r = run_folder.load_report(run_dir).run
+    model_dir = run_dir / run_folder.MODEL
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        raise KdpipeError(f"{weights} is missing: the saved student is incomplete; restore the run's model/ folder, "
+                          "or train again")
+    expected = r.get("student", {}).get("weights_sha256")
+    if expected and files.sha256(weights) != expected:
+        raise KdpipeError(f"{weights} does not match the checksum in run.json "
+                          "(corrupted or replaced); retrain, or restore the file")
+    try:
+        return r, AutoModelForImageClassification.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:  # config.json or preprocessor_config.json missing or damaged
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KdpipeError(f"{model_dir}: cannot load the saved student ({first}); restore the run's "
+                          "model/ folder, or train again") from None
 
 
