@@ -68,48 +68,10 @@ class SweepSummary:
 
 def build(out: Path, write: bool = True) -> SweepSummary:
     """Summarise the sweep in `out` from its storage; write results.csv/json (and heatmap.png)."""
-    from optuna.trial import TrialState
-
-    from .sweep import load_spec, open_storage
-
     out = Path(out)
-    record = load_spec(out)
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=record["study_name"], storage=open_storage(record["storage"], out))
-    except KeyError:
-        raise KdpipeError(f"{out}: study {record['study_name']!r} is not in its storage yet; start the sweep") from None
-    trials = study.get_trials(deepcopy=False)
-    counts, interrupted = {}, []
-    for t in trials:
-        if t.state == TrialState.FAIL and "duplicate" in t.user_attrs:
-            continue  # a claim that stepped back, not a result
-        state = t.state.name.lower()
-        if t.state == TrialState.RUNNING:
-            alive, names = worker_alive(t, out, record["spec"])
-            if not alive:
-                state = "interrupted"
-                interrupted += names
-        counts[state] = counts.get(state, 0) + 1
-    groups: dict[str, dict] = {}
-    epochs_run = epochs_planned = 0
-    seconds = 0.0
-    for t in trials:
-        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
-            continue
-        params = {k: v for k, v in t.params.items() if k != "seed"}
-        runs = t.user_attrs.get("runs", [])
-        for r in runs:
-            epochs_run += r["epochs_run"]
-            epochs_planned += params.get("epochs", record["spec"]["train"]["epochs"])
-            seconds += r["seconds"]
-        g = groups.setdefault(t.user_attrs["config"], {"params": params, "runs": [], "pruned": 0})
-        if t.state == TrialState.PRUNED:
-            g["pruned"] += 1
-        else:
-            g["runs"].extend(runs)
+    record, trials = _load_trials(out)
+    counts, interrupted = _trial_states(trials, out, record["spec"])
+    groups, epochs, seconds = _group_runs(trials, record["spec"]["train"]["epochs"])
     rows = [ConfigRow(key, g["params"], [r["seed"] for r in g["runs"]], [r["validation"] for r in g["runs"]],
                       g["pruned"]) for key, g in groups.items() if g["runs"]]
     rows.sort(key=lambda r: (-r.val_mean, r.key))
@@ -117,12 +79,68 @@ def build(out: Path, write: bool = True) -> SweepSummary:
     if best is not None:
         best.test = [r["test"] for r in groups[best.key]["runs"] if r.get("test") is not None] or None
     runs = {key: g["runs"] for key, g in groups.items()}
-    summary = SweepSummary(out, record["study_name"], record["spec"], rows, best, counts,
-                           {"run": epochs_run, "planned": epochs_planned}, seconds, teacher_gain(rows, runs),
-                           loss_gains(rows, runs, record["spec"]["train"].get("loss", "kd")), interrupted=interrupted)
+    summary = SweepSummary(out, record["study_name"], record["spec"], rows, best, counts, epochs, seconds,
+                           teacher_gain(rows, runs), loss_gains(rows, runs, record["spec"]["train"].get("loss", "kd")),
+                           interrupted=interrupted)
     if write:
         summary.files = _write(summary)
     return summary
+
+
+def _load_trials(out: Path) -> tuple[dict, list]:
+    """The sweep's recorded spec and its Optuna trials."""
+    import optuna
+
+    from .sweep import load_spec, open_storage
+
+    record = load_spec(out)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=record["study_name"], storage=open_storage(record["storage"], out))
+    except KeyError:
+        raise KdpipeError(f"{out}: study {record['study_name']!r} is not in its storage yet; start the sweep") from None
+    return record, study.get_trials(deepcopy=False)
+
+
+def _trial_states(trials: list, out: Path, spec: dict) -> tuple[dict, list]:
+    """Trials per state (a running trial whose worker is gone counts as interrupted), and the interrupted runs."""
+    from optuna.trial import TrialState
+
+    counts, interrupted = {}, []
+    for t in trials:
+        if t.state == TrialState.FAIL and "duplicate" in t.user_attrs:
+            continue  # a claim that stepped back, not a result
+        state = t.state.name.lower()
+        if t.state == TrialState.RUNNING:
+            alive, names = worker_alive(t, out, spec)
+            if not alive:
+                state = "interrupted"
+                interrupted += names
+        counts[state] = counts.get(state, 0) + 1
+    return counts, interrupted
+
+
+def _group_runs(trials: list, default_epochs: int) -> tuple[dict, dict, float]:
+    """Finished runs grouped by config (pruned trials counted, not kept), epochs run and planned, seconds."""
+    from optuna.trial import TrialState
+
+    groups: dict[str, dict] = {}
+    epochs, seconds = {"run": 0, "planned": 0}, 0.0
+    for t in trials:
+        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            continue
+        params = {k: v for k, v in t.params.items() if k != "seed"}
+        runs = t.user_attrs.get("runs", [])
+        for r in runs:
+            epochs["run"] += r["epochs_run"]
+            epochs["planned"] += params.get("epochs", default_epochs)
+            seconds += r["seconds"]
+        g = groups.setdefault(t.user_attrs["config"], {"params": params, "runs": [], "pruned": 0})
+        if t.state == TrialState.PRUNED:
+            g["pruned"] += 1
+        else:
+            g["runs"].extend(runs)
+    return groups, epochs, seconds
 
 
 def worker_alive(trial, out: Path, spec: dict) -> tuple[bool, list[str]]:
