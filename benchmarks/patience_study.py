@@ -491,7 +491,31 @@ def summarise(args, plan: dict) -> dict:
             point["losses"] = compare_losses(runs, list(plan["loss_arms"]), plan["seeds"])
         points.append(point)
     return {"plan": {k: plan.get(k, {}) for k in ("epochs", "seeds", "k", "more_seeds")}, "teacher_accuracy": teacher,
-            "points": points}
+            "points": points, "student": choose_student(points, plan["seeds"])}
+
+
+def choose_student(points: list[dict], seeds: list[int]) -> dict | None:
+    """The study's student: the (E, arm) with the highest mean validation accuracy over the plan's seeds, among
+    those that have every one of them (an extension's seeds do not count: all arms are compared on the same
+    seeds); a tie goes to fewer epochs. Its test accuracy is read, never compared. The runner-up shows how close
+    the choice was. None until some arm has all the plan's seeds."""
+    candidates = []
+    for point in points:
+        by_arm = defaultdict(dict)
+        for row in point.get("every_run", []):
+            if row["seed"] in seeds and row["test"] is not None:
+                by_arm[row["arm"]][row["seed"]] = row
+        for arm, rows in by_arm.items():
+            if set(rows) >= set(seeds):
+                test = stats.mean_std_ci([rows[s]["test"] for s in seeds])
+                candidates.append({"epochs": point["epochs"], "arm": arm, "seeds": list(seeds),
+                                   "validation": sum(rows[s]["validation"] for s in seeds) / len(seeds),
+                                   "test": {"mean": test[0], "std": test[1], "ci95": test[2]}})
+    if not candidates:
+        return None
+    candidates.sort(key=lambda c: (-round(c["validation"], 9), c["epochs"]))  # round: equal sums, unequal floats
+    return {"chosen": candidates[0], "runner_up": candidates[1] if len(candidates) > 1 else None,
+            "candidates": len(candidates)}
 
 
 def paired_gain(arm: dict[int, dict], twin: dict[int, dict]) -> dict:
@@ -580,6 +604,8 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {point['epochs']} | {arm} | {len(row['seeds'])} | {_pct(row['test'])} | "
                          f"{_pct(row['validation'])} | {'-' if agree is None else f'{100 * agree:.1f} %'} | "
                          f"{'-' if kl is None else f'{kl:.3f}'} |")
+    if summary.get("student"):
+        lines += ["", _student_line(summary["student"])]
     partial = [f"E {p['epochs']}: {p['runs']}/{p['planned']} runs" for p in summary["points"]
                if p["runs"] < p["planned"]]
     if partial:
@@ -622,6 +648,19 @@ def markdown(summary: dict) -> str:
             curve = gain.get("validation_curve_mean")
             lines.append(f"| {point['epochs']} | {name} | {curve['pairs'] if curve else 0} | {_gap_cell(curve, 100, 'pp')} |")
     return "\n".join(lines) + "\n"
+
+
+def _student_line(student: dict) -> str:
+    """The study's choice (choose_student) as one sentence, with its runner-up."""
+    def name(c):
+        return f"E = {c['epochs']}, {c['arm']}: validation {100 * c['validation']:.1f} %, test {_pct(c['test'])}"
+    chosen, runner_up = student["chosen"], student["runner_up"]
+    line = (f"The study's student, chosen on validation among the {student['candidates']} (E, arm) with every plan "
+            f"seed (the highest mean over those seeds; a tie to fewer epochs): **{name(chosen)}**")
+    if runner_up:
+        line += (f"; the runner-up {name(runner_up)} "
+                 f"({100 * (chosen['validation'] - runner_up['validation']):.1f} pp behind on validation)")
+    return line + "."
 
 
 def _run_line(epochs: int, row: dict) -> str:
@@ -879,6 +918,10 @@ def report(args, plan: dict, size: int) -> dict:
                           for k, g in point["gains"].items() if g["test"]["gap"] is not None)
         print(f"E {point['epochs']} ({point['runs']}/{point['planned']} runs): {gains or 'no pairs yet'}; "
               f"{point['cpu_hours']:.2f} CPU h", flush=True)
+    if summary["student"]:
+        chosen = summary["student"]["chosen"]
+        print(f"student chosen on validation: E {chosen['epochs']} {chosen['arm']} (validation "
+              f"{100 * chosen['validation']:.1f} %, test {_pct(chosen['test'])})", flush=True)
     print(f"wrote {args.results / 'summary.json'}, summary.md" + (f", {png}" if png else ""), flush=True)
     return summary
 

@@ -428,3 +428,31 @@ def test_the_losses_are_paired_against_kd_and_one_is_chosen_on_validation_only_w
     assert next(line for line in lines if line.startswith("| 5 | dist - recipe |")).split(" | ")[3] == "+7.0 pp ± 0.0 (above 0)"
     assert "E = 5: chosen on validation: **dkd**." in lines
     assert study.summarise(args, {**plan, "loss_epochs": []})["points"][0].get("losses") is None
+
+
+def test_the_studys_student_is_chosen_on_validation_over_the_plans_seeds_a_tie_to_fewer_epochs(tmp_path):
+    # Validation (test) per arm at two points. fm at E 10 ties fm at E 5 on validation (E 5 wins: cheaper);
+    # recipe at E 10 has the best validation on seed 0 but lacks seed 1 (not a candidate); recipe-twin at E 5 has
+    # an extension seed 2 at 100 % that would lift its mean above fm's (0.973) if it counted; test would choose otherwise.
+    results = tmp_path / "results"
+    plan = {"epochs": [5, 10], "seeds": [0, 1], "k": 4, "arms": study.ARMS}
+    runs = {(5, "fm"): [(0.96, 0.80), (0.98, 0.80)], (10, "fm"): [(0.98, 0.99), (0.96, 0.99)],
+            (10, "recipe"): [(1.0, 1.0)], (5, "recipe-twin"): [(0.96, 0.9), (0.96, 0.9), (1.0, 0.9)],
+            (10, "fm-twin"): [(0.90, 0.95), (0.92, 0.95)]}
+    for (e, arm), by_seed in runs.items():
+        for seed, (val, test) in enumerate(by_seed):
+            study.write_json(results / f"E{e}" / f"{arm}-seed{seed}.json",
+                             {"validation": {"accuracy": val}, "test": {"accuracy": test}, "cpu_s": 1.0,
+                              "wall_time_s": 1.0, "machines": ["cpu A"], "precision": "fp32"})
+    plan = {**plan, "more_seeds": {"5": {"arms": ["recipe-twin"], "seeds": [2]}}}
+    args = study.parse_args(["--results", str(results)])
+    student = study.summarise(args, plan)["student"]
+    assert student["candidates"] == 4  # fm at both points, recipe-twin at 5, fm-twin at 10
+    assert (student["chosen"]["epochs"], student["chosen"]["arm"]) == (5, "fm")
+    assert student["chosen"]["validation"] == pytest.approx(0.97) and student["chosen"]["test"]["mean"] == pytest.approx(0.8)
+    assert (student["runner_up"]["epochs"], student["runner_up"]["arm"]) == (10, "fm")
+    lines = study.markdown({**study.summarise(args, plan), "size": 160}).splitlines()
+    assert any(line.startswith("The study's student, chosen on validation among the 4 (E, arm)")
+               and "**E = 5, fm: validation 97.0 %, test 80.0 % ± 0.0**" in line
+               and "the runner-up E = 10, fm: validation 97.0 %, test 99.0 % ± 0.0 (0.0 pp behind" in line for line in lines)
+    assert study.summarise(args, {**plan, "seeds": [0, 1, 3]})["student"] is None  # no arm has seed 3 yet
