@@ -33,8 +33,16 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        v = runtime.versions()
+        console.print(f"kdpipe {v.pop('kdpipe')} (" + ", ".join(f"{k} {x}" for k, x in v.items()) + ")", highlight=False, soft_wrap=True)
+        raise typer.Exit()
+
+
 @app.callback()
-def _quiet_libraries():
+def _quiet_libraries(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                                  help="Print kdpipe's version and those of the libraries it uses.")):
     """Library progress bars and advisories would bury kdpipe's own output; errors still show."""
     import datasets
     import transformers

@@ -42,3 +42,16 @@ def test_every_command_summary_is_one_line():
     for c in cli.app.registered_commands:
         summary = inspect.getdoc(c.callback).split("\n\n")[0]
         assert "\n" not in summary, f"{c.name}: the first paragraph of its docstring spans lines: {summary!r}"
+
+
+def test_version_prints_kdpipes_and_the_libraries_versions_on_one_line(run_cli):
+    import torch
+    import transformers
+
+    import kdpipe
+
+    code, out = run_cli("--version")
+    assert code == 0, out
+    line = out.strip()
+    assert "\n" not in line and line.startswith(f"kdpipe {kdpipe.__version__} (")
+    assert f"torch {torch.__version__}" in line and f"transformers {transformers.__version__}" in line
