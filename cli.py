@@ -36,7 +36,8 @@ err_console = Console(stderr=True)
 def _print_version(value: bool) -> None:
     if value:
         v = runtime.versions()
-        console.print(f"kdpipe {v.pop('kdpipe')} (" + ", ".join(f"{k} {x}" for k, x in v.items()) + ")", highlight=False, soft_wrap=True)
+        libraries = ", ".join(f"{name} {version}" for name, version in v.items() if name != "kdpipe")
+        console.print(f"kdpipe {v['kdpipe']} ({libraries})", highlight=False, soft_wrap=True)
         raise typer.Exit()
 
 
