@@ -570,7 +570,7 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
     dataset = reopen_dataset(meta["dataset"], dataset_spec, list(cached))
     pool = [(name, j) for name, s in cached.items() for j in range(len(s.ids))]
     picked = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False))]
-    inputs = _rebuilt_inputs(cache_dir, cached, dataset, teacher.processor, picked)  # (n, 3, H, W) float
+    inputs = _rebuilt_inputs(cache_dir, cached, dataset, teacher.processor, picked)  # n arrays (3, H, W)
     dev = runtime.resolve_device(device)
     precision = runtime.precision_on(meta["precision"], dev)  # a GPU's fp16 cache is replayed in fp32 on a CPU
     live = _live_logits(teacher.model, inputs, dev, precision)[:, np.asarray(meta["teacher"]["label_map"])]
