@@ -171,8 +171,15 @@ def load_or_build_originals(split: Split, root: Path = DEFAULT_ROOT, progress=No
     folder.mkdir(parents=True, exist_ok=True)
     _sweep_dead_temporaries(folder, name)
     cap = min(cap, shutil.disk_usage(folder).free // 2)
+    return _build_originals(split, data_path, index_path, meta_path, cap, progress)
+
+
+def _build_originals(split: Split, data_path: Path, index_path: Path, meta_path: Path, cap: int,
+                     progress=None) -> Originals | None:
+    """Decode every image of the split once into one uint8 file and its (N, 3) index of (offset, H, W); on
+    going over `cap`, drop the pixels and write the over-cap marker instead (returns None)."""
     tmp_data, tmp_index = files.temporary(data_path), files.temporary(index_path)
-    index = np.zeros((len(split), 3), np.int64)
+    index = np.zeros((len(split), 3), np.int64)  # (N, 3): byte offset, height, width
     total = 0
     try:
         with open(tmp_data, "wb") as f:
