@@ -176,23 +176,8 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     for step, whole in enumerate(batches):
         if world > 1 and len(whole) < world:
             continue
-        idx = whole[rank::world]
-        batch = data.batch(idx, s.device)
-        x = student_inputs(s, batch)  # (B, 3, H, W)
-        with runtime.autocast(s.device, s.precision):
-            student_logits = s.forward(pixel_values=x).logits  # (B, C)
-        parts = loss.compute(cfg.loss, student_logits, batch["labels"], batch.get("teacher_logits"),
-                             temperature=cfg.temperature, alpha=cfg.alpha, standardize=cfg.standardize,
-                             dkd_beta=cfg.dkd_beta, dist_gamma=cfg.dist_gamma)
-        if s.scaler is not None:  # fp16: scaled backward, unscaled (or skipped) step
-            s.scaler.scale(parts["loss"]).backward()
-            s.scaler.step(s.optimizer)
-            s.scaler.update()
-        else:
-            parts["loss"].backward()
-            s.optimizer.step()
-        s.scheduler.step()
-        s.optimizer.zero_grad(set_to_none=True)
+        batch = data.batch(whole[rank::world], s.device)
+        parts = train_step(s, batch)
         n = len(batch["labels"])
         values = torch.stack([parts[k].detach().float() for k in names])
         bad_at = torch.where(torch.isfinite(values), bad_at, bad_at.clamp(max=step))  # on the device: no sync
@@ -205,6 +190,28 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     if world > 1:
         torch.distributed.all_reduce(sums)  # every process's examples
     return dict(zip(names, (sums[:-1] / sums[-1]).tolist()))
+
+
+def train_step(s: Setup, batch: dict) -> dict:
+    """One optimiser step on one batch: the student's forward (under autocast), the configured loss
+    against the batch's labels and cached teacher logits, backward, step; returns the loss's parts."""
+    cfg = s.cfg
+    x = student_inputs(s, batch)  # (B, 3, H, W)
+    with runtime.autocast(s.device, s.precision):
+        student_logits = s.forward(pixel_values=x).logits  # (B, C)
+    parts = loss.compute(cfg.loss, student_logits, batch["labels"], batch.get("teacher_logits"),
+                         temperature=cfg.temperature, alpha=cfg.alpha, standardize=cfg.standardize,
+                         dkd_beta=cfg.dkd_beta, dist_gamma=cfg.dist_gamma)
+    if s.scaler is not None:  # fp16: scaled backward, unscaled (or skipped) step
+        s.scaler.scale(parts["loss"]).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    else:
+        parts["loss"].backward()
+        s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return parts
 
 
 def _stop_if_non_finite(bad_at: torch.Tensor, names: tuple, epoch: int, steps: int, world: int) -> None:
