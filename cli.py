@@ -229,6 +229,26 @@ def inspect_cache_cmd(
         if verify < 0:
             raise KdpipeError(f"--verify takes a number of rows to replay, >= 0 (got {verify})")
         rows = logit_store.inspect(path)
+    _print_cache(rows)
+    console.print(f"verified {len(rows)} split files: readable, checksum ok, teacher accuracy recomputed")
+    if full:
+        for name, split, _, _ in rows:
+            console.print_json(json.dumps(split.meta))
+    if verify:
+        from kdpipe import cache_teacher
+
+        with user_errors():
+            r = cache_teacher.replay(path if path.is_dir() else path.parent, verify, teacher, dataset, device)
+        console.print(f"replayed {r['pairs']} cached rows ({r['augmented_views']} augmented views, {r['mixed_views']} "
+                      f"of them mixed) through the live teacher ({r['precision']}, {r['device']}): "
+                      f"max |Δlogit| {r['max_abs_diff']:.2e}, KL mean {r['mean_kl']:.2e} max {r['max_kl']:.2e}, "
+                      f"argmax agreement {r['agreement']:.2%}")
+
+
+def _print_cache(rows: list) -> None:
+    """inspect-cache's summary: the teacher, dataset and format the cache records, then one table row per split."""
+    from kdpipe import logit_store
+
     first = rows[0][1].meta
     console.print(f"[bold]teacher[/]  {first['teacher']['spec']}  revision={first['teacher']['revision']}  "
                   f"weights_sha256={str(first['teacher']['weights_sha256'])[:16]}")
@@ -250,19 +270,6 @@ def inspect_cache_cmd(
         if split.meta.get("augment"):
             a = split.meta["augment"]
             console.print(f"[bold]views[/]    {name}: {a['views']} per image + the image itself; {a['policy']}")
-    console.print(f"verified {len(rows)} split files: readable, checksum ok, teacher accuracy recomputed")
-    if full:
-        for name, split, _, _ in rows:
-            console.print_json(json.dumps(split.meta))
-    if verify:
-        from kdpipe import cache_teacher
-
-        with user_errors():
-            r = cache_teacher.replay(path if path.is_dir() else path.parent, verify, teacher, dataset, device)
-        console.print(f"replayed {r['pairs']} cached rows ({r['augmented_views']} augmented views, {r['mixed_views']} "
-                      "of them mixed) through the live "
-                      f"teacher ({r['precision']}, {r['device']}): max |Δlogit| {r['max_abs_diff']:.2e}, "
-                      f"KL mean {r['mean_kl']:.2e} max {r['max_kl']:.2e}, argmax agreement {r['agreement']:.2%}")
 
 
 @app.command("train-student")
