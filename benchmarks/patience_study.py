@@ -743,18 +743,8 @@ def plot(summary: dict, path: Path) -> Path | None:
         for arm, colour in colours.items():
             pts = [(p["epochs"], p["arms"][arm][split], len(p["arms"][arm]["seeds"])) for p in summary["points"]
                    if arm in p["arms"]]
-            if not pts:
-                continue
-            xs, ys = [e for e, _, _ in pts], [100 * r["mean"] for _, r, _ in pts]
-            half = [100 * r["ci95"] if r["ci95"] == r["ci95"] else 0.0 for _, r, _ in pts]  # NaN (one seed): no band
-            ax.plot(xs, ys, "-", marker="o", color=colour, label=arm)
-            for x, y, (_, _, n) in zip(xs, ys, pts):
-                if n != planned:
-                    ax.annotate(f"{n} seed{'s' * (n > 1)}", (x, y), textcoords="offset points", xytext=(-6, 6),
-                                ha="right", fontsize=7, color=colour)
-            ax.fill_between(xs, [max(0.0, y - h) for y, h in zip(ys, half)],
-                            [min(100.0, y + h) for y, h in zip(ys, half)], color=colour, alpha=0.1, linewidth=0)
-            shown += ys
+            if pts:
+                shown += _plot_arm(ax, arm, colour, pts, planned)
         if split in summary["teacher_accuracy"]:
             teacher = 100 * summary["teacher_accuracy"][split]
             ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
@@ -775,6 +765,21 @@ def plot(summary: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_arm(ax, arm: str, colour: str, pts: list[tuple], planned: int) -> list[float]:
+    """One arm's curve on one panel: its means (%) at each E (`pts`: (epochs, stats, seeds)), their 95 % band
+    clipped to 0-100 %, and a seed count where it is not the plan's; returns the means drawn."""
+    xs, ys = [e for e, _, _ in pts], [100 * r["mean"] for _, r, _ in pts]
+    half = [100 * r["ci95"] if r["ci95"] == r["ci95"] else 0.0 for _, r, _ in pts]  # NaN (one seed): no band
+    ax.plot(xs, ys, "-", marker="o", color=colour, label=arm)
+    for x, y, (_, _, n) in zip(xs, ys, pts):
+        if n != planned:
+            ax.annotate(f"{n} seed{'s' * (n > 1)}", (x, y), textcoords="offset points", xytext=(-6, 6),
+                        ha="right", fontsize=7, color=colour)
+    ax.fill_between(xs, [max(0.0, y - h) for y, h in zip(ys, half)],
+                    [min(100.0, y + h) for y, h in zip(ys, half)], color=colour, alpha=0.1, linewidth=0)
+    return ys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
