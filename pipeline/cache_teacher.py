@@ -487,40 +487,52 @@ def _write(job: _Job, split: Split, path: Path, batches, key: dict, spec: ViewSp
                                  with_views=spec is not None, with_mixes=_mixes(spec), with_digests=True) as writer:
         for b in batches:
             logits = b.logits[:, job.perm]  # (R, C) dataset label order
-            labels = split.labels[b.rows]
-            if b.mixes is not None:  # a mixed view counts as right on the label with the larger share
-                major = b.mixes.weights > 0.5
-                labels = np.where(major, split.labels[[index.get(p, 0) for p in b.mixes.partners]], labels)
-            bad = ~np.isfinite(logits).all(1)
-            if bad.any():  # e.g. fp16 overflow: the KD term would be NaN from the first step that meets it
-                raise KdpipeError(f"--teacher {job.cfg.teacher} gave non-finite logits on {split.ids[b.rows[bad][0]]} "
-                                  f"(split {split.name!r}, precision {job.precision}); no split file was written: "
-                                  "retry with --precision fp32")
-            right = logits.argmax(1) == labels
-            correct += [right[b.view == 0].sum(), right[b.view > 0].sum()]
+            correct += _score(job, split, b, logits, index)
             writer.write([split.ids[i] for i in b.rows], split.labels[b.rows], logits, b.view, b.boxes, b.flips,
                          b.mixes, digests[b.rows])
-        wall = time.perf_counter() - start
-        meta = {
-            **key,
-            "kdpipe_version": runtime.versions()["kdpipe"],
-            "versions": runtime.versions(),
-            "split": split.name,
-            "dataset": job.dataset.identity,
-            "device": runtime.describe(job.device),
-            "batch_size": job.cfg.batch_size,
-            "wall_time_s": round(wall, 3),
-            "images_per_s": round(len(split) / wall, 2),
-            "teacher_accuracy": int(correct[0]) / len(split),  # on view 0, the images themselves
-            "views": 1 if spec is None else spec.k + 1,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        if spec is not None:
-            meta["views_teacher_accuracy"] = int(correct[1]) / (len(split) * spec.k)
-            meta["teacher_inputs_per_s"] = round(len(split) * (spec.k + 1) / wall, 2)
-        if world > 1:
-            meta["processes"] = world
+        meta = _split_meta(job, split, key, spec, time.perf_counter() - start, correct, world)
         return writer.close({**meta, **(extra or {})})
+
+
+def _score(job: _Job, split: Split, b: Batch, logits: np.ndarray, index: dict) -> list[int]:
+    """How many of a batch's rows the teacher gets right, on view 0 and on the other views; refuses
+    non-finite logits (e.g. fp16 overflow: the KD term would be NaN from the first step that meets them)."""
+    labels = split.labels[b.rows]
+    if b.mixes is not None:  # a mixed view counts as right on the label with the larger share
+        major = b.mixes.weights > 0.5
+        labels = np.where(major, split.labels[[index.get(p, 0) for p in b.mixes.partners]], labels)
+    bad = ~np.isfinite(logits).all(1)
+    if bad.any():
+        raise KdpipeError(f"--teacher {job.cfg.teacher} gave non-finite logits on {split.ids[b.rows[bad][0]]} "
+                          f"(split {split.name!r}, precision {job.precision}); no split file was written: "
+                          "retry with --precision fp32")
+    right = logits.argmax(1) == labels
+    return [int(right[b.view == 0].sum()), int(right[b.view > 0].sum())]
+
+
+def _split_meta(job: _Job, split: Split, key: dict, spec: ViewSpec | None, wall: float, correct: np.ndarray,
+                world: int) -> dict:
+    """A split file's metadata: the cache key, versions, dataset, device, cost and the teacher's accuracy."""
+    meta = {
+        **key,
+        "kdpipe_version": runtime.versions()["kdpipe"],
+        "versions": runtime.versions(),
+        "split": split.name,
+        "dataset": job.dataset.identity,
+        "device": runtime.describe(job.device),
+        "batch_size": job.cfg.batch_size,
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(len(split) / wall, 2),
+        "teacher_accuracy": int(correct[0]) / len(split),  # on view 0, the images themselves
+        "views": 1 if spec is None else spec.k + 1,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if spec is not None:
+        meta["views_teacher_accuracy"] = int(correct[1]) / (len(split) * spec.k)
+        meta["teacher_inputs_per_s"] = round(len(split) * (spec.k + 1) / wall, 2)
+    if world > 1:
+        meta["processes"] = world
+    return meta
 
 
 def _mixes(spec: ViewSpec | None) -> bool:
