@@ -269,16 +269,7 @@ class SplitWriter:
         n = len(ids)
         views = np.zeros(n, dtype=np.int16) if views is None else np.asarray(views, dtype=np.int16)
         labels = np.asarray(labels, dtype=np.int64)
-        if self.topk is None:
-            arrays = [logits]
-            columns = [pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), pa.float32()), self.c)]
-        else:
-            sparse = TopK.from_logits(logits, self.topk)
-            values = sparse.values.astype(self.topk_dtype)  # (B, K)
-            arrays = [values, sparse.indices, sparse.logsumexp]
-            columns = [pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), self.topk),
-                       pa.FixedSizeListArray.from_arrays(pa.array(sparse.indices.reshape(-1), pa.int32()), self.topk),
-                       pa.array(sparse.logsumexp, pa.float32())]
+        arrays, columns = self._logit_columns(logits)
         if self.with_mixes:
             m = Mixes(np.asarray(mixes.partners, dtype=object), _box_array(mixes.boxes, n),
                       np.asarray(mixes.flips, bool), np.asarray(mixes.weights, np.float32))
@@ -301,6 +292,18 @@ class SplitWriter:
         self.buffered += n
         if self.buffered >= self.rows_per_group:
             self._guard(self._flush)
+
+    def _logit_columns(self, logits: np.ndarray) -> tuple[list, list]:
+        """The logits as stored, (arrays to checksum, Arrow columns): all C as float32, or with top-K the K
+        largest values (in topk_dtype), their class indices and each row's logsumexp over all C."""
+        if self.topk is None:
+            return [logits], [pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), pa.float32()), self.c)]
+        sparse = TopK.from_logits(logits, self.topk)
+        values = sparse.values.astype(self.topk_dtype)  # (B, K)
+        return [values, sparse.indices, sparse.logsumexp], [
+            pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), self.topk),
+            pa.FixedSizeListArray.from_arrays(pa.array(sparse.indices.reshape(-1), pa.int32()), self.topk),
+            pa.array(sparse.logsumexp, pa.float32())]
 
     def _flush(self, everything: bool = False) -> None:
         """Write whole row groups (and, at the end, the rest); keep a partial group buffered."""
