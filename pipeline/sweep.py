@@ -303,9 +303,8 @@ def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None
                                 user_attrs={"point": point.key, "config": point.config_key})
         trial = study.ask()  # pops the oldest waiting trial: this one, or one another worker queued
         key = trial.user_attrs.get("point")
-        rivals = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number and key is not None
-                  and t.user_attrs.get("point") == key
-                  and t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)]
+        rivals = [t for t in study.get_trials(deepcopy=False, states=_live_states())
+                  if t.number != trial.number and key is not None and t.user_attrs.get("point") == key]
         if key not in points or rivals:  # another worker took the queued trial, claimed the point too, or
             # queued it under an older kdpipe whose grid had other points: step back
             trial.set_user_attr("duplicate", rivals[0].number if rivals else "nothing queued")
@@ -325,22 +324,25 @@ def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None
             on_trial(result, len(points))
 
 
-def _held_points(study) -> set[str]:
+def _live_states() -> tuple:
+    """The trial states that hold a point or count against the budget: every state but FAIL."""
     from optuna.trial import TrialState
 
-    live = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
-    return {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False, states=live)}
+    return TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING
+
+
+def _held_points(study) -> set[str]:
+    return {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False, states=_live_states())}
 
 
 def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
     from optuna.trial import TrialState
 
-    dims = cfg.dims
     shared = student_data.SharedData()
+    counted = _live_states()
     while True:
         for number in fail_stale_trials(study, cfg.stale_after_s):  # rerun a dead worker's config
             study.enqueue_trial(study.trials[number].params)
-        counted = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
         if len(study.get_trials(deepcopy=False, states=counted)) >= cfg.trials:
             return
         trial = study.ask()
@@ -350,16 +352,7 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
             trial.set_user_attr("duplicate", "surplus")
             study.tell(trial, state=TrialState.FAIL)
             return
-        params = {}
-        for name, d in sorted(dims.items(), key=lambda item: (item[0] not in ("alpha", "loss"), item[0])):
-            if name in LOSS_SETTINGS and params.get("loss", cfg.train.loss) not in LOSS_SETTINGS[name]:
-                continue  # another loss's setting: not sampled, so TPE never learns from a value that changed nothing
-            if not d.is_range:
-                params[name] = trial.suggest_categorical(name, list(d.choices))
-            elif isinstance(d.low, int):
-                params[name] = trial.suggest_int(name, d.low, d.high, log=d.log)
-            else:
-                params[name] = trial.suggest_float(name, d.low, d.high, log=d.log)
+        params = _suggest(trial, cfg)
         key = config_key(params)
         trial.set_user_attr("point", key)
         trial.set_user_attr("config", key)
@@ -372,6 +365,22 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
         result = _finish_trial(study, trial, key, params, list(cfg.seeds[:len(runs)]), runs)
         if on_trial:
             on_trial(result, cfg.trials)
+
+
+def _suggest(trial, cfg: SweepConfig) -> dict:
+    """A TPE trial's settings, one per dimension; the loss (and alpha) first, so a setting of another loss
+    than the one drawn is not sampled and TPE never learns from a value that changed nothing."""
+    params = {}
+    for name, d in sorted(cfg.dims.items(), key=lambda item: (item[0] not in ("alpha", "loss"), item[0])):
+        if name in LOSS_SETTINGS and params.get("loss", cfg.train.loss) not in LOSS_SETTINGS[name]:
+            continue
+        if not d.is_range:
+            params[name] = trial.suggest_categorical(name, list(d.choices))
+        elif isinstance(d.low, int):
+            params[name] = trial.suggest_int(name, d.low, d.high, log=d.log)
+        else:
+            params[name] = trial.suggest_float(name, d.low, d.high, log=d.log)
+    return params
 
 
 def run(cfg: SweepConfig, progress: Callable | None = None,
