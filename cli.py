@@ -232,7 +232,7 @@ def inspect_cache_cmd(
     _print_cache(rows)
     console.print(f"verified {len(rows)} split files: readable, checksum ok, teacher accuracy recomputed")
     if full:
-        for name, split, _, _ in rows:
+        for _, split, _, _ in rows:
             console.print_json(json.dumps(split.meta))
     if verify:
         from kdpipe import cache_teacher

@@ -288,7 +288,7 @@ class _Journal:
     def batches(self, fresh) -> "Iterator[Batch]":
         """The committed batches read back, then `fresh(rows not yet done)`'s, each committed as it passes."""
         index = {id_: i for i, id_ in enumerate(self.split.ids)}
-        for n, (first, end, path, _) in enumerate(self.chunks):
+        for first, end, path, _ in self.chunks:
             try:
                 batch = self._read(path, first, end, index)
             except KdpipeError as e:

@@ -183,7 +183,7 @@ class _ColumnHashes:
     def update(self, ids: list[str], arrays: list[np.ndarray]) -> None:
         if ids:
             self.hashes["id"].update(self._joined(ids))
-        for (name, h), a in zip(list(self.hashes.items())[1:], arrays):
+        for h, a in zip(list(self.hashes.values())[1:], arrays):
             h.update(self._joined(list(a)) if a.dtype == object else _bytes(a))  # strings like ids, else bytes
         self.rows += len(ids)
 
