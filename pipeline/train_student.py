@@ -65,6 +65,9 @@ class Setup:
 
 
 def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData | None = None) -> Setup:
+    """Everything a run needs, decided once: its folder claimed, the seed set, the student built (random
+    init, after the seed), the data loaded and checked against the cache, the model on its device with its
+    optimiser, schedule and (under torchrun) DDP wrapper. `shared` lets a sweep's runs read the data once."""
     out = cfg.out_dir()
     run_folder.claim(out, cfg.resume)
     generator = runtime.seed_everything(cfg.seed)
@@ -78,6 +81,24 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device, precision)
     inputs = student_data.input_spec(model, cache)  # the training resolution; evaluation at --eval-size when given
+    splits, eval_size = _checked_splits(cfg, shared, source, cache, dataset, inputs, device, progress)
+    model = runtime.prepare_model(model, device)
+    optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits[cfg.train_split]) / cfg.batch_size))
+    forward = runtime.compile_model(model, device) if cfg.compile else model
+    rank, world = runtime.distributed()
+    if world > 1:  # data-parallel: gradients averaged across processes every step
+        forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
+    provenance = _provenance(cfg, cache, dataset, device, precision)
+    return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
+                 student_data.with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
+                 generator, scaler=runtime.grad_scaler(device, precision), rank=rank, world=world)
+
+
+def _checked_splits(cfg: TrainConfig, shared: SharedData, source: tuple, cache, dataset, inputs: dict, device,
+                    progress: Progress | None) -> tuple[dict, tuple[int, int]]:
+    """The splits at the student's sizes (train at its own, validation and test at --eval-size when given),
+    refused when the cache lacks the train split, an image changed since it was cached, or the targets do not
+    fit the loss. Returns (splits, evaluation size)."""
     if min(inputs["size"]) < 1:
         raise KdpipeError(f"--student-config: image size {tuple(inputs['size'])} must be at least 1 pixel a side")
     eval_size = (cfg.eval_size, cfg.eval_size) if cfg.eval_size else inputs["size"]
@@ -90,16 +111,7 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     student_data.refuse_changed_images(cfg, dataset, student_data.changed_images(cache, dataset))
     if cfg.alpha > 0:
         student_data.check_targets(cfg, splits[cfg.train_split])
-    model = runtime.prepare_model(model, device)
-    optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits[cfg.train_split]) / cfg.batch_size))
-    forward = runtime.compile_model(model, device) if cfg.compile else model
-    rank, world = runtime.distributed()
-    if world > 1:  # data-parallel: gradients averaged across processes every step
-        forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
-    provenance = _provenance(cfg, cache, dataset, device, precision)
-    return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
-                 student_data.with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
-                 generator, scaler=runtime.grad_scaler(device, precision), rank=rank, world=world)
+    return splits, eval_size
 
 
 def _optimizer(model, cfg: TrainConfig, steps_per_epoch: int):
