@@ -513,10 +513,11 @@ def _score(job: _Job, split: Split, b: Batch, logits: np.ndarray, index: dict) -
 def _split_meta(job: _Job, split: Split, key: dict, spec: ViewSpec | None, wall: float, correct: np.ndarray,
                 world: int) -> dict:
     """A split file's metadata: the cache key, versions, dataset, device, cost and the teacher's accuracy."""
+    versions = runtime.versions()
     meta = {
         **key,
-        "kdpipe_version": runtime.versions()["kdpipe"],
-        "versions": runtime.versions(),
+        "kdpipe_version": versions["kdpipe"],
+        "versions": versions,
         "split": split.name,
         "dataset": job.dataset.identity,
         "device": runtime.describe(job.device),
