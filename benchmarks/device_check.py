@@ -17,6 +17,8 @@ start after --budget-s is recorded as skipped, as are those --only/--skip leave 
                            normalising, no copy): what the CPU must deliver to feed a device from a host store
   data_path.views          batches of stored views as train-student --views gets them (student_data.load_views
                            on a cache-teacher --views K cache; rendered on CPU threads from decode-once originals)
+  data_path.views_agreement  the views rendered on the device (pixels.DeviceViewSource) against PIL's on the CPU
+                           (pixels.ViewSource), plain and blended with mixup partners: max |diff|, bit-equality
   stage_one.decode         JPEG decode + the teacher's processor in DataLoader workers (cache_teacher._TeacherInputs
                            and _collate, pinned on a GPU, copied to the device), no model, at 0, 1, 2, 4, ...
                            workers: images/s and the scaling; also with K random views rendered per image
@@ -32,8 +34,9 @@ start after --budget-s is recorded as skipped, as are those --only/--skip leave 
   stage_two.resume         train-student in a subprocess, killed (SIGKILL) once its first checkpoint lands, resumed
                            with --resume, compared with the uninterrupted stage_two.train_student; the saved student
                            evaluated on the CPU and reloaded there with transformers.pipeline()
-  torchrun.cache_teacher   with >= 2 GPUs: stage one under torchrun, its cache compared with the one-process cache
-  torchrun.train_student   with >= 2 GPUs: stage two under torchrun
+  torchrun.cache_teacher   stage one under torchrun (a process per GPU, >= 2; with --device cpu 2 processes on
+                           gloo), its cache compared with the one-process cache
+  torchrun.train_student   stage two under torchrun, its test accuracy beside the one-process run's
 
 Public references printed beside the figures (timm results CSVs, synthetic inputs): mobilenetv2_100 training at
 224 px, AMP: 1,832 img/s NCHW, 2,313 img/s channels_last on an RTX 3090; ViT-B/16 inference, AMP: about
@@ -391,6 +394,38 @@ def data_path_views(c: Check) -> dict:
             "note": "one stored view per image per epoch, rendered from decode-once originals when a source renders"}
 
 
+def views_agreement(c: Check) -> dict:
+    """The views a GPU renders (pixels.DeviceViewSource: train-student --views on a GPU) against the same
+    views rendered by PIL on the CPU (pixels.ViewSource, the teacher's own pixels), every stored view of the
+    train split, then the same views blended with mixup partners (views.sample_mixes): bit-equality is the
+    claim (integer arithmetic in float64 for the resize, float32 for the blend)."""
+    split, inp = c.dataset("train"), c.inputs()
+    stored = student_data.open_cache(c.cache(with_views=True))["train"].aligned_views(split.ids, split.labels,
+                                                                                         "device check")
+    originals = pixels.load_or_build_originals(split)
+    if originals is None:
+        raise Skip("the train split's originals are over their cap: views decode per use, as on the CPU")
+    if inp["resample"] not in pixels.FILTERS:
+        raise Skip(f"the teacher's filter {inp['resample']} renders on the CPU on every device")
+    layout = views.ViewRows(len(split), stored.per_image)
+    params = (layout.grid(stored.boxes), layout.grid(stored.flips), inp["size"], inp["resample"])
+    size_of = lambda j: tuple(int(x) for x in originals.index[j][2:0:-1])  # noqa: E731  (width, height)
+    mixes = [views.sample_mixes(views.ViewPolicy(mixup=1.0), split.ids, i, stored.per_image - 1, size_of)
+             for i in range(len(split))]
+    mixes = views.Mixes(*(np.concatenate([getattr(m, f) for m in mixes]) for f in ("partners", "boxes", "flips",
+                                                                                      "weights")))
+    rows, b = np.arange(len(layout)), c.sizes["student_batch"]
+    out = {"views": len(rows), "views_per_image": stored.per_image, "size": list(inp["size"]),
+           "resample": inp["resample"], "mixed_views": int((mixes.weights > 0).sum())}
+    for name, m in (("plain", None), ("mixed", mixes)):
+        device = pixels.DeviceViewSource(originals.array, *params, c.device, m)
+        on_device = np.concatenate([device.take(rows[i:i + b]).cpu().numpy() for i in range(0, len(rows), b)])
+        diff = np.abs(on_device.astype(np.int16) - pixels.ViewSource(originals.image, *params, m).render(rows))
+        out[name] = {"max_abs_diff": int(diff.max()), "pixels_differing": float((diff > 0).mean())}
+    out["bit_equal"] = out["plain"]["max_abs_diff"] == 0 and out["mixed"]["max_abs_diff"] == 0
+    return out
+
+
 # ------------------------------------------------------------------------------------------ stage one
 
 
@@ -598,22 +633,27 @@ def _pipeline_accuracy(model_dir: Path, split) -> float:
 
 
 def torchrun(c: Check, stage: str) -> dict:
-    count = torch.cuda.device_count() if c.cuda else 0
-    if count < 2:
-        raise Skip(f"needs >= 2 GPUs ({count} visible); tests/test_distributed.py covers 2 CPU processes")
-    n = min(count, 8)
+    """A stage under torchrun, one process per GPU (at least 2), or with --device cpu 2 processes on gloo
+    sharing the cores (so the launch, the sharding and the join run here too): stage one's cache against the
+    one-process cache of stage_one's, stage two's accuracy beside the one-process run's (BatchNorm statistics
+    are per process, so the two runs are not expected to be equal)."""
+    n = min(torch.cuda.device_count(), 8) if c.cuda else 2
+    if n < 2:
+        raise Skip(f"needs >= 2 GPUs ({n} visible); --device cpu runs it on 2 CPU processes")
     env = subprocess_env()
+    if not c.cuda:  # each process a share of the cores, not all of them each
+        env["OMP_NUM_THREADS"] = str(max(1, runtime.cpu_cores() // n))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "kdpipe"]
     if stage == "cache_teacher":
         single = c.cache()
         out = c.work / "cache-torchrun"
-        cmd = ["cache-teacher", "--teacher", c.teacher_dir(), "--dataset", c.folder(), "--out", out, "--device", "cuda",
-               "--batch-size", c.sizes["teacher_batch"]]
+        cmd = ["cache-teacher", "--teacher", c.teacher_dir(), "--dataset", c.folder(), "--out", out,
+               "--device", c.device.type, "--batch-size", c.sizes["teacher_batch"]]
     else:
         cfg = c.train_config("torchrun")
         out = cfg.out
         cmd = ["train-student", "--cache", cfg.cache, "--epochs", cfg.epochs, "--batch-size", cfg.batch_size, "--lr",
-               cfg.lr, "--device", "cuda", "--out", out]
+               cfg.lr, "--seed", cfg.seed, "--device", c.device.type, "--out", out]
         if cfg.student_config:
             cmd += ["--student-config", ",".join(f"{k}={v}" for k, v in cfg.student_config.items())]
     start = time.perf_counter()
@@ -624,18 +664,20 @@ def torchrun(c: Check, stage: str) -> dict:
         raise RuntimeError(f"torchrun exit {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}")
     if stage == "train_student":
         run = json.loads((out / "run.json").read_text())
-        return {"processes": n, "images_per_s": run["train_images_per_s"], "wall_s": round(wall, 2),
-                "test_accuracy": run["test"]["accuracy"] if run.get("test") else None}
+        one = c._memo.get("run-default")
+        return {"processes": n, "images_per_s": run["train_images_per_s"], "wall_s_incl_start": round(wall, 2),
+                "test_accuracy": run["test"]["accuracy"] if run.get("test") else None,
+                "test_accuracy_one_process": one.test["accuracy"] if one is not None and one.test else None}
     diffs, rows = {}, 0
     for name, path in logit_store.cache_splits(single).items():
         a, b = logit_store.read_split(path), logit_store.read_split(logit_store.split_path(out, name))
-        assert a.ids == b.ids, f"split {name}: other ids"
+        if a.ids != b.ids:
+            raise RuntimeError(f"split {name}: the torchrun cache holds other ids than the one-process cache")
         diffs[name] = float(np.abs(a.logits - b.logits).max())
         rows += len(a.ids)
-    p = c.precision
     return {"processes": n, "images_per_s": round(rows / wall, 2), "wall_s_incl_start": round(wall, 2),
-            "max_abs_logit_diff_vs_one_process": diffs, "tolerance": TOLERANCE[p],
-            "within_tolerance": max(diffs.values()) <= TOLERANCE[p]}
+            "max_abs_logit_diff_vs_one_process": diffs, "tolerance": TOLERANCE[c.precision],
+            "within_tolerance": max(diffs.values()) <= TOLERANCE[c.precision]}
 
 
 # ------------------------------------------------------------------------------------------- the report
@@ -658,6 +700,7 @@ def plan() -> list[tuple]:
     steps += [("stage_two.train_student", stage_two, "default")]
     steps += [(f"stage_two.bare.{v}", bare_step, v) for v in BARE_VARIANTS if v != "compiled"]
     steps += [("data_path.views", data_path_views),
+              ("data_path.views_agreement", views_agreement),
               ("stage_two.train_student.views", stage_two, "views"), ("stage_two.resume", resume_after_kill),
               ("stage_two.train_student.fp32", stage_two, "fp32"),
               ("stage_two.bare.compiled", bare_step, "compiled"), ("stage_two.train_student.compile", stage_two, "compile"),
@@ -713,6 +756,12 @@ def table(c: Check, result: dict) -> None:
             note = (f"loss rel diff {m['max_rel_train_loss_diff']:.1e}; test acc device "
                     f"{m['test_accuracy_device']:.3f}, cpu evaluate {m['test_accuracy_cpu_evaluate']:.3f}, "
                     f"cpu pipeline() {m['test_accuracy_cpu_pipeline']:.3f}")
+        if name == "data_path.views_agreement" and m["status"] == "ok":
+            note = (f"{m['views']} views: max |diff| {m['plain']['max_abs_diff']} plain, {m['mixed']['max_abs_diff']} "
+                    f"mixed ({'bit-equal' if m['bit_equal'] else 'NOT bit-equal'})")
+        if name == "torchrun.cache_teacher" and m["status"] == "ok":
+            note = (f"{m['processes']} processes: max |Δlogit| vs one process "
+                    f"{max(m['max_abs_logit_diff_vs_one_process'].values()):.3g} (tol {m['tolerance']:g})")
         rows.append([name, m["status"], f"{ips:,.1f}" if ips else "", m.get("peak_device_mib", ""),
                      m.get("seconds", ""), note[:110]])
     print_table(f"device check: {result['environment']['device']}, auto precision {c.precision}, mode {c.mode}",
