@@ -725,7 +725,7 @@ def plot(summary: dict, path: Path) -> Path | None:
     """Test and validation accuracy against epochs, a panel each: per arm the mean over seeds and its 95 % t band
     (clipped to 0-100 %: with 2 seeds a band can be ±40 pp), the teacher as a line. The axis follows the means
     and the teacher, not the bands, so the curves stay readable while an interval is wide. A mean over another
-    number of seeds than the plan's (an extension, or a point still running) is marked with its count."""
+    number of seeds than the plan's (an extension, or a point still running) is a square, its count in the legend."""
     try:
         import matplotlib
 
@@ -759,7 +759,7 @@ def plot(summary: dict, path: Path) -> Path | None:
         axes[0].set_ylim(max(0.0, min(shown) - 3), min(100.0, max(shown)) + 1)
     axes[0].set_ylabel("accuracy (%): mean over seeds, band 95 % t")
     axes[1].legend(fontsize=7, ncol=2, loc="lower right")
-    fig.suptitle(f"Patience: distilled arms and their λ = 0 twins ({planned} seeds a point unless marked)")
+    fig.suptitle(f"Patience: distilled arms and their λ = 0 twins ({planned} seeds a point; squares: see the legend)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -768,15 +768,17 @@ def plot(summary: dict, path: Path) -> Path | None:
 
 
 def _plot_arm(ax, arm: str, colour: str, pts: list[tuple], planned: int) -> list[float]:
-    """One arm's curve on one panel: its means (%) at each E (`pts`: (epochs, stats, seeds)), their 95 % band
-    clipped to 0-100 %, and a seed count where it is not the plan's; returns the means drawn."""
+    """One arm's curve on one panel: its means (%) at each E (`pts`: (epochs, stats, seeds)) and their 95 % band
+    clipped to 0-100 %; a point over another number of seeds than the plan's is a square, its count in the arm's
+    legend entry (labels beside the points collided where arms meet); returns the means drawn."""
     xs, ys = [e for e, _, _ in pts], [100 * r["mean"] for _, r, _ in pts]
     half = [100 * r["ci95"] if r["ci95"] == r["ci95"] else 0.0 for _, r, _ in pts]  # NaN (one seed): no band
-    ax.plot(xs, ys, "-", marker="o", color=colour, label=arm)
+    other = [(e, n) for e, _, n in pts if n != planned]
+    label = arm + (" (" + ", ".join(f"{n} seed{'s' * (n > 1)} at {e}" for e, n in other) + ")" if other else "")
+    ax.plot(xs, ys, "-", marker="o", color=colour, label=label)
     for x, y, (_, _, n) in zip(xs, ys, pts):
         if n != planned:
-            ax.annotate(f"{n} seed{'s' * (n > 1)}", (x, y), textcoords="offset points", xytext=(-6, 6),
-                        ha="right", fontsize=7, color=colour)
+            ax.plot([x], [y], marker="s", markersize=8, color=colour)
     ax.fill_between(xs, [max(0.0, y - h) for y, h in zip(ys, half)],
                     [min(100.0, y + h) for y, h in zip(ys, half)], color=colour, alpha=0.1, linewidth=0)
     return ys
