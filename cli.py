@@ -46,12 +46,14 @@ def _quiet_libraries(version: bool = typer.Option(False, "--version", callback=_
                                                   help="Print kdpipe's version and those of the libraries it uses.")):
     """Library progress bars and advisories would bury kdpipe's own output; errors still show."""
     import datasets
+    import huggingface_hub
     import transformers
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its errors reach us as exceptions
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()  # a retried request warns per try; its failure reaches us
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import hub
 from .errors import KdpipeError
 
 IMAGE_COLUMNS = ("image", "img")
@@ -183,6 +184,7 @@ def _load(spec: str, revision: str | None):
             return datasets.load_dataset(str(path)), "local", str(path.resolve())
         if not looks_like_hub_id(spec):
             raise KdpipeError(f"--dataset {spec}: no such file or folder")
+        hub.require("--dataset", spec, "a local image folder or Parquet files instead, e.g. --dataset ../shared/beans")
         return datasets.load_dataset(spec, revision=revision), "hub", None
     except KdpipeError:
         raise

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from . import hub
 from .errors import KdpipeError
 
 
@@ -24,6 +25,9 @@ def build_student(spec: str | None, label_names: list[str], overrides: dict | No
     try:
         if spec is None:
             return MobileNetV2ForImageClassification(MobileNetV2Config(**labels, **overrides))
+        if not Path(spec).expanduser().is_dir():
+            hub.require("--student", spec, "a local save_pretrained folder, or leave --student unset for MobileNetV2 "
+                        "from scratch")
         config = AutoConfig.from_pretrained(spec, **labels, **overrides)
         # A new label set needs a new head: only layers whose shape changes are re-initialised.
         return AutoModelForImageClassification.from_pretrained(spec, config=config, ignore_mismatched_sizes=True)

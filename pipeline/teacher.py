@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hub
 from .errors import KdpipeError
 
 
@@ -41,6 +42,8 @@ def load_teacher(spec: str, revision: str | None = None, trust_remote_code: bool
     if local.exists() and not local.is_dir():
         raise KdpipeError(f"--teacher {spec}: a file; pass the save_pretrained folder that holds config.json and "
                           "the weights")
+    if not local.is_dir():
+        hub.require("--teacher", spec, "a local save_pretrained folder, e.g. --teacher ../shared/teachers/beans-efficientnet-lite0")
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         with warnings.catch_warnings(record=True) as caught:  # shown on success only (a refusal is one line)
