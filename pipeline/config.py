@@ -110,7 +110,8 @@ class TrainConfig:
                                      panel="Data")
     # None = MobileNetV2 (transformers defaults) from random init, as the guide
     student: str | None = setting(None, "Hub id or folder.", shown="MobileNetV2 from scratch", panel="Data")
-    student_config: dict = setting(help="Config overrides, e.g. depth_multiplier=0.75,image_size=160.",
+    student_config: dict = setting(help="Config overrides, e.g. depth_multiplier=0.75,image_size=160 (fields of the "
+                                       "student's config; another name is refused).",
                                    factory=dict, parse=overrides, panel="Data")
     eval_size: int | None = setting(None, "Validate, test and save the student at this resolution.",
                                     shown="its training resolution", panel="Data")

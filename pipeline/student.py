@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 from pathlib import Path
 
 import torch
@@ -9,33 +11,69 @@ import torch
 from . import hub
 from .errors import KdpipeError
 
+try:  # huggingface_hub >= 1.0: transformers' configs validate their fields as strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+    _STRICT_CONFIG_ERRORS: tuple[type[Exception], ...] = (StrictDataclassError,)
+except ImportError:
+    _STRICT_CONFIG_ERRORS = ()
 
-def build_student(spec: str | None, label_names: list[str], overrides: dict | None = None) -> torch.nn.Module:
-    """MobileNetV2 from random init (the guide's student) when `spec` is None, else any
-    AutoModelForImageClassification checkpoint (hub id or folder) with a fresh head for `label_names`.
 
-    `overrides` are config fields (e.g. depth_multiplier, image_size) applied before the weights exist.
-    """
-    from transformers import AutoConfig, AutoModelForImageClassification, MobileNetV2Config, \
-        MobileNetV2ForImageClassification
+def student_config(spec: str | None, overrides: dict | None = None, label_names: list[str] | None = None):
+    """The student's config, checked before any weights exist: MobileNetV2's defaults when `spec` is None, else
+    the checkpoint's (hub id or folder); `overrides` (config fields, e.g. depth_multiplier, image_size) applied,
+    a field the config does not have refused; `label_names` for a fresh head."""
+    from transformers import AutoConfig, MobileNetV2Config
 
-    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-              "label2id": {n: i for i, n in enumerate(label_names)}}
+    labels = {} if label_names is None else {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                                              "label2id": {n: i for i, n in enumerate(label_names)}}
     overrides = dict(overrides or {})
-    try:
+    with _load_errors(spec, overrides):
         if spec is None:
-            return MobileNetV2ForImageClassification(MobileNetV2Config(**labels, **overrides))
+            _refuse_unknown(MobileNetV2Config(), overrides)
+            return MobileNetV2Config(**labels, **overrides)
         if not Path(spec).expanduser().is_dir():
             hub.require("--student", spec, "a local save_pretrained folder, or leave --student unset for MobileNetV2 "
                         "from scratch")
-        config = AutoConfig.from_pretrained(spec, **labels, **overrides)
+        _refuse_unknown(AutoConfig.from_pretrained(spec), overrides)
+        return AutoConfig.from_pretrained(spec, **labels, **overrides)
+
+
+def build_student(spec: str | None, label_names: list[str], overrides: dict | None = None) -> torch.nn.Module:
+    """MobileNetV2 from random init (the guide's student) when `spec` is None, else any
+    AutoModelForImageClassification checkpoint (hub id or folder) with a fresh head for `label_names`;
+    `overrides` as student_config takes them."""
+    from transformers import AutoModelForImageClassification, MobileNetV2ForImageClassification
+
+    config = student_config(spec, overrides, label_names)
+    with _load_errors(spec, overrides):
+        if spec is None:
+            return MobileNetV2ForImageClassification(config)
         # A new label set needs a new head: only layers whose shape changes are re-initialised.
         return AutoModelForImageClassification.from_pretrained(spec, config=config, ignore_mismatched_sizes=True)
+
+
+@contextlib.contextmanager
+def _load_errors(spec: str | None, overrides: dict):
+    """What transformers raises while loading or configuring the student, as one line naming the flag."""
+    try:
+        yield
     except OSError as e:
         raise KdpipeError(f"--student {spec}: cannot load it ({str(e).splitlines()[0]}); offline? pass a local "
                           "save_pretrained folder, or leave --student unset for MobileNetV2 from scratch") from None
-    except (TypeError, ValueError) as e:
-        raise KdpipeError(f"--student-config {overrides}: {e}") from None
+    except (TypeError, ValueError, *_STRICT_CONFIG_ERRORS) as e:
+        cause = e.__cause__ or e  # transformers' strict configs wrap the ValueError that names the field
+        raise KdpipeError(f"--student-config {overrides}: {str(cause).strip().splitlines()[-1]}") from None
+
+
+def _refuse_unknown(config, overrides: dict) -> None:
+    """A key the config does not have would be stored on it and ignored: a misspelt field would train the
+    default silently."""
+    fields = [k for k in config.to_dict() if not k.startswith("_")]
+    for key in overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"its fields: {', '.join(sorted(fields))}"
+            raise KdpipeError(f"--student-config {key}: not a field of {type(config).__name__}; {hint}")
 
 
 def image_size(model: torch.nn.Module) -> tuple[int, int]:

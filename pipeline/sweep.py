@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import files, student_data, train_student
+from . import files, student, student_data, train_student
 from .config import LOSS_SETTINGS, SweepConfig, TrainConfig, applicable, comparable
 from .errors import KdpipeError
 
@@ -389,6 +389,7 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     Returns the sweep folder; `kdpipe.sweep_report.build(folder)` summarises it."""
     out = cfg.out_dir()
     _check_cache(cfg.train)
+    student.student_config(cfg.train.student, cfg.train.student_config)  # a misspelt field fails here, not in a trial
     _claim_folder(cfg, out)
     study = open_study(cfg, out)
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker

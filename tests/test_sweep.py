@@ -169,6 +169,15 @@ def test_bad_search_spaces_and_storages_get_one_line_errors(run_cli, cache_dir, 
     assert code == 1 and message in out and "Traceback" not in out, out
 
 
+def test_a_misspelt_student_field_is_refused_before_the_sweep_folder_exists(run_cli, cache_dir, tmp_path):
+    """Checked before any trial: a refusal inside the first trial left a sweep folder whose settings then
+    refused the corrected command at the same --out."""
+    code, out = run_cli("sweep", "--cache", cache_dir, "--temperature", "2,5", "--epochs", "1", "--seeds", "0",
+                        "--out", tmp_path / "sw", "--student-config", "image_size=32,depth_multipler=0.35")
+    assert code == 1 and "did you mean depth_multiplier?" in out and "Traceback" not in out, out
+    assert not (tmp_path / "sw").exists()
+
+
 def test_a_cache_that_does_not_match_the_dataset_is_refused(run_cli, cache_dir, tmp_path):
     other = make_image_folder(tmp_path / "other", per_class={"train": 2, "validation": 1, "test": 1})
     for split in ("train", "validation", "test"):
