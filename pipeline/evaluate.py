@@ -12,7 +12,7 @@ import torch
 
 from . import files, logit_store, metrics, pixels, run_folder, runtime
 from .data import reopen_dataset
-from .errors import KdpipeError
+from .errors import CONFIG_ERRORS, KdpipeError, reason
 from .student_data import SplitData, with_tensors
 
 @torch.no_grad()
@@ -79,9 +79,8 @@ def load_saved(run_dir: Path):
                           "(corrupted or replaced); retrain, or restore the file")
     try:
         return r, AutoModelForImageClassification.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:  # config.json or preprocessor_config.json missing or damaged
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdpipeError(f"{model_dir}: cannot load the saved student ({first}); restore the run's "
+    except (OSError, RuntimeError, *CONFIG_ERRORS) as e:  # config.json or preprocessor_config.json damaged
+        raise KdpipeError(f"{model_dir}: cannot load the saved student ({reason(e)}); restore the run's "
                           "model/ folder, or train again") from None
 
 

@@ -9,13 +9,7 @@ from pathlib import Path
 import torch
 
 from . import hub
-from .errors import KdpipeError
-
-try:  # huggingface_hub >= 1.0: transformers' configs validate their fields as strict dataclasses
-    from huggingface_hub.errors import StrictDataclassError
-    _STRICT_CONFIG_ERRORS: tuple[type[Exception], ...] = (StrictDataclassError,)
-except ImportError:
-    _STRICT_CONFIG_ERRORS = ()
+from .errors import CONFIG_ERRORS, KdpipeError, reason
 
 
 def student_config(spec: str | None, overrides: dict | None = None, label_names: list[str] | None = None):
@@ -60,9 +54,8 @@ def _load_errors(spec: str | None, overrides: dict):
     except OSError as e:
         raise KdpipeError(f"--student {spec}: cannot load it ({str(e).splitlines()[0]}); offline? pass a local "
                           "save_pretrained folder, or leave --student unset for MobileNetV2 from scratch") from None
-    except (TypeError, ValueError, *_STRICT_CONFIG_ERRORS) as e:
-        cause = e.__cause__ or e  # transformers' strict configs wrap the ValueError that names the field
-        raise KdpipeError(f"--student-config {overrides}: {str(cause).strip().splitlines()[-1]}") from None
+    except CONFIG_ERRORS as e:
+        raise KdpipeError(f"--student-config {overrides}: {reason(e)}") from None
 
 
 def _refuse_unknown(config, overrides: dict) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import hub
-from .errors import KdpipeError
+from .errors import CONFIG_ERRORS, KdpipeError, reason
 
 
 @dataclass
@@ -51,9 +51,9 @@ def load_teacher(spec: str, revision: str | None = None, trust_remote_code: bool
             processor = AutoImageProcessor.from_pretrained(str(local) if local.is_dir() else spec, **kwargs)
     except OSError as e:
         if local.exists():
-            raise KdpipeError(f"--teacher {spec}: not a loadable transformers checkpoint folder ({_first_line(e)})") from None
+            raise KdpipeError(f"--teacher {spec}: not a loadable transformers checkpoint folder ({reason(e)})") from None
         raise KdpipeError(
-            f"--teacher {spec}: could not load it from the Hugging Face Hub ({_first_line(e)}), and there is no "
+            f"--teacher {spec}: could not load it from the Hugging Face Hub ({reason(e)}), and there is no "
             "local folder of that name; offline? pass a local save_pretrained folder, e.g. "
             "--teacher ../shared/teachers/beans-efficientnet-lite0"
         ) from None
@@ -61,9 +61,13 @@ def load_teacher(spec: str, revision: str | None = None, trust_remote_code: bool
         raise KdpipeError(f"--teacher {spec}: its pickle checkpoint holds more than tensors, so it was refused "
                           "(read with torch.load(weights_only=True), nothing in it was run); use a safetensors "
                           "checkpoint from a source you trust") from None
-    except ValueError as e:
+    except CONFIG_ERRORS as e:
         hint = "; pass --trust-remote-code only if you trust that repository's code" if "trust_remote_code" in str(e) else ""
-        raise KdpipeError(f"--teacher {spec}: {_first_line(e)}{hint}") from None
+        raise KdpipeError(f"--teacher {spec}: {reason(e)}{hint}") from None
+    except RuntimeError as e:
+        what = ("its weights have other shapes than the model its config.json describes"
+                if "mismatched_sizes" in str(e) else f"cannot load its weights ({reason(e)})")
+        raise KdpipeError(f"--teacher {spec}: {what}; is config.json the one saved with these weights?") from None
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     model.eval()
@@ -116,8 +120,3 @@ def _describe_mismatch(teacher: list[str], dataset: list[str], key, show: int = 
         return f"{names[:show]}{' and ' + str(len(names) - show) + ' more' if len(names) > show else ''}"
     return (f"teacher has {len(teacher)} labels, dataset {len(dataset)}; only the teacher has {some(only_t)}, "
             f"only the dataset has {some(only_d)}")
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -308,6 +308,23 @@ def test_a_hub_like_teacher_name_that_is_not_found_mentions_both_places(run_cli,
     _one_line_error(code, text, "--teacher no-such-teacher", "Hub", "no local folder")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", 48, "its weights have other shapes than the model its config.json describes"),  # was a traceback
+    ("image_size", "big", "Field 'image_size' with value 'big'"),  # a strict-config error: was a traceback
+])
+def test_a_teacher_config_that_does_not_fit_is_one_line(run_cli, image_folder, tmp_path, field, value, message):
+    import json
+
+    from conftest import make_teacher
+
+    teacher = make_teacher(tmp_path / "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, field: value}))
+    code, text = run_cli("cache-teacher", "--teacher", teacher, "--dataset", image_folder, "--out", tmp_path / "c")
+    _one_line_error(code, text, f"--teacher {teacher}", message)
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_val_split_of_test_is_named_test_in_the_results(run_cli, cache_dir, tmp_path):
     code, text = _train(run_cli, cache_dir, tmp_path / "run", "--val-split", "test", "--test-split", "")
     assert code == 0, text
@@ -404,7 +421,11 @@ def test_evaluate_on_damaged_runs_and_missing_splits_is_one_line(run_cli, cache_
     assert _train(run_cli, cache_dir, out)[0] == 0
     code, text = run_cli("evaluate", out, "--split", "nope")
     _one_line_error(code, text, "--split nope", "not in dataset")
-    for name, damage in [("config", lambda r: (r / "model" / "config.json").unlink()),
+    def bad_field(run):  # a strict-config error (transformers 5): was a traceback
+        config = run / "model" / "config.json"
+        config.write_text(config.read_text().replace('"depth_multiplier": 0.35', '"depth_multiplier": -1'))
+
+    for name, damage in [("config", lambda r: (r / "model" / "config.json").unlink()), ("config-field", bad_field),
                          ("run.json", lambda r: (r / "run.json").write_text('{"best_epoch": 1,'))]:
         broken = shutil.copytree(out, tmp_path / name)
         damage(broken)
