@@ -16,7 +16,7 @@ import urllib.request
 
 from .errors import KdpipeError
 
-PROBE_TIMEOUT_S = 5.0  # a Hub that answers at all answers one HEAD request well within this
+PROBE_TIMEOUT_S = 10.0  # huggingface_hub's own default for one metadata request (HF_HUB_ETAG_TIMEOUT)
 DEFAULT_ENDPOINT = "https://huggingface.co"  # huggingface_hub's default; HF_ENDPOINT overrides it there too
 
 
