@@ -69,9 +69,26 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
+class _Progress(Progress):
+    """Bars that start drawing with the first one: a command refused before any work prints its error line
+    alone (an empty display, started and stopped, left a blank line on stdout)."""
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def stop(self) -> None:
+        if self.live.is_started:
+            super().stop()
+
+    def add_task(self, *args, **kwargs):
+        if not self.live.is_started:
+            self.start()
+        return super().add_task(*args, **kwargs)
+
+
 def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False)
+    return _Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False)
 
 
 def _bars(bar: Progress):

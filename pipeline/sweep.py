@@ -388,8 +388,7 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     """Work on the sweep until no trial is left to start (other workers may still be running theirs).
     Returns the sweep folder; `kdpipe.sweep_report.build(folder)` summarises it."""
     out = cfg.out_dir()
-    _check_cache(cfg.train)
-    student.student_config(cfg.train.student, cfg.train.student_config)  # a misspelt field fails here, not in a trial
+    _check_inputs(cfg.train)
     _claim_folder(cfg, out)
     study = open_study(cfg, out)
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
@@ -397,9 +396,9 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     return out
 
 
-def _check_cache(train: TrainConfig) -> None:
-    """Fail before any trial starts when the cache cannot serve the runs (each run checks it in detail)."""
-    if train.cache is not None:
-        from . import logit_store
-
-        logit_store.cache_splits(Path(train.cache))
+def _check_inputs(train: TrainConfig) -> None:
+    """Fail before the sweep folder exists when its fixed settings cannot make a run: the cache, the dataset and
+    their match, the student's config (each run checks the pixels in detail). A refusal inside the first trial
+    left a folder whose recorded settings then refused the corrected command at the same --out."""
+    student_data.open_source(train)
+    student.student_config(train.student, train.student_config)

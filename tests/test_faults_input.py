@@ -325,6 +325,17 @@ def test_a_teacher_config_that_does_not_fit_is_one_line(run_cli, image_folder, t
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("command", ["cache-teacher", "train-student", "sweep"])
+def test_a_refusal_prints_its_error_line_alone(run_cli, tmp_path, command):
+    """Nothing but the error (a sweep names itself first): the progress display, started before the refusal,
+    used to leave a blank line."""
+    alpha = [] if command == "cache-teacher" else ["--alpha", "0"]
+    code, text = run_cli(command, "--dataset", tmp_path / "missing", *alpha, "--out", tmp_path / "out")
+    lines = text.splitlines()
+    assert code == 1 and lines[-1].startswith("error: --dataset") and "" not in lines, repr(text)
+    assert len(lines) == 1 + (command == "sweep") and not (tmp_path / "out").exists()
+
+
 def test_a_val_split_of_test_is_named_test_in_the_results(run_cli, cache_dir, tmp_path):
     code, text = _train(run_cli, cache_dir, tmp_path / "run", "--val-split", "test", "--test-split", "")
     assert code == 0, text

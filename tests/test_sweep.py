@@ -178,6 +178,28 @@ def test_a_misspelt_student_field_is_refused_before_the_sweep_folder_exists(run_
     assert not (tmp_path / "sw").exists()
 
 
+def test_a_trial_refused_inside_the_sweep_is_failed_and_rerun_once_the_data_is_fixed(run_cli, cache_dir, image_folder,
+                                                                                    tmp_path):
+    """What only a run can see (an image changed since the cache) fails its trial, not the sweep folder: the same
+    command after the fix starts that trial again."""
+    from PIL import Image
+
+    data = shutil.copytree(image_folder, tmp_path / "data")
+    changed = data / "train" / "healthy" / "healthy_0.png"
+    Image.open(changed).rotate(90).save(changed)
+    args = ["sweep", "--cache", cache_dir, "--dataset", data, "--temperature", "2", "--epochs", "1", "--seeds", "0",
+            "--out", tmp_path / "sw", *TINY]
+    code, out = run_cli(*args)
+    assert code == 1 and "--allow-changed-data" in out and "Traceback" not in out, out
+    trials, done = _trials(tmp_path / "sw")
+    assert [t.state.name for t in trials] == ["FAIL"] and done == []
+    shutil.copy(image_folder / "train" / "healthy" / "healthy_0.png", changed)  # the fix
+    code, out = run_cli(*args)
+    assert code == 0, out
+    trials, done = _trials(tmp_path / "sw")
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and len(done) == 1
+
+
 def test_a_cache_that_does_not_match_the_dataset_is_refused(run_cli, cache_dir, tmp_path):
     other = make_image_folder(tmp_path / "other", per_class={"train": 2, "validation": 1, "test": 1})
     for split in ("train", "validation", "test"):
@@ -185,8 +207,7 @@ def test_a_cache_that_does_not_match_the_dataset_is_refused(run_cli, cache_dir, 
     code, out = run_cli("sweep", "--cache", cache_dir, "--dataset", other, "--temperature", "2,5", "--epochs", "1",
                         "--seeds", "0", "--out", tmp_path / "sw", *TINY)
     assert code == 1 and "has labels" in out and "Traceback" not in out, out
-    _, done = _trials(tmp_path / "sw")
-    assert done == []  # the failed trial is FAIL, so a corrected rerun starts it again
+    assert not (tmp_path / "sw").exists()  # refused before the folder: a corrected command may use the same --out
 
 
 def test_joining_a_sweep_with_other_settings_is_refused(run_cli, cache_dir, tmp_path):
