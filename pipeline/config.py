@@ -192,9 +192,12 @@ class TrainConfig:
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
         _check(self.eval_size is None or (isinstance(self.eval_size, int) and self.eval_size > 0),
                f"--eval-size must be a positive number of pixels (got {self.eval_size})")
-        _check(not self.eval_size or self.train_split not in (self.val_split, self.test_split),
-               f"--eval-size evaluates at another resolution than training, and --train-split {self.train_split} is "
-               "also the validation or test split; use separate splits")
+        _check(self.val_split != self.train_split,
+               f"--val-split {self.val_split} is also --train-split: the best epoch would be chosen on the images it "
+               "trained on; pass a held-out split")
+        _check(self.test_split != self.train_split,
+               f"--test-split {self.test_split} is also --train-split: the test score would be measured on trained "
+               "images; pass a held-out split, or --test-split '' for none")
 
     def run_name(self) -> str:
         if self.name:

@@ -102,7 +102,7 @@ def _checked_splits(cfg: TrainConfig, shared: SharedData, source: tuple, cache, 
     if min(inputs["size"]) < 1:
         raise KdpipeError(f"--student-config: image size {tuple(inputs['size'])} must be at least 1 pixel a side")
     eval_size = (cfg.eval_size, cfg.eval_size) if cfg.eval_size else inputs["size"]
-    sizes = {name: eval_size for name in (cfg.val_split, cfg.test_split) if name and name != cfg.train_split}
+    sizes = {name: eval_size for name in (cfg.val_split, cfg.test_split) if name}
     view_split = cfg.train_split if cfg.views else None
     splits = shared.get(("splits", *source, inputs["size"], eval_size, inputs["resample"], str(device), view_split),
                         lambda: student_data.load_splits(cache, dataset, inputs, device, progress, view_split, sizes))

@@ -466,6 +466,8 @@ def test_a_teacher_that_outputs_nan_is_refused_and_nothing_is_written(run_cli, i
 @pytest.mark.parametrize("args, message", [
     (["--student-config", TINY_STUDENT.replace("image_size=32", "image_size=0")], "at least 1 pixel"),
     (["--student-config", "depth_multiplier=nan"], "not a finite number"),
+    (["--train-split", "validation"], "--val-split validation is also --train-split"),  # was accepted: chosen on train
+    (["--test-split", "train"], "--test-split train is also --train-split"),
     (["--student-config", "depth_multipler=0.35"], "--student-config depth_multipler: not a field of MobileNetV2Config; "
                                                    "did you mean depth_multiplier?"),  # was ignored: trained 1.0
     (["--student-config", "no_such_field=3"], "not a field of MobileNetV2Config; its fields: architectures"),
