@@ -9,6 +9,7 @@ from their own cache and never connect.
 from __future__ import annotations
 
 import functools
+import http.client
 import os
 import ssl
 import urllib.error
@@ -42,6 +43,8 @@ def unreachable() -> str | None:
         return None if isinstance(e.reason, ssl.SSLError) else f"{endpoint} did not answer: {e.reason}"
     except (TimeoutError, ConnectionError) as e:
         return f"{endpoint} did not answer: {e or type(e).__name__}"
+    except (OSError, http.client.HTTPException):  # something answered, oddly (a proxy?): the libraries decide
+        return None
     return None
 
 

@@ -52,7 +52,7 @@ def _load_errors(spec: str | None, overrides: dict):
     try:
         yield
     except OSError as e:
-        raise KdpipeError(f"--student {spec}: cannot load it ({str(e).splitlines()[0]}); offline? pass a local "
+        raise KdpipeError(f"--student {spec}: cannot load it ({reason(e)}); offline? pass a local "
                           "save_pretrained folder, or leave --student unset for MobileNetV2 from scratch") from None
     except CONFIG_ERRORS as e:
         raise KdpipeError(f"--student-config {overrides}: {reason(e)}") from None

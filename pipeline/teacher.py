@@ -43,7 +43,8 @@ def load_teacher(spec: str, revision: str | None = None, trust_remote_code: bool
         raise KdpipeError(f"--teacher {spec}: a file; pass the save_pretrained folder that holds config.json and "
                           "the weights")
     if not local.is_dir():
-        hub.require("--teacher", spec, "a local save_pretrained folder, e.g. --teacher ../shared/teachers/beans-efficientnet-lite0")
+        hub.require("--teacher", spec,
+                    "a local save_pretrained folder, e.g. --teacher ../shared/teachers/beans-efficientnet-lite0")
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         with warnings.catch_warnings(record=True) as caught:  # shown on success only (a refusal is one line)

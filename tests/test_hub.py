@@ -5,6 +5,7 @@ the offline mode conftest set before it was imported)."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import socket
 import ssl
@@ -75,7 +76,8 @@ def test_local_paths_never_probe(probe, image_folder, teacher_dir):
     (NO_NAME, "https://huggingface.co did not answer: [Errno -2] Name or service not known"),
     (urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")), "did not answer: [Errno 111]"),
     (TimeoutError("timed out"), "did not answer: timed out"),
-], ids=["answer", "http-error", "tls", "no-name", "refused", "timeout"])
+    (http.client.BadStatusLine("garbage"), None),  # something answered, oddly: the libraries decide
+], ids=["answer", "http-error", "tls", "no-name", "refused", "timeout", "odd-answer"])
 def test_only_a_failure_to_connect_counts_as_unreachable(probe, outcome, verdict):
     calls = probe(outcome)
     got = hub.unreachable()
