@@ -26,7 +26,8 @@ start after --budget-s is recorded as skipped, as are those --only/--skip leave 
                            random weights: timing only) against its bare forward on the same preprocessed batches
                            (bench_cache_teacher.preprocess / time_bare_forward), at precision p (fp16, bf16, fp32)
   stage_one.agreement.<p>  the real teacher's cache made on the device at p against a CPU fp32 cache of the same
-                           split: max |Δlogit|, mean KL, argmax agreement, judged against TOLERANCE[p]
+                           split: max |Δlogit|, mean KL, argmax agreement, judged against TOLERANCE[p]; for bf16
+                           also against the CPU's bf16 cache, and that one against fp32 (bf16's own rounding)
   stage_two.train_student  train_student.run, --epochs E, the cache made on the device (per-epoch images/s from
                            run.json's own timing; the first epoch apart), also .views, .compile and .fp32 (--precision fp32)
   stage_two.bare.<v>       a bare forward / KD loss / backward / AdamW step (_common.kd_step) on pre-normalised
@@ -512,15 +513,25 @@ def agreement(c: Check, precision: str) -> dict:
 
     ref = c.memo("cpu-reference", lambda: cache("cpu", "fp32", c.work / "agree-cpu-fp32"))
     got = cache(c.args.device, precision, c.work / f"agree-{c.device.type}-{precision}")
-    assert got.ids == ref.ids
+    out = {"split": split, "images": len(ref.ids), **_compare(got, ref), "tolerance": TOLERANCE[precision],
+           "reference": "the same teacher, CPU, fp32"}
+    out["within_tolerance"] = out["max_abs_logit_diff"] <= TOLERANCE[precision]
+    if precision == "bf16":  # bf16's own rounding, side by side: the CPU's bf16 cache against the same two
+        cpu = c.memo("cpu-bf16", lambda: cache("cpu", "bf16", c.work / "agree-cpu-bf16"))
+        out["vs_cpu_bf16"] = _compare(got, cpu)  # the same precision on both sides
+        out["cpu_bf16_vs_cpu_fp32"] = _compare(cpu, ref)
+    return out
+
+
+def _compare(got, ref) -> dict:
+    """Two caches of the same images: max |Δlogit|, mean KL(ref || got) and argmax agreement."""
+    if got.ids != ref.ids:
+        raise RuntimeError("the two caches hold other images")
     live, base = torch.tensor(got.logits), torch.tensor(ref.logits)  # copies: the files' arrays are read-only
     kl = torch.nn.functional.kl_div(torch.log_softmax(live, 1), torch.log_softmax(base, 1), log_target=True,
-                                    reduction="none").sum(1)  # KL(cpu fp32 || device) per image
-    diff = float((live - base).abs().max())
-    return {"split": split, "images": len(ref.ids), "max_abs_logit_diff": diff, "mean_kl": float(kl.mean()),
-            "argmax_agreement": float((live.argmax(1) == base.argmax(1)).float().mean()),
-            "tolerance": TOLERANCE[precision], "within_tolerance": diff <= TOLERANCE[precision],
-            "reference": "the same teacher, CPU, fp32"}
+                                    reduction="none").sum(1)  # per image
+    return {"max_abs_logit_diff": float((live - base).abs().max()), "mean_kl": float(kl.mean()),
+            "argmax_agreement": float((live.argmax(1) == base.argmax(1)).float().mean())}
 
 
 # ------------------------------------------------------------------------------------------ stage two
@@ -750,6 +761,9 @@ def table(c: Check, result: dict) -> None:
             if name.startswith(prefix) and key in m:
                 note = f"{key.replace('_', ' ')} {m[key]:.4g}" + (
                     f" (tol {m['tolerance']:g}: {'ok' if m['within_tolerance'] else 'OUTSIDE'})" if "tolerance" in m else "")
+        if m.get("vs_cpu_bf16"):
+            note += (f"; vs CPU bf16 {m['vs_cpu_bf16']['max_abs_logit_diff']:.3g}, CPU bf16 vs fp32 "
+                     f"{m['cpu_bf16_vs_cpu_fp32']['max_abs_logit_diff']:.3g}")
         if name == "stage_one.decode" and m.get("by_workers"):
             note = "workers " + ", ".join(f"{w}: {v:.0f}" for w, v in m["by_workers"].items())
         if name == "stage_two.resume" and m["status"] == "ok":
@@ -763,7 +777,7 @@ def table(c: Check, result: dict) -> None:
             note = (f"{m['processes']} processes: max |Δlogit| vs one process "
                     f"{max(m['max_abs_logit_diff_vs_one_process'].values()):.3g} (tol {m['tolerance']:g})")
         rows.append([name, m["status"], f"{ips:,.1f}" if ips else "", m.get("peak_device_mib", ""),
-                     m.get("seconds", ""), note[:110]])
+                     m.get("seconds", ""), note[:140]])
     print_table(f"device check: {result['environment']['device']}, auto precision {c.precision}, mode {c.mode}",
                 ["measurement", "status", "images/s", "peak MiB", "s", "note"], rows)
     print_table("ratios (side by side in this run)", ["ratio", "value"],

@@ -52,6 +52,9 @@ def test_tiny_cpu_run_records_every_measurement(tmp_path, monkeypatch, request):
     for p in ("fp32", "bf16"):  # the same teacher on the same CPU: well inside every precision's tolerance
         assert m[f"stage_one.agreement.{p}"]["within_tolerance"] and m[f"stage_one.agreement.{p}"]["images"] == 6
     assert m["stage_one.agreement.fp32"]["argmax_agreement"] == 1.0
+    bf16 = m["stage_one.agreement.bf16"]  # beside the device's bf16 cache: the CPU's, and bf16's own rounding
+    assert bf16["vs_cpu_bf16"]["max_abs_logit_diff"] == 0.0  # on a CPU the device's cache is the CPU's
+    assert bf16["cpu_bf16_vs_cpu_fp32"]["max_abs_logit_diff"] == bf16["max_abs_logit_diff"]
     assert len(m["stage_two.train_student"]["per_epoch_images_per_s"]) == 2  # --epochs of the tiny mode
     assert m["data_path.views"]["views_per_image"] == 3 and m["data_path.views"]["images"] == 12
     agree = m["data_path.views_agreement"]  # DeviceViewSource on the CPU: the GPU's renderer, run here
