@@ -186,16 +186,17 @@ def mixed_views(stored: logit_store.LogitSplit, split, where: str) -> tuple[view
     return views.Mixes(partners, m.boxes, m.flips, m.weights), (1 - w) * own + w * other
 
 
-def check_targets(cfg: TrainConfig, train: SplitData) -> None:
-    """Refuse a loss the cached targets cannot serve (docs/training.md, "Top-K caches and mixed targets")."""
-    teacher = train.teacher_logits
+def check_targets(cfg: TrainConfig, teacher, mixed: bool) -> None:
+    """Refuse a loss the cached targets cannot serve (docs/training.md, "Top-K caches and mixed targets"):
+    `teacher` the train split's cached logits (a TopK for a top-K cache), `mixed` whether the views trained on
+    blend two images."""
     if isinstance(teacher, TopK) and teacher.values.shape[1] < teacher.num_classes:
         why = loss.topk_refusal(cfg.loss, cfg.standardize)
         if why:
             raise KdpipeError(f"--loss {cfg.loss}{' --standardize' if cfg.standardize else ''}: {why} (--cache "
                               f"{cfg.cache} keeps {teacher.values.shape[1]} of {teacher.num_classes}); use --loss kd "
                               "or dkd without --standardize, or a cache of full logits")
-    if cfg.loss == "dkd" and train.targets is not None:
+    if cfg.loss == "dkd" and mixed:
         raise KdpipeError(f"--loss dkd needs one target class per example, and --cache {cfg.cache} holds views "
                           "blended from two images (--view-mixup); use --loss kd or dist, or a cache without it")
 

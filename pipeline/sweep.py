@@ -388,7 +388,7 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     """Work on the sweep until no trial is left to start (other workers may still be running theirs).
     Returns the sweep folder; `kdpipe.sweep_report.build(folder)` summarises it."""
     out = cfg.out_dir()
-    _check_inputs(cfg.train)
+    _check_inputs(cfg)
     _claim_folder(cfg, out)
     study = open_study(cfg, out)
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
@@ -396,9 +396,21 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     return out
 
 
-def _check_inputs(train: TrainConfig) -> None:
-    """Fail before the sweep folder exists when its fixed settings cannot make a run: the cache, the dataset and
-    their match, the student's config (each run checks the pixels in detail). A refusal inside the first trial
-    left a folder whose recorded settings then refused the corrected command at the same --out."""
-    student_data.open_source(train)
-    student.student_config(train.student, train.student_config)
+def _check_inputs(cfg: SweepConfig) -> None:
+    """Fail before the sweep folder exists when its settings cannot make a run: the cache, the dataset and their
+    match, the student's config, and every loss the sweep may ask for against the cached targets (each run
+    checks the pixels in detail). A refusal inside a trial left a folder whose recorded settings then refused
+    the corrected command at the same --out."""
+    cache, _ = student_data.open_source(cfg.train)
+    student.student_config(cfg.train.student, cfg.train.student_config)
+    train = (cache or {}).get(cfg.train.train_split)
+    alphas = cfg.dims["alpha"].choices if "alpha" in cfg.dims and not cfg.dims["alpha"].is_range else [cfg.train.alpha]
+    if train is None or not any(alphas):  # no cache or no train split (the run names what is missing), or no KD
+        return
+    teacher = train.topk if train.topk is not None else train.logits
+    searched = {name: cfg.dims[name].choices for name in ("loss", "standardize") if name in cfg.dims}
+    for values in itertools.product(*searched.values()):
+        settings = applicable({"alpha": 1.0, **dict(zip(searched, values))}, cfg.train)  # as a run with KD sees them
+        settings.pop("alpha")
+        student_data.check_targets(dataclasses.replace(cfg.train, **settings), teacher,
+                                   mixed=cfg.train.views and train.mixes is not None)

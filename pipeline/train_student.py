@@ -110,7 +110,8 @@ def _checked_splits(cfg: TrainConfig, shared: SharedData, source: tuple, cache, 
         raise KdpipeError(f"--cache {cfg.cache} has no {cfg.train_split!r} split; cache it or use --alpha 0")
     student_data.refuse_changed_images(cfg, dataset, student_data.changed_images(cache, dataset))
     if cfg.alpha > 0:
-        student_data.check_targets(cfg, splits[cfg.train_split])
+        train = splits[cfg.train_split]
+        student_data.check_targets(cfg, train.teacher_logits, mixed=train.targets is not None)
     return splits, eval_size
 
 

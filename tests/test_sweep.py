@@ -178,6 +178,32 @@ def test_a_misspelt_student_field_is_refused_before_the_sweep_folder_exists(run_
     assert not (tmp_path / "sw").exists()
 
 
+@pytest.mark.parametrize("kind, flags, message", [
+    ("topk", ["--loss", "kd,dist"], "--loss dist: DIST's intra-class relation"),
+    ("mixed", ["--views", "--loss", "kd,dkd"], "--loss dkd needs one target class per example"),
+])
+def test_a_searched_loss_the_cache_cannot_serve_is_refused_before_the_sweep_folder_exists(
+        run_cli, image_folder, teacher_dir, tmp_path, kind, flags, message):
+    """Each value of a searched --loss is checked against the cached targets first: the first trial's refusal
+    used to leave a folder that refused the corrected command (e.g. --loss kd alone) at the same --out."""
+    from kdpipe import cache_teacher
+    from kdpipe.config import CacheConfig
+    from kdpipe.views import ViewPolicy
+
+    cache = tmp_path / kind
+    extra = {"topk": 2} if kind == "topk" else {"views": 2, "augment": ViewPolicy(mixup=1.0)}
+    cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=cache, precision="fp32",
+                                  workers=0, batch_size=16, **extra))
+    code, out = run_cli("sweep", "--cache", cache, "--epochs", "1", "--seeds", "0", "--out", tmp_path / "sw",
+                        *flags, *TINY)
+    assert code == 1 and message in out and "Traceback" not in out, out
+    assert not (tmp_path / "sw").exists()
+    flags[flags.index("--loss") + 1] = "kd"  # the corrected command starts at the same --out
+    code, out = run_cli("sweep", "--cache", cache, "--epochs", "1", "--seeds", "0", "--out", tmp_path / "sw",
+                        *flags, *TINY)
+    assert code == 0, out
+
+
 def test_a_trial_refused_inside_the_sweep_is_failed_and_rerun_once_the_data_is_fixed(run_cli, cache_dir, image_folder,
                                                                                     tmp_path):
     """What only a run can see (an image changed since the cache) fails its trial, not the sweep folder: the same
