@@ -231,7 +231,7 @@ class Check:
             student = build_student(None, BEANS_LABELS, self.sizes["student_config"])
             proc = load_teacher(str(self.teacher_dir())).processor.to_dict()
             mean, std = proc.get("image_mean", [0.5] * 3), proc.get("image_std", [0.5] * 3)
-            return {"size": image_size(student), "resample": int(proc.get("resample", 2)), "mean": list(mean),
+            return {"size": image_size(student.config), "resample": int(proc.get("resample", 2)), "mean": list(mean),
                     "std": list(std), "mean_t": torch.tensor(mean, device=self.device),
                     "std_t": torch.tensor(std, device=self.device)}
         return self.memo("inputs", build)

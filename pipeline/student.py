@@ -69,9 +69,13 @@ def _refuse_unknown(config, overrides: dict) -> None:
             raise KdpipeError(f"--student-config {key}: not a field of {type(config).__name__}; {hint}")
 
 
-def image_size(model: torch.nn.Module) -> tuple[int, int]:
-    size = getattr(model.config, "image_size", 224)
-    return (size, size) if isinstance(size, int) else tuple(size)
+def image_size(config) -> tuple[int, int]:
+    """The student's input resolution (H, W) from its config (224 where the config names none)."""
+    size = getattr(config, "image_size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if min(size) < 1:
+        raise KdpipeError(f"--student-config: image size {size} must be at least 1 pixel a side")
+    return size
 
 
 def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:

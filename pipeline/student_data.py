@@ -115,7 +115,7 @@ def input_spec(model, cache: dict | None) -> dict:
         proc = next(iter(cache.values())).meta["processor"]
         mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
         resample = proc.get("resample", resample)
-    return {"size": image_size(model), "resample": int(resample), "mean": list(mean), "std": list(std)}
+    return {"size": image_size(model.config), "resample": int(resample), "mean": list(mean), "std": list(std)}
 
 
 def with_tensors(inputs: dict, device: torch.device) -> dict:

@@ -398,12 +398,15 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
 
 def _check_inputs(cfg: SweepConfig) -> None:
     """Fail before the sweep folder exists when its settings cannot make a run: the cache, the dataset and their
-    match, the student's config, and every loss the sweep may ask for against the cached targets (each run
-    checks the pixels in detail). A refusal inside a trial left a folder whose recorded settings then refused
+    match, the student's config and resolution, the stored views (--views), and every loss the sweep may ask
+    for against the cached targets (each run checks the pixels in detail). A refusal inside a trial left a folder whose recorded settings then refused
     the corrected command at the same --out."""
-    cache, _ = student_data.open_source(cfg.train)
-    student.student_config(cfg.train.student, cfg.train.student_config)
+    cache, dataset = student_data.open_source(cfg.train)
+    student.image_size(student.student_config(cfg.train.student, cfg.train.student_config))
     train = (cache or {}).get(cfg.train.train_split)
+    if train is not None and cfg.train.views:
+        split = dataset.splits[cfg.train.train_split]
+        train.aligned_views(split.ids, split.labels, f"--views: --cache split {split.name!r}")
     alphas = cfg.dims["alpha"].choices if "alpha" in cfg.dims and not cfg.dims["alpha"].is_range else [cfg.train.alpha]
     if train is None or not any(alphas):  # no cache or no train split (the run names what is missing), or no KD
         return

@@ -99,8 +99,6 @@ def _checked_splits(cfg: TrainConfig, shared: SharedData, source: tuple, cache, 
     """The splits at the student's sizes (train at its own, validation and test at --eval-size when given),
     refused when the cache lacks the train split, an image changed since it was cached, or the targets do not
     fit the loss. Returns (splits, evaluation size)."""
-    if min(inputs["size"]) < 1:
-        raise KdpipeError(f"--student-config: image size {tuple(inputs['size'])} must be at least 1 pixel a side")
     eval_size = (cfg.eval_size, cfg.eval_size) if cfg.eval_size else inputs["size"]
     sizes = {name: eval_size for name in (cfg.val_split, cfg.test_split) if name}
     view_split = cfg.train_split if cfg.views else None

@@ -178,6 +178,15 @@ def test_a_misspelt_student_field_is_refused_before_the_sweep_folder_exists(run_
     assert not (tmp_path / "sw").exists()
 
 
+def test_views_and_resolution_are_checked_before_the_sweep_folder_exists(run_cli, cache_dir, tmp_path):
+    for flags, message in [(["--views"], "holds no augmented views"),
+                           (["--student-config", "image_size=0"], "must be at least 1 pixel")]:
+        code, out = run_cli("sweep", "--cache", cache_dir, "--epochs", "1", "--seeds", "0", "--out", tmp_path / "sw",
+                            *TINY, *flags)
+        assert code == 1 and message in out and "Traceback" not in out, out
+        assert not (tmp_path / "sw").exists()
+
+
 @pytest.mark.parametrize("kind, flags, message", [
     ("topk", ["--loss", "kd,dist"], "--loss dist: DIST's intra-class relation"),
     ("mixed", ["--views", "--loss", "kd,dkd"], "--loss dkd needs one target class per example"),
