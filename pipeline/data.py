@@ -302,5 +302,8 @@ def reopen_dataset(identity: dict, override: str | None, splits: list[str], imag
     spec = override or identity["spec"]
     if override is None and identity["kind"] == "local" and not Path(spec).exists() and identity.get("root"):
         spec = identity["root"]  # recorded as a relative path from another working folder
+    if override is None and identity["kind"] == "local" and not Path(spec).expanduser().exists():
+        raise KdpipeError(f"--dataset: the recorded dataset {spec} is gone (moved or deleted); pass --dataset PATH "
+                          "to where it is now")
     return open_dataset(spec, splits=splits, image_column=image_column or identity.get("image_column"),
                         label_column=label_column or identity.get("label_column"), flags=flags)

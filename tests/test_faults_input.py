@@ -336,6 +336,19 @@ def test_a_refusal_prints_its_error_line_alone(run_cli, tmp_path, command):
     assert len(lines) == 1 + (command == "sweep") and not (tmp_path / "out").exists()
 
 
+def test_a_recorded_dataset_that_is_gone_names_the_flag_that_replaces_it(run_cli, image_folder, tmp_path):
+    """It used to read `--dataset …: no such file or folder`, naming a flag the user had not passed."""
+    data = shutil.copytree(image_folder, tmp_path / "data")
+    out = tmp_path / "run"
+    code, text = run_cli("train-student", "--dataset", data, "--alpha", "0", "--epochs", "1", "--out", out, *TINY)
+    assert code == 0, text
+    data.rename(tmp_path / "moved")
+    code, text = run_cli("evaluate", out)
+    _one_line_error(code, text, f"--dataset: the recorded dataset {data} is gone", "pass --dataset PATH")
+    code, text = run_cli("evaluate", out, "--dataset", tmp_path / "moved")
+    assert code == 0 and "accuracy" in text, text
+
+
 def test_a_val_split_of_test_is_named_test_in_the_results(run_cli, cache_dir, tmp_path):
     code, text = _train(run_cli, cache_dir, tmp_path / "run", "--val-split", "test", "--test-split", "")
     assert code == 0, text
