@@ -578,8 +578,11 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
     their dense reconstruction (TopK.dense) and, for |Δlogit|, on the stored top-K entries only."""
     cached = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
     meta = next(iter(cached.values())).meta
-    teacher = load_teacher(teacher_spec or meta["teacher"]["spec"],
-                           None if teacher_spec else meta["teacher"]["revision"], False)
+    recorded = meta["teacher"]
+    if teacher_spec is None and recorded.get("weights_sha256") and not Path(recorded["spec"]).expanduser().is_dir():
+        raise KdpipeError(f"--teacher: the recorded teacher folder {recorded['spec']} is gone (moved, deleted, or "
+                          "recorded relative to another working folder); pass --teacher PATH to where it is now")
+    teacher = load_teacher(teacher_spec or recorded["spec"], None if teacher_spec else recorded["revision"], False)
     dataset = reopen_dataset(meta["dataset"], dataset_spec, list(cached))
     pool = [(name, j) for name, s in cached.items() for j in range(len(s.ids))]
     picked = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False))]

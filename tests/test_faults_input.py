@@ -349,6 +349,19 @@ def test_a_recorded_dataset_that_is_gone_names_the_flag_that_replaces_it(run_cli
     assert code == 0 and "accuracy" in text, text
 
 
+def test_verify_with_a_recorded_teacher_that_is_gone_names_the_flag(run_cli, image_folder, teacher_dir, tmp_path):
+    """A local teacher's folder, moved: it was tried as a Hub id (a name with no slash looks like one)."""
+    teacher = shutil.copytree(teacher_dir, tmp_path / "teacher")
+    code, text = run_cli("cache-teacher", "--teacher", teacher, "--dataset", image_folder, "--out", tmp_path / "c",
+                         "--workers", "0")
+    assert code == 0, text
+    teacher.rename(tmp_path / "moved")
+    code, text = run_cli("inspect-cache", tmp_path / "c", "--verify", "2")
+    _one_line_error(code, text, "--teacher: the recorded teacher folder", "is gone", "pass --teacher PATH")
+    code, text = run_cli("inspect-cache", tmp_path / "c", "--verify", "2", "--teacher", tmp_path / "moved")
+    assert code == 0 and "argmax agreement 100.00%" in text.replace("\n", " "), text
+
+
 def test_a_val_split_of_test_is_named_test_in_the_results(run_cli, cache_dir, tmp_path):
     code, text = _train(run_cli, cache_dir, tmp_path / "run", "--val-split", "test", "--test-split", "")
     assert code == 0, text
