@@ -83,9 +83,10 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     inputs = student_data.input_spec(model, cache)  # the training resolution; evaluation at --eval-size when given
     splits, eval_size = _checked_splits(cfg, shared, source, cache, dataset, inputs, device, progress)
     model = runtime.prepare_model(model, device)
-    optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=math.ceil(len(splits[cfg.train_split]) / cfg.batch_size))
-    forward = runtime.compile_model(model, device) if cfg.compile else model
     rank, world = runtime.distributed()
+    steps = len(epoch_batches(torch.arange(len(splits[cfg.train_split])), cfg.batch_size, world))
+    optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=steps)
+    forward = runtime.compile_model(model, device) if cfg.compile else model
     if world > 1:  # data-parallel: gradients averaged across processes every step
         forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     provenance = _provenance(cfg, cache, dataset, device, precision)
@@ -180,7 +181,7 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     order = torch.randperm(len(data), generator=s.generator)
     names = loss.PARTS[cfg.loss]  # loss, ce, kd and the loss's own parts
     sums = torch.zeros(len(names) + 1, device=s.device)  # each part summed over examples, then the examples
-    batches = order.split(cfg.batch_size)  # every process sees the same batches; it takes its share of each
+    batches = epoch_batches(order, cfg.batch_size, world)  # the same on every process; each takes its share
     steps = len(batches)
     data.plan([b[rank::world] for b in batches])  # views rendered ahead, off this thread (pixels.ViewSource)
     bad_at = torch.full((len(names),), steps, dtype=torch.long, device=s.device)  # first non-finite step per part
@@ -203,13 +204,30 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     return dict(zip(names, (sums[:-1] / sums[-1]).tolist()))
 
 
+def epoch_batches(order: torch.Tensor, batch_size: int, world: int = 1) -> tuple[torch.Tensor, ...]:
+    """`order` in batches of `batch_size`, except that a last batch too small to give every process two
+    examples joins the one before it: BatchNorm in training mode cannot normalise one example whose feature
+    map is 1 x 1 (MobileNetV2 below 64 px), so a train split of N = k * B + 1 crashed on its last step."""
+    batches = order.split(batch_size)
+    if len(batches) > 1 and len(batches[-1]) < 2 * world:
+        batches = (*batches[:-2], torch.cat(batches[-2:]))
+    return batches
+
+
 def train_step(s: Setup, batch: dict) -> dict:
     """One optimiser step on one batch: the student's forward (under autocast), the configured loss
     against the batch's labels and cached teacher logits, backward, step; returns the loss's parts."""
     cfg = s.cfg
     x = student_inputs(s, batch)  # (B, 3, H, W)
-    with runtime.autocast(s.device, s.precision):
-        student_logits = s.forward(pixel_values=x).logits  # (B, C)
+    try:
+        with runtime.autocast(s.device, s.precision):
+            student_logits = s.forward(pixel_values=x).logits  # (B, C)
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        raise KdpipeError(f"--batch-size {cfg.batch_size}: BatchNorm in training mode cannot normalise a single example "
+                          f"whose feature map is 1 x 1 (a student below 64 px); use at least 2 per batch "
+                          f"and process") from None
     parts = loss.compute(cfg.loss, student_logits, batch["labels"], batch.get("teacher_logits"),
                          temperature=cfg.temperature, alpha=cfg.alpha, standardize=cfg.standardize,
                          dkd_beta=cfg.dkd_beta, dist_gamma=cfg.dist_gamma)
@@ -258,16 +276,16 @@ def recompute_bn_stats(s: Setup) -> None:
         batches[module].append((x.numel() // x.shape[1], mean.double(), var.double()))
 
     handles = [m.register_forward_pre_hook(hook) for m in layers]
-    data, bs = s.splits[s.cfg.train_split], s.cfg.batch_size
-    data.plan([torch.arange(start, min(start + bs, len(data))) for start in range(0, len(data), bs)])
+    data = s.splits[s.cfg.train_split]
+    chunks = epoch_batches(torch.arange(len(data)), s.cfg.batch_size)
+    data.plan(list(chunks))
     s.model.train()
     # fork_rng: dropout draws in these forwards must not change the training run's random stream
     try:
         with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []), \
                 runtime.autocast(s.device, s.precision):
-            for start in range(0, len(data), bs):
-                batch = data.batch(torch.arange(start, min(start + bs, len(data))), s.device)
-                s.model(pixel_values=student_inputs(s, batch))
+            for rows in chunks:
+                s.model(pixel_values=student_inputs(s, data.batch(rows, s.device)))
     finally:
         for h in handles:
             h.remove()

@@ -310,3 +310,23 @@ def test_a_seed_fixes_everything_the_two_arms_share(cache_dir, tmp_path):
     assert torch.equal(order0, order1) and torch.equal(dropout0, dropout1)  # the same draws during training
     assert not all(torch.equal(end0[k], end1[k]) for k in end0)  # while the loss did differ
 
+
+
+@pytest.mark.parametrize("n, size, world, expected", [
+    (10, 5, 1, [5, 5]), (11, 5, 1, [5, 6]), (1, 5, 1, [1]), (12, 5, 2, [5, 7]), (13, 5, 2, [5, 8]), (14, 5, 2, [5, 5, 4]),
+])
+def test_a_last_batch_too_small_for_batchnorm_joins_the_one_before(n, size, world, expected):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    batches = train_student.epoch_batches(order, size, world)
+    assert [len(b) for b in batches] == expected
+    assert torch.equal(torch.cat(batches), order)  # every example once, in the epoch's order
+
+
+def test_a_train_split_of_k_batches_plus_one_trains_and_one_per_batch_is_refused(cache_dir, tmp_path):
+    """36 train images in batches of 5 left a last batch of one, which BatchNorm cannot normalise at 32 px
+    (1 x 1 feature maps): a ValueError traceback on the last step, in training and in precise BN."""
+    report = train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "b5", batch_size=5, epochs=1,
+                                                 precise_bn=True))
+    assert len(report.history) == 1 and np.isfinite(report.history[0]["train"]["loss"])
+    with pytest.raises(KdpipeError, match="--batch-size 1: BatchNorm in training mode cannot normalise a single"):
+        train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "b1", batch_size=1, epochs=1))
