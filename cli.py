@@ -327,6 +327,11 @@ def _print_run(report) -> None:
     if report.confusion_matrix:
         _print_confusion(report.confusion_matrix, report.label_names, "test confusion (rows: true)")
     console.print(f"wall time {report.wall_time_s:.0f} s; student saved in {report.out / 'model'}")
+    fresh = report.run.get("student_init", {}).get("reinitialised")
+    if fresh:  # weights of the --student checkpoint drawn afresh: its head, or a layer another config resized
+        console.print(f"student: {len(fresh)} weight tensor(s) of {report.run['student_init']['from']} drawn afresh "
+                      f"(a shape changed, or absent from it): {', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''}",
+                      highlight=False)
     for warning in (report.run.get("consistency", {}).get("warning"), report.run.get("changed_data", {}).get("warning")):
         if warning:
             console.print(f"[yellow]warning[/]: {warning} (recorded in run.json)", highlight=False)

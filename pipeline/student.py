@@ -36,14 +36,25 @@ def build_student(spec: str | None, label_names: list[str], overrides: dict | No
     """MobileNetV2 from random init (the guide's student) when `spec` is None, else any
     AutoModelForImageClassification checkpoint (hub id or folder) with a fresh head for `label_names`;
     `overrides` as student_config takes them."""
+    return initialise_student(spec, label_names, overrides)[0]
+
+
+def initialise_student(spec: str | None, label_names: list[str],
+                       overrides: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """build_student's model and how it was initialised, for run.json: {"from": "random"}, or {"from": spec,
+    "reinitialised": [...]}, the checkpoint's weights not loaded as they are but drawn afresh: those whose shape
+    changed (a head for other labels, position embeddings for another image_size) or that it lacks."""
     from transformers import AutoModelForImageClassification, MobileNetV2ForImageClassification
 
     config = student_config(spec, overrides, label_names)
     with _load_errors(spec, overrides):
         if spec is None:
-            return MobileNetV2ForImageClassification(config)
+            return MobileNetV2ForImageClassification(config), {"from": "random"}
         # A new label set needs a new head: only layers whose shape changes are re-initialised.
-        return AutoModelForImageClassification.from_pretrained(spec, config=config, ignore_mismatched_sizes=True)
+        model, info = AutoModelForImageClassification.from_pretrained(spec, config=config, ignore_mismatched_sizes=True,
+                                                                      output_loading_info=True)
+    changed = {k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys", [])}
+    return model, {"from": spec, "reinitialised": sorted(changed | set(info.get("missing_keys", [])))}
 
 
 @contextlib.contextmanager

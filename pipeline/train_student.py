@@ -27,7 +27,7 @@ from .errors import KdpipeError
 from .evaluate import predict
 from .logit_store import TopK
 from .run_folder import RunReport, load_report
-from .student import batchnorm_layers, build_student, save_student, set_bn_momentum
+from .student import batchnorm_layers, initialise_student, save_student, set_bn_momentum
 from .student_data import SharedData, SplitData
 
 Progress = Callable[[str, int, int, str], None]  # (task, done, total, info)
@@ -75,7 +75,7 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     source = (str(cfg.cache), cfg.dataset, cfg.image_column, cfg.label_column, cfg.train_split, cfg.val_split,
               cfg.test_split)
     cache, dataset = shared.get(("source", *source), lambda: student_data.open_source(cfg))
-    model = build_student(cfg.student, dataset.label_names, cfg.student_config)
+    model, init = initialise_student(cfg.student, dataset.label_names, cfg.student_config)
     set_bn_momentum(model, cfg.bn_momentum)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
@@ -89,7 +89,7 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     forward = runtime.compile_model(model, device) if cfg.compile else model
     if world > 1:  # data-parallel: gradients averaged across processes every step
         forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
-    provenance = _provenance(cfg, cache, dataset, device, precision)
+    provenance = {**_provenance(cfg, cache, dataset, device, precision), "student_init": init}
     return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
                  student_data.with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
                  generator, scaler=runtime.grad_scaler(device, precision), rank=rank, world=world)

@@ -330,3 +330,21 @@ def test_a_train_split_of_k_batches_plus_one_trains_and_one_per_batch_is_refused
     assert len(report.history) == 1 and np.isfinite(report.history[0]["train"]["loss"])
     with pytest.raises(KdpipeError, match="--batch-size 1: BatchNorm in training mode cannot normalise a single"):
         train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "b1", batch_size=1, epochs=1))
+
+
+def test_run_json_names_the_checkpoint_weights_a_student_config_drew_afresh(cache_dir, teacher_dir, tmp_path, run_cli):
+    """--student CHECKPOINT with another image_size re-initialises the ViT's position embeddings (their shape
+    follows the resolution); transformers said so in a log line the CLI silences. run.json records it, the CLI
+    prints it."""
+    same = train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "same", student=str(teacher_dir),
+                                               student_config={}, epochs=1))
+    assert same.run["student_init"] == {"from": str(teacher_dir), "reinitialised": []}
+    code, text = run_cli("train-student", "--cache", cache_dir, "--student", teacher_dir, "--student-config",
+                         "image_size=64", "--epochs", "1", "--precision", "fp32", "--device", "cpu", "--out",
+                         tmp_path / "resized")
+    assert code == 0, text
+    run = json.loads((tmp_path / "resized" / "run.json").read_text())
+    assert run["student_init"]["reinitialised"] == ["vit.embeddings.position_embeddings"]
+    assert "1 weight tensor(s)" in text and "vit.embeddings.position_embeddings" in text.replace("\n", ""), text
+    scratch = train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "scratch", epochs=1))
+    assert scratch.run["student_init"] == {"from": "random"}
