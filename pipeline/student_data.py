@@ -145,11 +145,24 @@ def load_splits(cache: dict | None, dataset: ImageDataset, inputs: dict, device,
     return splits
 
 
-def load_views(cache: dict | None, split, inputs: dict, device, progress) -> SplitData:
+def stored_views(cache: dict | None, split) -> logit_store.LogitSplit:
+    """Every view the cache stores for `split`'s images, rows image by image, then view; refused when the cache
+    holds no views of it."""
     where = f"--views: --cache split {split.name!r}"
     if cache is None or split.name not in cache:
         raise KdpipeError(f"{where} is missing; build the cache with kdpipe cache-teacher --views K")
-    stored = cache[split.name].aligned_views(split.ids, split.labels, where)  # rows image by image, then view
+    return cache[split.name].aligned_views(split.ids, split.labels, where)
+
+
+def require_train_split(cfg: TrainConfig, cache: dict | None) -> None:
+    """The KD term needs the teacher's logits on the split trained on."""
+    if cfg.alpha > 0 and cfg.train_split not in (cache or {}):
+        raise KdpipeError(f"--cache {cfg.cache} has no {cfg.train_split!r} split; cache it or use --alpha 0")
+
+
+def load_views(cache: dict | None, split, inputs: dict, device, progress) -> SplitData:
+    where = f"--views: --cache split {split.name!r}"
+    stored = stored_views(cache, split)
     layout = views.ViewRows(len(split), stored.per_image)
     mixes, targets = mixed_views(stored, split, where)
     originals = pixels.load_or_build_originals(split, progress=progress)  # None over its cap: decode when used

@@ -398,22 +398,24 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
 
 def _check_inputs(cfg: SweepConfig) -> None:
     """Fail before the sweep folder exists when its settings cannot make a run: the cache, the dataset and their
-    match, the student's config and resolution, the stored views (--views), and every loss the sweep may ask
-    for against the cached targets (each run checks the pixels in detail). A refusal inside a trial left a folder whose recorded settings then refused
-    the corrected command at the same --out."""
-    cache, dataset = student_data.open_source(cfg.train)
-    student.image_size(student.student_config(cfg.train.student, cfg.train.student_config))
-    train = (cache or {}).get(cfg.train.train_split)
-    if train is not None and cfg.train.views:
-        split = dataset.splits[cfg.train.train_split]
-        train.aligned_views(split.ids, split.labels, f"--views: --cache split {split.name!r}")
-    alphas = cfg.dims["alpha"].choices if "alpha" in cfg.dims and not cfg.dims["alpha"].is_range else [cfg.train.alpha]
-    if train is None or not any(alphas):  # no cache or no train split (the run names what is missing), or no KD
+    match, the student's config and resolution, the cache's train split and stored views, and every loss the
+    sweep may ask for against the cached targets (each run still checks the pixels). A refusal inside a trial
+    left a folder whose recorded settings then refused the corrected command at the same --out."""
+    train = cfg.train
+    cache, dataset = student_data.open_source(train)
+    student.image_size(student.student_config(train.student, train.student_config))
+    alpha = cfg.dims["alpha"] if "alpha" in cfg.dims else None
+    kd = max(alpha.choices) if alpha is not None and not alpha.is_range else \
+        alpha.high if alpha is not None else train.alpha  # the largest alpha the sweep runs
+    student_data.require_train_split(dataclasses.replace(train, alpha=kd), cache)
+    stored = student_data.stored_views(cache, dataset.splits[train.train_split]) if train.views else None
+    if not kd:
         return
-    teacher = train.topk if train.topk is not None else train.logits
+    teacher = stored if stored is not None else cache[train.train_split]
     searched = {name: cfg.dims[name].choices for name in ("loss", "standardize") if name in cfg.dims}
     for values in itertools.product(*searched.values()):
-        settings = applicable({"alpha": 1.0, **dict(zip(searched, values))}, cfg.train)  # as a run with KD sees them
+        settings = applicable({"alpha": 1.0, **dict(zip(searched, values))}, train)  # as a run with KD sees them
         settings.pop("alpha")
-        student_data.check_targets(dataclasses.replace(cfg.train, **settings), teacher,
-                                   mixed=cfg.train.views and train.mixes is not None)
+        student_data.check_targets(dataclasses.replace(train, **settings),
+                                   teacher.topk if teacher.topk is not None else teacher.logits,
+                                   mixed=stored is not None and stored.mixes is not None)

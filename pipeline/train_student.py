@@ -105,8 +105,7 @@ def _checked_splits(cfg: TrainConfig, shared: SharedData, source: tuple, cache, 
     view_split = cfg.train_split if cfg.views else None
     splits = shared.get(("splits", *source, inputs["size"], eval_size, inputs["resample"], str(device), view_split),
                         lambda: student_data.load_splits(cache, dataset, inputs, device, progress, view_split, sizes))
-    if cfg.alpha > 0 and splits[cfg.train_split].teacher_logits is None:
-        raise KdpipeError(f"--cache {cfg.cache} has no {cfg.train_split!r} split; cache it or use --alpha 0")
+    student_data.require_train_split(cfg, cache)
     student_data.refuse_changed_images(cfg, dataset, student_data.changed_images(cache, dataset))
     if cfg.alpha > 0:
         train = splits[cfg.train_split]

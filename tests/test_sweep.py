@@ -352,3 +352,17 @@ def test_a_switch_is_searched_with_true_false(run_cli, cache_dir, tmp_path):
                         "--out", tmp_path / "sw", *TINY)
     assert code == 0, out
     assert sorted(p.name for p in (tmp_path / "sw" / "runs").iterdir()) == ["ls0-seed0", "ls1-seed0"]
+
+
+def test_a_cache_without_the_train_split_is_refused_before_the_sweep_folder_exists(run_cli, image_folder, teacher_dir,
+                                                                                   tmp_path):
+    from kdpipe import cache_teacher
+    from kdpipe.config import CacheConfig
+
+    cache = tmp_path / "c"
+    cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=cache, splits=["validation"],
+                                  precision="fp32", workers=0))
+    code, out = run_cli("sweep", "--cache", cache, "--dataset", image_folder, "--alpha", "0,0.5", "--epochs", "1",
+                        "--seeds", "0", "--out", tmp_path / "sw", *TINY)
+    assert code == 1 and "has no 'train' split; cache it or use --alpha 0" in out, out
+    assert not (tmp_path / "sw").exists()
