@@ -385,7 +385,14 @@ def checkpoint_state(s: Setup) -> dict:
             "device_rng": runtime.device_rng_state(s.device),  # ... or, on a GPU, from the GPU's
             "scaler": s.scaler.state_dict() if s.scaler is not None else {},
             "best_epoch": s.best["epoch"], "best_accuracy": s.best["accuracy"], "best_state": s.best["state"],
-            "config": s.cfg.to_dict(), "history": json.dumps(s.history)}
+            "config": s.cfg.to_dict(), "inputs": _inputs(s.provenance), "history": json.dumps(s.history)}
+
+
+def _inputs(provenance: dict) -> dict:
+    """What the run reads, by content: each cached split's sha256 and each dataset split's fingerprint."""
+    cache = provenance.get("cache")
+    return {"cache": {n: m["content_sha256"] for n, m in cache["splits"].items()} if cache else None,
+            "dataset": provenance["dataset_fingerprints"]}
 
 
 def resume(s: Setup) -> bool:
@@ -395,6 +402,7 @@ def resume(s: Setup) -> bool:
         return False
     state = run_folder.read_checkpoint(path)
     run_folder.refuse_other_settings(s.cfg, dict(state["config"]), s.out)
+    _refuse_other_inputs(state.get("inputs"), _inputs(s.provenance), s.out)  # None: a checkpoint from before
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
@@ -406,6 +414,18 @@ def resume(s: Setup) -> bool:
     s.best = {"epoch": state["best_epoch"], "accuracy": state["best_accuracy"], "state": state["best_state"]}
     s.history = json.loads(state["history"])  # the checkpoint's own, never ahead of or behind its weights
     return True
+
+
+def _refuse_other_inputs(then: dict | None, now: dict, out: Path) -> None:
+    """--resume with the same flags but a cache rebuilt in place (cache-teacher --force) or changed data would
+    train the remaining epochs on other targets than the first ones."""
+    if then is None or then == now:
+        return
+    what = [f"{kind} split {name!r}" for kind in ("cache", "dataset")
+            for name in sorted(set(then[kind] or {}) | set(now[kind] or {}))
+            if (then[kind] or {}).get(name) != (now[kind] or {}).get(name)]
+    raise KdpipeError(f"--resume: {out} was started on other inputs ({', '.join(what)} changed since); resuming would "
+                      "train the remaining epochs on other targets: restore them, or train again in another --out")
 
 
 def finish(s: Setup, wall_time: float) -> RunReport:

@@ -348,3 +348,31 @@ def test_run_json_names_the_checkpoint_weights_a_student_config_drew_afresh(cach
     assert "1 weight tensor(s)" in text and "vit.embeddings.position_embeddings" in text.replace("\n", ""), text
     scratch = train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "scratch", epochs=1))
     assert scratch.run["student_init"] == {"from": "random"}
+
+
+def test_resume_on_a_cache_rebuilt_in_place_is_refused(image_folder, teacher_dir, tmp_path):
+    """The same flags, but `cache-teacher --force` with another teacher rebuilt the cache at the same path: the
+    remaining epochs would have trained on other targets than the first (the flags alone cannot tell)."""
+    from conftest import make_teacher
+    from kdpipe import cache_teacher
+    from kdpipe.config import CacheConfig
+
+    cache = tmp_path / "cache"
+    cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=cache, precision="fp32",
+                                  workers=0))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_student.run(tiny_train_config(cache=cache, epochs=2, out=tmp_path / "run"), on_epoch=stop_after_first)
+    other = make_teacher(tmp_path / "other-teacher", seed=1)
+    cache_teacher.run(CacheConfig(teacher=str(other), dataset=str(image_folder), out=cache, precision="fp32",
+                                  workers=0, force=True))
+    with pytest.raises(KdpipeError, match=r"--resume: .* was started on other inputs \(cache split 'test', cache split "
+                                          r"'train', cache split 'validation' changed since\)"):
+        train_student.run(tiny_train_config(cache=cache, epochs=2, out=tmp_path / "run", resume=True))
