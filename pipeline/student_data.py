@@ -85,6 +85,12 @@ def open_source(cfg: TrainConfig) -> tuple[dict | None, ImageDataset]:
     return cache, dataset_for(cfg, cache)
 
 
+def inputs_identity(cache: dict | None, dataset: ImageDataset) -> dict:
+    """What a run or a sweep reads, by content: each cached split's sha256, each dataset split's fingerprint."""
+    return {"cache": {n: s.meta["content_sha256"] for n, s in cache.items()} if cache else None,
+            "dataset": {n: s.fingerprint() for n, s in dataset.splits.items()}}
+
+
 def open_cache(cache_dir: Path) -> dict[str, logit_store.LogitSplit]:
     cache = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
     logit_store.check_one_source({name: split.meta for name, split in cache.items()}, f"--cache {cache_dir}")

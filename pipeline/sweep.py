@@ -117,6 +117,22 @@ def _as_saved(spec: dict, saved: dict) -> dict:
     return {**spec, "train": comparable(spec["train"], saved.get("train", {}))}
 
 
+def _same_inputs(study, inputs: dict) -> None:
+    """Record what the sweep reads, by content; refuse to add trials on other inputs to finished ones (a cache
+    rebuilt in place, data changed), which would mix two teachers' results in one table. A sweep none of whose
+    trials finished (its first refused on data since fixed) takes the new inputs."""
+    from optuna.trial import TrialState
+
+    saved = study.user_attrs.get("kdpipe_inputs")
+    if saved == inputs:
+        return
+    if saved is not None and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        raise KdpipeError(f"study {study.study_name!r} was started on other inputs (the cache or the dataset changed "
+                          "since, by content: its finished trials would mix with trials on the new ones); restore "
+                          "them to resume it, or choose another --out")
+    study.set_user_attr("kdpipe_inputs", inputs)
+
+
 def open_storage(url: str | None, out: Path):
     """None -> Optuna's journal file `<out>/study.journal` (safe for several local processes at once);
     otherwise an RDB URL (sqlite:///file.db, postgresql://user@host/db, mysql://...)."""
@@ -388,21 +404,24 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     """Work on the sweep until no trial is left to start (other workers may still be running theirs).
     Returns the sweep folder; `kdpipe.sweep_report.build(folder)` summarises it."""
     out = cfg.out_dir()
-    _check_inputs(cfg)
+    inputs = _check_inputs(cfg)
     _claim_folder(cfg, out)
     study = open_study(cfg, out)
+    _same_inputs(study, inputs)
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
     worker(cfg, study, out, progress, on_trial)
     return out
 
 
-def _check_inputs(cfg: SweepConfig) -> None:
+def _check_inputs(cfg: SweepConfig) -> dict:
     """Fail before the sweep folder exists when its settings cannot make a run: the cache, the dataset and their
     match, the student's config and resolution, the cache's train split and stored views, and every loss the
     sweep may ask for against the cached targets (each run still checks the pixels). A refusal inside a trial
-    left a folder whose recorded settings then refused the corrected command at the same --out."""
+    left a folder whose recorded settings then refused the corrected command at the same --out. Returns what
+    the sweep reads, by content (student_data.inputs_identity), which _same_inputs records in the study."""
     train = cfg.train
     cache, dataset = student_data.open_source(train)
+    inputs = student_data.inputs_identity(cache, dataset)
     student.image_size(student.student_config(train.student, train.student_config))
     alpha = cfg.dims["alpha"] if "alpha" in cfg.dims else None
     kd = max(alpha.choices) if alpha is not None and not alpha.is_range else \
@@ -410,7 +429,7 @@ def _check_inputs(cfg: SweepConfig) -> None:
     student_data.require_train_split(dataclasses.replace(train, alpha=kd), cache)
     stored = student_data.stored_views(cache, dataset.splits[train.train_split]) if train.views else None
     if not kd:
-        return
+        return inputs
     teacher = stored if stored is not None else cache[train.train_split]
     searched = {name: cfg.dims[name].choices for name in ("loss", "standardize") if name in cfg.dims}
     for values in itertools.product(*searched.values()):
@@ -419,3 +438,4 @@ def _check_inputs(cfg: SweepConfig) -> None:
         student_data.check_targets(dataclasses.replace(train, **settings),
                                    teacher.topk if teacher.topk is not None else teacher.logits,
                                    mixed=stored is not None and stored.mixes is not None)
+    return inputs

@@ -49,6 +49,7 @@ class Setup:
     out: Path
     provenance: dict
     generator: torch.Generator
+    sources: dict = field(default_factory=dict)  # what it reads, by content (student_data.inputs_identity)
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"epoch": None, "accuracy": -1.0, "state": None})
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (runtime.grad_scaler); None = plain steps
@@ -92,7 +93,8 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     provenance = {**_provenance(cfg, cache, dataset, device, precision), "student_init": init}
     return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
                  student_data.with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
-                 generator, scaler=runtime.grad_scaler(device, precision), rank=rank, world=world)
+                 generator, sources=student_data.inputs_identity(cache, dataset),
+                 scaler=runtime.grad_scaler(device, precision), rank=rank, world=world)
 
 
 def _checked_splits(cfg: TrainConfig, shared: SharedData, source: tuple, cache, dataset, inputs: dict, device,
@@ -385,14 +387,7 @@ def checkpoint_state(s: Setup) -> dict:
             "device_rng": runtime.device_rng_state(s.device),  # ... or, on a GPU, from the GPU's
             "scaler": s.scaler.state_dict() if s.scaler is not None else {},
             "best_epoch": s.best["epoch"], "best_accuracy": s.best["accuracy"], "best_state": s.best["state"],
-            "config": s.cfg.to_dict(), "inputs": _inputs(s.provenance), "history": json.dumps(s.history)}
-
-
-def _inputs(provenance: dict) -> dict:
-    """What the run reads, by content: each cached split's sha256 and each dataset split's fingerprint."""
-    cache = provenance.get("cache")
-    return {"cache": {n: m["content_sha256"] for n, m in cache["splits"].items()} if cache else None,
-            "dataset": provenance["dataset_fingerprints"]}
+            "config": s.cfg.to_dict(), "inputs": s.sources, "history": json.dumps(s.history)}
 
 
 def resume(s: Setup) -> bool:
@@ -402,7 +397,7 @@ def resume(s: Setup) -> bool:
         return False
     state = run_folder.read_checkpoint(path)
     run_folder.refuse_other_settings(s.cfg, dict(state["config"]), s.out)
-    _refuse_other_inputs(state.get("inputs"), _inputs(s.provenance), s.out)  # None: a checkpoint from before
+    _refuse_other_inputs(state.get("inputs"), s.sources, s.out)  # None: a checkpoint from before
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])

@@ -366,3 +366,23 @@ def test_a_cache_without_the_train_split_is_refused_before_the_sweep_folder_exis
                         "--seeds", "0", "--out", tmp_path / "sw", *TINY)
     assert code == 1 and "has no 'train' split; cache it or use --alpha 0" in out, out
     assert not (tmp_path / "sw").exists()
+
+
+def test_a_sweep_whose_cache_was_rebuilt_in_place_is_not_resumed(run_cli, image_folder, teacher_dir, tmp_path):
+    """Rerunning a sweep resumes it; after `cache-teacher --force` with another teacher at the same path, the
+    finished trials (old teacher) would have mixed with new ones (new teacher) under one table."""
+    from conftest import make_teacher
+    from kdpipe import cache_teacher
+    from kdpipe.config import CacheConfig
+
+    cache = tmp_path / "c"
+    make = lambda teacher, **kw: cache_teacher.run(CacheConfig(teacher=str(teacher), dataset=str(image_folder),  # noqa: E731
+                                                               out=cache, precision="fp32", workers=0, **kw))
+    make(teacher_dir)
+    args = ["sweep", "--cache", cache, "--temperature", "2", "--epochs", "1", "--seeds", "0", "--out", tmp_path / "sw",
+            *TINY]
+    assert run_cli(*args)[0] == 0
+    assert run_cli(*args)[0] == 0  # the same inputs: resumed (nothing left to run)
+    make(make_teacher(tmp_path / "other", seed=1), force=True)
+    code, out = run_cli(*args)
+    assert code == 1 and "was started on other inputs" in out and "Traceback" not in out, out
