@@ -49,7 +49,7 @@ def write_checkpoint(out: Path, state: dict, history: list[dict]) -> None:
         files.write_bytes(path, data, fsync=True)
         files.write_text(out / METRICS, "".join(files.json_text(record) + "\n" for record in history))
     except OSError as e:
-        if not path.exists() or before is not None and files.sha256(path) in before.split():
+        if not path.exists() or (before is not None and files.sha256(path) in before.split()):
             _restore(sums, before)  # the new checkpoint did not land: the digests are those of the one there
         raise KdpipeError(f"cannot write checkpoint in {out}: {e.strerror or e}; free space and --resume") from None
 
