@@ -298,11 +298,10 @@ def _failing_on_error(study, trial):
 # ---------------------------------------------------------------------------------------- workers
 
 
-def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
+def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: student_data.SharedData) -> None:
     from optuna.trial import TrialState
 
     points = {p.key: p for p in grid_points(cfg)}
-    shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
     choices = {name: list(d.choices) for name, d in cfg.dims.items()}
     choices["seed"] = list(cfg.seeds)
     rng = random.Random(f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
@@ -351,10 +350,9 @@ def _held_points(study) -> set[str]:
     return {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False, states=_live_states())}
 
 
-def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial) -> None:
+def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: student_data.SharedData) -> None:
     from optuna.trial import TrialState
 
-    shared = student_data.SharedData()
     counted = _live_states()
     while True:
         for number in fail_stale_trials(study, cfg.stale_after_s):  # rerun a dead worker's config
@@ -404,23 +402,24 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     """Work on the sweep until no trial is left to start (other workers may still be running theirs).
     Returns the sweep folder; `kdpipe.sweep_report.build(folder)` summarises it."""
     out = cfg.out_dir()
-    inputs = _check_inputs(cfg)
+    shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
+    inputs = _check_inputs(cfg, shared)
     _claim_folder(cfg, out)
     study = open_study(cfg, out)
     _same_inputs(study, inputs)
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
-    worker(cfg, study, out, progress, on_trial)
+    worker(cfg, study, out, progress, on_trial, shared)
     return out
 
 
-def _check_inputs(cfg: SweepConfig) -> dict:
+def _check_inputs(cfg: SweepConfig, shared: student_data.SharedData) -> dict:
     """Fail before the sweep folder exists when its settings cannot make a run: the cache, the dataset and their
     match, the student's config and resolution, the cache's train split and stored views, and every loss the
     sweep may ask for against the cached targets (each run still checks the pixels). A refusal inside a trial
     left a folder whose recorded settings then refused the corrected command at the same --out. Returns what
     the sweep reads, by content (student_data.inputs_identity), which _same_inputs records in the study."""
     train = cfg.train
-    cache, dataset = student_data.open_source(train)
+    cache, dataset = shared.get(("source", *train_student.source_key(train)), lambda: student_data.open_source(train))
     inputs = student_data.inputs_identity(cache, dataset)
     student.image_size(student.student_config(train.student, train.student_config))
     alpha = cfg.dims["alpha"] if "alpha" in cfg.dims else None

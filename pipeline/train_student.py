@@ -73,8 +73,7 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     run_folder.claim(out, cfg.resume)
     generator = runtime.seed_everything(cfg.seed)
     shared = shared or SharedData()
-    source = (str(cfg.cache), cfg.dataset, cfg.image_column, cfg.label_column, cfg.train_split, cfg.val_split,
-              cfg.test_split)
+    source = source_key(cfg)
     cache, dataset = shared.get(("source", *source), lambda: student_data.open_source(cfg))
     model, init = initialise_student(cfg.student, dataset.label_names, cfg.student_config)
     set_bn_momentum(model, cfg.bn_momentum)
@@ -95,6 +94,12 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
                  student_data.with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
                  generator, sources=student_data.inputs_identity(cache, dataset),
                  scaler=runtime.grad_scaler(device, precision), rank=rank, world=world)
+
+
+def source_key(cfg: TrainConfig) -> tuple:
+    """The settings that decide what student_data.open_source reads: runs that share them share its result."""
+    return (str(cfg.cache), cfg.dataset, cfg.image_column, cfg.label_column, cfg.train_split, cfg.val_split,
+            cfg.test_split)
 
 
 def _checked_splits(cfg: TrainConfig, shared: SharedData, source: tuple, cache, dataset, inputs: dict, device,

@@ -386,3 +386,19 @@ def test_a_sweep_whose_cache_was_rebuilt_in_place_is_not_resumed(run_cli, image_
     make(make_teacher(tmp_path / "other", seed=1), force=True)
     code, out = run_cli(*args)
     assert code == 1 and "was started on other inputs" in out and "Traceback" not in out, out
+
+
+def test_the_check_before_the_folder_reads_the_cache_and_dataset_the_trials_then_reuse(cache_dir, tmp_path, monkeypatch):
+    """The sweep's up-front check opens the cache and the dataset (and hashes every image) once; its trials reuse
+    that, rather than each worker reading and hashing them again (for ImageNet, gigabytes of logits and images)."""
+    from kdpipe import student_data
+    from kdpipe.config import TrainConfig
+
+    calls = []
+    opened = student_data.open_source
+    monkeypatch.setattr(student_data, "open_source", lambda cfg: calls.append(cfg) or opened(cfg))
+    cfg = SweepConfig(train=TrainConfig(cache=cache_dir, epochs=1, precision="fp32", device="cpu",
+                                        student_config={"image_size": 32, "depth_multiplier": 0.35}),
+                      space={"temperature": "2,5"}, seeds=[0], out=tmp_path / "sw")
+    sweep.run(cfg)
+    assert len(calls) == 1 and len(list((tmp_path / "sw" / "runs").iterdir())) == 2
