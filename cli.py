@@ -361,6 +361,8 @@ def evaluate_cmd(
         m = evaluate.saved(run_dir, split=split, dataset=dataset, device=device)
     console.print(f"{split}: accuracy {m['accuracy']:.2%}  NLL {m['nll']:.4f}  macro-F1 {m['macro_f1']:.3f}  n={m['n']}" +
                   (f"  teacher agreement {m['teacher_agreement']:.2%}" if "teacher_agreement" in m else ""))
+    if m.get("teacher_note"):
+        console.print(m["teacher_note"], highlight=False)
     _print_confusion(m["confusion_matrix"], m["label_names"], f"{split} confusion (rows: true)")
 
 

@@ -41,12 +41,7 @@ def saved(run_dir: Path, split: str = "test", dataset: str | None = None, device
     inputs = with_tensors({"size": (proc.size["height"], proc.size["width"]), "resample": int(proc.resample),
                             "mean": list(proc.image_mean), "std": list(proc.image_std)}, dev)
     source = ds.splits[split]
-    teacher = None
-    cache_dir = r["config"].get("cache")
-    cached_path = logit_store.split_path(Path(cache_dir), split) if cache_dir else None
-    if cached_path is not None and cached_path.exists():
-        cached = logit_store.read_split(cached_path)
-        teacher = torch.from_numpy(cached.aligned_to(source.ids, source.labels, f"cache split {split!r}"))
+    teacher, teacher_note = _cached_teacher(r["config"].get("cache"), source)
     data = SplitData(split, source.ids,
                      pixels.as_tensor(pixels.load_or_build(source, inputs["size"], inputs["resample"],
                                                            progress=progress), dev),
@@ -58,7 +53,23 @@ def saved(run_dir: Path, split: str = "test", dataset: str | None = None, device
     report = metrics.classification_report(logits, source.labels, teacher.numpy() if teacher is not None else None)
     report["confusion_matrix"] = metrics.confusion_matrix(logits.argmax(1), source.labels, len(ds.label_names)).tolist()
     report["label_names"] = ds.label_names
+    if teacher_note:
+        report["teacher_note"] = teacher_note
     return report
+
+
+def _cached_teacher(cache_dir: str | None, source) -> tuple[torch.Tensor | None, str | None]:
+    """The run's cached teacher logits for this split's images, to measure agreement with the teacher: only where
+    the cache holds exactly these images (its dataset fingerprint); another dataset is evaluated without them,
+    with the reason."""
+    path = logit_store.split_path(Path(cache_dir), source.name) if cache_dir else None
+    if path is None or not path.exists():
+        return None, None
+    cached = logit_store.read_split(path)
+    if cached.meta["dataset_fingerprint"] != source.fingerprint():
+        return None, (f"teacher agreement not measured: the run's cache holds other images for split "
+                      f"{source.name!r} than this dataset")
+    return torch.from_numpy(cached.aligned_to(source.ids, source.labels, f"cache split {source.name!r}")), None
 
 
 def load_saved(run_dir: Path):

@@ -376,3 +376,17 @@ def test_resume_on_a_cache_rebuilt_in_place_is_refused(image_folder, teacher_dir
     with pytest.raises(KdpipeError, match=r"--resume: .* was started on other inputs \(cache split 'test', cache split "
                                           r"'train', cache split 'validation' changed since\)"):
         train_student.run(tiny_train_config(cache=cache, epochs=2, out=tmp_path / "run", resume=True))
+
+
+def test_evaluate_on_another_dataset_of_the_same_labels_skips_the_teacher_metrics(cache_dir, tmp_path):
+    """A student evaluated on new images of its classes: the cache holds no teacher logits for them, which used to
+    refuse the evaluation (`cache and dataset hold different examples`) though only the teacher metrics need them."""
+    from conftest import make_image_folder
+
+    train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "run", epochs=1))
+    own = evaluate.saved(tmp_path / "run", "test")
+    assert "teacher_agreement" in own and "teacher_note" not in own
+    other = make_image_folder(tmp_path / "new-images", per_class={"test": 3}, seed=7)
+    new = evaluate.saved(tmp_path / "run", "test", dataset=str(other))
+    assert new["n"] == 9 and "teacher_agreement" not in new
+    assert "teacher agreement not measured: the run's cache holds other images" in new["teacher_note"]
