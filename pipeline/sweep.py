@@ -166,7 +166,7 @@ def _claim_folder(cfg: SweepConfig, out: Path) -> None:
     try:
         os.link(tmp, path)  # atomic create-if-absent: of two workers starting together, one writes
     except FileExistsError:
-        saved = json.loads(path.read_text())
+        saved = load_spec(out)
         record["spec"] = _as_saved(record["spec"], saved["spec"])
         if saved["spec"] != record["spec"] or saved["study_name"] != record["study_name"]:
             differs = sorted(k for k in record["spec"] if record["spec"][k] != saved["spec"].get(k))
@@ -177,10 +177,18 @@ def _claim_folder(cfg: SweepConfig, out: Path) -> None:
 
 
 def load_spec(out: Path) -> dict:
+    """sweep.json of the sweep folder `out`: how to reopen its study, and its settings."""
     path = Path(out) / SPEC_FILE
     if not path.exists():
         raise KdpipeError(f"{out}: no {SPEC_FILE}; pass a folder written by kdpipe sweep")
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+        if not all(k in record for k in ("study_name", "storage", "spec")):
+            raise ValueError("a key is missing")
+    except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
+        raise KdpipeError(f"{path} is damaged ({type(e).__name__}: {e}); it is written once when the sweep starts: "
+                          "restore it, or start the sweep again in another --out") from None
+    return record
 
 
 # ------------------------------------------------------------------------------------ liveness

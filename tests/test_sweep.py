@@ -402,3 +402,12 @@ def test_the_check_before_the_folder_reads_the_cache_and_dataset_the_trials_then
                       space={"temperature": "2,5"}, seeds=[0], out=tmp_path / "sw")
     sweep.run(cfg)
     assert len(calls) == 1 and len(list((tmp_path / "sw" / "runs").iterdir())) == 2
+
+
+def test_a_damaged_sweep_json_is_one_line_for_the_report_and_the_rerun(run_cli, cache_dir, tmp_path):
+    args = ["--cache", cache_dir, "--temperature", "2", "--epochs", "1", "--seeds", "0", "--out", tmp_path / "sw", *TINY]
+    assert run_cli("sweep", *args)[0] == 0
+    (tmp_path / "sw" / "sweep.json").write_text('{"study_name": "sw", "stor')  # cut short
+    for argv in (["sweep-report", tmp_path / "sw"], ["sweep", *args]):
+        code, out = run_cli(*argv)
+        assert code == 1 and "sweep.json is damaged (JSONDecodeError" in out and "Traceback" not in out, out
