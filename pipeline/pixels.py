@@ -89,13 +89,18 @@ def load_or_build_views(split: Split, size: tuple[int, int], resample: int, boxe
 def _store(root: Path, split: Split, key: str, name: str, rows: int, size: tuple[int, int], build_rows, progress,
            extra: dict) -> np.ndarray:
     """Open `<root>/<key>/<name>.npy` as a memory map, or build it: rows come from build_rows(image index)
-    (a list per image), written into a temporary memory map that is renamed when complete."""
+    (a list per image), written into a temporary memory map that is renamed when complete. A store found
+    damaged (its JSON unreadable, the array cut short or of another shape) is built again: it is derived data."""
     folder = Path(root) / key
     path = folder / f"{name}.npy"
-    if path.exists():
-        meta = json.loads((folder / f"{name}.json").read_text())
-        if meta.get("ids") == split.ids:
-            return np.load(path, mmap_mode="c")
+    meta = _read_json(folder / f"{name}.json") if path.exists() else None
+    if meta is not None and meta.get("ids") == split.ids:
+        try:
+            arr = np.load(path, mmap_mode="c")
+            if arr.shape == (rows, size[0], size[1], 3) and arr.dtype == np.uint8:
+                return arr
+        except (OSError, ValueError):  # e.g. "mmap length is greater than file size": cut short
+            pass
     folder.mkdir(parents=True, exist_ok=True)
     tmp = files.temporary(path)
     try:
@@ -107,8 +112,8 @@ def _store(root: Path, split: Split, key: str, name: str, rows: int, size: tuple
                 progress(f"decode {split.name}", i + 1, len(split))
         arr.flush()
         del arr
-        (folder / f"{name}.json").write_text(json.dumps(
-            {"split": split.name, "fingerprint": split.fingerprint(), "size": list(size), **extra, "ids": split.ids}))
+        _write_json(folder / f"{name}.json",
+                    {"split": split.name, "fingerprint": split.fingerprint(), "size": list(size), **extra, "ids": split.ids})
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

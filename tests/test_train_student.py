@@ -229,6 +229,24 @@ def test_the_pixel_store_is_built_once_and_keyed_by_contents(image_folder, tmp_p
     assert len(list((tmp_path / "px").rglob("*.npy"))) == 2  # another resolution, another store
 
 
+@pytest.mark.parametrize("damage", ["cut-short", "json", "json-gone"])
+def test_a_damaged_pixel_store_is_built_again(image_folder, tmp_path, damage):
+    """The store is derived data: cut short (a disk filled by something else, a bad copy) or with its JSON
+    unreadable, it used to stop every run with a traceback (`mmap length is greater than file size`)."""
+    split = open_dataset(str(image_folder), splits=["test"]).splits["test"]
+    expected = np.array(pixels.load_or_build(split, (32, 32), 2, root=tmp_path / "px"))
+    store = next((tmp_path / "px").rglob("*.npy"))
+    if damage == "cut-short":
+        with open(store, "r+b") as f:
+            f.truncate(store.stat().st_size // 2)
+    elif damage == "json":
+        store.with_suffix(".json").write_text('{"ids": [')
+    else:
+        store.with_suffix(".json").unlink()
+    again = pixels.load_or_build(split, (32, 32), 2, root=tmp_path / "px")
+    assert np.array_equal(again, expected) and store.with_suffix(".json").exists()
+
+
 def test_an_existing_run_folder_is_not_overwritten(run_cli, cache_dir, tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "precious.txt").write_text("keep me")
