@@ -401,8 +401,7 @@ def views_agreement(c: Check) -> dict:
     train split, then the same views blended with mixup partners (views.sample_mixes): bit-equality is the
     claim (integer arithmetic in float64 for the resize, float32 for the blend)."""
     split, inp = c.dataset("train"), c.inputs()
-    stored = student_data.open_cache(c.cache(with_views=True))["train"].aligned_views(split.ids, split.labels,
-                                                                                         "device check")
+    stored = student_data.stored_views(student_data.open_cache(c.cache(with_views=True)), split)
     originals = pixels.load_or_build_originals(split)
     if originals is None:
         raise Skip("the train split's originals are over their cap: views decode per use, as on the CPU")
@@ -524,14 +523,12 @@ def agreement(c: Check, precision: str) -> dict:
 
 
 def _compare(got, ref) -> dict:
-    """Two caches of the same images: max |Δlogit|, mean KL(ref || got) and argmax agreement."""
+    """Two caches of the same images, as inspect-cache --verify compares live and cached logits
+    (cache_teacher._compare): max |Δlogit|, mean KL(ref || got) and argmax agreement."""
     if got.ids != ref.ids:
         raise RuntimeError("the two caches hold other images")
-    live, base = torch.tensor(got.logits), torch.tensor(ref.logits)  # copies: the files' arrays are read-only
-    kl = torch.nn.functional.kl_div(torch.log_softmax(live, 1), torch.log_softmax(base, 1), log_target=True,
-                                    reduction="none").sum(1)  # per image
-    return {"max_abs_logit_diff": float((live - base).abs().max()), "mean_kl": float(kl.mean()),
-            "argmax_agreement": float((live.argmax(1) == base.argmax(1)).float().mean())}
+    m = cache_teacher._compare(np.array(got.logits), np.array(ref.logits), None)  # copies: the files' are read-only
+    return {"max_abs_logit_diff": m["max_abs_diff"], "mean_kl": m["mean_kl"], "argmax_agreement": m["agreement"]}
 
 
 # ------------------------------------------------------------------------------------------ stage two

@@ -430,9 +430,8 @@ def _check_inputs(cfg: SweepConfig, shared: student_data.SharedData) -> dict:
     cache, dataset = shared.get(("source", *train_student.source_key(train)), lambda: student_data.open_source(train))
     inputs = student_data.inputs_identity(cache, dataset)
     student.image_size(student.student_config(train.student, train.student_config))
-    alpha = cfg.dims["alpha"] if "alpha" in cfg.dims else None
-    kd = max(alpha.choices) if alpha is not None and not alpha.is_range else \
-        alpha.high if alpha is not None else train.alpha  # the largest alpha the sweep runs
+    alpha = cfg.dims.get("alpha")
+    kd = train.alpha if alpha is None else alpha.high if alpha.is_range else max(alpha.choices)  # its largest alpha
     student_data.require_train_split(dataclasses.replace(train, alpha=kd), cache)
     stored = student_data.stored_views(cache, dataset.splits[train.train_split]) if train.views else None
     if not kd:
