@@ -232,6 +232,34 @@ def cache_teacher_cmd(flags: dict):
         console.print("valid cache found for these inputs: nothing to do")
 
 
+@app.command("demo")
+def demo_cmd():
+    """Run the whole pipeline on the embedded demo teacher and dataset (no network, nothing from elsewhere):
+    the three commands it prints, then the teacher, the distilled student and its λ = 0 twin side by side."""
+    import shlex
+
+    from kdpipe import demo
+
+    group = typer.main.get_command(app)
+    for argv in demo.STEPS:
+        console.rule(f"kdpipe {shlex.join(argv)}", align="left", style="dim")
+        code = group.main(argv, prog_name="kdpipe", standalone_mode=False)
+        if code:  # the step printed its own error line
+            raise typer.Exit(code)
+    with user_errors():
+        rows = demo.summary()
+    table = Table(title="the embedded demo: a teacher, its distilled student and the student's λ = 0 twin")
+    for col in ("", "model", "validation acc", "test acc", "test agreement with teacher", "folder"):
+        table.add_column(col, justify="right" if "acc" in col or "agreement" in col else "left")
+    for r in rows:
+        table.add_row(r.name, r.what, f"{r.validation:.1%}", f"{r.test:.1%}",
+                      "-" if r.test_agreement is None else f"{r.test_agreement:.1%}", r.folder)
+    console.print(table)
+    kd, twin = rows[1], rows[2]
+    console.print(f"distilled − twin on test: {100 * (kd.test - twin.test):+.1f} pp (one seed, "
+                  f"{demo.EPOCHS} epochs; docs/results.md has several seeds and longer budgets)", highlight=False)
+
+
 @app.command("inspect-cache")
 def inspect_cache_cmd(
     path: Path = typer.Argument(..., help="A cache folder (or one split's .parquet file)."),

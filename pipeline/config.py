@@ -89,9 +89,11 @@ class CacheConfig:
             self.out = Path(self.out)
 
     def out_dir(self) -> Path:
+        from . import demo
         from .data import slug
 
-        return self.out or DATA_ROOT / "cache" / slug(self.teacher) / slug(self.dataset)
+        names = slug(demo.resolve(self.teacher, "teacher")), slug(demo.resolve(self.dataset, "dataset"))
+        return self.out or DATA_ROOT.joinpath("cache", *names)
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

@@ -172,7 +172,9 @@ def open_dataset(
 def _load(spec: str, revision: str | None):
     import datasets
 
-    path = Path(spec).expanduser()
+    from . import demo
+
+    path = Path(demo.resolve(spec, "dataset")).expanduser()
     _refuse_empty_parquet(path)
     try:
         if path.is_file():

@@ -33,9 +33,10 @@ class Teacher:
 def load_teacher(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> Teacher:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    from . import demo
     from .data import looks_like_hub_id
 
-    local = Path(spec).expanduser()
+    local = Path(demo.resolve(spec, "teacher")).expanduser()
     if not local.exists() and not looks_like_hub_id(spec):  # a path (./x, /x, ~/x, a/b/c), not an owner/name id
         raise KdpipeError(f"--teacher {spec}: no such folder; pass a save_pretrained folder or a Hub id "
                           "like owner/name")
