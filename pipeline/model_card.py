@@ -20,7 +20,7 @@ import yaml
 
 from dataclasses import fields
 
-from .config import TRAIN_DEFAULTS, TrainConfig
+from .config import TRAIN_DEFAULTS, TrainConfig, set_by_flags
 from .settings import option_names
 from .data import looks_like_hub_id
 
@@ -67,15 +67,17 @@ def metadata(run: dict, name: str) -> dict:
 
 
 def reproduce_command(run: dict) -> str:
-    """The `kdpipe train-student` command of this run: the recipe's settings that differ from the defaults
-    (and those in ALWAYS), the precision it ran in, never where it ran or was written."""
-    cfg = run["config"]
+    """The `kdpipe train-student` command of this run: its --recipe and the settings that differ from the defaults
+    or the recipe's (and those in ALWAYS), the precision it ran in, never where it ran or was written."""
+    cfg, recipe = run["config"], set(run["config"].get("from_recipe") or ())  # settings --recipe gives
     args = ["kdpipe", "train-student"]
     for key, value in cfg.items():
         if key in NOT_RECIPE or key not in OPTIONS:  # not an option, or one a later kdpipe dropped
             continue
-        if key not in ALWAYS and value == TRAIN_DEFAULTS[key]:
+        if key not in ALWAYS and (value == TRAIN_DEFAULTS[key] or key in recipe):
             continue
+        if key == "student_config":
+            value = {k: v for k, v in value.items() if f"student_config.{k}" not in recipe}
         flag, off = option_names(OPTIONS[key])
         if isinstance(value, bool):
             args += [flag] if value else ([off] if TRAIN_DEFAULTS[key] and off else [])
@@ -152,6 +154,9 @@ def _recipe_section(run: dict) -> list[str]:
     views = ("the cache's stored augmented views, one per image per epoch" if cfg.get("views")
              else "none (the images themselves)")
     optimizer = f"AdamW, lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['schedule']} schedule"
+    if cfg.get("recipe"):
+        changed = set_by_flags(cfg)
+        recipe.append(("preset", f"`--recipe {cfg['recipe']}`" + (f", flags setting {', '.join(changed)}" if changed else "")))
     recipe += [("epochs", str(cfg["epochs"])), ("best epoch (chosen on validation)", str(run.get("best_epoch"))),
                ("views", views), ("seed", str(run.get("seed", cfg.get("seed")))), ("optimizer", optimizer),
                ("batch size", str(cfg["batch_size"])), ("precision", str(run.get("precision", "?")))]

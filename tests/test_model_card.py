@@ -22,7 +22,7 @@ def front_matter(text: str) -> dict:
 
 
 def hub_run(**config) -> dict:
-    return {"config": TrainConfig(cache="data/cache/vit/beans", loss="dkd", temperature=4.0, **config).to_dict(),
+    return {"config": TrainConfig(cache="data/cache/vit/beans", loss="dkd", temperature=4.0, **{"epochs": 30, **config}).to_dict(),
             "precision": "bf16", "seed": 3, "best_epoch": 7,
             "dataset": {"spec": "beans", "kind": "hub", "revision": "abc", "label_names": ["a", "b", "c"]},
             "dataset_fingerprints": {"train": "1" * 64, "validation": "2" * 64, "test": "3" * 64},
