@@ -144,7 +144,8 @@ def set_by_flags(config: dict) -> list[str]:
 @dataclass
 class TrainConfig:
     # data
-    cache: Path | None = setting(None, "Stage one's folder (required unless --alpha 0).", panel="Data")
+    cache: Path | None = setting(None, "Stage one's folder (required unless --alpha 0; with --alpha 0, the inputs of "
+                                       "its distilled runs).", panel="Data")
     dataset: str | None = setting(None, "Dataset.", shown="the one the cache was built from", panel="Data")
     image_column: str | None = setting(None, "Image column.", shown="as cached, or detected", panel="Data")
     label_column: str | None = setting(None, "Label column.", shown="as cached, or detected", panel="Data")
@@ -163,7 +164,10 @@ class TrainConfig:
     # the KD term
     temperature: float = setting(5.0, "Softmax temperature T of the KD term.", flags=("--temperature", "-T"),
                                  search="T", panel="Distillation")  # the guide's T
-    alpha: float = setting(0.5, "Weight of the KD term (0 = from scratch, 1 = pure distillation: labels unused).",
+    alpha: float = setting(0.5, "Weight of the KD term (0 = from scratch, 1 = pure distillation: labels unused). "
+                                "A distilled run's twin is --alpha 0 with the same --cache: the same inputs (the "
+                                "teacher's resolution, mean and std), only the KD term dropped; without a cache the "
+                                "inputs differ (mean/std 0.5, resolution from the images).",
                            flags=("--alpha", "--lambda"), search="a", panel="Distillation")  # the guide's lambda
     # optimisation: None = the recipe's value (RECIPES; the recipe is resolved in __post_init__)
     lr: float | None = setting(None, "Peak learning rate (AdamW).", shown=RECIPE_SHOWN, search="lr",

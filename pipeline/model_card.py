@@ -106,8 +106,12 @@ def _summary(run: dict) -> str:
         return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe with knowledge distillation "
                 f"from cached logits of the teacher `{teacher['spec']}`; the teacher was run once over the data and "
                 "never loaded in training.")
-    return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone "
-            "(λ = 0): the from-scratch twin against which distillation is measured.")
+    if teacher:  # λ = 0 on the cache: its inputs are the distilled runs' (the teacher processor's)
+        return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone "
+                f"(λ = 0) on the inputs of the teacher `{teacher['spec']}`'s cache: the from-scratch twin against "
+                "which distillation from that cache is measured.")
+    return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone (λ = 0), "
+            "without a teacher's cache (inputs normalised with mean and std 0.5).")
 
 
 def _teacher_section(run: dict) -> list[str]:

@@ -156,6 +156,10 @@ def teacher_input_size(cache: dict | None) -> int | None:
     return min(sides) if sides else None
 
 
+NO_CACHE_NOTE = ("no --cache: inputs normalised with mean and std 0.5, not a teacher's; the twin of a distilled run "
+                 "is --alpha 0 with its --cache (the same inputs, only the KD term dropped)")
+
+
 def input_spec(model, cache: dict | None) -> dict:
     """Student inputs: the student's resolution, with the teacher processor's filter and statistics
     (the guide feeds the student the teacher processor's pixels)."""

@@ -82,6 +82,8 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     if announce:
         announce(recipe_line(cfg))
         announce(f"student resolution {resolution['size'][0]} x {resolution['size'][1]} px: {resolution['reason']}")
+        if cache is None:
+            announce(student_data.NO_CACHE_NOTE)
     model, init = initialise_student(cfg.student, dataset.label_names, resolution["student_config"])
     set_bn_momentum(model, cfg.bn_momentum)
     device = runtime.resolve_device(cfg.device)

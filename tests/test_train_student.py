@@ -463,3 +463,28 @@ def test_the_student_resolution_is_the_teachers_never_above_the_images_and_print
     assert code == 0, out
     assert json.loads((tmp_path / "flag" / "run.json").read_text())["student"]["inputs"]["size"] == [40, 40]
     assert "student resolution 40 x 40 px: --student-config image_size" in " ".join(out.split()), out
+
+
+def test_the_from_scratch_twin_is_named_plainly(run_cli, cache_dir, image_folder, tmp_path):
+    """Issue 57, point 4: --dataset --alpha 0 normalises with 0.5/0.5, --cache --alpha 0 with the teacher's:
+    only the second is the distilled run's twin, and the run, the card and --help say which."""
+    from kdpipe import model_card
+
+    code, out = run_cli("train-student", "--dataset", image_folder, "--alpha", "0", "--out", tmp_path / "alone",
+                        *RESOLUTION_FLAGS, "--student-config", TINY_STUDENT)
+    assert code == 0 and "no --cache: inputs normalised with mean and std 0.5" in " ".join(out.split()), out
+    alone = json.loads((tmp_path / "alone" / "run.json").read_text())
+    assert "without a teacher's cache" in model_card.render(alone, "alone") and "twin" not in model_card.render(
+        alone, "alone").split("## Teacher")[0]
+    code, out = run_cli("train-student", "--cache", cache_dir, "--alpha", "0", "--out", tmp_path / "twin",
+                        *RESOLUTION_FLAGS, "--student-config", TINY_STUDENT)
+    assert code == 0 and "no --cache" not in out, out
+    twin = json.loads((tmp_path / "twin" / "run.json").read_text())
+    assert "the from-scratch twin" in model_card.render(twin, "twin")
+    assert twin["student"]["inputs"]["mean"] == [0.5, 0.4, 0.3] and alone["student"]["inputs"]["mean"] == [0.5] * 3
+    from typer.testing import CliRunner
+
+    from kdpipe import cli
+
+    help_text = " ".join(CliRunner().invoke(cli.app, ["train-student", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert "twin is --alpha 0 with the same --cache" in help_text
