@@ -61,6 +61,10 @@ class CacheConfig:
     device: str = setting("auto", "auto|cpu|cuda.")
     workers: int | None = setting(None, "Decoding processes beside the teacher.", shown="one per spare core")
     force: bool = setting(False, "Rebuild even if a valid cache for the same inputs exists.", flags=("--force",))
+    # generic names (LABEL_i) carry no class: matching them by position is the user's claim, so it is asked for
+    labels_by_index: bool = setting(False, "Match a teacher whose labels are generic (LABEL_0 ... LABEL_n, saved without "
+                                           "id2label) to the dataset's classes by position; recorded in the cache.",
+                                    flags=("--labels-by-index",))
     trust_remote_code: bool = setting(False, "Allow the teacher repository's own code (off: never run it unasked).",
                                       flags=("--trust-remote-code",))
     topk: int | None = setting(None, "Store only the K largest logits per image (+ logsumexp), for thousands of "
