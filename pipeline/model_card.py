@@ -15,6 +15,7 @@ text with its checksum or fingerprint instead.
 from __future__ import annotations
 
 import shlex
+from pathlib import PurePath
 
 import yaml
 
@@ -181,10 +182,13 @@ def _results_section(run: dict) -> list[str]:
 
 
 def _use_section(run: dict) -> list[str]:
+    names = run.get("label_names") or run["dataset"].get("label_names") or []
+    classes = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
     return ["", "## Reproduce", "", "```bash", reproduce_command(run), "```", "",
             "## Use", "", "```python", "from transformers import pipeline", "",
             'classify = pipeline("image-classification", model="path/to/this/folder")  # or its Hub repo id',
-            'classify("leaf.jpg")', "```", ""]
+            f'classify("image.png")  # an image like those of {_dataset_name(run["dataset"])}: scores for {classes}',
+            "```", ""]
 
 
 def _teacher(run: dict) -> dict | None:
@@ -196,9 +200,20 @@ def _on_hub(teacher: dict) -> bool:
     return looks_like_hub_id(teacher["spec"]) and not teacher.get("weights_sha256")
 
 
+# datasets' packaged loaders: a local folder or file of one of these names says how it is stored, not what it holds
+LOADER_NAMES = ("imagefolder", "parquet", "arrow", "csv", "json", "webdataset")
+
+
 def _dataset_name(dataset: dict) -> str:
+    """A Hub dataset's id; a local one's folder name (the folder holding it, for a file or a folder named after
+    a loader, such as digits/imagefolder: `imagefolder` would read as the Hub's loader)."""
     spec = dataset["spec"].rstrip("/")
-    return spec if dataset.get("kind") == "hub" else spec.rsplit("/", 1)[-1] or spec
+    if dataset.get("kind") == "hub":
+        return spec
+    path = PurePath(dataset.get("root") or spec)  # a file's root is its folder
+    path = path.parent if path.suffix in (".parquet", ".arrow") else path
+    path = path.parent if path.name.lower() in LOADER_NAMES else path
+    return path.name or spec
 
 
 def _labels(run: dict) -> str:

@@ -408,7 +408,7 @@ def test_evaluate_on_another_dataset_of_the_same_labels_skips_the_teacher_metric
     other = make_image_folder(tmp_path / "new-images", per_class={"test": 3}, seed=7)
     new = evaluate.saved(tmp_path / "run", "test", dataset=str(other))
     assert new["n"] == 9 and "teacher_agreement" not in new
-    assert "teacher agreement not measured: the run's cache holds other images" in new["teacher_note"]
+    assert "teacher agreement not measured: the run's cache has other example ids" in new["teacher_note"]
 
 
 def test_a_run_interrupted_before_recipes_existed_resumes_on_its_own_settings(cache_dir, tmp_path):
@@ -488,3 +488,30 @@ def test_the_from_scratch_twin_is_named_plainly(run_cli, cache_dir, image_folder
 
     help_text = " ".join(CliRunner().invoke(cli.app, ["train-student", "--help"], env={"COLUMNS": "400"}).output.split())
     assert "twin is --alpha 0 with the same --cache" in help_text
+
+
+def test_evaluate_names_an_interrupted_run_and_how_the_cache_differs(run_cli, cache_dir, image_folder, tmp_path):
+    """Issue 57, point 5: `evaluate` on a folder train-student left mid-run said "no run.json; pass a folder
+    written by kdpipe train-student"; on the same images under other ids or bytes, "other images"."""
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "cut", epochs=2), on_epoch=stop)
+    code, out = run_cli("evaluate", tmp_path / "cut")
+    flat = " ".join(out.split())
+    assert code == 1 and "interrupted after epoch 1" in flat and f"--out {tmp_path / 'cut'} --resume" in flat, out
+    train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "run", epochs=1))
+    renamed = shutil.copytree(image_folder, tmp_path / "renamed")  # the same pixels under other ids
+    for path in sorted((renamed / "test").rglob("*.png")):
+        path.rename(path.with_name("x-" + path.name))
+    note = evaluate.saved(tmp_path / "run", "test", dataset=str(renamed))["teacher_note"]
+    assert "other example ids" in note and "12 of this dataset's 12 ids are not in it" in note, note
+    reencoded = shutil.copytree(image_folder, tmp_path / "reencoded")  # the same ids, other bytes
+    for path in sorted((reencoded / "test").rglob("*.png")):
+        Image.open(path).save(path, compress_level=0)
+    note = evaluate.saved(tmp_path / "run", "test", dataset=str(reencoded))["teacher_note"]
+    assert "the same ids" in note and "other image bytes" in note, note
