@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from kdpipe import runtime, settings  # noqa: E402
-from kdpipe.config import CacheConfig, SweepConfig, TrainConfig  # noqa: E402
+from kdpipe.config import CacheConfig, SweepConfig, TrainConfig, recipe_line  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -325,7 +325,7 @@ def train_student_cmd(flags: dict):
     """Train a student against the cached teacher logits (the teacher is never loaded)."""
     from kdpipe import train_student
 
-    cfg = TrainConfig(**flags)
+    cfg = train_student.as_started(TrainConfig(**flags))
     if not runtime.main_process():  # under torchrun: rank 0 alone reports
         train_student.run(cfg)
         return
@@ -336,7 +336,8 @@ def train_student_cmd(flags: dict):
             bar.console.print(f"epoch {r['epoch']:>3}  loss {r['train']['loss']:.4f}  val acc {v['accuracy']:.2%}"
                               f"  nll {v['nll']:.3f}  f1 {v['macro_f1']:.3f}{extra}  {r['train_images_per_s']:.0f} img/s")
 
-        report = train_student.run(cfg, progress=_bars(bar), on_epoch=on_epoch)
+        report = train_student.run(cfg, progress=_bars(bar), on_epoch=on_epoch,
+                                   announce=lambda line: bar.console.print(line, highlight=False, soft_wrap=True))
     _print_run(report)
 
 
@@ -404,9 +405,10 @@ def sweep_cmd(train: dict, sweep: dict):
     it. The teacher is never loaded."""
     from kdpipe import sweep as sweeps, sweep_report
 
-    cfg = SweepConfig.from_flags(train, **sweep)
+    cfg = sweeps.as_started(SweepConfig.from_flags(train, **sweep))
     console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {cfg.sampler}, seeds {cfg.seeds}, "
-                  f"searching {', '.join(cfg.space) or 'nothing (seeds only)'}")
+                  f"searching {', '.join(cfg.space) or 'nothing (seeds only)'}; {recipe_line(cfg.train)}",
+                  highlight=False, soft_wrap=True)
     with _progress() as bar:
         on_progress = _bars(bar)
 

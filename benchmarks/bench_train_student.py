@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 
 from _common import busy_note, cpu_seconds, kd_step, print_table, sync  # noqa: E402
 from kdpipe import logit_store, pixels, runtime, train_student  # noqa: E402
-from kdpipe.config import TrainConfig  # noqa: E402
+from kdpipe.config import RECIPES, TrainConfig  # noqa: E402
 from kdpipe.loss import distillation_loss  # noqa: E402
 from kdpipe.student import build_student, set_bn_momentum  # noqa: E402
 from kdpipe.train_student import Setup, SplitData  # noqa: E402
@@ -83,7 +83,7 @@ def restrict(s: Setup, n: int, keep_teacher_logits: bool = True) -> int:
 
 
 def make_setup(args, alpha: float, cache: Path | None, dataset: str | None, out: Path) -> Setup:
-    cfg = TrainConfig(cache=cache, dataset=dataset, alpha=alpha, temperature=args.temperature, epochs=1,
+    cfg = TrainConfig(cache=cache, dataset=dataset, alpha=alpha, temperature=args.temperature, epochs=1, recipe="guide",
                       batch_size=args.batch_size, precision=args.precision, device=args.device, seed=args.seed,
                       test_split=None, out=out, log_tensorboard=False)
     return train_student.setup(cfg)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="stage one's cache folder")
     p.add_argument("--dataset", default=None, help="default: the dataset the cache was built from")
     p.add_argument("--images", type=int, default=None, help="first N train images (default 256; quick 64)")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="default 8, the guide's")
+    p.add_argument("--batch-size", type=int, default=RECIPES["guide"]["batch_size"], help="default 8, the guide's")
     p.add_argument("--repeats", type=int, default=None,
                    help="times each variant is measured, the best is kept (default 2; quick 1)")
     p.add_argument("--alpha", type=float, default=0.5, help="KD weight of the distilled variants")

@@ -11,7 +11,7 @@ steps 2-4 carries a `settings` block (arm_settings: what its arm ran with, from 
 report_results.py reads; folder and file names only say where a file is.
 
 1. `teacher.json`: cache the teacher over all splits (kdpipe.cache_teacher.run); accuracy, wall time.
-2. `guide/<arm>-seed<k>.json`: the guide's setup (the train-student defaults: AdamW, lr 5e-5, batch 8,
+2. `guide/<arm>-seed<k>.json`: the guide's setup (train-student --recipe guide: AdamW, lr 5e-5, batch 8,
    linear decay, 30 epochs), arms scratch (alpha 0) and distilled (T 5, alpha 0.5), seeds 0,1,2, each
    under three BatchNorm variants (BN_VARIANTS), one ordinary train-student run per variant:
      - "upstream": momentum 0.997 (transformers' MobileNetV2, i.e. the guide);
@@ -72,9 +72,11 @@ from kdpipe.views import ViewPolicy  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ARMS = {"scratch": {"alpha": 0.0}, "distilled": {"alpha": 0.5, "temperature": 5.0}}
-GUIDE = {}  # the guide's setup is train-student's defaults (AdamW, lr 5e-5, batch 8, linear decay); tests shrink it
-# step 2's BatchNorm variants, each a TrainConfig of its own
-BN_VARIANTS = {"upstream": {"bn_momentum": 0.997}, "momentum0.1": {"bn_momentum": 0.1}, "precise": {"precise_bn": True}}
+GUIDE = {"recipe": "guide"}  # the guide's setup (AdamW, lr 5e-5, batch 8, linear decay); tests shrink it
+# step 2's BatchNorm variants, each a TrainConfig of its own (momentum 0.1 under precise BN: as these ran, when it was
+# the default)
+BN_VARIANTS = {"upstream": {"bn_momentum": 0.997}, "momentum0.1": {"bn_momentum": 0.1},
+               "precise": {"precise_bn": True, "bn_momentum": 0.1}}
 RECIPE = {"batch_size": 32, "schedule": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.05, "epochs": 15,
           "temperature": 5.0, "student_config": {"classifier_dropout_prob": 0.2}}
 SCREEN = {"lr": "1e-3,3e-3", "alpha": "0,0.5,0.9"}

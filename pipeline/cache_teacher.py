@@ -370,7 +370,7 @@ def _setup(cfg: CacheConfig) -> _Job:
     dataset = open_dataset(cfg.dataset, splits=cfg.splits, image_column=cfg.image_column,
                            label_column=cfg.label_column, revision=cfg.dataset_revision)
     teacher = load_teacher(cfg.teacher, cfg.revision, cfg.trust_remote_code)
-    perm = label_mapping(teacher.label_names, dataset.label_names)
+    perm = label_mapping(teacher.label_names, dataset.label_names, cfg.labels_by_index)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device, precision)
@@ -384,7 +384,8 @@ def _setup(cfg: CacheConfig) -> _Job:
                               f"{', '.join(dataset.splits)})")
         spec = ViewSpec(cfg.views, cfg.augment, views.processor_inputs(processor, f"--teacher {cfg.teacher}"))
     common = _jsonable({
-        "teacher": {**teacher.identity, "label_map": perm.tolist()},
+        "teacher": {**teacher.identity, "label_map": perm.tolist(),
+                    **({"labels_matched": "by index (--labels-by-index)"} if cfg.labels_by_index else {})},
         "processor": processor,
         "label_names": dataset.label_names,
         "precision": precision,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import KdpipeError
@@ -17,6 +17,7 @@ from .views import ViewPolicy
 
 DATA_ROOT = Path("data")
 SCHEDULES = ("linear", "cosine", "constant")
+RECIPE_SHOWN = "the recipe's"
 
 
 def _check(ok: bool, message: str) -> None:
@@ -60,6 +61,10 @@ class CacheConfig:
     device: str = setting("auto", "auto|cpu|cuda.")
     workers: int | None = setting(None, "Decoding processes beside the teacher.", shown="one per spare core")
     force: bool = setting(False, "Rebuild even if a valid cache for the same inputs exists.", flags=("--force",))
+    # generic names (LABEL_i) carry no class: matching them by position is the user's claim, so it is asked for
+    labels_by_index: bool = setting(False, "Match a teacher whose labels are generic (LABEL_0 ... LABEL_n, saved without "
+                                           "id2label) to the dataset's classes by position; recorded in the cache.",
+                                    flags=("--labels-by-index",))
     trust_remote_code: bool = setting(False, "Allow the teacher repository's own code (off: never run it unasked).",
                                       flags=("--trust-remote-code",))
     topk: int | None = setting(None, "Store only the K largest logits per image (+ logsumexp), for thousands of "
@@ -99,10 +104,54 @@ class CacheConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
+# Named recipes: the optimisation settings a run takes where no flag sets them (`--recipe NAME`; a flag overrides
+# one value). student_config entries apply to the default student (MobileNetV2 from scratch) only: another
+# student's config may not have the field.
+RECIPES = {
+    # validated on real Beans (docs/results.md §3): 15 epochs of it beat the guide's 30 by 15 pp on test
+    "kdpipe": {"lr": 3e-3, "batch_size": 32, "epochs": 15, "schedule": "cosine", "warmup_ratio": 0.05,
+               "weight_decay": 0.05, "bn_momentum": 0.1, "student_config": {"classifier_dropout_prob": 0.2}},
+    # the Transformers guide exactly: Trainer's defaults, MobileNetV2's own dropout 0.8 and BN momentum 0.997
+    "guide": {"lr": 5e-5, "batch_size": 8, "epochs": 30, "schedule": "linear", "warmup_ratio": 0.0,
+              "weight_decay": 0.0, "bn_momentum": 0.997, "student_config": {}},
+    # kdpipe's defaults before recipes existed (the guide's, BN momentum 0.1, MobileNetV2 at its 224 px whatever
+    # the data): what a run or sweep started then resumes with (TrainConfig.as_started)
+    "before-recipes": {"lr": 5e-5, "batch_size": 8, "epochs": 30, "schedule": "linear", "warmup_ratio": 0.0,
+                       "weight_decay": 0.0, "bn_momentum": 0.1, "student_config": {"image_size": 224}},
+}
+BEFORE_RECIPES = "before-recipes"
+DEFAULT_RECIPE = "kdpipe"
+
+
+def _words(values: dict) -> str:
+    """{"lr": 0.003, "batch_size": 32} -> `lr 0.003, batch_size 32`."""
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+
+
+def describe_recipe(name: str) -> str:
+    """`lr 0.003, batch_size 32, ...`: a recipe's values as one line."""
+    values = {k: v for k, v in RECIPES[name].items() if k != "student_config"}
+    extra = ",".join(f"{k}={v}" for k, v in RECIPES[name]["student_config"].items())
+    return _words(values) + (f", student_config {extra}" if extra else "")
+
+
+def recipe_line(cfg: "TrainConfig") -> str:
+    """`recipe kdpipe: lr 0.003, ...; set by flags: lr 0.001`: the recipe and the values flags changed in it."""
+    flags = {k: getattr(cfg, k) for k in set_by_flags(cfg.to_dict())}
+    return f"recipe {cfg.recipe}: {describe_recipe(cfg.recipe)}" + (f"; set by flags: {_words(flags)}" if flags else "")
+
+
+def set_by_flags(config: dict) -> list[str]:
+    """The recipe's settings that flags set instead, in a TrainConfig.to_dict() (run.json's config)."""
+    return [k for k in RECIPES.get(config.get("recipe"), {}) if k != "student_config"
+            and k not in (config.get("from_recipe") or ())]
+
+
 @dataclass
 class TrainConfig:
     # data
-    cache: Path | None = setting(None, "Stage one's folder (required unless --alpha 0).", panel="Data")
+    cache: Path | None = setting(None, "Stage one's folder (required unless --alpha 0; with --alpha 0, the inputs of "
+                                       "its distilled runs).", panel="Data")
     dataset: str | None = setting(None, "Dataset.", shown="the one the cache was built from", panel="Data")
     image_column: str | None = setting(None, "Image column.", shown="as cached, or detected", panel="Data")
     label_column: str | None = setting(None, "Label column.", shown="as cached, or detected", panel="Data")
@@ -113,26 +162,33 @@ class TrainConfig:
     # None = MobileNetV2 (transformers defaults) from random init, as the guide
     student: str | None = setting(None, "Hub id or folder.", shown="MobileNetV2 from scratch", panel="Data")
     student_config: dict = setting(help="Config overrides, e.g. depth_multiplier=0.75,image_size=160 (fields of the "
-                                       "student's config; another name is refused).",
+                                       "student's config; another name is refused; the recipe may add "
+                                       "classifier_dropout_prob to MobileNetV2 from scratch).",
                                    factory=dict, parse=overrides, panel="Data")
     eval_size: int | None = setting(None, "Validate, test and save the student at this resolution.",
                                     shown="its training resolution", panel="Data")
     # the KD term
     temperature: float = setting(5.0, "Softmax temperature T of the KD term.", flags=("--temperature", "-T"),
                                  search="T", panel="Distillation")  # the guide's T
-    alpha: float = setting(0.5, "Weight of the KD term (0 = from scratch, 1 = pure distillation: labels unused).",
+    alpha: float = setting(0.5, "Weight of the KD term (0 = from scratch, 1 = pure distillation: labels unused). "
+                                "A distilled run's twin is --alpha 0 with the same --cache: the same inputs (the "
+                                "teacher's resolution, mean and std), only the KD term dropped; without a cache the "
+                                "inputs differ (mean/std 0.5, resolution from the images).",
                            flags=("--alpha", "--lambda"), search="a", panel="Distillation")  # the guide's lambda
-    # optimisation: the guide's (transformers Trainer defaults: AdamW 5e-5, batch 8, 30 epochs, linear decay)
-    lr: float = setting(5e-5, "Peak learning rate (AdamW).", search="lr", panel="Optimisation")
-    batch_size: int = setting(8, "Training batch size.", search="bs", panel="Optimisation")
-    epochs: int = setting(30, "Training epochs.", search="e", panel="Optimisation")
-    weight_decay: float = setting(0.0, "AdamW weight decay (not on biases and norm scales).", search="wd",
-                                  panel="Optimisation")
-    warmup_ratio: float = setting(0.0, "Fraction of steps of linear warm-up.", search="wu", panel="Optimisation")
-    schedule: str = setting("linear", "linear|cosine|constant learning-rate schedule.", search="", panel="Optimisation")
+    # optimisation: None = the recipe's value (RECIPES; the recipe is resolved in __post_init__)
+    lr: float | None = setting(None, "Peak learning rate (AdamW).", shown=RECIPE_SHOWN, search="lr",
+                               panel="Optimisation")
+    batch_size: int | None = setting(None, "Training batch size.", shown=RECIPE_SHOWN, search="bs", panel="Optimisation")
+    epochs: int | None = setting(None, "Training epochs.", shown=RECIPE_SHOWN, search="e", panel="Optimisation")
+    weight_decay: float | None = setting(None, "AdamW weight decay (not on biases and norm scales).", shown=RECIPE_SHOWN,
+                                         search="wd", panel="Optimisation")
+    warmup_ratio: float | None = setting(None, "Fraction of steps of linear warm-up.", shown=RECIPE_SHOWN, search="wu",
+                                         panel="Optimisation")
+    schedule: str | None = setting(None, "linear|cosine|constant learning-rate schedule.", shown=RECIPE_SHOWN,
+                                   search="", panel="Optimisation")
     # PyTorch semantics; transformers' MobileNetV2 ships 0.997, the guide's (docs/training.md)
-    bn_momentum: float | None = setting(0.1, "BatchNorm momentum, PyTorch semantics (0.997 = the guide's).",
-                                        search="bnm", panel="Optimisation")
+    bn_momentum: float | None = setting(None, "BatchNorm momentum, PyTorch semantics (0.997 = the guide's).",
+                                        shown=RECIPE_SHOWN, search="bnm", panel="Optimisation")
     precise_bn: bool = setting(False, "Recompute BN statistics on the train split before each evaluation.",
                                flags=("--precise-bn/--no-precise-bn",), panel="Optimisation")
     # augmentation: only the views the teacher saw (cache-teacher --views K, --view-mixup a), never an online
@@ -152,6 +208,13 @@ class TrainConfig:
                                 search="g", panel="Distillation")
     allow_changed_data: bool = setting(False, "Train although images changed since the cache was built "
                                               "(recorded in run.json).", flags=("--allow-changed-data",), panel="Data")
+    # the validated recipe: the guide's learns slowly from scratch (docs/results.md §3; issue 57)
+    recipe: str = setting(DEFAULT_RECIPE, "Named preset of the settings marked 'the recipe's': kdpipe (validated on Beans: "
+                                    f"{describe_recipe('kdpipe')}) | guide (the Transformers guide exactly: "
+                                    f"{describe_recipe('guide')}) | {BEFORE_RECIPES} (kdpipe's defaults until "
+                                    "recipes existed). A flag overrides one of its values.", panel="Optimisation")
+    # the settings the recipe set (no flag did), recorded in run.json; kept through dataclasses.replace
+    from_recipe: list[str] | None = setting(None, cli=False)
     # the run
     seed: int = setting(0, "Seed for init, data order and views.", panel="Run")
     precision: str = setting("auto", "auto|fp32|bf16|fp16 (auto: bf16 where the hardware is fast at it, else fp32).",
@@ -166,6 +229,7 @@ class TrainConfig:
                                     cli=False)
 
     def __post_init__(self):
+        self._apply_recipe()
         _finite_floats(self)
         if self.cache is not None:
             self.cache = Path(self.cache)
@@ -201,6 +265,43 @@ class TrainConfig:
                f"--test-split {self.test_split} is also --train-split: the test score would be measured on trained "
                "images; pass a held-out split, or --test-split '' for none")
 
+    def _apply_recipe(self) -> None:
+        """Settings left None take the recipe's value; from_recipe names them (and keeps, from a config this one
+        was copied from, those still at the recipe's value)."""
+        _check(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)} (got {self.recipe!r})")
+        preset, earlier = RECIPES[self.recipe], set(self.from_recipe or ())
+        taken = set()
+        for name, value in preset.items():
+            if name == "student_config":
+                continue
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+                taken.add(name)
+            elif name in earlier and getattr(self, name) == value:
+                taken.add(name)
+        self.student_config = dict(self.student_config)
+        for key, value in preset["student_config"].items() if self.student is None else ():
+            name = f"student_config.{key}"
+            if key not in self.student_config:
+                self.student_config[key] = value
+                taken.add(name)
+            elif name in earlier and self.student_config[key] == value:
+                taken.add(name)
+        self.from_recipe = sorted(taken)
+
+    def as_started(self, saved: dict | None) -> "TrainConfig":
+        """This config for resuming a run or sweep started with the settings `saved` (None: none started): one
+        started before recipes existed, resumed without --recipe, takes the defaults of then for the settings
+        no flag gives."""
+        old = saved is not None and "recipe" not in saved and self.recipe == DEFAULT_RECIPE
+        return self.under_recipe(BEFORE_RECIPES) if old else self
+
+    def under_recipe(self, recipe: str) -> "TrainConfig":
+        """The same flags under another recipe: every setting the recipe set takes the other recipe's value."""
+        reset = {name: None for name in self.from_recipe if "." not in name}
+        own = {k: v for k, v in self.student_config.items() if f"student_config.{k}" not in self.from_recipe}
+        return replace(self, recipe=recipe, student_config=own, from_recipe=None, **reset)
+
     def run_name(self) -> str:
         if self.name:
             return self.name
@@ -225,7 +326,17 @@ def comparable(now: dict, saved: dict) -> dict:
     """`now` (a TrainConfig.to_dict(), or part of one) as the kdpipe that wrote `saved` would have written it:
     less the settings `saved` lacks that hold their default (added since; their default is what the earlier
     kdpipe did), plus the removed settings `saved` has, at the value that means what kdpipe does now. So runs
-    and sweeps started before an upgrade resume, and one that used a removed setting differs in it."""
+    and sweeps started before an upgrade resume, and one that used a removed setting differs in it. One started
+    before recipes resumes under the recipe `before-recipes` (train_student.run, sweep.run: the defaults then)."""
+    implicit = set(now.get("from_recipe") or ())
+    now = {k: v for k, v in now.items() if k != "from_recipe"}  # which settings flags gave: the values are compared
+    if "from_recipe" in saved:
+        now["from_recipe"] = saved["from_recipe"]
+    if "recipe" not in saved and now.get("recipe") == BEFORE_RECIPES:  # started before recipes, resumed as it was
+        del now["recipe"]
+        if "student_config" in now:  # what that kdpipe left implicit (224 px) it did not write
+            now["student_config"] = {k: v for k, v in now["student_config"].items()
+                                     if f"student_config.{k}" not in implicit}
     out = {k: v for k, v in now.items() if k in saved or k not in TRAIN_DEFAULTS or v != TRAIN_DEFAULTS[k]}
     return {**out, **{k: v for k, v in REMOVED.items() if k in saved}}
 

@@ -67,9 +67,20 @@ def _cached_teacher(cache_dir: str | None, source) -> tuple[torch.Tensor | None,
         return None, None
     cached = logit_store.read_split(path)
     if cached.meta["dataset_fingerprint"] != source.fingerprint():
-        return None, (f"teacher agreement not measured: the run's cache holds other images for split "
-                      f"{source.name!r} than this dataset")
+        return None, f"teacher agreement not measured: {_how_they_differ(cached, source)}"
     return torch.from_numpy(cached.aligned_to(source.ids, source.labels, f"cache split {source.name!r}")), None
+
+
+def _how_they_differ(cached, source) -> str:
+    """Why the cache's split is not this dataset's: its example ids, or (same ids) the image bytes or labels.
+    The same pixels in another format (PNG folder, Parquet) differ in ids or in bytes, never in nothing."""
+    name, ids = source.name, set(source.ids)
+    missing = len(ids - set(cached.ids))
+    if missing or len(ids) != len(set(cached.ids)):
+        return (f"the run's cache has other example ids for split {name!r} ({missing} of this dataset's {len(ids)} "
+                f"ids are not in it; the cache has {len(set(cached.ids))}): images are matched by id")
+    return (f"the run's cache has the same ids for split {name!r} but other image bytes or labels (another format "
+            "or re-encoded images are other bytes: the teacher saw other pixels, or other labels)")
 
 
 def load_saved(run_dir: Path):
@@ -77,6 +88,11 @@ def load_saved(run_dir: Path):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     if not (run_dir / run_folder.RUN_JSON).exists():
+        if (run_dir / run_folder.CHECKPOINT).exists():
+            done = len(run_folder.read_history(run_dir)) if (run_dir / run_folder.METRICS).exists() else 0
+            raise KdpipeError(f"{run_dir}: its training was interrupted after epoch {done}, before the student was "
+                              f"saved; finish it with kdpipe train-student --out {run_dir} --resume and the flags it "
+                              "was started with, then evaluate it")
         raise KdpipeError(f"{run_dir}: no run.json; pass a folder written by kdpipe train-student")
     r = run_folder.load_report(run_dir).run
     model_dir = run_dir / run_folder.MODEL

@@ -15,12 +15,13 @@ text with its checksum or fingerprint instead.
 from __future__ import annotations
 
 import shlex
+from pathlib import PurePath
 
 import yaml
 
 from dataclasses import fields
 
-from .config import TRAIN_DEFAULTS, TrainConfig
+from .config import TRAIN_DEFAULTS, TrainConfig, set_by_flags
 from .settings import option_names
 from .data import looks_like_hub_id
 
@@ -67,15 +68,17 @@ def metadata(run: dict, name: str) -> dict:
 
 
 def reproduce_command(run: dict) -> str:
-    """The `kdpipe train-student` command of this run: the recipe's settings that differ from the defaults
-    (and those in ALWAYS), the precision it ran in, never where it ran or was written."""
-    cfg = run["config"]
+    """The `kdpipe train-student` command of this run: its --recipe and the settings that differ from the defaults
+    or the recipe's (and those in ALWAYS), the precision it ran in, never where it ran or was written."""
+    cfg, recipe = run["config"], set(run["config"].get("from_recipe") or ())  # settings --recipe gives
     args = ["kdpipe", "train-student"]
     for key, value in cfg.items():
         if key in NOT_RECIPE or key not in OPTIONS:  # not an option, or one a later kdpipe dropped
             continue
-        if key not in ALWAYS and value == TRAIN_DEFAULTS[key]:
+        if key not in ALWAYS and (value == TRAIN_DEFAULTS[key] or key in recipe):
             continue
+        if key == "student_config":
+            value = {k: v for k, v in value.items() if f"student_config.{k}" not in recipe}
         flag, off = option_names(OPTIONS[key])
         if isinstance(value, bool):
             args += [flag] if value else ([off] if TRAIN_DEFAULTS[key] and off else [])
@@ -104,8 +107,12 @@ def _summary(run: dict) -> str:
         return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe with knowledge distillation "
                 f"from cached logits of the teacher `{teacher['spec']}`; the teacher was run once over the data and "
                 "never loaded in training.")
-    return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone "
-            "(λ = 0): the from-scratch twin against which distillation is measured.")
+    if teacher:  # λ = 0 on the cache: its inputs are the distilled runs' (the teacher processor's)
+        return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone "
+                f"(λ = 0) on the inputs of the teacher `{teacher['spec']}`'s cache: the from-scratch twin against "
+                "which distillation from that cache is measured.")
+    return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone (λ = 0), "
+            "without a teacher's cache (inputs normalised with mean and std 0.5).")
 
 
 def _teacher_section(run: dict) -> list[str]:
@@ -152,6 +159,9 @@ def _recipe_section(run: dict) -> list[str]:
     views = ("the cache's stored augmented views, one per image per epoch" if cfg.get("views")
              else "none (the images themselves)")
     optimizer = f"AdamW, lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['schedule']} schedule"
+    if cfg.get("recipe"):
+        changed = set_by_flags(cfg)
+        recipe.append(("preset", f"`--recipe {cfg['recipe']}`" + (f", flags setting {', '.join(changed)}" if changed else "")))
     recipe += [("epochs", str(cfg["epochs"])), ("best epoch (chosen on validation)", str(run.get("best_epoch"))),
                ("views", views), ("seed", str(run.get("seed", cfg.get("seed")))), ("optimizer", optimizer),
                ("batch size", str(cfg["batch_size"])), ("precision", str(run.get("precision", "?")))]
@@ -172,10 +182,13 @@ def _results_section(run: dict) -> list[str]:
 
 
 def _use_section(run: dict) -> list[str]:
+    names = run.get("label_names") or run["dataset"].get("label_names") or []
+    classes = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
     return ["", "## Reproduce", "", "```bash", reproduce_command(run), "```", "",
             "## Use", "", "```python", "from transformers import pipeline", "",
             'classify = pipeline("image-classification", model="path/to/this/folder")  # or its Hub repo id',
-            'classify("leaf.jpg")', "```", ""]
+            f'classify("image.png")  # an image like those of {_dataset_name(run["dataset"])}: scores for {classes}',
+            "```", ""]
 
 
 def _teacher(run: dict) -> dict | None:
@@ -187,9 +200,20 @@ def _on_hub(teacher: dict) -> bool:
     return looks_like_hub_id(teacher["spec"]) and not teacher.get("weights_sha256")
 
 
+# datasets' packaged loaders: a local folder or file of one of these names says how it is stored, not what it holds
+LOADER_NAMES = ("imagefolder", "parquet", "arrow", "csv", "json", "webdataset")
+
+
 def _dataset_name(dataset: dict) -> str:
+    """A Hub dataset's id; a local one's folder name (the folder holding it, for a file or a folder named after
+    a loader, such as digits/imagefolder: `imagefolder` would read as the Hub's loader)."""
     spec = dataset["spec"].rstrip("/")
-    return spec if dataset.get("kind") == "hub" else spec.rsplit("/", 1)[-1] or spec
+    if dataset.get("kind") == "hub":
+        return spec
+    path = PurePath(dataset.get("root") or spec)  # a file's root is its folder
+    path = path.parent if path.suffix in (".parquet", ".arrow") else path
+    path = path.parent if path.name.lower() in LOADER_NAMES else path
+    return path.name or spec
 
 
 def _labels(run: dict) -> str:

@@ -88,6 +88,15 @@ def refuse_other_settings(cfg: TrainConfig, saved: dict, out: Path) -> None:
                           "use the same flags, or another --out")
 
 
+def saved_config(out: Path) -> dict | None:
+    """The settings a run in `out` was started with (its run.json, else its checkpoint); None if none."""
+    if (Path(out) / RUN_JSON).exists():
+        return load_report(out).run.get("config", {})
+    if (Path(out) / CHECKPOINT).exists():
+        return dict(read_checkpoint(Path(out) / CHECKPOINT)["config"])
+    return None
+
+
 @dataclass
 class RunReport:
     out: Path

@@ -80,9 +80,12 @@ def _refuse_unknown(config, overrides: dict) -> None:
             raise KdpipeError(f"--student-config {key}: not a field of {type(config).__name__}; {hint}")
 
 
+MOBILENET_SIZE = 224  # MobileNetV2Config's image_size, and the size of a config that names none
+
+
 def image_size(config) -> tuple[int, int]:
     """The student's input resolution (H, W) from its config (224 where the config names none)."""
-    size = getattr(config, "image_size", 224)
+    size = getattr(config, "image_size", MOBILENET_SIZE)
     size = (size, size) if isinstance(size, int) else tuple(size)
     if min(size) < 1:
         raise KdpipeError(f"--student-config: image size {size} must be at least 1 pixel a side")

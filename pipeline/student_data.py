@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .data import ImageDataset, open_dataset, reopen_dataset
 from .errors import KdpipeError
 from .logit_store import TopK
-from .student import image_size
+from .student import MOBILENET_SIZE, image_size, student_config
 
 DEFAULT_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # used only without a cache (alpha = 0): ViT's
 
@@ -111,6 +111,53 @@ def dataset_for(cfg: TrainConfig, cache: dict | None) -> ImageDataset:
         raise KdpipeError(f"--dataset {dataset.spec} has labels {dataset.label_names} but --cache {cfg.cache} has "
                           f"{meta['label_names']}; use the dataset the cache was built from")
     return dataset
+
+
+SIZE_SAMPLE = 64  # train images, evenly spaced, whose size bounds the student's resolution (all: slow on big sets)
+
+
+def student_resolution(cfg: TrainConfig, cache: dict | None, dataset: ImageDataset) -> dict:
+    """The student's config overrides with its resolution where no flag sets it, and why: MobileNetV2 from
+    scratch takes the teacher's input size (its processor, in the cache), never above the images' own size
+    (the largest short side of SIZE_SAMPLE train images): upscaling adds pixels, not information, and costs
+    (issue 57: 32-px digits trained at 224 px ran 12x slower). A --student checkpoint keeps its config's.
+    Returns {"student_config", "size": [H, W], "reason"}."""
+    overrides = dict(cfg.student_config)
+    if "image_size" in overrides or cfg.student is not None:
+        why = "--student-config image_size" if "image_size" in overrides else f"the --student {cfg.student} config's"
+        return {"student_config": overrides, "size": list(image_size(student_config(cfg.student, overrides))),
+                "reason": why}
+    teacher = teacher_input_size(cache)
+    split = dataset.splits[cfg.train_split]
+    rows = np.unique(np.linspace(0, len(split) - 1, min(SIZE_SAMPLE, len(split))).round().astype(int))
+    largest = max(min(split.image(int(i)).size) for i in rows)  # PIL size: (W, H)
+    size = min(teacher or MOBILENET_SIZE, largest)
+    if teacher is None:
+        why = (f"the images' own size (the largest short side of {len(rows)} train images; MobileNetV2's "
+               f"{MOBILENET_SIZE} would only upscale them)" if size < MOBILENET_SIZE else
+               f"MobileNetV2's default (no cache: the teacher's input size is unknown)")
+    else:
+        why = (f"the teacher's input size (its processor)" if size == teacher else
+               f"the images' own size (the largest short side of {len(rows)} train images), below the teacher's "
+               f"{teacher} px")
+    return {"student_config": {**overrides, "image_size": int(size)}, "size": [int(size)] * 2,
+            "reason": why + "; --student-config image_size=N sets another"}
+
+
+def teacher_input_size(cache: dict | None) -> int | None:
+    """The side of the teacher's input (its processor: the crop if it crops, else its resize), None if unknown."""
+    if not cache:
+        return None
+    proc = next(iter(cache.values())).meta["processor"]
+    size = (proc.get("crop_size") if proc.get("do_center_crop") else None) or proc.get("size") or {}
+    if isinstance(size, int):
+        return size
+    sides = [size[k] for k in ("height", "width", "shortest_edge") if isinstance(size.get(k), int)]
+    return min(sides) if sides else None
+
+
+NO_CACHE_NOTE = ("no --cache: inputs normalised with mean and std 0.5, not a teacher's; the twin of a distilled run "
+                 "is --alpha 0 with its --cache (the same inputs, only the KD term dropped)")
 
 
 def input_spec(model, cache: dict | None) -> dict:

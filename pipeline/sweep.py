@@ -249,7 +249,8 @@ def _run_one(cfg: SweepConfig, trial, params: dict, seed: int, out: Path, report
              progress: Callable | None, shared: student_data.SharedData) -> dict:
     """One train-student run folder; resumes a folder left by a dead worker. Returns its summary."""
     run_dir = out / "runs" / f"{config_key(params)}-seed{seed}"
-    tcfg = dataclasses.replace(cfg.train, **params, seed=seed, out=run_dir, name=None, resume=True)
+    tcfg = dataclasses.replace(cfg.train, **params, seed=seed, out=run_dir, name=None, resume=True,
+                               from_recipe=[n for n in cfg.train.from_recipe if n not in params])  # searched: not the recipe's
     done = []
     if report_epochs and (run_dir / "metrics.jsonl").exists():  # epochs of an earlier attempt
         done = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
@@ -409,7 +410,7 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
         on_trial: Callable[[TrialResult, int], None] | None = None) -> Path:
     """Work on the sweep until no trial is left to start (other workers may still be running theirs).
     Returns the sweep folder; `kdpipe.sweep_report.build(folder)` summarises it."""
-    out = cfg.out_dir()
+    out, cfg = cfg.out_dir(), as_started(cfg)
     shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
     inputs = _check_inputs(cfg, shared)
     _claim_folder(cfg, out)
@@ -418,6 +419,13 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
     worker(cfg, study, out, progress, on_trial, shared)
     return out
+
+
+def as_started(cfg: SweepConfig) -> SweepConfig:
+    """The sweep as it runs: rerun or joined, one started before recipes keeps its defaults of then."""
+    if not (cfg.out_dir() / SPEC_FILE).exists():
+        return cfg
+    return dataclasses.replace(cfg, train=cfg.train.as_started(load_spec(cfg.out_dir())["spec"]["train"]))
 
 
 def _check_inputs(cfg: SweepConfig, shared: student_data.SharedData) -> dict:
@@ -429,7 +437,7 @@ def _check_inputs(cfg: SweepConfig, shared: student_data.SharedData) -> dict:
     train = cfg.train
     cache, dataset = shared.get(("source", *train_student.source_key(train)), lambda: student_data.open_source(train))
     inputs = student_data.inputs_identity(cache, dataset)
-    student.image_size(student.student_config(train.student, train.student_config))
+    student_data.student_resolution(train, cache, dataset)  # its config and resolution, as each run sees them
     alpha = cfg.dims.get("alpha")
     kd = train.alpha if alpha is None else alpha.high if alpha.is_range else max(alpha.choices)  # its largest alpha
     student_data.require_train_split(dataclasses.replace(train, alpha=kd), cache)

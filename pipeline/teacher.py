@@ -1,5 +1,5 @@
 """Load a fine-tuned teacher (hub id or `save_pretrained` folder) with its own image processor, and map
-its labels onto a dataset's labels by name."""
+its labels onto a dataset's labels by name (or, asked for, by index where its names are generic)."""
 
 from __future__ import annotations
 
@@ -95,17 +95,35 @@ def _label_key(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
-def label_mapping(teacher_names: list[str], dataset_names: list[str]) -> np.ndarray:
+def generic_names(names: list[str]) -> bool:
+    """LABEL_0 ... LABEL_{n-1} in order: transformers' names for a config saved without id2label."""
+    return names == [f"LABEL_{i}" for i in range(len(names))]
+
+
+def label_mapping(teacher_names: list[str], dataset_names: list[str], by_index: bool = False) -> np.ndarray:
     """Column order that puts teacher logits in dataset label order: `teacher_logits[:, perm]`.
 
     Names are compared ignoring case and `_`/`-`/space differences; any other difference is refused
     (re-initialising the head, as `ignore_mismatched_sizes=True` does, would yield a useless teacher).
+    `by_index` (--labels-by-index): a teacher with generic names (LABEL_i) whose count agrees is matched by
+    position, output i to the dataset's class i; asked for, never assumed.
     """
+    generic = generic_names(teacher_names) and len(teacher_names) == len(dataset_names)
+    if by_index:
+        if not generic:
+            raise KdpipeError(f"--labels-by-index matches a teacher with generic labels (LABEL_0 ... LABEL_{{n-1}}) "
+                              f"to as many dataset classes; {_describe_mismatch(teacher_names, dataset_names, str)}: "
+                              "leave it out (labels are then matched by name)")
+        return np.arange(len(dataset_names), dtype=np.int64)
     key = _label_key
     if len({key(n) for n in teacher_names}) < len(teacher_names) or len({key(n) for n in dataset_names}) < len(dataset_names):
         key = str  # names that differ only in case or separators ("leaf spot", "leaf_spot"): match exactly
     index = {key(n): i for i, n in enumerate(teacher_names)}
     if len(teacher_names) != len(dataset_names) or any(key(n) not in index for n in dataset_names):
+        if generic:
+            raise KdpipeError(f"{_describe_mismatch(teacher_names, dataset_names, key)}: the teacher's names are "
+                              "generic (saved without id2label); if it was fine-tuned on these classes in this order, "
+                              "pass --labels-by-index to match output i to class i (recorded in the cache)")
         raise KdpipeError(f"{_describe_mismatch(teacher_names, dataset_names, key)}; use a teacher fine-tuned on "
                           "these classes (labels are matched by name)")
     return np.array([index[key(n)] for n in dataset_names], dtype=np.int64)

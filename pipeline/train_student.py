@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import files, locking, loss, metrics, model_card, pixels, run_folder, runtime, student_data, views
-from .config import TrainConfig
+from .config import TrainConfig, recipe_line
 from .data import ImageDataset
 from .errors import KdpipeError
 from .evaluate import predict
@@ -65,17 +65,26 @@ class Setup:
 # --------------------------------------------------------------------------------------------- setup
 
 
-def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData | None = None) -> Setup:
+def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData | None = None,
+          announce: Callable[[str], None] | None = None) -> Setup:
     """Everything a run needs, decided once: its folder claimed, the seed set, the student built (random
     init, after the seed), the data loaded and checked against the cache, the model on its device with its
-    optimiser, schedule and (under torchrun) DDP wrapper. `shared` lets a sweep's runs read the data once."""
+    optimiser, schedule and (under torchrun) DDP wrapper. `shared` lets a sweep's runs read the data once;
+    `announce` gets a line for the user: the student's resolution and why."""
     out = cfg.out_dir()
     run_folder.claim(out, cfg.resume)
     generator = runtime.seed_everything(cfg.seed)
     shared = shared or SharedData()
     source = source_key(cfg)
     cache, dataset = shared.get(("source", *source), lambda: student_data.open_source(cfg))
-    model, init = initialise_student(cfg.student, dataset.label_names, cfg.student_config)
+    resolution = shared.get(("resolution", *source, cfg.student, json.dumps(cfg.student_config, sort_keys=True)),
+                            lambda: student_data.student_resolution(cfg, cache, dataset))
+    if announce:
+        announce(recipe_line(cfg))
+        announce(f"student resolution {resolution['size'][0]} x {resolution['size'][1]} px: {resolution['reason']}")
+        if cache is None:
+            announce(student_data.NO_CACHE_NOTE)
+    model, init = initialise_student(cfg.student, dataset.label_names, resolution["student_config"])
     set_bn_momentum(model, cfg.bn_momentum)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
@@ -89,7 +98,8 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     forward = runtime.compile_model(model, device) if cfg.compile else model
     if world > 1:  # data-parallel: gradients averaged across processes every step
         forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
-    provenance = {**_provenance(cfg, cache, dataset, device, precision), "student_init": init}
+    provenance = {**_provenance(cfg, cache, dataset, device, precision), "student_init": init,
+                  "student_resolution": {"size": resolution["size"], "reason": resolution["reason"]}}
     return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
                  student_data.with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
                  generator, sources=student_data.inputs_identity(cache, dataset),
@@ -470,10 +480,16 @@ def _run_record(s: Setup, val: dict, test: dict | None, confusion: list | None, 
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def as_started(cfg: TrainConfig) -> TrainConfig:
+    """The run as it trains: resumed, one started before recipes keeps its defaults of then."""
+    return cfg.as_started(run_folder.saved_config(cfg.out_dir())) if cfg.resume else cfg
+
+
 def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[dict], None] | None = None,
-        shared: SharedData | None = None) -> RunReport:
+        shared: SharedData | None = None, announce: Callable[[str], None] | None = None) -> RunReport:
     """setup -> (resume) -> fit -> finish. A finished run with --resume returns its saved report."""
     start = time.perf_counter()
+    cfg = as_started(cfg)
     finished = cfg.out_dir() / run_folder.RUN_JSON
     if cfg.resume and finished.exists():  # nothing to train: its report, if these are its settings
         report = load_report(cfg.out_dir())
@@ -482,7 +498,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None, on_epoch: Callable[[
     if runtime.distributed()[1] > 1:
         runtime.start_distributed(runtime.resolve_device(cfg.device))
     with locking.exclusive_for_job(cfg.out_dir()):
-        s = setup(cfg, progress, shared)
+        s = setup(cfg, progress, shared, announce)
         earlier = 0.0  # seconds the interrupted attempts spent on the epochs resumed from
         if cfg.resume and resume(s):
             earlier = sum(r["epoch_time_s"] for r in s.history)

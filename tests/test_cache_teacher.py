@@ -120,6 +120,27 @@ def test_a_label_mismatch_is_refused_naming_both_lists(run_cli, image_folder, tm
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").glob("*.parquet"))
 
 
+def test_a_teacher_with_generic_labels_is_matched_by_index_only_when_asked(run_cli, image_folder, tmp_path):
+    """Issue 57, point 3: LABEL_0 ... LABEL_2 (saved without id2label) got advice that did not fit."""
+    generic = make_teacher(tmp_path / "g", ["LABEL_0", "LABEL_1", "LABEL_2"])
+    base = ["cache-teacher", "--teacher", generic, "--dataset", image_folder, "--splits", "test",
+            "--precision", "fp32", "--workers", "0"]
+    code, out = run_cli(*base, "--out", tmp_path / "refused")
+    assert code == 1 and "generic" in out and "--labels-by-index" in out and "Traceback" not in out, out
+    assert not list((tmp_path / "refused").glob("*.parquet"))
+    code, out = run_cli(*base, "--out", tmp_path / "c", "--labels-by-index")
+    assert code == 0, out
+    meta = logit_store.read_meta(tmp_path / "c" / "test.parquet")
+    assert meta["teacher"]["label_map"] == [0, 1, 2] and meta["teacher"]["labels_matched"].startswith("by index")
+    ids, ref = direct_logits(generic, image_folder, "test")  # output i is class i
+    got = cached(tmp_path / "c", "test")
+    np.testing.assert_allclose(np.stack([got[i] for i in ids]), ref, atol=2e-5)
+    for names in (CLASSES, ["LABEL_0", "LABEL_1"]):  # named labels, or a count that differs: never by index
+        teacher = make_teacher(tmp_path / f"t{len(names)}", names)
+        code, out = run_cli(*base[:2], teacher, *base[3:], "--out", tmp_path / f"o{len(names)}", "--labels-by-index")
+        assert code == 1 and "--labels-by-index matches a teacher with generic labels" in out, out
+
+
 def test_odd_image_modes_are_converted_to_rgb(teacher_dir, tmp_path):
     folder = tmp_path / "modes"
     rng = np.random.default_rng(0)

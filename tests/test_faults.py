@@ -26,7 +26,7 @@ from kdpipe import cache_teacher, locking, logit_store, run_folder, train_studen
 from kdpipe.config import CacheConfig
 from kdpipe.errors import KdpipeError
 
-TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
+TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--batch-size", "8", "--precision", "fp32", "--device", "cpu"]
 
 
 def _cache(folder, teacher, out, **kw):

@@ -20,7 +20,7 @@ from conftest import TINY_STUDENT, make_image_folder, spawn_kdpipe, tiny_train_c
 from kdpipe import files, locking, logit_store, train_student
 from kdpipe.errors import KdpipeError
 
-TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
+TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--batch-size", "8", "--precision", "fp32", "--device", "cpu"]
 
 
 def _one_line_error(code: int, out: str, *fragments: str) -> None:

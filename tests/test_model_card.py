@@ -22,7 +22,7 @@ def front_matter(text: str) -> dict:
 
 
 def hub_run(**config) -> dict:
-    return {"config": TrainConfig(cache="data/cache/vit/beans", loss="dkd", temperature=4.0, **config).to_dict(),
+    return {"config": TrainConfig(cache="data/cache/vit/beans", loss="dkd", temperature=4.0, **{"epochs": 30, **config}).to_dict(),
             "precision": "bf16", "seed": 3, "best_epoch": 7,
             "dataset": {"spec": "beans", "kind": "hub", "revision": "abc", "label_names": ["a", "b", "c"]},
             "dataset_fingerprints": {"train": "1" * 64, "validation": "2" * 64, "test": "3" * 64},
@@ -110,3 +110,19 @@ def test_a_from_scratch_student_gets_a_card_without_a_teacher(image_folder, tmp_
     assert "trained by kdpipe on the labels alone (λ = 0)" in text
     assert "None (λ = 0, trained without a cache)." in text
     assert "--alpha 0.0" in text and "--cache" not in text
+
+
+def test_the_card_follows_a_local_datasets_own_name_and_classes():
+    """Issue 57, point 5: a digits model's card read classify("leaf.jpg") and named its local folder
+    `imagefolder`, as if it were the Hub's loader."""
+    run = hub_run()
+    run["dataset"] = {"spec": "data/digits/imagefolder", "kind": "local", "revision": None,
+                      "root": "/home/me/data/digits/imagefolder", "label_names": [str(i) for i in range(10)]}
+    run["label_names"] = [str(i) for i in range(10)]
+    text = model_card.render(run, "digits-kd")
+    meta = front_matter(text)
+    assert {r["dataset"]["name"] for r in meta["model-index"][0]["results"]} == {"digits"}
+    assert "imagefolder" not in yaml.safe_dump(meta) and "leaf" not in text
+    assert 'classify("image.png")  # an image like those of digits: scores for 0, 1, 2, 3, 4, ...' in text
+    run["dataset"] = {"spec": "/d/digits/train.parquet", "kind": "local", "root": "/d/digits", "label_names": []}
+    assert front_matter(model_card.render(run, "p"))["model-index"][0]["results"][0]["dataset"]["name"] == "digits"

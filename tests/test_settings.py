@@ -117,3 +117,57 @@ def test_a_run_that_used_a_removed_setting_is_refused_on_resume(tmp_path, remove
     else:
         with pytest.raises(KdpipeError, match=f"other settings \\({removed}\\)"):
             run_folder.refuse_other_settings(cfg, saved, tmp_path)
+
+
+def test_the_default_recipe_is_the_one_validated_on_beans_and_guide_is_the_guide():
+    """Issue 57, point 2: the guide's settings learn slowly from scratch; the default is the validated recipe."""
+    cfg = TrainConfig(cache=".")
+    assert (cfg.recipe, cfg.lr, cfg.batch_size, cfg.epochs, cfg.schedule, cfg.warmup_ratio, cfg.weight_decay,
+            cfg.bn_momentum, cfg.student_config) == ("kdpipe", 3e-3, 32, 15, "cosine", 0.05, 0.05, 0.1,
+                                                     {"classifier_dropout_prob": 0.2})
+    guide = TrainConfig(cache=".", recipe="guide")
+    assert (guide.lr, guide.batch_size, guide.epochs, guide.schedule, guide.warmup_ratio, guide.weight_decay,
+            guide.bn_momentum, guide.student_config) == (5e-5, 8, 30, "linear", 0.0, 0.0, 0.997, {})
+    for c in (cfg, guide):  # the loss keeps the guide's T and lambda whatever the recipe
+        assert (c.temperature, c.alpha) == (5.0, 0.5)
+
+
+def test_a_flag_overrides_one_value_of_the_recipe_and_the_record_says_which():
+    cfg = TrainConfig(cache=".", recipe="guide", lr=1e-3, student_config={"classifier_dropout_prob": 0.5})
+    assert (cfg.lr, cfg.batch_size, cfg.student_config) == (1e-3, 8, {"classifier_dropout_prob": 0.5})
+    record = cfg.to_dict()
+    assert record["recipe"] == "guide" and record["lr"] == 1e-3 and record["epochs"] == 30
+    assert "lr" not in record["from_recipe"] and "epochs" in record["from_recipe"]
+    mine = TrainConfig(cache=".", student_config={"classifier_dropout_prob": 0.5}).to_dict()
+    assert mine["student_config"] == {"classifier_dropout_prob": 0.5}
+    assert "student_config.classifier_dropout_prob" not in mine["from_recipe"]
+    # another student's config may lack the recipe's dropout field: the recipe adds it to MobileNetV2 only
+    assert TrainConfig(cache=".", student="some/checkpoint").student_config == {}
+    with pytest.raises(KdpipeError, match="--recipe must be one of kdpipe, guide"):
+        TrainConfig(cache=".", recipe="fast")
+
+
+def test_the_recipe_is_an_option_of_train_student_and_sweep_listed_in_help():
+    for command in ("train-student", "sweep"):
+        out = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "400"}).output
+        assert "--recipe" in out and "guide" in out and "lr 0.003" in out, command
+
+
+def now_size(cfg: TrainConfig):
+    return cfg.student_config.get("image_size")
+
+
+def test_a_run_started_before_recipes_resumes_with_the_defaults_it_started_with(tmp_path):
+    old = TrainConfig(cache=".", seed=3, recipe="before-recipes").to_dict()
+    saved = {k: v for k, v in old.items() if k not in ("recipe", "from_recipe")}  # what that kdpipe wrote:
+    saved["student_config"] = {}  # MobileNetV2's 224 px was its config's default, not a flag
+    assert (saved["lr"], saved["batch_size"], saved["bn_momentum"]) == (5e-5, 8, 0.1)
+    assert now_size(TrainConfig(cache=".").under_recipe("before-recipes")) == 224  # not chosen from the data
+    now = TrainConfig(cache=".", seed=3, resume=True)
+    with pytest.raises(KdpipeError, match="other settings"):  # under today's default recipe the values differ
+        run_folder.refuse_other_settings(now, saved, tmp_path)
+    run_folder.refuse_other_settings(now.under_recipe("before-recipes"), saved, tmp_path)
+    flagged = TrainConfig(cache=".", seed=3, resume=True, lr=1e-3).under_recipe("before-recipes")
+    assert flagged.lr == 1e-3 and flagged.batch_size == 8  # a flag still wins over the old defaults
+    with pytest.raises(KdpipeError, match=r"other settings \(lr\)"):
+        run_folder.refuse_other_settings(flagged, saved, tmp_path)

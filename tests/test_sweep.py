@@ -411,3 +411,22 @@ def test_a_damaged_sweep_json_is_one_line_for_the_report_and_the_rerun(run_cli, 
     for argv in (["sweep-report", tmp_path / "sw"], ["sweep", *args]):
         code, out = run_cli(*argv)
         assert code == 1 and "sweep.json is damaged (JSONDecodeError" in out and "Traceback" not in out, out
+
+
+def test_a_sweep_started_before_recipes_resumes_with_its_defaults(run_cli, cache_dir, tmp_path, monkeypatch):
+    base = ["sweep", "--cache", cache_dir, "--epochs", "1", "--seeds", "0", "--out", tmp_path / "sw",
+            "--student-config", TINY_STUDENT, "--precision", "fp32", "--device", "cpu", "--temperature", "2,5"]
+    spec = SweepConfig.spec
+
+    def older_spec(self):  # what a kdpipe without recipes wrote: its defaults, no recipe recorded
+        out = spec(self)
+        out["train"] = {k: v for k, v in out["train"].items() if k not in ("recipe", "from_recipe")}
+        return out
+
+    monkeypatch.setattr(SweepConfig, "spec", older_spec)
+    assert run_cli(*base, "--recipe", "before-recipes")[0] == 0
+    monkeypatch.undo()
+    code, out = run_cli(*base)  # the same command as then, today's default recipe
+    assert code == 0 and "other settings" not in out and "recipe before-recipes" in out, out
+    code, out = run_cli(*base, "--recipe", "guide")  # another recipe's values differ (bn_momentum): refused
+    assert code == 1 and "other settings (train)" in out, out

@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import CLASSES, TINY_STUDENT, tiny_train_config, write_split
 from kdpipe import evaluate, logit_store, pixels, train_student
+from kdpipe.config import TrainConfig
 from kdpipe.data import open_dataset
 from kdpipe.errors import KdpipeError
 from kdpipe.student import batchnorm_layers
@@ -279,7 +280,7 @@ def test_bn_momentum_reaches_every_batchnorm_layer(cache_dir, tmp_path):
     s = train_student.setup(tiny_train_config(cache=cache_dir, bn_momentum=0.05, out=tmp_path / "a"))
     layers = batchnorm_layers(s.model)
     assert len(layers) > 10 and all(m.momentum == 0.05 for m in layers)
-    upstream = train_student.setup(tiny_train_config(cache=cache_dir, bn_momentum=None, out=tmp_path / "b"))
+    upstream = train_student.setup(tiny_train_config(cache=cache_dir, recipe="guide", out=tmp_path / "b"))
     assert all(m.momentum == 0.997 for m in batchnorm_layers(upstream.model))  # transformers' TF-style value
 
 
@@ -407,4 +408,110 @@ def test_evaluate_on_another_dataset_of_the_same_labels_skips_the_teacher_metric
     other = make_image_folder(tmp_path / "new-images", per_class={"test": 3}, seed=7)
     new = evaluate.saved(tmp_path / "run", "test", dataset=str(other))
     assert new["n"] == 9 and "teacher_agreement" not in new
-    assert "teacher agreement not measured: the run's cache holds other images" in new["teacher_note"]
+    assert "teacher agreement not measured: the run's cache has other example ids" in new["teacher_note"]
+
+
+def test_a_run_interrupted_before_recipes_existed_resumes_on_its_own_settings(cache_dir, tmp_path):
+    """Issue 57, point 2: the default recipe changed; a checkpoint written before recipes (no recipe recorded,
+    the guide's optimisation then being the default) resumes with those settings, not today's defaults."""
+    from kdpipe import run_folder
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    settings = dict(cache=cache_dir, epochs=2, out=tmp_path / "old", student_config={"image_size": 32,
+                    "depth_multiplier": 0.35}, precision="fp32", device="cpu")  # no optimisation flag: the defaults
+    with pytest.raises(Stop):
+        train_student.run(TrainConfig(**settings, recipe="before-recipes"), on_epoch=stop)
+    path = tmp_path / "old" / run_folder.CHECKPOINT
+    state = run_folder.read_checkpoint(path)
+    state["config"] = {k: v for k, v in state["config"].items() if k not in ("recipe", "from_recipe")}
+    run_folder.write_checkpoint(tmp_path / "old", state, run_folder.read_history(tmp_path / "old"))
+    report = train_student.run(TrainConfig(**settings, resume=True))
+    config = report.run["config"]
+    assert [r["epoch"] for r in report.history] == [1, 2]
+    assert (config["recipe"], config["lr"], config["batch_size"], config["schedule"]) == ("before-recipes", 5e-5, 8,
+                                                                                            "linear")
+    assert "classifier_dropout_prob" not in config["student_config"]
+
+
+RESOLUTION_FLAGS = ["--epochs", "1", "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--test-split", ""]
+
+
+def test_the_student_resolution_is_the_teachers_never_above_the_images_and_printed(run_cli, cache_dir, tmp_path):
+    """Issue 57, point 1: on small images the student trained at MobileNetV2's 224 px whatever the data."""
+    code, out = run_cli("train-student", "--cache", cache_dir, "--out", tmp_path / "kd", *RESOLUTION_FLAGS,
+                        "--student-config", "depth_multiplier=0.35")  # 40-px images, a teacher at 32 px
+    assert code == 0, out
+    run = json.loads((tmp_path / "kd" / "run.json").read_text())
+    assert run["student"]["inputs"]["size"] == [32, 32] and run["student_resolution"]["size"] == [32, 32]
+    assert "student resolution 32 x 32 px: the teacher's input size" in " ".join(out.split()), out
+    small = tmp_path / "small"
+    from conftest import make_image_folder
+
+    make_image_folder(small, {"train": 4, "validation": 2}, size=24)
+    code, out = run_cli("train-student", "--dataset", small, "--alpha", "0", "--out", tmp_path / "scratch",
+                        *RESOLUTION_FLAGS, "--student-config", "depth_multiplier=0.35")
+    assert code == 0, out
+    assert json.loads((tmp_path / "scratch" / "run.json").read_text())["student"]["inputs"]["size"] == [24, 24]
+    assert "student resolution 24 x 24 px: the images' own size" in " ".join(out.split()), out
+    code, out = run_cli("train-student", "--dataset", small, "--alpha", "0", "--out", tmp_path / "flag",
+                        *RESOLUTION_FLAGS, "--student-config", "depth_multiplier=0.35,image_size=40")
+    assert code == 0, out
+    assert json.loads((tmp_path / "flag" / "run.json").read_text())["student"]["inputs"]["size"] == [40, 40]
+    assert "student resolution 40 x 40 px: --student-config image_size" in " ".join(out.split()), out
+
+
+def test_the_from_scratch_twin_is_named_plainly(run_cli, cache_dir, image_folder, tmp_path):
+    """Issue 57, point 4: --dataset --alpha 0 normalises with 0.5/0.5, --cache --alpha 0 with the teacher's:
+    only the second is the distilled run's twin, and the run, the card and --help say which."""
+    from kdpipe import model_card
+
+    code, out = run_cli("train-student", "--dataset", image_folder, "--alpha", "0", "--out", tmp_path / "alone",
+                        *RESOLUTION_FLAGS, "--student-config", TINY_STUDENT)
+    assert code == 0 and "no --cache: inputs normalised with mean and std 0.5" in " ".join(out.split()), out
+    alone = json.loads((tmp_path / "alone" / "run.json").read_text())
+    assert "without a teacher's cache" in model_card.render(alone, "alone") and "twin" not in model_card.render(
+        alone, "alone").split("## Teacher")[0]
+    code, out = run_cli("train-student", "--cache", cache_dir, "--alpha", "0", "--out", tmp_path / "twin",
+                        *RESOLUTION_FLAGS, "--student-config", TINY_STUDENT)
+    assert code == 0 and "no --cache" not in out, out
+    twin = json.loads((tmp_path / "twin" / "run.json").read_text())
+    assert "the from-scratch twin" in model_card.render(twin, "twin")
+    assert twin["student"]["inputs"]["mean"] == [0.5, 0.4, 0.3] and alone["student"]["inputs"]["mean"] == [0.5] * 3
+    from typer.testing import CliRunner
+
+    from kdpipe import cli
+
+    help_text = " ".join(CliRunner().invoke(cli.app, ["train-student", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert "twin is --alpha 0 with the same --cache" in help_text
+
+
+def test_evaluate_names_an_interrupted_run_and_how_the_cache_differs(run_cli, cache_dir, image_folder, tmp_path):
+    """Issue 57, point 5: `evaluate` on a folder train-student left mid-run said "no run.json; pass a folder
+    written by kdpipe train-student"; on the same images under other ids or bytes, "other images"."""
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "cut", epochs=2), on_epoch=stop)
+    code, out = run_cli("evaluate", tmp_path / "cut")
+    flat = " ".join(out.split())
+    assert code == 1 and "interrupted after epoch 1" in flat and f"--out {tmp_path / 'cut'} --resume" in flat, out
+    train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "run", epochs=1))
+    renamed = shutil.copytree(image_folder, tmp_path / "renamed")  # the same pixels under other ids
+    for path in sorted((renamed / "test").rglob("*.png")):
+        path.rename(path.with_name("x-" + path.name))
+    note = evaluate.saved(tmp_path / "run", "test", dataset=str(renamed))["teacher_note"]
+    assert "other example ids" in note and "12 of this dataset's 12 ids are not in it" in note, note
+    reencoded = shutil.copytree(image_folder, tmp_path / "reencoded")  # the same ids, other bytes
+    for path in sorted((reencoded / "test").rglob("*.png")):
+        Image.open(path).save(path, compress_level=0)
+    note = evaluate.saved(tmp_path / "run", "test", dataset=str(reencoded))["teacher_note"]
+    assert "the same ids" in note and "other image bytes" in note, note
