@@ -4,7 +4,7 @@ whole pipeline runs on any machine, with no network and no files from elsewhere.
 `demo` is a short name that `--teacher`, `--dataset` (and everything that reopens a recorded one) accept:
   --dataset demo   data/demo/digits: the UCI handwritten digits bundled with scikit-learn, 32-px grey PNGs in
                    Parquet with a ClassLabel column, fixed splits 1,257 / 270 / 270 (data/demo/make_digits.py)
-  --teacher demo   data/demo/digits-vit: a 0.3 M-parameter ViT trained on that train split
+  --teacher demo   data/demo/digits-vit: a 0.46 M-parameter ViT trained on that train split
                    (data/demo/train_teacher.py); a demo teacher, not a Beans one
 A file or folder called `demo` in the working folder wins over the short name, as a local path wins over a Hub id.
 
@@ -27,11 +27,10 @@ ROOT = Path(__file__).resolve().parents[1] / "data" / "demo"
 PATHS = {"dataset": ROOT / "digits", "teacher": ROOT / "digits-vit"}
 
 CACHE = "data/cache/digits-vit/digits"  # cache-teacher's default --out for these two (<teacher>/<dataset>)
-# 32 px: the teacher's input size; the recipe kdpipe validated on Beans; 8 epochs keep the demo within a few
-# minutes on a 2-core CPU (docs/results.md: what longer budgets and more seeds give)
+# the default recipe and a student at the teacher's 32 px (both chosen by train-student itself); 8 epochs keep the
+# demo within a few minutes on a 2-core CPU (docs/results.md: what more epochs and seeds give)
 EPOCHS = 8
-STUDENT = ["--epochs", str(EPOCHS), "--lr", "3e-3", "--batch-size", "32", "--schedule", "cosine", "--warmup-ratio", "0.05",
-           "--weight-decay", "0.05", "--student-config", "classifier_dropout_prob=0.2,image_size=32", "--resume"]
+STUDENT = ["--epochs", str(EPOCHS), "--resume"]
 RUNS = {"distilled": "data/runs/demo-kd", "twin": "data/runs/demo-twin"}
 STEPS = [
     ["cache-teacher", "--teacher", NAME, "--dataset", NAME],
