@@ -234,8 +234,10 @@ def cache_teacher_cmd(flags: dict):
 
 @app.command("demo")
 def demo_cmd():
-    """Run the whole pipeline on the embedded demo teacher and dataset (no network, nothing from elsewhere):
-    the three commands it prints, then the teacher, the distilled student and its λ = 0 twin side by side."""
+    """Run the whole pipeline offline on the embedded demo teacher and digits (data/demo/).
+
+    The three commands it prints (cache-teacher, train-student, its λ = 0 twin), then the teacher, the distilled
+    student and the twin side by side. Each step is idempotent: a rerun reuses what is done."""
     import shlex
 
     from kdpipe import demo
