@@ -24,8 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from kdpipe import runtime, settings  # noqa: E402
-from kdpipe.config import CacheConfig, SweepConfig, TrainConfig, recipe_line  # noqa: E402
+from kdpipe.config import TRAIN_DEFAULTS, CacheConfig, SweepConfig, TrainConfig, recipe_line  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
+from kdpipe.plan import PlanOption  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for image classifiers with cached teacher logits.")
@@ -396,19 +397,34 @@ def evaluate_cmd(
 
 
 @app.command("sweep")
-@configured(train=Group(TrainConfig, search=True, skip=("out", "name", "seed", "resume")), sweep=SweepConfig)
-def sweep_cmd(train: dict, sweep: dict):
+@configured(train=Group(TrainConfig, search=True, skip=("out", "name", "seed", "resume")), sweep=SweepConfig,
+            study=PlanOption)
+def sweep_cmd(train: dict, sweep: dict, study: dict):
     """Sweep student settings against one cache (an Optuna study; rerun to resume or to add a worker).
 
     Every train-student setting can be given, fixed for all runs; a searchable one takes several
     values (1,2,5: a grid, or tpe's choices) or a range low:high[:log] (--sampler tpe), and one value fixes
-    it. The teacher is never loaded."""
-    from kdpipe import sweep as sweeps, sweep_report
+    it. --plan FILE runs a study plan instead: named arms, budgets, seeds, twins. The teacher is never loaded."""
+    from kdpipe import plan as plans, sweep as sweeps, sweep_report
 
-    cfg = sweeps.as_started(SweepConfig.from_flags(train, **sweep))
-    console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {cfg.sampler}, seeds {cfg.seeds}, "
-                  f"searching {', '.join(cfg.space) or 'nothing (seeds only)'}; {recipe_line(cfg.train)}",
-                  highlight=False, soft_wrap=True)
+    if study["plan"] is not None:
+        given = [k for k, v in train.items() if v is not None and v != TRAIN_DEFAULTS.get(k)] + \
+                [k for k, v in sweep.items() if k not in ("out", "storage", "name", "stale_after_s")
+                 and v != _default(next(f for f in dataclasses.fields(SweepConfig) if f.name == k))]
+        if given:
+            raise KdpipeError(f"--plan {study['plan']} holds every run's settings and seeds; drop "
+                              f"--{given[0].replace('_', '-')} (or write it into the plan)")
+        plan = plans.load(study["plan"])
+        console.print(f"study plan {plan.name} ({study['plan']}): {len(plan.arms)} arms, {len(plan.points())} runs; "
+                      f"primary comparison {plan.primary.key}")
+        run = lambda progress, on_trial: sweeps.run_plan(  # noqa: E731
+            plan, sweep.get("out"), sweep.get("storage"), sweep.get("name"), sweep["stale_after_s"], progress, on_trial)
+    else:
+        cfg = sweeps.as_started(SweepConfig.from_flags(train, **sweep))
+        console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {cfg.sampler}, seeds {cfg.seeds}, "
+                      f"searching {', '.join(cfg.space) or 'nothing (seeds only)'}; {recipe_line(cfg.train)}",
+                      highlight=False, soft_wrap=True)
+        run = lambda progress, on_trial: sweeps.run(cfg, progress=progress, on_trial=on_trial)  # noqa: E731
     with _progress() as bar:
         on_progress = _bars(bar)
 
@@ -417,8 +433,8 @@ def sweep_cmd(train: dict, sweep: dict):
             bar.console.print(f"trial {r.number:>3} ({total} planned)  {r.key}  seeds {r.seeds}  "
                               f"val {r.validation:.2%}  {r.state}  {r.seconds:.0f} s")
 
-        folder = sweeps.run(cfg, progress=on_progress, on_trial=on_trial)
-    _print_sweep(sweep_report.build(folder))
+        folder = run(on_progress, on_trial)
+    _print_report(sweep_report.build(folder))
 
 
 @app.command("sweep-report")
@@ -427,7 +443,18 @@ def sweep_report_cmd(sweep_dir: Path = typer.Argument(..., help="A folder writte
     from kdpipe import sweep_report
 
     with user_errors():
-        _print_sweep(sweep_report.build(sweep_dir))
+        _print_report(sweep_report.build(sweep_dir))
+
+
+def _print_report(s) -> None:
+    """A grid's or TPE's table, or a plan study's report."""
+    from kdpipe import study_report
+
+    if isinstance(s, study_report.StudySummary):
+        console.print(study_report.text(s), highlight=False)
+        console.print("wrote " + ", ".join(str(f) for f in s.files))
+    else:
+        _print_sweep(s)
 
 
 def _print_sweep(s) -> None:
