@@ -36,19 +36,21 @@ def t_quantile(q: float, dof: float) -> float:
     nu = max(float(dof), 1.0)
     if math.isinf(nu):
         return statistics.NormalDist().inv_cdf(q)
-    c = math.exp(math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2)) / math.sqrt(math.pi)
-
-    def mass(phi: float, n: int = 512) -> float:  # P(0 < X < √ν tan φ), n even
-        h = phi / n
-        ys = [math.cos(k * h) ** (nu - 1) for k in range(n + 1)]
-        return c * h / 3 * (ys[0] + ys[-1] + 4 * sum(ys[1:-1:2]) + 2 * sum(ys[2:-1:2]))
-
+    mass = functools.partial(_t_mass, nu=nu)
     z = statistics.NormalDist().inv_cdf(q)  # the quantile lies between the normal's (ν = ∞) and Cauchy's (ν = 1)
     lo, hi = math.atan(z / math.sqrt(nu)), math.atan(math.tan(math.pi * (q - 0.5)) / math.sqrt(nu))
     while hi - lo > 1e-12:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mass(mid) < q - 0.5 else (lo, mid)
     return math.sqrt(nu) * math.tan((lo + hi) / 2)
+
+
+def _t_mass(phi: float, nu: float, n: int = 512) -> float:
+    """P(0 < X < √ν tan φ) for Student t at ν degrees of freedom (t_quantile's integral; Simpson, n even)."""
+    c = math.exp(math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2)) / math.sqrt(math.pi)
+    h = phi / n
+    ys = [math.cos(k * h) ** (nu - 1) for k in range(n + 1)]
+    return c * h / 3 * (ys[0] + ys[-1] + 4 * sum(ys[1:-1:2]) + 2 * sum(ys[2:-1:2]))
 
 
 def t975(dof: float) -> float:
@@ -216,3 +218,24 @@ def holm(pvalues: dict[str, float]) -> dict[str, float]:
         running = max(running, min(1.0, (m - i) * pvalues[key]))
         out[key] = running
     return {k: out[k] for k in pvalues}
+
+
+def paired_t_p(diffs, alternative: str = "greater") -> float:
+    """The paired t test's p-value of differences d_1..d_S (one per seed): t = mean / (sd / √S) at S - 1
+    degrees of freedom, P(X >= t) (greater), P(X <= t) (less) or P(|X| >= |t|) (two-sided), from the same
+    integral as t_quantile. At least two differences; a zero spread gives p = 0 or 1 by the sign of the mean."""
+    _check_alternative(alternative)
+    values = [float(d) for d in diffs]
+    if len(values) < 2:
+        raise ValueError("paired_t_p: at least two differences")
+    mean, sd, _ = mean_std_ci(values)
+    if sd == 0:
+        t = math.copysign(math.inf, mean) if mean else 0.0
+    else:
+        t = mean / (sd / math.sqrt(len(values)))
+    nu = len(values) - 1
+    upper = 0.5 - (_t_mass(math.atan(abs(t) / math.sqrt(nu)), nu) if math.isfinite(t) else 0.5)  # P(X >= |t|)
+    if alternative == "two-sided":
+        return min(1.0, 2 * upper)
+    greater = upper if t >= 0 else 1 - upper
+    return greater if alternative == "greater" else 1 - greater

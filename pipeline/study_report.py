@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import files
+from . import files, stats
+from .errors import KdpipeError
 from .stats import mean_std_ci
 
 SPLITS = ("validation", "test")
@@ -81,9 +82,174 @@ def build(out: Path, study, counts: dict, interrupted: list[str], write: bool = 
                                                     p.config))
     summary = StudySummary(Path(out), study.study_name, plan, study.user_attrs.get(AMENDMENTS_ATTR, []), points,
                            counts, plan.get("teacher", {}), interrupted=interrupted)
+    summary.comparisons = compare_all(summary)
+    summary.best = best_arms(points)
     if write:
         summary.files = _write(summary)
     return summary
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+
+
+def _arm_point(s: StudySummary, arm: str, budget: int) -> ArmPoint | None:
+    """An arm at a budget; of a searching arm, its config with the best mean validation accuracy."""
+    found = [p for p in s.points if p.arm == arm and p.budget == budget and p.mean_sd("validation")]
+    return max(found, key=lambda p: p.mean_sd("validation")[0]) if found else None
+
+
+def _rule_value(run: dict, rule: str | None, split: str) -> float | None:
+    """A run's accuracy on `split` at the epoch `rule` chose (None: the run's own choice). run.json records
+    the other rule's epoch and its figures (train_student); an imported run has only its own choice."""
+    if rule is None or rule == run.get("best_epoch_rule"):
+        return run.get(split)
+    return (run.get("other_rule") or {}).get(split)
+
+
+def _correct(s: StudySummary, point: ArmPoint, seed: int, split: str):
+    """Run `seed` of `point`: the ids and per-image correctness of its chosen epoch on `split`, from its run
+    folder's predictions (None when it has none: an imported run, or one from before they were kept)."""
+    run_dir = s.out / "runs" / f"{point.config}-seed{seed}"
+    if point.runs[seed].get("imported") or not (run_dir / "predictions" / f"{split}.parquet").exists():
+        return None
+    from .run_folder import read_predictions
+
+    try:
+        p = read_predictions(run_dir, split)
+    except (OSError, KdpipeError):
+        return None
+    return p.ids, p.correct
+
+
+def _images(s: StudySummary, a: ArmPoint, b: ArmPoint, seeds: list[int], split: str):
+    """(S, N) correctness of both arms, rows paired by seed and columns by image id; None where a run lacks
+    its predictions or the runs saw other images."""
+    import numpy as np
+
+    rows = {}
+    for side, point in (("a", a), ("b", b)):
+        for seed in seeds:
+            got = _correct(s, point, seed, split)
+            if got is None:
+                return None
+            rows[side, seed] = dict(zip(*got))
+    ids = sorted(rows["a", seeds[0]])
+    if any(sorted(r) != ids for r in rows.values()):
+        return None
+    return tuple(np.array([[rows[side, seed][i] for i in ids] for seed in seeds]) for side in ("a", "b"))
+
+
+def compare(s: StudySummary, c: dict) -> dict:
+    """One comparison of the plan: arm - against, paired by seed. The mean difference with its 95 % paired t
+    interval over seeds, its p-value by the plan's test (one-sided or two-sided as declared) and the exact
+    sign-flip p beside it, and, where every paired run kept its per-image predictions, the 95 % paired
+    bootstrap interval over seeds and images (stats.paired_bootstrap)."""
+    out = {"key": c["key"], "primary": c["primary"], "arm": c["arm"], "against": c["against"], "budget": c["budget"],
+           "split": c["split"], "test": c["test"], "alternative": c["alternative"], "level": c["level"],
+           "rule": c.get("rule"), "note": c.get("note", ""), "pairs": 0}
+    a, b = _arm_point(s, c["arm"], c["budget"]), _arm_point(s, c["against"], c["budget"])
+    if a is None or b is None:
+        return out
+    va = {k: v for k, r in a.runs.items() if (v := _rule_value(r, c.get("rule"), c["split"])) is not None}
+    vb = {k: v for k, r in b.runs.items() if (v := _rule_value(r, c.get("rule"), c["split"])) is not None}
+    seeds = sorted(va.keys() & vb.keys())
+    out.update(pairs=len(seeds), seeds=seeds, diffs=[va[k] - vb[k] for k in seeds])
+    if not seeds:
+        return out
+    diffs = out["diffs"]
+    out["t95"] = stats.paired_t(diffs, 0.95, "two-sided").to_dict()
+    out["sign_flip_p"] = stats.sign_flip_p(diffs, c["alternative"])
+    out["t_p"] = stats.paired_t_p(diffs, c["alternative"]) if len(seeds) > 1 else None
+    out["p"] = out["t_p"] if c["test"] == "paired-t" else out["sign_flip_p"]
+    images = _images(s, a, b, seeds, c["split"]) if c.get("rule") is None else None
+    out["bootstrap95"] = stats.paired_bootstrap(*images, level=0.95).to_dict() if images is not None else None
+    if images is None:
+        out["no_bootstrap"] = "not every paired run kept its per-image predictions (imported runs and runs of a kdpipe before they were kept have none)" \
+            if c.get("rule") is None else "predictions are kept for the chosen epoch only"
+    return out
+
+
+def compare_all(s: StudySummary) -> list[dict]:
+    """Every comparison of the plan, with Holm's adjusted p over those that have a p-value (the family)."""
+    rows = [compare(s, c) for c in s.plan.get("comparisons", [])]
+    family = {r["key"]: r["p"] for r in rows if r.get("p") is not None}
+    adjusted = stats.holm(family) if family else {}
+    for r in rows:
+        r["holm_p"] = adjusted.get(r["key"])
+    return rows
+
+
+def best_arms(points: list[ArmPoint]) -> dict | None:
+    """What validation says about the best arms: the arm (at a budget) with the best mean validation accuracy,
+    and every other whose difference from it is within that difference's own standard error (paired by seed
+    over the seeds both ran, else Welch's): validation cannot separate those, so none is named the winner."""
+    import math as m
+
+    ranked = sorted((p for p in points if p.mean_sd("validation")), key=lambda p: -p.mean_sd("validation")[0])
+    if not ranked:
+        return None
+    best = ranked[0]
+    tied = []
+    for p in ranked[1:]:
+        a, b = best.values("validation"), p.values("validation")
+        common = sorted(a.keys() & b.keys())
+        if len(common) >= 2:
+            d = [a[k] - b[k] for k in common]
+            gap, sd = mean_std_ci(d)[:2]
+            se = sd / m.sqrt(len(d))
+        elif min(len(a), len(b)) >= 2:
+            (ma, sa, _), (mb, sb, _) = mean_std_ci(list(a.values())), mean_std_ci(list(b.values()))
+            gap, se = ma - mb, m.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
+        else:
+            continue
+        if abs(gap) <= se:
+            tied.append({"arm": p.config, "gap": gap, "se": se})
+    return {"best": best.config, "validation": best.mean_sd("validation")[0], "not_separated": tied}
+
+
+def comparison_lines(s: StudySummary) -> list[str]:
+    lines = []
+    for r in s.comparisons:
+        head = f"{'**primary** ' if r['primary'] else ''}{r['key']}"
+        if not r["pairs"]:
+            lines.append(f"- {head}: no paired runs yet")
+            continue
+        t = r["t95"]
+        text = f"- {head}: {100 * t['mean']:+.1f} pp over {r['pairs']} paired seeds"
+        if r["pairs"] > 1:
+            text += f", 95 % t interval {100 * t['low']:+.1f} to {100 * t['high']:+.1f} pp"
+        if r["bootstrap95"]:
+            bs = r["bootstrap95"]
+            text += f", 95 % interval over seeds and images {100 * bs['low']:+.1f} to {100 * bs['high']:+.1f} pp"
+        else:
+            text += f" (no interval over images: {r['no_bootstrap']})"
+        side = {"greater": "one-sided, arm better", "less": "one-sided, arm worse", "two-sided": "two-sided"}[r["alternative"]]
+        if r["t_p"] is not None:
+            text += f"; paired t p = {r['t_p']:.3f} ({side})"
+        text += f", exact sign-flip p = {r['sign_flip_p']:.3f}"
+        if r["holm_p"] is not None:
+            text += f", Holm-adjusted over the plan's {len([c for c in s.comparisons if c.get('holm_p') is not None])}" \
+                    f" comparisons p = {r['holm_p']:.3f}"
+        if r["primary"]:
+            verdict = "no p-value with one pair" if r["p"] is None else \
+                f"p {'below' if r['p'] < r['level'] else 'not below'} the level"
+            text += f". The primary test ({r['test']}, level {r['level']:g}): {verdict}"
+        if r["note"]:
+            text += f" [{r['note']}]"
+        lines.append(text)
+    return lines
+
+
+def best_lines(s: StudySummary) -> list[str]:
+    if not s.best:
+        return []
+    b = s.best
+    if b["not_separated"]:
+        others = ", ".join(f"{t['arm']} ({100 * t['gap']:+.1f} pp, SE {100 * t['se']:.1f})" for t in b["not_separated"])
+        return [f"Validation cannot separate the best arms: {b['best']} ({100 * b['validation']:.1f} %) and {others} "
+                "are within one standard error of each other; no winner is named."]
+    return [f"Chosen on validation: {b['best']} ({100 * b['validation']:.1f} %), no other arm within one standard "
+            "error of it."]
 
 
 def _pct(ms: tuple[float, float] | None) -> str:
@@ -124,6 +290,10 @@ def text(s: StudySummary) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in sorted(s.counts.items())) or "no trials yet"
     lines += [f"Trials: {counts}. Accuracy of each run's best epoch (chosen on validation), mean ± SD over seeds; "
               "test is reported for every arm, and nothing is chosen on it.", "", *table(s), ""]
+    if s.comparisons:
+        lines += ["Comparisons (arm − against, paired by seed; test accuracy of each run's epoch chosen on "
+                  "validation; ± and intervals are 95 % unless marked SD):", "", *comparison_lines(s), ""]
+    lines += best_lines(s) + ([""] if s.best else [])
     if s.teacher:
         lines += ["Teacher: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in s.teacher.items()), ""]
     if s.interrupted:

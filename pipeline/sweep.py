@@ -603,7 +603,7 @@ def import_records(study, plan: Plan, points: dict) -> list[str]:
         if got != (p.arm, p.budget, p.seed, size):
             raise KdpipeError(f"{path}: a record of arm {got[0]}, {got[1]} epochs, seed {got[2]}, {got[3]} px, not of "
                               f"point {key} ({size} px); fix the plan's `imported` folder or the arm")
-        run = {"seed": p.seed, "run": r.get("run_dir"), "pruned": False,
+        run = {"seed": p.seed, "run": r.get("run_dir"), "pruned": False, "best_epoch_rule": "first",  # the old rule
                "epochs_run": len(r.get("validation_accuracy_per_epoch", [])) or p.budget,
                "best_epoch": r["best_epoch"], "validation": r["validation"]["accuracy"],
                "test": r["test"]["accuracy"] if r.get("test") else None, "seconds": r.get("wall_time_s", 0.0),

@@ -145,3 +145,14 @@ def test_holm_by_hand():
                                                              "c": pytest.approx(0.06)}
     assert stats.holm({"x": 0.6, "y": 0.5}) == {"x": 1.0, "y": 1.0}  # capped at 1
     assert stats.holm({"only": 0.02}) == {"only": 0.02} and stats.holm({}) == {}
+
+
+@pytest.mark.parametrize("diffs, alternative, expected", [
+    ([1.0, 3.0], "greater", 0.5 - math.atan(2.0) / math.pi),  # t = 2 at 1 degree of freedom: Cauchy
+    ([1.0, 3.0], "two-sided", 1 - 2 * math.atan(2.0) / math.pi),
+    ([1.0, 3.0], "less", 0.5 + math.atan(2.0) / math.pi),
+    ([1.0, 2.0, 3.0], "greater", 0.5 - math.sqrt(12) / (2 * math.sqrt(14))),  # t = √12 at 2: t / (2 √(2 + t²))
+    ([-1.0, -2.0, -3.0], "less", 0.5 - math.sqrt(12) / (2 * math.sqrt(14))),
+])
+def test_the_paired_t_p_value_matches_the_closed_form_t_distributions(diffs, alternative, expected):
+    assert stats.paired_t_p(diffs, alternative) == pytest.approx(expected, abs=1e-6)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_STUDENT
-from kdpipe import plan as plans, sweep, sweep_report
+from kdpipe import plan as plans, stats, study_report, sweep, sweep_report
 from kdpipe.errors import KdpipeError
 
 TINY = 'student_config = { image_size = 32, depth_multiplier = 0.35, classifier_dropout_prob = 0.0 }\n' \
@@ -51,6 +51,18 @@ def test_a_plan_runs_every_arm_at_every_budget_and_seed_and_reports_the_curve(ru
     assert set(result["teacher"]) == {"validation", "test"}
     assert (tmp_path / "st" / "curve.png").stat().st_size > 1000 and (tmp_path / "st" / "results.md").exists()
     assert "test % (mean ± SD)" in out
+    primary = next(c for c in result["comparisons"] if c["primary"])
+    test = {arm: {s: json.loads((tmp_path / "st" / "runs" / f"{arm}-e2-seed{s}" / "run.json").read_text())["test"]
+                  ["accuracy"] for s in (0, 1)} for arm in ("kd", "kd-twin")}
+    diffs = [test["kd"][s] - test["kd-twin"][s] for s in (0, 1)]
+    assert primary["key"] == "kd - kd-twin @ E2 test" and primary["diffs"] == diffs
+    assert primary["sign_flip_p"] == stats.sign_flip_p(diffs, "greater")
+    if diffs[0] != diffs[1]:  # a spread: the t interval and p
+        assert primary["t95"]["low"] < primary["t95"]["mean"] < primary["t95"]["high"]
+        assert primary["p"] == stats.paired_t_p(diffs, "greater")
+    assert [c["key"] for c in result["comparisons"]] == ["kd - kd-twin @ E2 test", "kd - kd-twin @ E1 test"]
+    assert all(c["holm_p"] >= c["p"] for c in result["comparisons"])  # Holm over the plan's two comparisons
+    assert "exact sign-flip p" in out and "primary" in out
     code, again = run_cli("sweep", "--plan", plan, "--out", tmp_path / "st")  # resuming: nothing left to run
     assert code == 0 and "trial " not in again
 
@@ -157,3 +169,21 @@ def test_a_plan_can_express_a_confirmatory_replication(tmp_path):
     assert len(plan.points()) == 12 and plan.primary.test == "paired-t" and plan.primary.level == 0.05
     assert [c.rule for c in plan.comparisons_all()] == [None, "first"]
     assert plan.arms["recipe"].train(300, plan.base).cache == tmp_path / "plain"
+
+
+def arm_point(name: str, validation: dict[int, float]) -> "study_report.ArmPoint":
+    return study_report.ArmPoint(name, 300, f"{name}-e300", {}, {s: {"seed": s, "validation": v} for s, v in
+                                                                 validation.items()})
+
+
+def test_validation_that_cannot_separate_the_best_arms_names_no_winner():
+    saturated = [arm_point("fm", {0: 1.0, 1: 1.0, 2: 1.0}), arm_point("recipe", {0: 1.0, 1: 0.992, 2: 1.0}),
+                 arm_point("twin", {0: 0.95, 1: 0.94, 2: 0.96})]
+    best = study_report.best_arms(saturated)  # fm - recipe: +0.27 pp, its paired SE 0.27 pp: within it
+    assert best["best"] == "fm-e300" and [t["arm"] for t in best["not_separated"]] == ["recipe-e300"]
+    summary = study_report.StudySummary(None, "s", {}, [], saturated, {}, {}, best=best)
+    assert "cannot separate the best arms" in study_report.best_lines(summary)[0]
+    apart = study_report.best_arms([saturated[0], saturated[2]])
+    assert apart["not_separated"] == []
+    summary.best = apart
+    assert study_report.best_lines(summary)[0].startswith("Chosen on validation: fm-e300")
