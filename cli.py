@@ -462,7 +462,7 @@ def _print_sweep(s) -> None:
 
     names = sorted({k for r in s.rows for k in r.params})
     table = Table(title=f"sweep {s.study_name}: best-epoch validation accuracy over seeds (sorted)")
-    for col in ("#", *names, "seeds", "val mean ± std", "95% CI", "pruned"):
+    for col in ("#", *names, "seeds", "val mean ± SD", "95% CI", "pruned"):
         table.add_column(col, justify="right")
     for i, r in enumerate(s.rows, 1):
         ci = "-" if math.isnan(r.val_ci95) else f"± {r.val_ci95:.2%}"
@@ -476,10 +476,10 @@ def _print_sweep(s) -> None:
     console.print(f"trials: {counts}; epochs run {s.epochs['run']} of {s.epochs['planned']} planned "
                   f"({saved:.0%} saved by pruning); training time {s.seconds:.0f} s")
     if s.best is not None:
-        line = f"chosen on validation: [bold]{s.best.key}[/] (val {s.best.val_mean:.2%} ± {s.best.val_std:.2%})"
+        line = f"chosen on validation: [bold]{s.best.key}[/] (val {s.best.val_mean:.2%} ± {s.best.val_std:.2%} SD)"
         if s.best.test:
             m, sd = s.best.test_mean_std()
-            line += f"; its test accuracy, reported not used: [bold]{m:.2%} ± {sd:.2%}[/] over {len(s.best.test)} seeds"
+            line += f"; its test accuracy, reported not used: [bold]{m:.2%} ± {sd:.2%}[/] (SD) over {len(s.best.test)} seeds"
         console.print(line)
     if s.teacher_gain:
         _print_gain(s.teacher_gain)
@@ -499,7 +499,7 @@ def _print_gain(g: dict, label: str = "teacher's gain") -> None:
         text = f"{split}{' (reported, not used)' if split == 'test' else ''} {100 * d['gap']:+.1f}"
         text += f" ± {100 * d['welch95']:.1f} pp (Welch 95%)" if d["welch95"] is not None else " pp (one seed: no interval)"
         if d["paired"]:
-            text += f", paired by seed {100 * d['paired']['gap']:+.1f} ± {100 * d['paired']['ci95']:.1f} pp"
+            text += f", paired by seed {100 * d['paired']['gap']:+.1f} ± {100 * d['paired']['ci95']:.1f} pp (95% t)"
         return text
 
     parts = [pp(split) for split in ("validation", "test") if split in g]
