@@ -222,7 +222,7 @@ def comparison_lines(s: StudySummary) -> list[str]:
             bs = r["bootstrap95"]
             text += f", 95 % interval over seeds and images {100 * bs['low']:+.1f} to {100 * bs['high']:+.1f} pp"
         else:
-            text += f" (no interval over images: {r['no_bootstrap']})"
+            text += " (seeds only*)"
         side = {"greater": "one-sided, arm better", "less": "one-sided, arm worse", "two-sided": "two-sided"}[r["alternative"]]
         if r["t_p"] is not None:
             text += f"; paired t p = {r['t_p']:.3f} ({side})"
@@ -292,7 +292,10 @@ def text(s: StudySummary) -> str:
               "test is reported for every arm, and nothing is chosen on it.", "", *table(s), ""]
     if s.comparisons:
         lines += ["Comparisons (arm − against, paired by seed; test accuracy of each run's epoch chosen on "
-                  "validation; ± and intervals are 95 % unless marked SD):", "", *comparison_lines(s), ""]
+                  "validation; intervals are 95 %):", "", *comparison_lines(s), ""]
+        note = next((r["no_bootstrap"] for r in s.comparisons if r.get("no_bootstrap")), None)
+        if note:
+            lines += [f"*seeds only: no interval over images, {note}.", ""]
     lines += best_lines(s) + ([""] if s.best else [])
     if s.teacher:
         lines += ["Teacher: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in s.teacher.items()), ""]
@@ -331,7 +334,10 @@ def curve(s: StudySummary, path: Path) -> Path | None:
     except ImportError:
         return None
     twins = s.plan.get("twins", {})
-    of_twin = {t: a for a, t in twins.items() if t}  # a twin is drawn in the colour of (the first) arm it twins
+    of_twin = {}  # a twin is drawn in the colour of the first arm it twins
+    for a, t in twins.items():
+        if t:
+            of_twin.setdefault(t, a)
     arms = list(dict.fromkeys(p.config.rsplit("-seed", 1)[0] if p.params else p.arm for p in s.points))
     leaders = [a for a in arms if a not in of_twin]
     palette = plt.get_cmap("tab10")

@@ -521,7 +521,7 @@ def record_plan(study, plan: Plan, points: dict, teacher: dict | None = None) ->
     report) but not change or drop one that has a finished trial (refused, one line)."""
     now = {k: p.settings for k, p in points.items()}
     saved = study.user_attrs.get(PLAN_ATTR)
-    record = json.loads(json.dumps({**plan.record(), "teacher": teacher, "points": now}))
+    record = json.loads(json.dumps({**plan.record(), "teacher": teacher or {}, "points": now}))
     if saved is None:
         study.set_user_attr(PLAN_ATTR, {**record, "at": _now()})
         study.set_user_attr(AMENDMENTS_ATTR, [])
@@ -577,7 +577,7 @@ def _same_arm_inputs(study, inputs: dict[str, dict]) -> None:
 
 def import_records(study, plan: Plan, points: dict) -> list[str]:
     """Record the run records of an earlier study (the plan's `imported` folder, `E<budget>/<arm>-seed<seed>.json`,
-    as benchmarks/patience_study.py wrote them) as finished trials of their points, so no run is repeated. A
+    as the patience study wrote them: benchmarks/results/patience/E*/) as finished trials of their points, so no run is repeated. A
     record whose arm, budget, seed or resolution is not the point's is refused. Returns the points imported."""
     import optuna
     from optuna.trial import TrialState

@@ -130,7 +130,7 @@ def test_searched_values_and_an_arm_of_its_own_run_as_their_own_points(cache_dir
 def test_an_earlier_studys_records_are_finished_trials_and_are_not_run_again(run_cli, cache_dir, tmp_path):
     records = tmp_path / "records" / "E1"
     records.mkdir(parents=True)
-    for arm, acc in (("kd", 0.75), ("kd-twin", 0.5)):  # as benchmarks/patience_study.py wrote them
+    for arm, acc in (("kd", 0.75), ("kd-twin", 0.5)):  # as the patience study wrote them
         (records / f"{arm}-seed0.json").write_text(json.dumps({
             "arm": arm, "seed": 0, "epochs": 1, "size": 32, "run_dir": f"gone/{arm}", "best_epoch": 1,
             "validation": {"accuracy": acc, "n": 8}, "test": {"accuracy": acc - 0.25, "n": 8},
@@ -187,3 +187,27 @@ def test_validation_that_cannot_separate_the_best_arms_names_no_winner():
     assert apart["not_separated"] == []
     summary.best = apart
     assert study_report.best_lines(summary)[0].startswith("Chosen on validation: fm-e300")
+
+
+def test_the_patience_plan_imports_every_record_of_the_study_and_repeats_no_run(tmp_path):
+    """benchmarks/plans/patience.toml against the committed records (no caches opened, nothing trained): every
+    point of the plan has its record and every record is a point; the report pairs them as the write-ups do."""
+    import optuna
+
+    repo = Path(__file__).resolve().parents[1]
+    plan = plans.load(repo / "benchmarks" / "plans" / "patience.toml")
+    points = plan.points()
+    records = sorted((repo / "benchmarks" / "results" / "patience").glob("E*/*.json"))
+    assert sorted(f"{r.stem.rsplit('-seed', 1)[0]}-e{r.parent.name[1:]}-seed{r.stem.rsplit('-seed', 1)[1]}"
+                  for r in records) == sorted(points)
+    study = optuna.create_study(study_name="patience", direction="maximize")
+    sweep.record_plan(study, plan, points)
+    assert len(sweep.import_records(study, plan, points)) == len(points) == 51
+    assert sweep.import_records(study, plan, points) == []  # a second look imports nothing twice
+    summary = study_report.build(tmp_path, study, {"complete": 51}, [], write=False)
+    primary = next(c for c in summary.comparisons if c["primary"])
+    assert primary["seeds"] == [0, 1, 2, 3, 4, 5]
+    assert [round(100 * d, 1) for d in primary["diffs"]] == [10.9, 3.9, 3.1, 3.9, 8.6, 1.6]  # README's pairs
+    assert primary["sign_flip_p"] == 1 / 64 and primary["bootstrap95"] is None  # 6 of 6 positive; no predictions
+    assert [a["at"][:10] for a in summary.amendments] == ["2026-12-01", "2026-12-03", "2026-12-04"]
+    assert summary.best["best"] == "fm-e300" and [t["arm"] for t in summary.best["not_separated"]] == ["recipe-e300"]
