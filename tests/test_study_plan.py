@@ -211,3 +211,37 @@ def test_the_patience_plan_imports_every_record_of_the_study_and_repeats_no_run(
     assert primary["sign_flip_p"] == 1 / 64 and primary["bootstrap95"] is None  # 6 of 6 positive; no predictions
     assert [a["at"][:10] for a in summary.amendments] == ["2026-12-01", "2026-12-03", "2026-12-04"]
     assert summary.best["best"] == "fm-e300" and [t["arm"] for t in summary.best["not_separated"]] == ["recipe-e300"]
+
+
+def test_the_views_plan_is_the_recorded_runs_of_results_sections_3_and_4():
+    """benchmarks/plans/views.toml against benchmarks/results/{recipe,views,views16,views0}: the plan's points
+    are exactly the recorded runs, setting for setting (the stored views per image read from each run's cache)."""
+    repo = Path(__file__).resolve().parents[1]
+    keys = ("lr", "batch_size", "epochs", "alpha", "views", "schedule", "warmup_ratio", "weight_decay",
+            "student_config", "bn_momentum", "seed")
+
+    def key(settings: dict, stored: int) -> str:
+        return json.dumps([settings[k] for k in keys] + [settings["temperature"] if settings["alpha"] else None, stored])
+
+    recorded = []
+    for folder in ("recipe", "views", "views16", "views0"):
+        for path in (repo / "benchmarks" / "results" / folder).glob("*-seed*.json"):
+            if "cutmix" in path.name or (folder == "views16" and "-e30-" in path.name):
+                continue  # one-seed screens, not in the plan (its header says so)
+            run = json.loads(path.read_text())["run"]
+            recorded.append(key(run["config"], (run["consistency"]["stored_views"] or {}).get("views", 0)))
+    plan = plans.load(repo / "benchmarks" / "plans" / "views.toml")
+    planned = [key(p.settings, {"beans-views8": 8, "beans-views16": 16}.get(Path(p.settings["cache"]).name, 0))
+               for p in plan.points().values()]
+    assert sorted(planned) == sorted(recorded) and len(planned) == 57
+
+
+def test_the_guide_plan_is_the_guides_setup_under_three_batchnorm_variants():
+    plan = plans.load(Path(__file__).resolve().parents[1] / "benchmarks" / "plans" / "guide.toml")
+    points = plan.points()
+    assert len(points) == 18
+    guide = points["distilled-upstream-e30-seed0"].settings
+    assert (guide["lr"], guide["batch_size"], guide["epochs"], guide["schedule"], guide["alpha"], guide["temperature"],
+            guide["bn_momentum"], guide["precise_bn"]) == (5e-5, 8, 30, "linear", 0.5, 5.0, 0.997, False)
+    assert points["scratch-precise-e30-seed2"].settings["precise_bn"] is True
+    assert {p.settings["bn_momentum"] for p in points.values()} == {0.997, 0.1}

@@ -317,7 +317,7 @@ def test_bn_settings_do_not_change_the_training_trajectory(cache_dir, tmp_path):
 
 def test_a_seed_fixes_everything_the_two_arms_share(cache_dir, tmp_path):
     """The two arms of a seed (alpha 0 and distilled) start from the same weights and draw the same batch
-    order and dropout masks: their difference is the teacher's term alone (report_results.paired)."""
+    order and dropout masks: their difference is the teacher's term alone (stats.paired, a plan study's comparisons)."""
     arms = []
     for alpha in (0.0, 0.5):
         s = train_student.setup(tiny_train_config(cache=cache_dir, alpha=alpha, seed=3, out=tmp_path / str(alpha)))
