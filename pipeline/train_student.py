@@ -439,18 +439,22 @@ def _refuse_other_inputs(then: dict | None, now: dict, out: Path) -> None:
 
 
 def finish(s: Setup, wall_time: float) -> RunReport:
-    """Load the best epoch, evaluate it on test, save the student and run.json. (Its validation metrics
-    are those recorded after that epoch: same weights, same BN statistics.)"""
+    """Load the best epoch, evaluate it on test, save its predictions per image, the student and run.json.
+    (Its validation metrics are those recorded after that epoch: same weights, same BN statistics.)"""
     s.model.load_state_dict(s.best["state"])
     val = s.history[s.best["epoch"] - 1]["validation"]
     test = confusion = None
+    logits = {}  # split -> (N, C) the chosen epoch's logits
     if s.cfg.test_split:
-        test, logits = evaluate_split(s, s.cfg.test_split)
+        test, logits[s.cfg.test_split] = evaluate_split(s, s.cfg.test_split)
         labels = s.splits[s.cfg.test_split].labels.cpu().numpy()
-        confusion = metrics.confusion_matrix(logits.argmax(1), labels, len(s.label_names)).tolist()
+        confusion = metrics.confusion_matrix(logits[s.cfg.test_split].argmax(1), labels, len(s.label_names)).tolist()
     if not s.main:  # another process of the job: wait for the first to write everything
         torch.distributed.barrier()
         return load_report(s.out)
+    logits[s.cfg.val_split] = evaluate_split(s, s.cfg.val_split)[1]  # the logits behind `val`, kept per image
+    run_folder.write_predictions(s.out, {name: _predictions_table(s, name, split_logits)
+                                         for name, split_logits in logits.items()})
     with files.replacing(s.out / run_folder.MODEL) as tmp:
         save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
                      s.inputs["std"], s.inputs["resample"])
@@ -464,6 +468,14 @@ def finish(s: Setup, wall_time: float) -> RunReport:
     return RunReport(s.out, s.best["epoch"], val, test, confusion, s.label_names, wall_time, s.history, run)
 
 
+def _predictions_table(s: Setup, split: str, logits: np.ndarray):
+    """One split's predictions per image at the chosen epoch, with what made them (run_folder.predictions_table)."""
+    data = s.splits[split]
+    meta = {"split": split, "epoch": s.best["epoch"], "best_epoch_rule": "first", "label_names": s.label_names,
+            "run": s.out.name, "seed": s.cfg.seed, "dataset_fingerprint": s.provenance["dataset_fingerprints"].get(split)}
+    return run_folder.predictions_table(data.ids, data.labels.cpu().numpy(), logits, meta)
+
+
 def _run_record(s: Setup, val: dict, test: dict | None, confusion: list | None, weights_sha256: str,
                 wall_time: float) -> dict:
     """run.json: the results, the saved student and the provenance gathered at setup."""
@@ -474,6 +486,8 @@ def _run_record(s: Setup, val: dict, test: dict | None, confusion: list | None, 
             "student": {"architecture": type(s.model).__name__,
                         "parameters": sum(p.numel() for p in s.model.parameters()), "weights_sha256": weights_sha256,
                         "inputs": {k: s.inputs[k] for k in ("size", "train_size", "resample", "mean", "std")}},
+            "predictions": {name: files.sha256(run_folder.predictions_path(s.out, name))
+                            for name in (s.cfg.val_split, s.cfg.test_split) if name},
             "epoch_time_s": [r["epoch_time_s"] for r in epochs],
             "train_images_per_s": round(train_images / sum(r["train_time_s"] for r in epochs), 2),
             "total_time_s": round(wall_time, 2),

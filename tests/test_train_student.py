@@ -7,12 +7,13 @@ import shutil
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from conftest import CLASSES, TINY_STUDENT, tiny_train_config, write_split
-from kdpipe import evaluate, logit_store, pixels, train_student
+from kdpipe import evaluate, files, logit_store, metrics, pixels, run_folder, train_student
 from kdpipe.config import TrainConfig
 from kdpipe.data import open_dataset
 from kdpipe.errors import KdpipeError
@@ -48,6 +49,34 @@ def test_outputs_and_provenance(cache_dir, tmp_path):
     assert {"torch", "transformers"} <= set(run["versions"]) and run["train_images_per_s"] > 0
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "preprocessor_config.json").exists()
     assert not (out / "checkpoint.pt").exists()  # a finished run keeps only its result
+
+
+def test_the_chosen_epoch_keeps_its_predictions_per_image(cache_dir, image_folder, tmp_path):
+    report = train_student.run(tiny_train_config(cache=cache_dir, epochs=2, out=tmp_path / "run"))
+    out = tmp_path / "run"
+    dataset = open_dataset(str(image_folder))
+    for split, reported in (("validation", report.validation), ("test", report.test)):
+        kept = run_folder.read_predictions(out, split)
+        source = dataset.splits[split]
+        assert kept.ids == source.ids and np.array_equal(kept.labels, source.labels) and kept.labels.dtype == np.int64
+        assert kept.logits.shape == (len(source.ids), len(CLASSES)) and kept.logits.dtype == np.float32
+        assert kept.epoch == report.best_epoch
+        assert kept.correct.mean() == reported["accuracy"]  # the logits the reported accuracy was measured on
+        assert report.run["predictions"][split] == files.sha256(out / "predictions" / f"{split}.parquet")
+        table = pq.read_table(out / "predictions" / f"{split}.parquet")
+        assert [str(t) for t in table.schema.types] == ["string", "int64", "list<element: float>"]
+        meta = json.loads(table.schema.metadata[b"kdpipe"])
+        assert {k: meta[k] for k in ("split", "epoch", "n", "num_labels")} == \
+            {"split": split, "epoch": report.best_epoch, "n": len(source.ids), "num_labels": 3}
+        assert meta["best_epoch_rule"] and meta["dataset_fingerprint"] == source.fingerprint()
+    test = run_folder.read_predictions(out, "test")  # the student reloaded alone gives the same logits
+    again = evaluate.saved(out, split="test", device="cpu")
+    assert again["nll"] == pytest.approx(metrics.nll(test.logits, test.labels), rel=1e-5)
+    with pytest.raises(KdpipeError, match="missing"):
+        run_folder.read_predictions(out, "train")
+    (out / "predictions" / "test.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(KdpipeError, match="damaged"):
+        run_folder.read_predictions(out, "test")
 
 
 def test_the_saved_student_loads_with_auto_classes_and_pipeline(cache_dir, image_folder, tmp_path):
@@ -163,6 +192,9 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(cache_dir, tm
         assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-5)
         assert a["validation"]["accuracy"] == b["validation"]["accuracy"]
     assert resumed.test["accuracy"] == full.test["accuracy"]
+    for split in ("validation", "test"):  # the resumed run keeps the same per-image predictions
+        a, b = run_folder.read_predictions(tmp_path / "full", split), run_folder.read_predictions(tmp_path / "cut", split)
+        assert a.ids == b.ids and a.epoch == b.epoch and np.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-5)
     # the run's total time counts the interrupted attempt's epoch too, not only the resumed process
     assert resumed.history[0]["epoch_time_s"] >= 3
     assert resumed.run["total_time_s"] >= sum(r["epoch_time_s"] for r in resumed.history)
