@@ -345,7 +345,9 @@ def train_student_cmd(flags: dict):
 def _print_run(report) -> None:
     config = report.run.get("config", {})
     val_split, test_split = config.get("val_split", "validation"), config.get("test_split") or "test"
-    table = Table(title=f"best epoch {report.best_epoch} (chosen on {val_split}) -> {report.out}")
+    rule = report.run.get("best_epoch_rule") or {"tied": 1}
+    ties = f", {rule['tied']} epochs tied: {rule['rule']} rule" if rule["tied"] > 1 else ""
+    table = Table(title=f"best epoch {report.best_epoch} (chosen on {val_split}{ties}) -> {report.out}")
     for col in ("split", "accuracy", "NLL", "macro-F1", "teacher agreement", "KL to teacher"):
         table.add_column(col)
     for name, m in ((val_split, report.validation), (test_split, report.test)):

@@ -79,6 +79,81 @@ def test_the_chosen_epoch_keeps_its_predictions_per_image(cache_dir, image_folde
         run_folder.read_predictions(out, "test")
 
 
+def test_the_best_epoch_rules_by_hand():
+    # validation accuracy 0.5, 0.9, 0.9, 0.8, 0.9: three epochs tie on 0.9
+    history = [{"accuracy": a, "nll": n} for a, n in ((0.5, 1.0), (0.9, 0.3), (0.9, 0.2), (0.8, 0.1), (0.9, 0.2))]
+    assert metrics.tied_epochs(history) == 3
+    assert metrics.best_epoch(history, "first") == 2
+    assert metrics.best_epoch(history, "nll") == 5  # epochs 3 and 5 tie on NLL too: the later
+    history[4]["nll"] = float("nan")  # a non-finite (or missing) NLL ranks last among the tied
+    assert metrics.best_epoch(history, "nll") == 3
+    assert metrics.best_epoch(history[:1], "nll") == metrics.best_epoch(history[:1], "first") == 1
+
+
+@pytest.fixture
+def tied_validation(monkeypatch):
+    """Every epoch ties on validation accuracy, and validation NLL falls epoch by epoch, whatever the CPU: the
+    nll rule chooses the last epoch, the first rule the first (training itself is untouched)."""
+    real = train_student.evaluate_split
+
+    def evaluate_split(s, name):
+        report, logits = real(s, name)
+        if name == s.cfg.val_split:
+            report = {**report, "accuracy": 0.5, "nll": 10.0 - len(s.history)}
+        return report, logits
+
+    monkeypatch.setattr(train_student, "evaluate_split", evaluate_split)
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_after(epoch: int):
+    def on_epoch(record):
+        if record["epoch"] == epoch:
+            raise Stop
+    return on_epoch
+
+
+def test_tied_epochs_are_broken_by_nll_and_the_other_rule_is_tested_beside(tied_validation, cache_dir, tmp_path):
+    nll = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "nll"))
+    first = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, best_epoch="first", out=tmp_path / "first"))
+    assert (nll.best_epoch, first.best_epoch) == (3, 1)
+    assert nll.run["best_epoch_rule"] == {"rule": "nll", "epoch": 3, "tied": 3, "other_rule": "first",
+                                          "other_rule_epoch": 1, "test_at_other_rule_epoch": first.test}
+    assert first.run["best_epoch_rule"] == {"rule": "first", "epoch": 1, "tied": 3, "other_rule": "nll",
+                                            "other_rule_epoch": 3, "test_at_other_rule_epoch": nll.test}
+    assert run_folder.read_predictions(nll.out, "test").epoch == 3
+    assert json.loads(pq.read_schema(nll.out / "predictions" / "test.parquet").metadata[b"kdpipe"])["best_epoch_rule"] == "nll"
+    card = (nll.out / "model" / "README.md").read_text()
+    assert "3 (3 epochs tied on validation accuracy; kept: the lowest validation NLL of them)" in card
+    # a resumed run keeps the other rule's weights across the interruption (epoch 1's, in the checkpoint)
+    with pytest.raises(Stop):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"), on_epoch=_stop_after(2))
+    resumed = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut", resume=True))
+    assert resumed.run["best_epoch_rule"] == nll.run["best_epoch_rule"] and resumed.test == nll.test
+
+
+def test_a_checkpoint_from_before_the_rules_finishes_with_the_first_rule(tied_validation, cache_dir, tmp_path):
+    """A checkpoint written before --best-epoch kept only the first best epoch's weights: resumed with the nll
+    rule, whose epoch's weights it lacks, the run stops with a one-line fix; with --best-epoch first it finishes
+    without training again (the resume accepts the rule the run was started under)."""
+    out = tmp_path / "old"
+    with pytest.raises(Stop):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out), on_epoch=_stop_after(3))
+    state = run_folder.read_checkpoint(out / "checkpoint.pt")
+    best = state.pop("best")["first"]
+    state.update(best_epoch=best["epoch"], best_accuracy=0.5, best_state=best["state"])
+    del state["config"]["best_epoch"]
+    run_folder.write_checkpoint(out, state, json.loads(state["history"]))
+    with pytest.raises(KdpipeError, match="--resume --best-epoch first"):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out, resume=True))
+    done = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, best_epoch="first", out=out, resume=True))
+    assert done.best_epoch == 1 and done.run["best_epoch_rule"]["test_at_other_rule_epoch"] is None
+    assert done.run["best_epoch_rule"]["other_rule_epoch"] == 3
+
+
 def test_the_saved_student_loads_with_auto_classes_and_pipeline(cache_dir, image_folder, tmp_path):
     from transformers import AutoModelForImageClassification, pipeline
 
@@ -169,20 +244,13 @@ def test_a_cache_with_other_label_names_is_refused(cache_dir, tmp_path):
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(cache_dir, tmp_path):
     full = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "full"))
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise Stop
-
     def slow_first_epoch(task, done, total, info=""):  # so that epoch 1 outlasts the resumed process's own time
         if task.startswith("epoch 1/") and done == 1:
             time.sleep(3)
 
     with pytest.raises(Stop):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"), progress=slow_first_epoch,
-                          on_epoch=stop_after_first)
+                          on_epoch=_stop_after(1))
     assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "run.json").exists()
     with pytest.raises(KdpipeError, match="--resume"):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"))
@@ -199,7 +267,7 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(cache_dir, tm
     assert resumed.history[0]["epoch_time_s"] >= 3
     assert resumed.run["total_time_s"] >= sum(r["epoch_time_s"] for r in resumed.history)
     with pytest.raises(Stop):
-        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "lr"), on_epoch=stop_after_first)
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "lr"), on_epoch=_stop_after(1))
     with pytest.raises(KdpipeError, match="other settings"):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, lr=0.5, out=tmp_path / "lr", resume=True))
 
@@ -209,16 +277,9 @@ def test_tensorboard_events_mirror_metrics_jsonl_across_a_resume(cache_dir, tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise Stop
-
     out = tmp_path / "run"
     with pytest.raises(Stop):
-        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out), on_epoch=stop_after_first)
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out), on_epoch=_stop_after(1))
     # event files are named and read in order of their creation second: keep the three files apart
     time.sleep(1.1)
     with SummaryWriter(str(out / "tensorboard")) as stale:  # a crash after logging epoch 2, before its checkpoint
@@ -412,15 +473,8 @@ def test_resume_on_a_cache_rebuilt_in_place_is_refused(image_folder, teacher_dir
     cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=cache, precision="fp32",
                                   workers=0))
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise Stop
-
     with pytest.raises(Stop):
-        train_student.run(tiny_train_config(cache=cache, epochs=2, out=tmp_path / "run"), on_epoch=stop_after_first)
+        train_student.run(tiny_train_config(cache=cache, epochs=2, out=tmp_path / "run"), on_epoch=_stop_after(1))
     other = make_teacher(tmp_path / "other-teacher", seed=1)
     cache_teacher.run(CacheConfig(teacher=str(other), dataset=str(image_folder), out=cache, precision="fp32",
                                   workers=0, force=True))
