@@ -103,7 +103,8 @@ def _rule_value(run: dict, rule: str | None, split: str) -> float | None:
     the other rule's epoch and its figures (train_student); an imported run has only its own choice."""
     if rule is None or rule == run.get("best_epoch_rule"):
         return run.get(split)
-    return (run.get("other_rule") or {}).get(split)
+    other = run.get("other_rule") or {}
+    return other.get(split) if other.get("rule") == rule else None
 
 
 def _correct(s: StudySummary, point: ArmPoint, seed: int, split: str):

@@ -274,10 +274,15 @@ def _run_one(cfg: SweepConfig, trial, params: dict, seed: int, out: Path, report
         return {"seed": seed, "run": str(run_dir), "pruned": True, "epochs_run": len(history),
                 "validation": max(r["validation"]["accuracy"] for r in history),
                 "seconds": sum(r["epoch_time_s"] for r in history)}
+    rule = report.run.get("best_epoch_rule") or {}
+    other = rule.get("other_rule_epoch")
     return {"seed": seed, "run": str(run_dir), "pruned": False, "epochs_run": len(report.history),
             "best_epoch": report.best_epoch, "validation": report.validation["accuracy"],
             "test": report.test["accuracy"] if report.test else None,
-            "seconds": sum(r["epoch_time_s"] for r in report.history)}
+            "seconds": sum(r["epoch_time_s"] for r in report.history), "best_epoch_rule": rule.get("rule"),
+            "other_rule": {"rule": rule.get("other_rule"), "epoch": other,  # reported, never used to choose
+                           "validation": report.history[other - 1]["validation"]["accuracy"] if other else None,
+                           "test": (rule.get("test_at_other_rule_epoch") or {}).get("accuracy")}}
 
 
 def _finish_trial(study, trial, key: str, params: dict, seeds: list[int], runs: list[dict]) -> TrialResult:

@@ -33,7 +33,8 @@ def study_of(out: Path):
 
 
 def test_a_plan_runs_every_arm_at_every_budget_and_seed_and_reports_the_curve(run_cli, cache_dir, tmp_path):
-    plan = write_plan(tmp_path, cache_dir)
+    plan = write_plan(tmp_path, cache_dir, extra='[[comparisons]]\narm = "kd"\nagainst = "kd-twin"\nbudget = 2\n'
+                                                 'rule = "first"\n')
     code, out = run_cli("sweep", "--plan", plan, "--out", tmp_path / "st")
     assert code == 0, out
     runs = sorted(p.name for p in (tmp_path / "st" / "runs").iterdir())
@@ -60,7 +61,17 @@ def test_a_plan_runs_every_arm_at_every_budget_and_seed_and_reports_the_curve(ru
     if diffs[0] != diffs[1]:  # a spread: the t interval and p
         assert primary["t95"]["low"] < primary["t95"]["mean"] < primary["t95"]["high"]
         assert primary["p"] == stats.paired_t_p(diffs, "greater")
-    assert [c["key"] for c in result["comparisons"]] == ["kd - kd-twin @ E2 test", "kd - kd-twin @ E1 test"]
+    boot = primary["bootstrap95"]  # every run kept its predictions: the interval over seeds and images
+    assert boot["low"] <= boot["mean"] <= boot["high"] and "2 seeds x" in boot["method"]
+    assert boot["mean"] == pytest.approx(sum(diffs) / 2)  # the same difference, from the per-image predictions
+    first = next(c for c in result["comparisons"] if c["rule"] == "first")
+    rules = {arm: {s: json.loads((tmp_path / "st" / "runs" / f"{arm}-e2-seed{s}" / "run.json").read_text())
+                   ["best_epoch_rule"] for s in (0, 1)} for arm in ("kd", "kd-twin")}
+    at_first = {arm: {s: test[arm][s] if r["rule"] == "first" or r["other_rule_epoch"] == r["epoch"]
+                      else r["test_at_other_rule_epoch"]["accuracy"] for s, r in by.items()} for arm, by in rules.items()}
+    assert first["diffs"] == [at_first["kd"][s] - at_first["kd-twin"][s] for s in (0, 1)]
+    assert [c["key"] for c in result["comparisons"]] == ["kd - kd-twin @ E2 test", "kd - kd-twin @ E2 test (first-tie epochs)",
+                                                          "kd - kd-twin @ E1 test"]
     assert all(c["holm_p"] >= c["p"] for c in result["comparisons"])  # Holm over the plan's two comparisons
     assert "exact sign-flip p" in out and "primary" in out
     code, again = run_cli("sweep", "--plan", plan, "--out", tmp_path / "st")  # resuming: nothing left to run
