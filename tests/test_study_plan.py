@@ -256,3 +256,30 @@ def test_the_guide_plan_is_the_guides_setup_under_three_batchnorm_variants():
             guide["bn_momentum"], guide["precise_bn"]) == (5e-5, 8, 30, "linear", 0.5, 5.0, 0.997, False)
     assert points["scratch-precise-e30-seed2"].settings["precise_bn"] is True
     assert {p.settings["bn_momentum"] for p in points.values()} == {0.997, 0.1}
+
+
+def test_a_dead_workers_point_is_run_again_once(run_cli, cache_dir, tmp_path):
+    """The grid's dead-worker recovery serves a plan: a RUNNING trial whose worker's pid is gone is marked FAIL
+    and its point runs again, once."""
+    import socket
+    import subprocess
+    import sys
+
+    from optuna.trial import TrialState
+
+    primary = 'arm = "kd"\nagainst = "kd-twin"\nbudget = 1\n'
+    plan = write_plan(tmp_path, cache_dir, seeds="[0]", budgets="[1]", primary=primary)
+    assert run_cli("sweep", "--plan", plan, "--out", tmp_path / "st")[0] == 0
+    write_plan(tmp_path, cache_dir, seeds="[0]", budgets="[1]", primary=primary,
+               extra='[[more_seeds]]\narms = ["kd"]\nbudgets = [1]\nseeds = [3]\n')
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    trial = study_of(tmp_path / "st").ask()  # a worker claimed kd-e1-seed3, then died
+    for key, value in {"point": "kd-e1-seed3", "config": "kd-e1", "arm": "kd", "budget": 1, "seed": 3, "params": {},
+                       "owner": {"host": socket.gethostname(), "pid": int(gone.stdout), "alive_at": 0}}.items():
+        trial.set_user_attr(key, value)
+    code, out = run_cli("sweep", "--plan", plan, "--out", tmp_path / "st")
+    assert code == 0, out
+    trials = [t for t in study_of(tmp_path / "st").get_trials() if t.user_attrs.get("point") == "kd-e1-seed3"]
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]
+    assert next(t for t in trials if t.state == TrialState.FAIL).user_attrs["failed"] == "worker died"
+    assert (tmp_path / "st" / "runs" / "kd-e1-seed3" / "run.json").exists()
