@@ -174,7 +174,7 @@ class Comparison:
 
     @property
     def key(self) -> str:
-        rule = f" ({self.rule}-tie epochs)" if self.rule else ""
+        rule = {None: "", "first": " (first-tie epochs)", "nll": " (NLL tie-break epochs)"}[self.rule]
         return f"{self.arm} - {self.against} @ E{self.budget} {self.split}{rule}"
 
 
