@@ -25,7 +25,7 @@ PLAN_KEYS = ("name", "description", "seeds", "budgets", "settings", "arms", "mor
              "imported")
 ARM_KEYS = ("twin", "budgets", "seeds", "search")
 PER_POINT = ("out", "name", "seed", "resume", "epochs")  # a point sets these itself (epochs: its budget)
-NOT_RECORDED = ("out", "name", "resume", "device", "log_tensorboard")  # where a point runs, not what it is
+NOT_RECORDED = ("out", "name", "resume", "device", "log_tensorboard", "from_recipe")  # where a point runs, not what it is
 PATHS = ("cache", "dataset", "student")  # read from the plan file's folder when relative (dataset, student: if there)
 TESTS = ("paired-t", "sign-flip")
 ALTERNATIVES = ("greater", "less", "two-sided")
