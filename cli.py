@@ -24,8 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from kdpipe import runtime, settings  # noqa: E402
-from kdpipe.config import CacheConfig, SweepConfig, TrainConfig, recipe_line  # noqa: E402
+from kdpipe.config import TRAIN_DEFAULTS, CacheConfig, SweepConfig, TrainConfig, recipe_line  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
+from kdpipe.plan import PlanOption  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for image classifiers with cached teacher logits.")
@@ -346,7 +347,9 @@ def train_student_cmd(flags: dict):
 def _print_run(report) -> None:
     config = report.run.get("config", {})
     val_split, test_split = config.get("val_split", "validation"), config.get("test_split") or "test"
-    table = Table(title=f"best epoch {report.best_epoch} (chosen on {val_split}) -> {report.out}")
+    rule = report.run.get("best_epoch_rule") or {"tied": 1}
+    ties = f", {rule['tied']} epochs tied: {rule['rule']} rule" if rule["tied"] > 1 else ""
+    table = Table(title=f"best epoch {report.best_epoch} (chosen on {val_split}{ties}) -> {report.out}")
     for col in ("split", "accuracy", "NLL", "macro-F1", "teacher agreement", "KL to teacher"):
         table.add_column(col)
     for name, m in ((val_split, report.validation), (test_split, report.test)):
@@ -398,19 +401,34 @@ def evaluate_cmd(
 
 
 @app.command("sweep")
-@configured(train=Group(TrainConfig, search=True, skip=("out", "name", "seed", "resume")), sweep=SweepConfig)
-def sweep_cmd(train: dict, sweep: dict):
+@configured(train=Group(TrainConfig, search=True, skip=("out", "name", "seed", "resume")), sweep=SweepConfig,
+            study=PlanOption)
+def sweep_cmd(train: dict, sweep: dict, study: dict):
     """Sweep student settings against one cache (an Optuna study; rerun to resume or to add a worker).
 
     Every train-student setting can be given, fixed for all runs; a searchable one takes several
     values (1,2,5: a grid, or tpe's choices) or a range low:high[:log] (--sampler tpe), and one value fixes
-    it. The teacher is never loaded."""
-    from kdpipe import sweep as sweeps, sweep_report
+    it. --plan FILE runs a study plan instead: named arms, budgets, seeds, twins. The teacher is never loaded."""
+    from kdpipe import plan as plans, sweep as sweeps, sweep_report
 
-    cfg = sweeps.as_started(SweepConfig.from_flags(train, **sweep))
-    console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {cfg.sampler}, seeds {cfg.seeds}, "
-                  f"searching {', '.join(cfg.space) or 'nothing (seeds only)'}; {recipe_line(cfg.train)}",
-                  highlight=False, soft_wrap=True)
+    if study["plan"] is not None:
+        given = [k for k, v in train.items() if v is not None and v != TRAIN_DEFAULTS.get(k)] + \
+                [k for k, v in sweep.items() if k not in ("out", "storage", "name", "stale_after_s")
+                 and v != _default(next(f for f in dataclasses.fields(SweepConfig) if f.name == k))]
+        if given:
+            raise KdpipeError(f"--plan {study['plan']} holds every run's settings and seeds; drop "
+                              f"--{given[0].replace('_', '-')} (or write it into the plan)")
+        plan = plans.load(study["plan"])
+        console.print(f"study plan {plan.name} ({study['plan']}): {len(plan.arms)} arms, {len(plan.points())} runs; "
+                      f"primary comparison {plan.primary.key}")
+        run = lambda progress, on_trial: sweeps.run_plan(  # noqa: E731
+            plan, sweep.get("out"), sweep.get("storage"), sweep.get("name"), sweep["stale_after_s"], progress, on_trial)
+    else:
+        cfg = sweeps.as_started(SweepConfig.from_flags(train, **sweep))
+        console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {cfg.sampler}, seeds {cfg.seeds}, "
+                      f"searching {', '.join(cfg.space) or 'nothing (seeds only)'}; {recipe_line(cfg.train)}",
+                      highlight=False, soft_wrap=True)
+        run = lambda progress, on_trial: sweeps.run(cfg, progress=progress, on_trial=on_trial)  # noqa: E731
     with _progress() as bar:
         on_progress = _bars(bar)
 
@@ -419,8 +437,8 @@ def sweep_cmd(train: dict, sweep: dict):
             bar.console.print(f"trial {r.number:>3} ({total} planned)  {r.key}  seeds {r.seeds}  "
                               f"val {r.validation:.2%}  {r.state}  {r.seconds:.0f} s")
 
-        folder = sweeps.run(cfg, progress=on_progress, on_trial=on_trial)
-    _print_sweep(sweep_report.build(folder))
+        folder = run(on_progress, on_trial)
+    _print_report(sweep_report.build(folder))
 
 
 @app.command("sweep-report")
@@ -429,7 +447,18 @@ def sweep_report_cmd(sweep_dir: Path = typer.Argument(..., help="A folder writte
     from kdpipe import sweep_report
 
     with user_errors():
-        _print_sweep(sweep_report.build(sweep_dir))
+        _print_report(sweep_report.build(sweep_dir))
+
+
+def _print_report(s) -> None:
+    """A grid's or TPE's table, or a plan study's report."""
+    from kdpipe import study_report
+
+    if isinstance(s, study_report.StudySummary):
+        console.print(study_report.text(s), highlight=False)
+        console.print("wrote " + ", ".join(str(f) for f in s.files))
+    else:
+        _print_sweep(s)
 
 
 def _print_sweep(s) -> None:
@@ -437,7 +466,7 @@ def _print_sweep(s) -> None:
 
     names = sorted({k for r in s.rows for k in r.params})
     table = Table(title=f"sweep {s.study_name}: best-epoch validation accuracy over seeds (sorted)")
-    for col in ("#", *names, "seeds", "val mean ± std", "95% CI", "pruned"):
+    for col in ("#", *names, "seeds", "val mean ± SD", "95% CI", "pruned"):
         table.add_column(col, justify="right")
     for i, r in enumerate(s.rows, 1):
         ci = "-" if math.isnan(r.val_ci95) else f"± {r.val_ci95:.2%}"
@@ -451,10 +480,10 @@ def _print_sweep(s) -> None:
     console.print(f"trials: {counts}; epochs run {s.epochs['run']} of {s.epochs['planned']} planned "
                   f"({saved:.0%} saved by pruning); training time {s.seconds:.0f} s")
     if s.best is not None:
-        line = f"chosen on validation: [bold]{s.best.key}[/] (val {s.best.val_mean:.2%} ± {s.best.val_std:.2%})"
+        line = f"chosen on validation: [bold]{s.best.key}[/] (val {s.best.val_mean:.2%} ± {s.best.val_std:.2%} SD)"
         if s.best.test:
             m, sd = s.best.test_mean_std()
-            line += f"; its test accuracy, reported not used: [bold]{m:.2%} ± {sd:.2%}[/] over {len(s.best.test)} seeds"
+            line += f"; its test accuracy, reported not used: [bold]{m:.2%} ± {sd:.2%}[/] (SD) over {len(s.best.test)} seeds"
         console.print(line)
     if s.teacher_gain:
         _print_gain(s.teacher_gain)
@@ -474,7 +503,7 @@ def _print_gain(g: dict, label: str = "teacher's gain") -> None:
         text = f"{split}{' (reported, not used)' if split == 'test' else ''} {100 * d['gap']:+.1f}"
         text += f" ± {100 * d['welch95']:.1f} pp (Welch 95%)" if d["welch95"] is not None else " pp (one seed: no interval)"
         if d["paired"]:
-            text += f", paired by seed {100 * d['paired']['gap']:+.1f} ± {100 * d['paired']['ci95']:.1f} pp"
+            text += f", paired by seed {100 * d['paired']['gap']:+.1f} ± {100 * d['paired']['ci95']:.1f} pp (95% t)"
         return text
 
     parts = [pp(split) for split in ("validation", "test") if split in g]

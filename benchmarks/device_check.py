@@ -19,8 +19,8 @@ start after --budget-s is recorded as skipped, as are those --only/--skip leave 
                            on a cache-teacher --views K cache; rendered on CPU threads from decode-once originals)
   data_path.views_agreement  the views rendered on the device (pixels.DeviceViewSource) against PIL's on the CPU
                            (pixels.ViewSource), plain and blended with mixup partners: max |diff|, bit-equality
-  stage_one.decode         JPEG decode + the teacher's processor in DataLoader workers (cache_teacher._TeacherInputs
-                           and _collate, pinned on a GPU, copied to the device), no model, at 0, 1, 2, 4, ...
+  stage_one.decode         JPEG decode + the teacher's processor in DataLoader workers (cache_teacher.TeacherInputs
+                           and collate, pinned on a GPU, copied to the device), no model, at 0, 1, 2, 4, ...
                            workers: images/s and the scaling; also with K random views rendered per image
   stage_one.vit.<p>        cache_teacher.run on the train split with a ViT-B/16-shaped teacher (ViTConfig() defaults,
                            random weights: timing only) against its bare forward on the same preprocessed batches
@@ -430,7 +430,7 @@ def views_agreement(c: Check) -> dict:
 
 
 def decode(c: Check) -> dict:
-    """Stage one's input path alone: _TeacherInputs in a DataLoader as teacher_batches builds it."""
+    """Stage one's input path alone: TeacherInputs in a DataLoader as teacher_batches builds it."""
     split = c.dataset("train")
     processor = load_teacher(str(c.teacher_dir())).processor
     rows = np.arange(min(len(split), c.sizes["decode_images"]))
@@ -459,8 +459,8 @@ def _decode_rate(c: Check, split, processor, rows, workers: int, spec) -> tuple[
     """(teacher inputs per wall second, per CPU second of this process and its workers)."""
     per_image = 1 if spec is None else spec.k + 1
     loader = torch.utils.data.DataLoader(
-        cache_teacher._TeacherInputs(split, processor, rows, spec), batch_size=max(1, c.sizes["teacher_batch"] // per_image),
-        shuffle=False, num_workers=workers, collate_fn=cache_teacher._collate, pin_memory=c.cuda,
+        cache_teacher.TeacherInputs(split, processor, rows, spec), batch_size=max(1, c.sizes["teacher_batch"] // per_image),
+        shuffle=False, num_workers=workers, collate_fn=cache_teacher.collate, pin_memory=c.cuda,
         prefetch_factor=4 if workers else None)
     start, cpu0, inputs = time.perf_counter(), cpu_seconds(), 0
     for batch in loader:  # exhausting it joins the workers, so their CPU time is counted
@@ -524,10 +524,10 @@ def agreement(c: Check, precision: str) -> dict:
 
 def _compare(got, ref) -> dict:
     """Two caches of the same images, as inspect-cache --verify compares live and cached logits
-    (cache_teacher._compare): max |Δlogit|, mean KL(ref || got) and argmax agreement."""
+    (cache_teacher.compare_logits): max |Δlogit|, mean KL(ref || got) and argmax agreement."""
     if got.ids != ref.ids:
         raise RuntimeError("the two caches hold other images")
-    m = cache_teacher._compare(np.array(got.logits), np.array(ref.logits), None)  # copies: the files' are read-only
+    m = cache_teacher.compare_logits(np.array(got.logits), np.array(ref.logits), None)  # copies: the files' are read-only
     return {"max_abs_logit_diff": m["max_abs_diff"], "mean_kl": m["mean_kl"], "argmax_agreement": m["agreement"]}
 
 

@@ -55,7 +55,7 @@ class Batch:
     mixes: views.Mixes | None = None  # with mixed views: partners as split ids
 
 
-# per-view parameters a _TeacherInputs item carries besides its pixels (views; mixed views)
+# per-view parameters a TeacherInputs item carries besides its pixels (views; mixed views)
 VIEW_PARAMS = ("boxes", "flips", "mix_partners", "mix_boxes", "mix_flips", "mix_weights")
 
 
@@ -79,7 +79,7 @@ def view_input(image, processor, view: tuple | None = None, inputs: dict | None 
                            inputs["mean"], inputs["std"])
 
 
-class _TeacherInputs(torch.utils.data.Dataset):
+class TeacherInputs(torch.utils.data.Dataset):
     """Per image: the teacher processor's pixels (view 0) and, with a ViewSpec, K rendered random views
     (V, 3, H, W) with their boxes and flips. Errors travel as messages so the main process can raise them
     as one-line KdpipeErrors (DataLoader would wrap them in a traceback)."""
@@ -124,7 +124,7 @@ class _TeacherInputs(torch.utils.data.Dataset):
         return item
 
 
-def _collate(items):
+def collate(items):
     for item in items:
         if "error" in item:
             return {"error": item["error"]}
@@ -153,8 +153,8 @@ def teacher_batches(teacher: Teacher, split: Split, device: torch.device, precis
     rows = np.arange(len(split)) if rows is None else rows
     per_image = 1 if spec is None else spec.k + 1
     loader = torch.utils.data.DataLoader(
-        _TeacherInputs(split, teacher.processor, rows, spec), batch_size=max(1, batch_size // per_image),
-        shuffle=False, num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        TeacherInputs(split, teacher.processor, rows, spec), batch_size=max(1, batch_size // per_image),
+        shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )
     done = 0
@@ -596,7 +596,7 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
     sparse = None if rows[0].topk is None else [(row.topk.indices[0], row.topk.values[0]) for row in rows]
     return {"pairs": len(picked), "augmented_views": int(sum(cached[n].view[j] > 0 for n, j in picked)),
             "mixed_views": int(sum(cached[n].mixes is not None and cached[n].mixes.weights[j] > 0 for n, j in picked)),
-            **_compare(live, stored, sparse), "precision": precision, "cache_precision": meta["precision"],
+            **compare_logits(live, stored, sparse), "precision": precision, "cache_precision": meta["precision"],
             "device": runtime.describe(dev)}
 
 
@@ -638,7 +638,7 @@ def _live_logits(model, inputs: list, dev: torch.device, precision: str, batch: 
     return torch.cat(live).numpy()  # (n, C)
 
 
-def _compare(live: np.ndarray, stored: np.ndarray, sparse: list | None) -> dict:
+def compare_logits(live: np.ndarray, stored: np.ndarray, sparse: list | None) -> dict:
     """Largest |Δlogit| (on the stored top-K entries of a top-K cache), KL(stored ‖ live) at T = 1, agreement."""
     if sparse is None:
         diff = np.abs(live - stored).max()

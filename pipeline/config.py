@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import KdpipeError
 from .settings import comma_list, flag, ints, none_if_empty, overrides, setting, value_type
 from .loss import LOSSES, STANDARDIZABLE
+from .metrics import BEST_EPOCH_RULES
 from .runtime import DEVICES, PRECISIONS
 from .views import ViewPolicy
 
@@ -191,6 +192,11 @@ class TrainConfig:
                                         shown=RECIPE_SHOWN, search="bnm", panel="Optimisation")
     precise_bn: bool = setting(False, "Recompute BN statistics on the train split before each evaluation.",
                                flags=("--precise-bn/--no-precise-bn",), panel="Optimisation")
+    # a saturated validation split ties many epochs; the first of them (the old rule) can be an early one, still
+    # at a high learning rate, and NLL still separates them (docs/training.md, "Choosing the epoch")
+    best_epoch: str = setting("nll", "Epoch kept, of those with the best validation accuracy: nll (the lowest "
+                                     "validation NLL, then the later) | first (the first of them).",
+                              panel="Optimisation")
     # augmentation: only the views the teacher saw (cache-teacher --views K, --view-mixup a), never an online
     # transform the cached logits do not belong to
     views: bool = setting(False, "Train on the cache's stored augmented views (one per image per epoch).",
@@ -251,6 +257,8 @@ class TrainConfig:
         _positive("epochs", self.epochs, "--epochs")
         _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
         _check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}")
+        _check(self.best_epoch in BEST_EPOCH_RULES,
+               f"--best-epoch must be one of {', '.join(BEST_EPOCH_RULES)} (got {self.best_epoch!r})")
         _check(0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)")
         _check(self.bn_momentum is None or 0.0 < self.bn_momentum <= 1.0,
                "--bn-momentum must be in (0, 1] (PyTorch semantics: weight of the newest batch)")
@@ -322,10 +330,16 @@ class TrainConfig:
 REMOVED = {"mix": "none", "mix_alpha": 1.0, "augment": "none", "allow_inconsistent": False}
 
 
+# Settings added since whose default is not what an earlier kdpipe did, each with the value that is: a run or sweep
+# started before one of them resumes at that value as well as at the default (the best epoch of tied ones was the
+# first until --best-epoch; a checkpoint of then keeps only that epoch's weights, train_student.resume).
+EARLIER = {"best_epoch": "first"}
+
+
 def comparable(now: dict, saved: dict) -> dict:
     """`now` (a TrainConfig.to_dict(), or part of one) as the kdpipe that wrote `saved` would have written it:
     less the settings `saved` lacks that hold their default (added since; their default is what the earlier
-    kdpipe did), plus the removed settings `saved` has, at the value that means what kdpipe does now. So runs
+    kdpipe did) or their EARLIER value, plus the removed settings `saved` has, at the value that means what kdpipe does now. So runs
     and sweeps started before an upgrade resume, and one that used a removed setting differs in it. One started
     before recipes resumes under the recipe `before-recipes` (train_student.run, sweep.run: the defaults then)."""
     implicit = set(now.get("from_recipe") or ())
@@ -337,7 +351,8 @@ def comparable(now: dict, saved: dict) -> dict:
         if "student_config" in now:  # what that kdpipe left implicit (224 px) it did not write
             now["student_config"] = {k: v for k, v in now["student_config"].items()
                                      if f"student_config.{k}" not in implicit}
-    out = {k: v for k, v in now.items() if k in saved or k not in TRAIN_DEFAULTS or v != TRAIN_DEFAULTS[k]}
+    out = {k: v for k, v in now.items()
+           if k in saved or k not in TRAIN_DEFAULTS or v not in (TRAIN_DEFAULTS[k], EARLIER.get(k, TRAIN_DEFAULTS[k]))}
     return {**out, **{k: v for k, v in REMOVED.items() if k in saved}}
 
 

@@ -1,8 +1,13 @@
-"""Classification and distillation metrics on numpy arrays; pure functions."""
+"""Classification and distillation metrics on numpy arrays, and the rules that pick the epoch to keep from the
+validation metrics; pure functions."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+BEST_EPOCH_RULES = ("nll", "first")
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -56,3 +61,25 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, teacher_logits
         out["teacher_agreement"] = agreement(logits, teacher_logits)
         out["kl_to_teacher"] = kl_to_teacher(logits, teacher_logits)
     return out
+
+
+def best_epoch(validation: list[dict], rule: str) -> int:
+    """The epoch (1-based) to keep, from each epoch's validation report in order, by `rule`; both take the
+    highest accuracy. nll: among epochs tied on it, the lowest NLL, then the later epoch (a saturated
+    validation split ties many epochs, and the first of them can be early, at a high learning rate); first:
+    the first tied epoch (kdpipe's rule before the nll one). An NLL missing or not finite ranks last."""
+    top = max(r["accuracy"] for r in validation)
+    tied = [epoch for epoch, r in enumerate(validation, 1) if r["accuracy"] == top]
+    if rule == "first":
+        return tied[0]
+    return min(tied, key=lambda epoch: (_finite_or_inf(validation[epoch - 1].get("nll")), -epoch))
+
+
+def tied_epochs(validation: list[dict]) -> int:
+    """How many epochs share the highest validation accuracy (the choice the rules differ on)."""
+    top = max(r["accuracy"] for r in validation)
+    return sum(r["accuracy"] == top for r in validation)
+
+
+def _finite_or_inf(value) -> float:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf

@@ -162,12 +162,24 @@ def _recipe_section(run: dict) -> list[str]:
     if cfg.get("recipe"):
         changed = set_by_flags(cfg)
         recipe.append(("preset", f"`--recipe {cfg['recipe']}`" + (f", flags setting {', '.join(changed)}" if changed else "")))
-    recipe += [("epochs", str(cfg["epochs"])), ("best epoch (chosen on validation)", str(run.get("best_epoch"))),
+    recipe += [("epochs", str(cfg["epochs"])), ("best epoch (chosen on validation)", _best_epoch(run)),
                ("views", views), ("seed", str(run.get("seed", cfg.get("seed")))), ("optimizer", optimizer),
                ("batch size", str(cfg["batch_size"])), ("precision", str(run.get("precision", "?")))]
     if cfg.get("mix", "none") != "none":  # a run of a kdpipe that had --mix
         recipe.append(("batch mixing", f"{cfg['mix']}, Beta({cfg['mix_alpha']:g}, {cfg['mix_alpha']:g})"))
     return ["", "## Recipe", "", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in recipe]
+
+
+TIE_RULES = {"nll": "the lowest validation NLL of them", "first": "the first of them"}
+
+
+def _best_epoch(run: dict) -> str:
+    """The kept epoch, and how it was picked where epochs tied on validation accuracy (run.json's
+    best_epoch_rule; a run of a kdpipe before it kept the first of them)."""
+    rule = run.get("best_epoch_rule")
+    if not rule or rule["tied"] < 2:
+        return str(run.get("best_epoch"))
+    return f"{rule['epoch']} ({rule['tied']} epochs tied on validation accuracy; kept: {TIE_RULES[rule['rule']]})"
 
 
 def _results_section(run: dict) -> list[str]:

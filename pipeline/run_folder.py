@@ -1,7 +1,8 @@
 """A train-student run folder and its files. What a folder holds while training: checkpoint.pt (everything
 needed to resume, after every epoch) with checkpoint.sha256, metrics.jsonl (one line per epoch); when
-complete: run.json (results and provenance) and model/ (the student, save_pretrained + model card), and the
-checkpoint is removed. Every file is replaced whole (files.py). train_student decides what goes in them."""
+complete: run.json (results and provenance), model/ (the student, save_pretrained + model card) and
+predictions/<split>.parquet (the chosen epoch's logits per image on validation and test), and the checkpoint
+is removed. Every file is replaced whole (files.py). train_student decides what goes in them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from . import files, locking
@@ -18,8 +22,9 @@ from .config import TrainConfig, comparable
 from .errors import KdpipeError
 
 CHECKPOINT, SUMS, METRICS, RUN_JSON, MODEL = "checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model"
-TENSORBOARD = "tensorboard"
-RUN_FILES = (CHECKPOINT, SUMS, METRICS, RUN_JSON, MODEL, TENSORBOARD)  # what a run folder may hold
+TENSORBOARD, PREDICTIONS = "tensorboard", "predictions"
+RUN_FILES = (CHECKPOINT, SUMS, METRICS, RUN_JSON, MODEL, TENSORBOARD, PREDICTIONS)  # what a run folder may hold
+PREDICTIONS_KEY = b"kdpipe"  # the predictions files' JSON metadata, as in a cache's files
 
 
 def claim(out: Path, resume: bool) -> None:
@@ -129,3 +134,61 @@ def load_report(out: Path) -> RunReport:
                      r["label_names"], r["total_time_s"], history, r)
 
 
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A run's per-image predictions on one split at its chosen epoch (predictions/<split>.parquet)."""
+    ids: list[str]  # the dataset's example ids, as in the cache
+    labels: np.ndarray  # (N,) int64
+    logits: np.ndarray  # (N, C) float32, the student's raw logits
+    epoch: int  # the epoch whose weights made them (run.json's best_epoch)
+
+    @property
+    def correct(self) -> np.ndarray:
+        """(N,) bool: whether the student's top class is the label."""
+        return self.logits.argmax(1) == self.labels
+
+
+def predictions_path(run_dir: Path, split: str) -> Path:
+    return Path(run_dir) / PREDICTIONS / f"{split}.parquet"
+
+
+def predictions_table(ids: list[str], labels: np.ndarray, logits: np.ndarray, meta: dict) -> pa.Table:
+    """One split's predictions as a table: id (string), label (int64), logits (list<float32>), and `meta`
+    (JSON) under the key b"kdpipe" with n and num_labels added."""
+    n, c = logits.shape  # (N, C)
+    values = pa.array(np.ascontiguousarray(logits, dtype=np.float32).ravel(), pa.float32())
+    column = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * c), values)
+    meta = {**meta, "n": n, "num_labels": c}
+    schema = pa.schema([("id", pa.string()), ("label", pa.int64()), ("logits", pa.list_(pa.float32()))],
+                       metadata={PREDICTIONS_KEY: json.dumps(meta, sort_keys=True).encode()})
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(np.asarray(labels, np.int64)), column],
+                                schema=schema)
+
+
+def write_predictions(folder: Path, tables: dict[str, pa.Table]) -> None:
+    """predictions/ with one <split>.parquet per table, replaced as a whole (one rename)."""
+    with files.replacing(Path(folder) / PREDICTIONS) as tmp:
+        tmp.mkdir()
+        for split, table in tables.items():
+            pq.write_table(table, tmp / f"{split}.parquet")
+
+
+def read_predictions(run_dir: Path, split: str) -> Predictions:
+    """The chosen epoch's predictions of a finished run on `split` (validation or test)."""
+    path = predictions_path(run_dir, split)
+    if not path.is_file():
+        raise KdpipeError(f"{path} is missing: the run kept no predictions on split {split!r} (a run from before "
+                          "kdpipe kept them, or one without that split); train it again to have them")
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[PREDICTIONS_KEY])
+        logits = table.column("logits").combine_chunks()
+        n, c = int(meta["n"]), int(meta["num_labels"])
+        values = logits.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        assert table.num_rows == n and len(values) == n * c and meta["split"] == split
+        return Predictions(table.column("id").to_pylist(), table.column("label").to_numpy().astype(np.int64),
+                           values.reshape(n, c), int(meta["epoch"]))
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, pa.ArrowException) as e:
+        raise KdpipeError(f"{path} is damaged ({type(e).__name__}); train the run again in another --out") from None

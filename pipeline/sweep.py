@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Callable
 
 from . import files, student, student_data, train_student
-from .config import LOSS_SETTINGS, SweepConfig, TrainConfig, applicable, comparable
+from .config import DATA_ROOT, LOSS_SETTINGS, SweepConfig, TrainConfig, applicable, comparable
 from .errors import KdpipeError
+from .plan import Plan, describe
 
 SPEC_FILE = "sweep.json"
 SHORT = {f.name: f.metadata["search"] for f in dataclasses.fields(TrainConfig)  # a config's name: T5-a0.5
@@ -149,7 +150,7 @@ def open_storage(url: str | None, out: Path):
                           "and that the server is reachable, or leave --storage out for a local file") from None
 
 
-def _claim_folder(cfg: SweepConfig, out: Path) -> None:
+def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict) -> None:
     """Write sweep.json (how to reopen the study) once, atomically; later workers check it matches."""
     from .locking import make_folder
 
@@ -159,7 +160,7 @@ def _claim_folder(cfg: SweepConfig, out: Path) -> None:
     if other:
         raise KdpipeError(f"--out {out} holds {other}: it is a cache or a train-student run, not a sweep; choose "
                           "another --out")
-    record = {"study_name": cfg.study_name(), "storage": cfg.storage, "spec": json.loads(json.dumps(cfg.spec()))}
+    record = {"study_name": study_name, "storage": storage, "spec": json.loads(json.dumps(spec))}
     path = out / SPEC_FILE
     tmp = files.temporary(path)
     tmp.write_text(json.dumps(record, indent=2))
@@ -167,7 +168,8 @@ def _claim_folder(cfg: SweepConfig, out: Path) -> None:
         os.link(tmp, path)  # atomic create-if-absent: of two workers starting together, one writes
     except FileExistsError:
         saved = load_spec(out)
-        record["spec"] = _as_saved(record["spec"], saved["spec"])
+        if "train" in saved["spec"] and "train" in record["spec"]:
+            record["spec"] = _as_saved(record["spec"], saved["spec"])
         if saved["spec"] != record["spec"] or saved["study_name"] != record["study_name"]:
             differs = sorted(k for k in record["spec"] if record["spec"][k] != saved["spec"].get(k))
             raise KdpipeError(f"--out {out} holds a sweep with other settings ({', '.join(differs) or 'study name'});"
@@ -246,9 +248,10 @@ class TrialResult:
 
 
 def _run_one(cfg: SweepConfig, trial, params: dict, seed: int, out: Path, report_epochs: bool,
-             progress: Callable | None, shared: student_data.SharedData) -> dict:
-    """One train-student run folder; resumes a folder left by a dead worker. Returns its summary."""
-    run_dir = out / "runs" / f"{config_key(params)}-seed{seed}"
+             progress: Callable | None, shared: student_data.SharedData, name: str | None = None) -> dict:
+    """One train-student run folder (`<out>/runs/<name>`, by default <config>-seed<k>); resumes a folder left by
+    a dead worker. Returns its summary."""
+    run_dir = out / "runs" / (name or f"{config_key(params)}-seed{seed}")
     tcfg = dataclasses.replace(cfg.train, **params, seed=seed, out=run_dir, name=None, resume=True,
                                from_recipe=[n for n in cfg.train.from_recipe if n not in params])  # searched: not the recipe's
     done = []
@@ -271,10 +274,15 @@ def _run_one(cfg: SweepConfig, trial, params: dict, seed: int, out: Path, report
         return {"seed": seed, "run": str(run_dir), "pruned": True, "epochs_run": len(history),
                 "validation": max(r["validation"]["accuracy"] for r in history),
                 "seconds": sum(r["epoch_time_s"] for r in history)}
+    rule = report.run.get("best_epoch_rule") or {}
+    other = rule.get("other_rule_epoch")
     return {"seed": seed, "run": str(run_dir), "pruned": False, "epochs_run": len(report.history),
             "best_epoch": report.best_epoch, "validation": report.validation["accuracy"],
             "test": report.test["accuracy"] if report.test else None,
-            "seconds": sum(r["epoch_time_s"] for r in report.history)}
+            "seconds": sum(r["epoch_time_s"] for r in report.history), "best_epoch_rule": rule.get("rule"),
+            "other_rule": {"rule": rule.get("other_rule"), "epoch": other,  # reported, never used to choose
+                           "validation": report.history[other - 1]["validation"]["accuracy"] if other else None,
+                           "test": (rule.get("test_at_other_rule_epoch") or {}).get("accuracy")}}
 
 
 def _finish_trial(study, trial, key: str, params: dict, seeds: list[int], runs: list[dict]) -> TrialResult:
@@ -308,23 +316,31 @@ def _failing_on_error(study, trial):
 
 
 def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: student_data.SharedData) -> None:
-    from optuna.trial import TrialState
-
-    points = {p.key: p for p in grid_points(cfg)}
     choices = {name: list(d.choices) for name, d in cfg.dims.items()}
     choices["seed"] = list(cfg.seeds)
+    _claim_points(study, {p.key: (p, {"point": p.key, "config": p.config_key}) for p in grid_points(cfg)},
+                  lambda key: cfg, choices, cfg.stale_after_s, out, progress, on_trial, shared)
+
+
+def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], choices: dict | None,
+                  stale_after_s: float, out: Path, progress, on_trial, shared: student_data.SharedData) -> None:
+    """Run free points until none is left: `points` maps a point's key (its run folder's name) to the point
+    (params, seed) and the user attributes its trial carries; `config_of(key)` is the sweep it runs under;
+    `choices` (a grid's dimensions) records its values as Optuna parameters, None leaves them in the attributes."""
+    from optuna.trial import TrialState
+
     rng = random.Random(f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
     collided = False
     while True:
-        fail_stale_trials(study, cfg.stale_after_s)
+        fail_stale_trials(study, stale_after_s)
         free = [k for k in points if k not in _held_points(study)]
         queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # e.g. a dead worker's
         if not free and not queued:
             return
         if free:  # the grid runs in order; after a collision, a random pick near the front spreads workers
-            point = points[free[rng.randrange(min(len(free), 4)) if collided else 0]]
-            study.enqueue_trial({**point.params, "seed": point.seed},
-                                user_attrs={"point": point.key, "config": point.config_key})
+            key = free[rng.randrange(min(len(free), 4)) if collided else 0]
+            point, attrs = points[key]
+            study.enqueue_trial({**point.params, "seed": point.seed} if choices is not None else {}, user_attrs=attrs)
         trial = study.ask()  # pops the oldest waiting trial: this one, or one another worker queued
         key = trial.user_attrs.get("point")
         rivals = [t for t in study.get_trials(deepcopy=False, states=_live_states())
@@ -338,12 +354,13 @@ def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared:
             continue
         collided = False
         trial.set_user_attr("owner", _owner())
-        point = points[key]
-        for name in sorted(point.params.keys() | {"seed"}):  # the queued values, recorded as Optuna parameters
-            trial.suggest_categorical(name, choices[name])
+        point = points[key][0]
+        for name in sorted(point.params.keys() | {"seed"}) if choices is not None else ():
+            trial.suggest_categorical(name, choices[name])  # the queued values, recorded as Optuna parameters
+        cfg = config_of(key)
         with _failing_on_error(study, trial):
-            run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress, shared)
-        result = _finish_trial(study, trial, point.key, point.params, [point.seed], [run])
+            run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress, shared, key)
+        result = _finish_trial(study, trial, key, point.params, [point.seed], [run])
         if on_trial:
             on_trial(result, len(points))
 
@@ -413,7 +430,7 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     out, cfg = cfg.out_dir(), as_started(cfg)
     shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
     inputs = _check_inputs(cfg, shared)
-    _claim_folder(cfg, out)
+    _claim_folder(out, cfg.study_name(), cfg.storage, cfg.spec())
     study = open_study(cfg, out)
     _same_inputs(study, inputs)
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
@@ -453,3 +470,152 @@ def _check_inputs(cfg: SweepConfig, shared: student_data.SharedData) -> dict:
                                    teacher.topk if teacher.topk is not None else teacher.logits,
                                    mixed=stored is not None and stored.mixes is not None)
     return inputs
+
+
+# ------------------------------------------------------------------------------------ a plan's study
+
+
+PLAN_ATTR = "kdpipe_plan"  # the study's record of its plan: content hash, file, every point's settings
+AMENDMENTS_ATTR = "kdpipe_amendments"  # dated, one per change of the plan (points added)
+
+
+def run_plan(plan: Plan, out: Path | None = None, storage: str | None = None, name: str | None = None,
+             stale_after_s: float = 3600.0, progress: Callable | None = None,
+             on_trial: Callable[[TrialResult, int], None] | None = None) -> Path:
+    """Work on a plan's study (`kdpipe sweep --plan`) until none of its points is left to start: the same
+    storage, claims, resume and dead-worker recovery as a grid, one trial per point (arm x budget x seed x
+    config), each an ordinary run folder `<out>/runs/<arm>-e<budget>[-<config>]-seed<k>`."""
+    import optuna
+
+    out = Path(out) if out is not None else DATA_ROOT / "sweeps" / plan.name
+    study_name = name or out.resolve().name
+    points = plan.points()
+    configs = {}  # (arm, budget) -> the SweepConfig its points run under
+    for p in points.values():
+        if (p.arm, p.budget) not in configs:
+            configs[p.arm, p.budget] = plan.arms[p.arm].sweep(p.budget, plan.base, stale_after_s=stale_after_s)
+    shared = student_data.SharedData()
+    inputs = {}
+    for (arm, _), cfg in configs.items():  # every arm's inputs checked before the folder exists
+        if arm not in inputs:
+            inputs[arm] = _check_inputs(cfg, shared)
+    _claim_folder(out, study_name, storage, {"plan": plan.name})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=open_storage(storage, out), study_name=study_name, direction="maximize",
+                                load_if_exists=True, sampler=optuna.samplers.RandomSampler())
+    record_plan(study, plan, points, _teacher_accuracy(shared, configs.values()))
+    _same_arm_inputs(study, inputs)
+    if plan.imported:
+        import_records(study, plan, points)
+    attrs = {k: (p, {"point": k, "config": p.config, "arm": p.arm, "budget": p.budget, "seed": p.seed,
+                     "params": p.params}) for k, p in points.items()}
+    _claim_points(study, attrs, lambda key: configs[points[key].arm, points[key].budget], None, stale_after_s, out,
+                  progress, on_trial, shared)
+    return out
+
+
+def _finished_points(study) -> set[str]:
+    from optuna.trial import TrialState
+
+    return {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False,
+                                                                  states=(TrialState.COMPLETE, TrialState.PRUNED))}
+
+
+def record_plan(study, plan: Plan, points: dict, teacher: dict | None = None) -> None:
+    """Record the plan in its study by content; a changed plan may add points (a dated amendment, listed in every
+    report) but not change or drop one that has a finished trial (refused, one line)."""
+    now = {k: p.settings for k, p in points.items()}
+    saved = study.user_attrs.get(PLAN_ATTR)
+    record = json.loads(json.dumps({**plan.record(), "teacher": teacher or {}, "points": now}))
+    if saved is None:
+        study.set_user_attr(PLAN_ATTR, {**record, "at": _now()})
+        study.set_user_attr(AMENDMENTS_ATTR, [])
+        return
+    if saved["sha256"] == plan.sha256:
+        return
+    finished = _finished_points(study)
+    for key, old in saved["points"].items():
+        new = record["points"].get(key)
+        if key in finished and (new is None or comparable(new, old) != old):
+            what = "drops it" if new is None else \
+                "changes " + ", ".join(sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)))
+            raise KdpipeError(f"{plan.file}: point {key} has a finished trial and this plan {what}; a plan may only "
+                              "gain arms, budgets or seeds: restore it, or start the new plan in another --out")
+    added = [points[k] for k in record["points"] if k not in saved["points"]]
+    changed = sorted(k for k in saved["points"] if k in record["points"] and k not in finished
+                     and comparable(record["points"][k], saved["points"][k]) != saved["points"][k])
+    amendment = {"at": _now(), "sha256": plan.sha256, "added": describe(added),
+                 "changed_before_their_runs": changed, "dropped": sorted(saved["points"].keys() - now.keys())}
+    study.set_user_attr(AMENDMENTS_ATTR, [*study.user_attrs.get(AMENDMENTS_ATTR, []), amendment])
+    study.set_user_attr(PLAN_ATTR, {**record, "at": saved["at"]})
+
+
+def _teacher_accuracy(shared: student_data.SharedData, configs) -> dict:
+    """The teacher's accuracy per split, from the metadata of the first arm's cache that has one (its line in the
+    curve); {} when no arm reads a cache."""
+    for cfg in configs:
+        if cfg.train.cache is not None:
+            cache, _ = shared.get(("source", *train_student.source_key(cfg.train)),
+                                  lambda: student_data.open_source(cfg.train))
+            return {name: split.meta["teacher_accuracy"] for name, split in cache.items()
+                    if name != cfg.train.train_split and "teacher_accuracy" in split.meta}
+    return {}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _same_arm_inputs(study, inputs: dict[str, dict]) -> None:
+    """_same_inputs per arm (each arm reads its own cache): an arm whose inputs changed since one of its trials
+    finished is refused; a new arm's are added."""
+    saved = study.user_attrs.get("kdpipe_inputs") or {}
+    finished = {t.user_attrs.get("arm") for t in study.get_trials(deepcopy=False) if t.user_attrs.get("point")
+                in _finished_points(study)}
+    for arm, identity in inputs.items():
+        if saved.get(arm) not in (None, identity) and arm in finished:
+            raise KdpipeError(f"study {study.study_name!r}: arm {arm} was started on other inputs (its cache or "
+                              "dataset changed since, by content); restore them to resume it, or choose another --out")
+    if {**saved, **inputs} != saved:
+        study.set_user_attr("kdpipe_inputs", {**saved, **inputs})
+
+
+def import_records(study, plan: Plan, points: dict) -> list[str]:
+    """Record the run records of an earlier study (the plan's `imported` folder, `E<budget>/<arm>-seed<seed>.json`,
+    as the patience study wrote them: benchmarks/results/patience/E*/) as finished trials of their points, so no run is repeated. A
+    record whose arm, budget, seed or resolution is not the point's is refused. Returns the points imported."""
+    import optuna
+    from optuna.trial import TrialState
+
+    folder = plan.base / plan.imported
+    earlier = folder / "plan.json"  # the earlier study's own plan: its dated amendments are the study's too
+    if earlier.exists() and not study.user_attrs.get("kdpipe_imported_plan"):
+        saved = json.loads(earlier.read_text())
+        amendments = [{"at": a["at"], "what": a.get("what", ", ".join(a.get("added", []))), "why": a.get("why", ""),
+                       "imported_from": str(earlier.relative_to(plan.base))} for a in saved.get("amendments", [])]
+        study.set_user_attr(AMENDMENTS_ATTR, [*amendments, *study.user_attrs.get(AMENDMENTS_ATTR, [])])
+        study.set_user_attr("kdpipe_imported_plan", {"file": str(earlier.relative_to(plan.base)),
+                                                     "written_at": saved.get("written_at")})
+    held = _held_points(study)
+    done = []
+    for key, p in points.items():
+        path = folder / f"E{p.budget}" / f"{p.arm}-seed{p.seed}.json"
+        if key in held or p.params or not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        size = (p.settings.get("student_config") or {}).get("image_size")
+        got = (r.get("arm"), r.get("epochs"), r.get("seed"), r.get("size", size))
+        if got != (p.arm, p.budget, p.seed, size):
+            raise KdpipeError(f"{path}: a record of arm {got[0]}, {got[1]} epochs, seed {got[2]}, {got[3]} px, not of "
+                              f"point {key} ({size} px); fix the plan's `imported` folder or the arm")
+        run = {"seed": p.seed, "run": r.get("run_dir"), "pruned": False, "best_epoch_rule": "first",  # the old rule
+               "epochs_run": len(r.get("validation_accuracy_per_epoch", [])) or p.budget,
+               "best_epoch": r["best_epoch"], "validation": r["validation"]["accuracy"],
+               "test": r["test"]["accuracy"] if r.get("test") else None, "seconds": r.get("wall_time_s", 0.0),
+               "metrics": {"validation": r["validation"], "test": r.get("test")}}
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE, value=run["validation"],
+            user_attrs={"point": key, "config": p.config, "arm": p.arm, "budget": p.budget, "seed": p.seed,
+                        "params": {}, "runs": [run], "imported": str(path.relative_to(plan.base))}))
+        done.append(key)
+    return done

@@ -67,10 +67,16 @@ class SweepSummary:
 
 
 def build(out: Path, write: bool = True) -> SweepSummary:
-    """Summarise the sweep in `out` from its storage; write results.csv/json (and heatmap.png)."""
+    """Summarise the sweep in `out` from its storage; write results.csv/json (and heatmap.png). A plan's study
+    (kdpipe sweep --plan) is summarised by study_report.build instead (a StudySummary)."""
     out = Path(out)
-    record, trials = _load_trials(out)
+    record, study = _load_study(out)
+    trials = study.get_trials(deepcopy=False)
     counts, interrupted = _trial_states(trials, out, record["spec"])
+    if "plan" in record["spec"]:  # kdpipe sweep --plan
+        from . import study_report
+
+        return study_report.build(out, study, counts, interrupted, write=write)
     groups, epochs, seconds = _group_runs(trials, record["spec"]["train"]["epochs"])
     rows = [ConfigRow(key, g["params"], [r["seed"] for r in g["runs"]], [r["validation"] for r in g["runs"]],
                       g["pruned"]) for key, g in groups.items() if g["runs"]]
@@ -87,8 +93,8 @@ def build(out: Path, write: bool = True) -> SweepSummary:
     return summary
 
 
-def _load_trials(out: Path) -> tuple[dict, list]:
-    """The sweep's recorded spec and its Optuna trials."""
+def _load_study(out: Path) -> tuple[dict, object]:
+    """The sweep's recorded spec and its Optuna study."""
     import optuna
 
     from .sweep import load_spec, open_storage
@@ -99,7 +105,7 @@ def _load_trials(out: Path) -> tuple[dict, list]:
         study = optuna.load_study(study_name=record["study_name"], storage=open_storage(record["storage"], out))
     except KeyError:
         raise KdpipeError(f"{out}: study {record['study_name']!r} is not in its storage yet; start the sweep") from None
-    return record, study.get_trials(deepcopy=False)
+    return record, study
 
 
 def _trial_states(trials: list, out: Path, spec: dict) -> tuple[dict, list]:

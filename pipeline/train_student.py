@@ -51,7 +51,9 @@ class Setup:
     generator: torch.Generator
     sources: dict = field(default_factory=dict)  # what it reads, by content (student_data.inputs_identity)
     history: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=lambda: {"epoch": None, "accuracy": -1.0, "state": None})
+    # per best-epoch rule (metrics.BEST_EPOCH_RULES): {"epoch", "state"}, the epoch it chooses so far and its weights
+    # on the CPU (one copy when the rules agree); "state" None: weights an earlier kdpipe's checkpoint did not keep
+    best: dict = field(default_factory=dict)
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (runtime.grad_scaler); None = plain steps
     rank: int = 0  # this process in a torchrun job (runtime.distributed), decided once at setup
     world: int = 1
@@ -353,14 +355,28 @@ def _fit_epochs(s: Setup, progress, on_epoch, board) -> None:
                   "train_time_s": round(train_time, 3), "epoch_time_s": round(time.perf_counter() - start, 3),
                   "train_images_per_s": round(len(s.splits[s.cfg.train_split]) / train_time, 2)}
         s.history.append(record)
-        if val["accuracy"] > s.best["accuracy"]:
-            s.best = {"epoch": epoch + 1, "accuracy": val["accuracy"], "state": _cpu_state(s.model)}
+        keep_best(s)
         if s.main:
             run_folder.write_checkpoint(s.out, checkpoint_state(s), s.history)
         if board is not None:
             _log_scalars(board, record)
         if on_epoch:
             on_epoch(record)
+
+
+def keep_best(s: Setup) -> None:
+    """After an epoch: each rule's choice so far; a rule that now chooses this epoch keeps its weights. (A rule's
+    choice over one more epoch is its earlier choice or the new epoch: each is the best of an order.)"""
+    validation = [r["validation"] for r in s.history]
+    state = None
+    for rule in metrics.BEST_EPOCH_RULES:
+        if metrics.best_epoch(validation, rule) == len(s.history):
+            state = state or _cpu_state(s.model)
+            s.best[rule] = {"epoch": len(s.history), "state": state}
+
+
+def _other_rule(rule: str) -> str:
+    return next(r for r in metrics.BEST_EPOCH_RULES if r != rule)
 
 
 def _tensorboard(s: Setup):
@@ -401,7 +417,7 @@ def checkpoint_state(s: Setup) -> dict:
             "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
             "device_rng": runtime.device_rng_state(s.device),  # ... or, on a GPU, from the GPU's
             "scaler": s.scaler.state_dict() if s.scaler is not None else {},
-            "best_epoch": s.best["epoch"], "best_accuracy": s.best["accuracy"], "best_state": s.best["state"],
+            "best": s.best,  # per rule: its epoch and weights (shared tensors are saved once)
             "config": s.cfg.to_dict(), "inputs": s.sources, "history": json.dumps(s.history)}
 
 
@@ -421,9 +437,17 @@ def resume(s: Setup) -> bool:
     runtime.set_device_rng_state(s.device, state.get("device_rng"))  # None from a CPU run; absent in older checkpoints
     if s.scaler is not None and state.get("scaler"):
         s.scaler.load_state_dict(state["scaler"])
-    s.best = {"epoch": state["best_epoch"], "accuracy": state["best_accuracy"], "state": state["best_state"]}
     s.history = json.loads(state["history"])  # the checkpoint's own, never ahead of or behind its weights
+    s.best = state["best"] if "best" in state else _earlier_best(state, s.history)
     return True
+
+
+def _earlier_best(state: dict, history: list[dict]) -> dict:
+    """The rules' choices from a checkpoint of a kdpipe before --best-epoch, which kept the weights of the first
+    epoch with the best validation accuracy only: the nll rule's, if it chooses another epoch, are gone."""
+    first = {"epoch": state["best_epoch"], "state": state["best_state"]}
+    nll = metrics.best_epoch([r["validation"] for r in history], "nll")
+    return {"first": first, "nll": first if nll == first["epoch"] else {"epoch": nll, "state": None}}
 
 
 def _refuse_other_inputs(then: dict | None, now: dict, out: Path) -> None:
@@ -439,45 +463,82 @@ def _refuse_other_inputs(then: dict | None, now: dict, out: Path) -> None:
 
 
 def finish(s: Setup, wall_time: float) -> RunReport:
-    """Load the best epoch, evaluate it on test, save the student and run.json. (Its validation metrics
-    are those recorded after that epoch: same weights, same BN statistics.)"""
-    s.model.load_state_dict(s.best["state"])
-    val = s.history[s.best["epoch"] - 1]["validation"]
+    """Load the epoch --best-epoch chooses, evaluate it on test, save its predictions per image, the student and
+    run.json. (Its validation metrics are those recorded after that epoch: same weights, same BN statistics.)
+    Test is also measured at the other rule's epoch, for run.json only: reported, never used to choose."""
+    chosen, other = s.best[s.cfg.best_epoch], s.best[_other_rule(s.cfg.best_epoch)]
+    if chosen["state"] is None:
+        raise KdpipeError(f"--resume: {s.out} was started by an earlier kdpipe, whose checkpoint kept only epoch "
+                          f"{other['epoch']}'s weights (the first with the best validation accuracy); --best-epoch "
+                          f"{s.cfg.best_epoch} chooses epoch {chosen['epoch']}, whose weights are gone: finish it with "
+                          "--resume --best-epoch first (nothing is trained again), or train again in another --out")
+    other_test = None
+    if s.cfg.test_split and other["state"] is not None and other["epoch"] != chosen["epoch"]:
+        s.model.load_state_dict(other["state"])
+        other_test = evaluate_split(s, s.cfg.test_split)[0]
+    s.model.load_state_dict(chosen["state"])
+    val = s.history[chosen["epoch"] - 1]["validation"]
     test = confusion = None
+    logits = {}  # split -> (N, C) the chosen epoch's logits
     if s.cfg.test_split:
-        test, logits = evaluate_split(s, s.cfg.test_split)
+        test, logits[s.cfg.test_split] = evaluate_split(s, s.cfg.test_split)
         labels = s.splits[s.cfg.test_split].labels.cpu().numpy()
-        confusion = metrics.confusion_matrix(logits.argmax(1), labels, len(s.label_names)).tolist()
+        confusion = metrics.confusion_matrix(logits[s.cfg.test_split].argmax(1), labels, len(s.label_names)).tolist()
+        other_test = test if other["epoch"] == chosen["epoch"] else other_test
     if not s.main:  # another process of the job: wait for the first to write everything
         torch.distributed.barrier()
         return load_report(s.out)
+    logits[s.cfg.val_split] = evaluate_split(s, s.cfg.val_split)[1]  # the logits behind `val`, kept per image
+    run_folder.write_predictions(s.out, {name: _predictions_table(s, name, split_logits)
+                                         for name, split_logits in logits.items()})
     with files.replacing(s.out / run_folder.MODEL) as tmp:
         save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
                      s.inputs["std"], s.inputs["resample"])
-        run = _run_record(s, val, test, confusion, files.sha256(tmp / "model.safetensors"), wall_time)
+        run = _run_record(s, val, test, confusion, files.sha256(tmp / "model.safetensors"), wall_time, other_test)
         (tmp / "README.md").write_text(model_card.render(run, s.out.name))  # the Hub's model card, inside model/
     files.write_json(s.out / run_folder.RUN_JSON, run)
     for name in (run_folder.CHECKPOINT, run_folder.SUMS):  # the run is complete; model/ is the result
         (s.out / name).unlink(missing_ok=True)
     if s.world > 1:
         torch.distributed.barrier()
-    return RunReport(s.out, s.best["epoch"], val, test, confusion, s.label_names, wall_time, s.history, run)
+    return RunReport(s.out, chosen["epoch"], val, test, confusion, s.label_names, wall_time, s.history, run)
+
+
+def _predictions_table(s: Setup, split: str, logits: np.ndarray):
+    """One split's predictions per image at the chosen epoch, with what made them (run_folder.predictions_table)."""
+    data = s.splits[split]
+    meta = {"split": split, "epoch": s.best[s.cfg.best_epoch]["epoch"], "best_epoch_rule": s.cfg.best_epoch,
+            "label_names": s.label_names,
+            "run": s.out.name, "seed": s.cfg.seed, "dataset_fingerprint": s.provenance["dataset_fingerprints"].get(split)}
+    return run_folder.predictions_table(data.ids, data.labels.cpu().numpy(), logits, meta)
 
 
 def _run_record(s: Setup, val: dict, test: dict | None, confusion: list | None, weights_sha256: str,
-                wall_time: float) -> dict:
+                wall_time: float, other_test: dict | None) -> dict:
     """run.json: the results, the saved student and the provenance gathered at setup."""
     epochs = s.history
     train_images = len(s.splits[s.cfg.train_split]) * len(epochs)
-    return {**s.provenance, "status": "complete", "seed": s.cfg.seed, "best_epoch": s.best["epoch"],
+    return {**s.provenance, "status": "complete", "seed": s.cfg.seed, "best_epoch": s.best[s.cfg.best_epoch]["epoch"],
+            "best_epoch_rule": _rule_record(s, other_test),
             "validation": val, "test": test, "test_confusion_matrix": confusion, "label_names": s.label_names,
             "student": {"architecture": type(s.model).__name__,
                         "parameters": sum(p.numel() for p in s.model.parameters()), "weights_sha256": weights_sha256,
                         "inputs": {k: s.inputs[k] for k in ("size", "train_size", "resample", "mean", "std")}},
+            "predictions": {name: files.sha256(run_folder.predictions_path(s.out, name))
+                            for name in (s.cfg.val_split, s.cfg.test_split) if name},
             "epoch_time_s": [r["epoch_time_s"] for r in epochs],
             "train_images_per_s": round(train_images / sum(r["train_time_s"] for r in epochs), 2),
             "total_time_s": round(wall_time, 2),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _rule_record(s: Setup, other_test: dict | None) -> dict:
+    """How the epoch was chosen: the rule, its epoch, how many epochs tied on the best validation accuracy, and
+    the other rule's epoch with the test metrics there (null without a test split, or where an earlier kdpipe's
+    checkpoint did not keep its weights): reported for comparison, never used to choose."""
+    rule, other = s.cfg.best_epoch, _other_rule(s.cfg.best_epoch)
+    return {"rule": rule, "epoch": s.best[rule]["epoch"], "tied": metrics.tied_epochs([r["validation"] for r in s.history]),
+            "other_rule": other, "other_rule_epoch": s.best[other]["epoch"], "test_at_other_rule_epoch": other_test}
 
 
 def as_started(cfg: TrainConfig) -> TrainConfig:

@@ -145,7 +145,7 @@ def student_and_teacher_views(cache, image_folder, teacher_dir, out, k, policy):
     split = data.open_dataset(str(image_folder)).splits["train"]
     teacher = cache_teacher.load_teacher(str(teacher_dir), None, False)
     spec = cache_teacher.ViewSpec(k, policy, views.processor_inputs(stored.meta["processor"], "test"))
-    return s, stored, split, cache_teacher._TeacherInputs(split, teacher.processor, np.arange(len(split)), spec)
+    return s, stored, split, cache_teacher.TeacherInputs(split, teacher.processor, np.arange(len(split)), spec)
 
 
 def write_split(path: Path, ids: list[str], labels, logits, meta: dict, views=None, topk: int | None = None,

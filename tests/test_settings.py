@@ -74,7 +74,7 @@ def test_the_sweep_offers_every_train_setting_and_searches_the_marked_ones():
     per_trial = {"out", "name", "seed", "resume"}
     train = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["cli"]} - per_trial
     own = {f.name for f in dataclasses.fields(SweepConfig) if f.init and f.metadata["cli"]}
-    assert set(options) == train | own
+    assert set(options) == train | own | {"plan"}  # --plan FILE: a study plan instead (plan.PlanOption)
     for name in SWEEPABLE:
         assert options[name].default is None and cli.SEARCHABLE in options[name].help  # text: values or a range
         assert not any("/" in d for d in options[name].param_decls)  # --standardize true,false, not a switch

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_STUDENT, make_image_folder, make_teacher, spawn_kdpipe
-from kdpipe import sweep, sweep_report
+from kdpipe import run_folder, sweep, sweep_report
 from kdpipe.config import SweepConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.stats import welch
@@ -40,6 +40,8 @@ def test_a_two_by_two_grid_writes_runs_table_files_and_heatmap(run_cli, cache_di
     runs = sorted(p.name for p in (sw / "runs").iterdir())
     assert runs == sorted(f"T{t}-a{a}-seed{s}" for t in (2, 5) for a in (0.25, 0.75) for s in (0, 1))
     assert all((sw / "runs" / r / "run.json").exists() and (sw / "runs" / r / "model").is_dir() for r in runs)
+    kept = [run_folder.read_predictions(sw / "runs" / r, split) for r in runs for split in ("validation", "test")]
+    assert len(kept) == 16 and all(len(p.ids) == 12 for p in kept)  # every run keeps its predictions per image
     rows = list(csv.DictReader((sw / "results.csv").open()))
     assert len(rows) == 4 and all(r["seeds"] == "2" for r in rows)
     means = [float(r["val_mean"]) for r in rows]

@@ -7,12 +7,13 @@ import shutil
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from conftest import CLASSES, TINY_STUDENT, tiny_train_config, write_split
-from kdpipe import evaluate, logit_store, pixels, train_student
+from kdpipe import evaluate, files, logit_store, metrics, pixels, run_folder, train_student
 from kdpipe.config import TrainConfig
 from kdpipe.data import open_dataset
 from kdpipe.errors import KdpipeError
@@ -48,6 +49,109 @@ def test_outputs_and_provenance(cache_dir, tmp_path):
     assert {"torch", "transformers"} <= set(run["versions"]) and run["train_images_per_s"] > 0
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "preprocessor_config.json").exists()
     assert not (out / "checkpoint.pt").exists()  # a finished run keeps only its result
+
+
+def test_the_chosen_epoch_keeps_its_predictions_per_image(cache_dir, image_folder, tmp_path):
+    report = train_student.run(tiny_train_config(cache=cache_dir, epochs=2, out=tmp_path / "run"))
+    out = tmp_path / "run"
+    dataset = open_dataset(str(image_folder))
+    for split, reported in (("validation", report.validation), ("test", report.test)):
+        kept = run_folder.read_predictions(out, split)
+        source = dataset.splits[split]
+        assert kept.ids == source.ids and np.array_equal(kept.labels, source.labels) and kept.labels.dtype == np.int64
+        assert kept.logits.shape == (len(source.ids), len(CLASSES)) and kept.logits.dtype == np.float32
+        assert kept.epoch == report.best_epoch
+        assert kept.correct.mean() == reported["accuracy"]  # the logits the reported accuracy was measured on
+        assert report.run["predictions"][split] == files.sha256(out / "predictions" / f"{split}.parquet")
+        table = pq.read_table(out / "predictions" / f"{split}.parquet")
+        assert [str(t) for t in table.schema.types] == ["string", "int64", "list<element: float>"]
+        meta = json.loads(table.schema.metadata[b"kdpipe"])
+        assert {k: meta[k] for k in ("split", "epoch", "n", "num_labels")} == \
+            {"split": split, "epoch": report.best_epoch, "n": len(source.ids), "num_labels": 3}
+        assert meta["best_epoch_rule"] and meta["dataset_fingerprint"] == source.fingerprint()
+    test = run_folder.read_predictions(out, "test")  # the student reloaded alone gives the same logits
+    again = evaluate.saved(out, split="test", device="cpu")
+    assert again["nll"] == pytest.approx(metrics.nll(test.logits, test.labels), rel=1e-5)
+    with pytest.raises(KdpipeError, match="missing"):
+        run_folder.read_predictions(out, "train")
+    (out / "predictions" / "test.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(KdpipeError, match="damaged"):
+        run_folder.read_predictions(out, "test")
+
+
+def test_the_best_epoch_rules_by_hand():
+    # validation accuracy 0.5, 0.9, 0.9, 0.8, 0.9: three epochs tie on 0.9
+    history = [{"accuracy": a, "nll": n} for a, n in ((0.5, 1.0), (0.9, 0.3), (0.9, 0.2), (0.8, 0.1), (0.9, 0.2))]
+    assert metrics.tied_epochs(history) == 3
+    assert metrics.best_epoch(history, "first") == 2
+    assert metrics.best_epoch(history, "nll") == 5  # epochs 3 and 5 tie on NLL too: the later
+    history[4]["nll"] = float("nan")  # a non-finite (or missing) NLL ranks last among the tied
+    assert metrics.best_epoch(history, "nll") == 3
+    assert metrics.best_epoch(history[:1], "nll") == metrics.best_epoch(history[:1], "first") == 1
+
+
+@pytest.fixture
+def tied_validation(monkeypatch):
+    """Every epoch ties on validation accuracy, and validation NLL falls epoch by epoch, whatever the CPU: the
+    nll rule chooses the last epoch, the first rule the first (training itself is untouched)."""
+    real = train_student.evaluate_split
+
+    def evaluate_split(s, name):
+        report, logits = real(s, name)
+        if name == s.cfg.val_split:
+            report = {**report, "accuracy": 0.5, "nll": 10.0 - len(s.history)}
+        return report, logits
+
+    monkeypatch.setattr(train_student, "evaluate_split", evaluate_split)
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_after(epoch: int):
+    def on_epoch(record):
+        if record["epoch"] == epoch:
+            raise Stop
+    return on_epoch
+
+
+def test_tied_epochs_are_broken_by_nll_and_the_other_rule_is_tested_beside(tied_validation, cache_dir, tmp_path):
+    nll = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "nll"))
+    first = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, best_epoch="first", out=tmp_path / "first"))
+    assert (nll.best_epoch, first.best_epoch) == (3, 1)
+    assert nll.run["best_epoch_rule"] == {"rule": "nll", "epoch": 3, "tied": 3, "other_rule": "first",
+                                          "other_rule_epoch": 1, "test_at_other_rule_epoch": first.test}
+    assert first.run["best_epoch_rule"] == {"rule": "first", "epoch": 1, "tied": 3, "other_rule": "nll",
+                                            "other_rule_epoch": 3, "test_at_other_rule_epoch": nll.test}
+    assert run_folder.read_predictions(nll.out, "test").epoch == 3
+    assert json.loads(pq.read_schema(nll.out / "predictions" / "test.parquet").metadata[b"kdpipe"])["best_epoch_rule"] == "nll"
+    card = (nll.out / "model" / "README.md").read_text()
+    assert "3 (3 epochs tied on validation accuracy; kept: the lowest validation NLL of them)" in card
+    # a resumed run keeps the other rule's weights across the interruption (epoch 1's, in the checkpoint)
+    with pytest.raises(Stop):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"), on_epoch=_stop_after(2))
+    resumed = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut", resume=True))
+    assert resumed.run["best_epoch_rule"] == nll.run["best_epoch_rule"] and resumed.test == nll.test
+
+
+def test_a_checkpoint_from_before_the_rules_finishes_with_the_first_rule(tied_validation, cache_dir, tmp_path):
+    """A checkpoint written before --best-epoch kept only the first best epoch's weights: resumed with the nll
+    rule, whose epoch's weights it lacks, the run stops with a one-line fix; with --best-epoch first it finishes
+    without training again (the resume accepts the rule the run was started under)."""
+    out = tmp_path / "old"
+    with pytest.raises(Stop):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out), on_epoch=_stop_after(3))
+    state = run_folder.read_checkpoint(out / "checkpoint.pt")
+    best = state.pop("best")["first"]
+    state.update(best_epoch=best["epoch"], best_accuracy=0.5, best_state=best["state"])
+    del state["config"]["best_epoch"]
+    run_folder.write_checkpoint(out, state, json.loads(state["history"]))
+    with pytest.raises(KdpipeError, match="--resume --best-epoch first"):
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out, resume=True))
+    done = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, best_epoch="first", out=out, resume=True))
+    assert done.best_epoch == 1 and done.run["best_epoch_rule"]["test_at_other_rule_epoch"] is None
+    assert done.run["best_epoch_rule"]["other_rule_epoch"] == 3
 
 
 def test_the_saved_student_loads_with_auto_classes_and_pipeline(cache_dir, image_folder, tmp_path):
@@ -140,20 +244,13 @@ def test_a_cache_with_other_label_names_is_refused(cache_dir, tmp_path):
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(cache_dir, tmp_path):
     full = train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "full"))
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise Stop
-
     def slow_first_epoch(task, done, total, info=""):  # so that epoch 1 outlasts the resumed process's own time
         if task.startswith("epoch 1/") and done == 1:
             time.sleep(3)
 
     with pytest.raises(Stop):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"), progress=slow_first_epoch,
-                          on_epoch=stop_after_first)
+                          on_epoch=_stop_after(1))
     assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "run.json").exists()
     with pytest.raises(KdpipeError, match="--resume"):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "cut"))
@@ -163,11 +260,14 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(cache_dir, tm
         assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-5)
         assert a["validation"]["accuracy"] == b["validation"]["accuracy"]
     assert resumed.test["accuracy"] == full.test["accuracy"]
+    for split in ("validation", "test"):  # the resumed run keeps the same per-image predictions
+        a, b = run_folder.read_predictions(tmp_path / "full", split), run_folder.read_predictions(tmp_path / "cut", split)
+        assert a.ids == b.ids and a.epoch == b.epoch and np.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-5)
     # the run's total time counts the interrupted attempt's epoch too, not only the resumed process
     assert resumed.history[0]["epoch_time_s"] >= 3
     assert resumed.run["total_time_s"] >= sum(r["epoch_time_s"] for r in resumed.history)
     with pytest.raises(Stop):
-        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "lr"), on_epoch=stop_after_first)
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=tmp_path / "lr"), on_epoch=_stop_after(1))
     with pytest.raises(KdpipeError, match="other settings"):
         train_student.run(tiny_train_config(cache=cache_dir, epochs=3, lr=0.5, out=tmp_path / "lr", resume=True))
 
@@ -177,16 +277,9 @@ def test_tensorboard_events_mirror_metrics_jsonl_across_a_resume(cache_dir, tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise Stop
-
     out = tmp_path / "run"
     with pytest.raises(Stop):
-        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out), on_epoch=stop_after_first)
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=3, out=out), on_epoch=_stop_after(1))
     # event files are named and read in order of their creation second: keep the three files apart
     time.sleep(1.1)
     with SummaryWriter(str(out / "tensorboard")) as stale:  # a crash after logging epoch 2, before its checkpoint
@@ -317,7 +410,7 @@ def test_bn_settings_do_not_change_the_training_trajectory(cache_dir, tmp_path):
 
 def test_a_seed_fixes_everything_the_two_arms_share(cache_dir, tmp_path):
     """The two arms of a seed (alpha 0 and distilled) start from the same weights and draw the same batch
-    order and dropout masks: their difference is the teacher's term alone (report_results.paired)."""
+    order and dropout masks: their difference is the teacher's term alone (stats.paired, a plan study's comparisons)."""
     arms = []
     for alpha in (0.0, 0.5):
         s = train_student.setup(tiny_train_config(cache=cache_dir, alpha=alpha, seed=3, out=tmp_path / str(alpha)))
@@ -380,15 +473,8 @@ def test_resume_on_a_cache_rebuilt_in_place_is_refused(image_folder, teacher_dir
     cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=cache, precision="fp32",
                                   workers=0))
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(record):
-        if record["epoch"] == 1:
-            raise Stop
-
     with pytest.raises(Stop):
-        train_student.run(tiny_train_config(cache=cache, epochs=2, out=tmp_path / "run"), on_epoch=stop_after_first)
+        train_student.run(tiny_train_config(cache=cache, epochs=2, out=tmp_path / "run"), on_epoch=_stop_after(1))
     other = make_teacher(tmp_path / "other-teacher", seed=1)
     cache_teacher.run(CacheConfig(teacher=str(other), dataset=str(image_folder), out=cache, precision="fp32",
                                   workers=0, force=True))
