@@ -20,11 +20,12 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from kdpipe import runtime, settings  # noqa: E402
-from kdpipe.config import TRAIN_DEFAULTS, CacheConfig, SweepConfig, TrainConfig, recipe_line  # noqa: E402
+from kdpipe.config import TRAIN_DEFAULTS, CacheConfig, ExportConfig, SweepConfig, TrainConfig, recipe_line  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
 from kdpipe.plan import PlanOption  # noqa: E402
 
@@ -63,7 +64,7 @@ def user_errors():
     try:
         yield
     except KdpipeError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # [x] is text
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: nothing half-written was left under a final name")
@@ -125,16 +126,20 @@ class Group:
 def configured(**groups: type | Group):
     """Build a command's options from config dataclasses (settings.setting: default, help, flags, panel), the
     one place each lives. The command receives, per group, the values typed (parsed; nested dataclasses such
-    as ViewPolicy built), with every value left at its default omitted, and runs inside `user_errors`."""
+    as ViewPolicy built), with every value left at its default omitted, and runs inside `user_errors`. The
+    body's other parameters (an argument such as `export`'s RUN) are passed through as typer parses them."""
     groups = {name: g if isinstance(g, Group) else Group(g) for name, g in groups.items()}
 
     def decorate(body):
-        params = [p for g in groups.values() for p in _params(g.cls, g, "")]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in inspect.signature(body).parameters.items()
+               if name not in groups]
+        params = own + [p for g in groups.values() for p in _params(g.cls, g, "")]
 
         @functools.wraps(body)
         def command(**flags):
             with user_errors():
-                return body(**{name: _values(g.cls, g, "", flags) for name, g in groups.items()})
+                return body(**{p.name: flags[p.name] for p in own},
+                            **{name: _values(g.cls, g, "", flags) for name, g in groups.items()})
 
         del command.__wrapped__  # typer reads the generated signature, not the body's
         command.__signature__ = inspect.Signature(params)
@@ -398,6 +403,45 @@ def evaluate_cmd(
     if m.get("teacher_note"):
         console.print(m["teacher_note"], highlight=False)
     _print_confusion(m["confusion_matrix"], m["label_names"], f"{split} confusion (rows: true)")
+
+
+@app.command("export")
+@configured(flags=ExportConfig)
+def export_cmd(run_dir: Path = typer.Argument(..., metavar="RUN", help="A run folder written by train-student."), *,
+               flags: dict):
+    """Export a run's student to ONNX (--int8: also int8), checked against it and timed beside the teacher.
+
+    Fidelity is measured on the run's validation and test splits against the PyTorch student, with the bounds
+    below fixed before measuring: a bound missed writes nothing. Figures go into run.json and the model card."""
+    from kdpipe import export
+
+    with _progress() as bar:
+        record = export.export(run_dir, ExportConfig(**flags), progress=_bars(bar))
+    _print_export(run_dir, record)
+
+
+def _print_export(run_dir: Path, record: dict) -> None:
+    from kdpipe import export
+
+    console.print(f"wrote {', '.join(str(run_dir / f) for f in record['files'].values())} "
+                  f"(torch.onnx {record['exporter']} exporter, opset {record['opset']})", highlight=False)
+    for kind, per_split in record["fidelity"].items():
+        for split, m in per_split.items():
+            agree = m.get("agreement", m.get("agreement_with_fp32"))
+            console.print(f"ONNX {kind} on {split}: accuracy {m['accuracy']:.2%}, argmax agreement with PyTorch "
+                          f"{agree:.2%}, max |Δlogit| {m['max_abs_logit_diff']:.1e}"
+                          + (f", drop {100 * m['accuracy_drop']:+.1f} pp" if "accuracy_drop" in m else ""), highlight=False)
+    if "speed" in record:
+        table = Table(title=f"speed and size on {record['speed']['cpu']}, {record['speed']['threads']} threads")
+        for col in ("model", "runtime", "input", "latency b1 median (p90)", "b32 images/s", "params", "file"):
+            table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+        for r in record["speed"]["rows"]:
+            table.add_row(r["model"], r["runtime"], f"{r['input_size'][0]}", f"{r['latency_ms_median']:.1f} ms "
+                          f"({r['latency_ms_p90']:.1f})", f"{r['throughput_per_s']:.1f}", f"{r['parameters'] / 1e6:.2f} M",
+                          _human_bytes(r["file_bytes"]) if r.get("file_bytes") else "-")
+        console.print(table)
+        console.print(export.headline(record["summary"]), highlight=False)
+    console.print(f"recorded in {run_dir / 'run.json'} (export) and {run_dir / 'model' / 'README.md'}", highlight=False)
 
 
 @app.command("sweep")

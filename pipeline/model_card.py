@@ -95,7 +95,7 @@ def reproduce_command(run: dict) -> str:
 def _body(run: dict, name: str) -> str:
     """The card's Markdown: what the model is, its teacher, data, recipe, results, and how to reproduce and use it."""
     sections = [[f"# {name}", "", _summary(run)], _teacher_section(run), _data_section(run), _recipe_section(run),
-                _results_section(run), _use_section(run)]
+                _results_section(run), _export_section(run), _use_section(run)]
     return "\n".join(line for section in sections for line in section)
 
 
@@ -191,6 +191,51 @@ def _results_section(run: dict) -> list[str]:
             agree = f"{m['teacher_agreement']:.2%}" if "teacher_agreement" in m else "–"
             lines.append(f"| {split} | {m['accuracy']:.2%} | {m['macro_f1']:.3f} | {agree} | {m.get('n', '?')} |")
     return lines + ["", "One run, one seed: compare runs over several seeds before drawing conclusions."]
+
+
+def _export_section(run: dict) -> list[str]:
+    """`kdpipe export`'s figures, where the run was exported: files, fidelity against the PyTorch student, and
+    speed and size beside the teacher's, measured side by side in one process."""
+    ex = run.get("export")
+    if not ex:
+        return []
+    lines = ["", "## Deployment (ONNX)", ""]
+    if ex.get("summary", {}).get("speedup"):
+        s = ex["summary"]
+        pp = f"{s['accuracy_pp']:+.1f} pp" if s.get("accuracy_pp") is not None else "an unmeasured difference in"
+        lines += [f"**{s['speedup']:.1f}× faster and {s['smaller']:.1f}× smaller than its teacher, at {pp} "
+                  f"{s['split']} accuracy** ({s['deployed']} student against the teacher exported the same way in fp32; "
+                  "batch-1 median latency, file size).", ""]
+    files_ = ", ".join(f"`{f}`" for f in ex["files"].values())
+    lines += [f"{files_} (opset {ex['opset']}, torch.onnx {ex['exporter']} exporter, dynamic batch; "
+              "input `pixel_values` (B, 3, H, W) normalised as `preprocessor_config.json` says, output `logits`)."]
+    if ex.get("int8"):
+        q = ex["int8"]
+        lines += ["", f"int8: ONNX Runtime {q['method']} quantisation, {q['format']}, weights {q['weights']}, activations "
+                  f"{q['activations']}, {q['calibration']} ranges from {q['calibration_images']} train images."]
+    lines += ["", "Fidelity against the PyTorch student (bounds fixed before measuring: "
+              + ", ".join(f"{k} {v:g}" for k, v in ex["bounds"].items()) + "):", "",
+              "| model | split | accuracy | drop vs PyTorch | argmax agreement | max abs logit diff |",
+              "|---|---|---|---|---|---|"]
+    for kind, per_split in ex["fidelity"].items():
+        for split, m in per_split.items():
+            drop = m.get("accuracy_drop", m.get("accuracy_pytorch", m["accuracy"]) - m["accuracy"])
+            agree = m.get("agreement", m.get("agreement_with_fp32"))
+            lines.append(f"| ONNX {kind} | {split} | {m['accuracy']:.2%} | {100 * drop:+.1f} pp | {agree:.2%} | "
+                         f"{m['max_abs_logit_diff']:.1e} |")
+    if ex.get("speed"):
+        sp = ex["speed"]
+        lines += ["", f"Speed and size on {sp['cpu']} ({sp['threads']} threads, {sp['kernels']} kernels), one run, "
+                  "every model timed in the same process:", "",
+                  "| model | runtime | input | latency batch 1, median (p90) | throughput batch 32 | parameters | file |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sp["rows"]:
+            size = f"{r['file_bytes'] / 2**20:.1f} MiB" if r.get("file_bytes") else "–"
+            lines.append(f"| {r['model']} | {r['runtime']} | {r['input_size'][0]}×{r['input_size'][1]} | "
+                         f"{r['latency_ms_median']:.1f} ms ({r['latency_ms_p90']:.1f}) | {r['throughput_per_s']:.1f}/s | "
+                         f"{r['parameters'] / 1e6:.2f} M | {size} |")
+        lines += [f"- {k}: {sp[k]}" for k in ("bf16", "teacher") if k in sp]
+    return lines
 
 
 def _use_section(run: dict) -> list[str]:

@@ -22,8 +22,8 @@ from .config import TrainConfig, comparable
 from .errors import KdpipeError
 
 CHECKPOINT, SUMS, METRICS, RUN_JSON, MODEL = "checkpoint.pt", "checkpoint.sha256", "metrics.jsonl", "run.json", "model"
-TENSORBOARD, PREDICTIONS = "tensorboard", "predictions"
-RUN_FILES = (CHECKPOINT, SUMS, METRICS, RUN_JSON, MODEL, TENSORBOARD, PREDICTIONS)  # what a run folder may hold
+TENSORBOARD, PREDICTIONS, ONNX = "tensorboard", "predictions", "onnx"  # onnx/: written by kdpipe export
+RUN_FILES = (CHECKPOINT, SUMS, METRICS, RUN_JSON, MODEL, TENSORBOARD, PREDICTIONS, ONNX)  # what a run folder may hold
 PREDICTIONS_KEY = b"kdpipe"  # the predictions files' JSON metadata, as in a cache's files
 
 
