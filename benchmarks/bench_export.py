@@ -1,0 +1,79 @@
+"""What `kdpipe export` buys on real Beans with the shared EfficientNet-Lite0 teacher, in one run: a short
+distilled student (MobileNetV2, small image size to keep the CPU cost to minutes), exported to ONNX fp32 and
+int8, its fidelity on validation and test, and teacher and student timed side by side (export.export does the
+measuring; this script only builds the run it measures and prints the figures).
+
+    python benchmarks/bench_export.py                      # ~10-15 CPU minutes on 2 cores
+    python benchmarks/bench_export.py --epochs 2 --image-size 64   # a quick look
+
+Results (the export record of run.json) go to benchmarks/results/export/<image-size>px.json. Speed figures
+are from one run on whatever CPU this is: compare the ratios, not the milliseconds, with another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from kdpipe import cache_teacher, export, files, runtime, train_student
+from kdpipe.config import CacheConfig, ExportConfig, TrainConfig
+
+from _common import print_table
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default=str(SHARED / "beans"))
+    p.add_argument("--teacher", default=str(SHARED / "teachers" / "beans-efficientnet-lite0"))
+    p.add_argument("--work", type=Path, default=Path("data/bench-export"), help="cache and run folders")
+    p.add_argument("--image-size", type=int, default=96, help="the student's resolution (the teacher's is 224)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    start = time.perf_counter()
+    cache = args.work / "cache"
+    cache_teacher.run(CacheConfig(teacher=args.teacher, dataset=args.dataset, out=cache, precision="fp32"))
+    run = args.work / f"run-{args.image_size}px-{args.epochs}ep-seed{args.seed}"
+    if not (run / "run.json").exists():  # the sweep's recipe (README), a short budget
+        train_student.run(TrainConfig(cache=cache, out=run, epochs=args.epochs, alpha=0.9, temperature=5.0, lr=3e-3,
+                                      batch_size=32, schedule="cosine", seed=args.seed, precision="fp32",
+                                      student_config={"image_size": args.image_size}))
+    trained = time.perf_counter()
+    record = export.export(run, ExportConfig(int8=True))
+    done = time.perf_counter()
+
+    print(f"\n{runtime.describe(runtime.resolve_device('cpu'))}")
+    for kind, per_split in record["fidelity"].items():
+        for split, m in per_split.items():
+            agree = m.get("agreement", m.get("agreement_with_fp32"))
+            print(f"ONNX {kind} {split}: accuracy {m['accuracy']:.2%} (PyTorch "
+                  f"{m.get('accuracy_pytorch', m['accuracy'] + m.get('accuracy_drop', 0)):.2%}), agreement {agree:.2%}, "
+                  f"max |Δlogit| {m['max_abs_logit_diff']:.1e}")
+    print_table("speed and size (one run, same process)", ["model", "runtime", "input", "b1 median ms", "b1 p90 ms",
+                                                           "b32 images/s", "params M", "file MiB"],
+                [[r["model"], r["runtime"], r["input_size"][0], f"{r['latency_ms_median']:.1f}",
+                  f"{r['latency_ms_p90']:.1f}", f"{r['throughput_per_s']:.1f}", f"{r['parameters'] / 1e6:.2f}",
+                  f"{r['file_bytes'] / 2**20:.1f}" if r.get("file_bytes") else "-"] for r in record["speed"]["rows"]])
+    rows = {(r["model"], r["runtime"]): r for r in record["speed"]["rows"]}
+    for who, how in (("student", "onnx fp32"), ("student", "onnx int8")):
+        for base in (("teacher", "pytorch fp32"), ("teacher", "onnx fp32"), ("student", "pytorch fp32")):
+            a, b = rows[(who, how)], rows[base]
+            print(f"{who} {how} vs {' '.join(base)}: latency ×{b['latency_ms_median'] / a['latency_ms_median']:.2f}, "
+                  f"throughput ×{a['throughput_per_s'] / b['throughput_per_s']:.2f}, size ÷{b['file_bytes'] / a['file_bytes']:.2f}")
+    print(export.headline(record["summary"]))
+    print(f"wall: cache + training {trained - start:.0f} s, export + checks + timing {done - trained:.0f} s")
+    out = Path(__file__).parent / "results" / "export" / f"{args.image_size}px.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(out, {"args": {k: str(v) for k, v in vars(args).items()}, "run": str(run),
+                           "wall_s": {"cache_and_training": round(trained - start, 1), "export": round(done - trained, 1)},
+                           "export": record})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
