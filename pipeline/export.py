@@ -72,6 +72,8 @@ def export(run_dir: Path, cfg: ExportConfig, progress: Progress | None = None) -
             if cfg.int8:
                 calibrate = _calibration_batches(data["calibration"], inputs, cfg.calibration_images, run)
                 record["int8"] = quantize(tmp / FP32, tmp / INT8, calibrate)
+                record["int8"]["calibration_inputs"] = ("one stored view of each image (the run trained on views)"
+                                                        if data["calibration"].per_image > 1 else "the images")
                 record["files"]["int8"] = f"{ONNX_DIR}/{INT8}"
                 record["fidelity"]["int8"] = check_int8(session(tmp / INT8), data, reference, inputs, cfg)
             if cfg.speed:
@@ -423,7 +425,7 @@ def _teacher(run: dict, cfg: ExportConfig):
 
 def _weights_bytes(spec: str) -> int | None:
     folder = Path(spec).expanduser()
-    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")) if folder.is_dir() else []
+    found = (sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))) if folder.is_dir() else []
     return sum(p.stat().st_size for p in found) or None
 
 

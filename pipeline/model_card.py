@@ -212,7 +212,8 @@ def _export_section(run: dict) -> list[str]:
     if ex.get("int8"):
         q = ex["int8"]
         lines += ["", f"int8: ONNX Runtime {q['method']} quantisation, {q['format']}, weights {q['weights']}, activations "
-                  f"{q['activations']}, {q['calibration']} ranges from {q['calibration_images']} train images."]
+                  f"{q['activations']}, {q['calibration']} ranges from {q['calibration_images']} train images "
+                  f"({q.get('calibration_inputs', 'the images')})."]
     lines += ["", "Fidelity against the PyTorch student (bounds fixed before measuring: "
               + ", ".join(f"{k} {v:g}" for k, v in ex["bounds"].items()) + "):", "",
               "| model | split | accuracy | drop vs PyTorch | argmax agreement | max abs logit diff |",

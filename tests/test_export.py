@@ -280,3 +280,28 @@ def test_without_the_export_extra_the_command_says_how_to_install_it(run_cli, tr
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     code, out = run_cli("export", trained)
     assert code == 1 and 'needs onnxruntime, not installed: pip install -e ".[export]"' in out
+
+
+def test_int8_calibrates_on_the_stored_views_where_the_run_trained_on_them(image_folder, teacher_dir, tmp_path):
+    from kdpipe import cache_teacher, data, export
+    from kdpipe.config import CacheConfig
+    from kdpipe.errors import KdpipeError
+    from kdpipe.student_data import with_tensors
+
+    cache = tmp_path / "views"
+    cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=cache, precision="fp32",
+                                  workers=0, views=2))
+    split = data.open_dataset(str(image_folder), splits=["train"]).splits["train"]
+    inputs = with_tensors({"size": (32, 32), "resample": 2, "mean": [0.5] * 3, "std": [0.5] * 3}, torch.device("cpu"))
+    on_views = {"config": {"views": True, "cache": str(cache)}, "seed": 0}
+    viewed = export._train_split(on_views, split, inputs, None)
+    assert viewed.per_image == 3  # the image itself and its 2 views
+    plain = export._train_split({"config": {"views": False}, "seed": 0}, split, inputs, None)
+    a = np.concatenate(export._calibration_batches(viewed, inputs, 20, on_views))
+    b = np.concatenate(export._calibration_batches(plain, inputs, 20, on_views))
+    assert a.shape == b.shape == (20, 3, 32, 32)  # 20 of the 36 train images, the same ones (the run's seed)
+    same = [np.array_equal(x, y) for x, y in zip(a, b)]
+    assert not all(same) and any(same)  # a random one of each image's 3 rows: mostly a view, sometimes the image
+    shutil.rmtree(cache)
+    with pytest.raises(KdpipeError, match=r"--int8: calibration data missing: the run trained on the stored views"):
+        export._train_split(on_views, split, inputs, None)
