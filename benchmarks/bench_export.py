@@ -3,8 +3,8 @@ distilled student (MobileNetV2, small image size to keep the CPU cost to minutes
 int8, its fidelity on validation and test, and teacher and student timed side by side (export.export does the
 measuring; this script only builds the run it measures and prints the figures).
 
-    python benchmarks/bench_export.py                      # ~10-15 CPU minutes on 2 cores
-    python benchmarks/bench_export.py --epochs 2 --image-size 64   # a quick look
+    python benchmarks/bench_export.py                      # 3 epochs at 64 px: ~15 CPU minutes on 2 cores
+    python benchmarks/bench_export.py --epochs 12 --image-size 96  # a better student (~9 min an epoch on a busy 2-core box)
 
 Results (the export record of run.json) go to benchmarks/results/export/<image-size>px.json. Speed figures
 are from one run on whatever CPU this is: compare the ratios, not the milliseconds, with another machine.
@@ -13,14 +13,14 @@ are from one run on whatever CPU this is: compare the ratios, not the millisecon
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import time
 from pathlib import Path
 
 from kdpipe import cache_teacher, export, files, runtime, train_student
 from kdpipe.config import CacheConfig, ExportConfig, TrainConfig
 
-from _common import print_table
+from _common import cpu_seconds, print_table
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -30,8 +30,8 @@ def main() -> None:
     p.add_argument("--dataset", default=str(SHARED / "beans"))
     p.add_argument("--teacher", default=str(SHARED / "teachers" / "beans-efficientnet-lite0"))
     p.add_argument("--work", type=Path, default=Path("data/bench-export"), help="cache and run folders")
-    p.add_argument("--image-size", type=int, default=96, help="the student's resolution (the teacher's is 224)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--image-size", type=int, default=64, help="the student's resolution (the teacher's is 224)")
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -43,9 +43,9 @@ def main() -> None:
         train_student.run(TrainConfig(cache=cache, out=run, epochs=args.epochs, alpha=0.9, temperature=5.0, lr=3e-3,
                                       batch_size=32, schedule="cosine", seed=args.seed, precision="fp32",
                                       student_config={"image_size": args.image_size}))
-    trained = time.perf_counter()
+    trained, cpu_before, load_before = time.perf_counter(), cpu_seconds(), os.getloadavg()[0]
     record = export.export(run, ExportConfig(int8=True))
-    done = time.perf_counter()
+    done, cpu_used, load_after = time.perf_counter(), cpu_seconds() - cpu_before, os.getloadavg()[0]
 
     print(f"\n{runtime.describe(runtime.resolve_device('cpu'))}")
     for kind, per_split in record["fidelity"].items():
@@ -66,11 +66,14 @@ def main() -> None:
             print(f"{who} {how} vs {' '.join(base)}: latency ×{b['latency_ms_median'] / a['latency_ms_median']:.2f}, "
                   f"throughput ×{a['throughput_per_s'] / b['throughput_per_s']:.2f}, size ÷{b['file_bytes'] / a['file_bytes']:.2f}")
     print(export.headline(record["summary"]))
-    print(f"wall: cache + training {trained - start:.0f} s, export + checks + timing {done - trained:.0f} s")
+    print(f"wall: cache + training {trained - start:.0f} s, export + checks + timing {done - trained:.0f} s "
+          f"({cpu_used / (done - trained):.2f} CPU seconds per wall second; load average {load_before:.1f} before, "
+          f"{load_after:.1f} after)")
     out = Path(__file__).parent / "results" / "export" / f"{args.image_size}px.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(out, {"args": {k: str(v) for k, v in vars(args).items()}, "run": str(run),
                            "wall_s": {"cache_and_training": round(trained - start, 1), "export": round(done - trained, 1)},
+                           "export_cpu_s": round(cpu_used, 1), "load_average": [load_before, load_after],
                            "export": record})
     print(f"wrote {out}")
 
