@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ def _quiet_libraries(version: bool = typer.Option(False, "--version", callback=_
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.logging.set_verbosity_error()  # a retried request warns per try; its failure reaches us
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # export: "torchvision is not installed" per operator set
 
 
 @contextlib.contextmanager

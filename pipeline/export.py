@@ -261,7 +261,8 @@ def check_fp32(sess, data: dict[str, SplitData], reference: dict[str, np.ndarray
         out[name] = m
         if m["max_abs_logit_diff"] > cfg.max_logit_diff or m["agreement"] < cfg.min_agreement:
             raise KdpipeError(f"the fp32 ONNX model differs from the PyTorch student on {name}: max |Δlogit| "
-                              f"{m['max_abs_logit_diff']:.2e} (bound --max-logit-diff {cfg.max_logit_diff:g}), "
+                              f"{m['max_abs_logit_diff']:.2e} at logits up to {m['max_abs_logit']:.3g} "
+                              f"(bound --max-logit-diff {cfg.max_logit_diff:g}), "
                               f"argmax agreement {m['agreement']:.2%} (bound --min-agreement {cfg.min_agreement:g}); "
                               "nothing was written: try --exporter "
                               f"{next(x for x in EXPORTERS if x != cfg.exporter)}")

@@ -1,6 +1,7 @@
-"""kdpipe export: a tiny student whose logits have scale (its trained weights redrawn, He-normal: a freshly
-trained tiny MobileNetV2 answers ~1e-2 for every image, which no bound would test) exported to ONNX and int8,
-checked against the PyTorch student, timed beside the teacher; the bounds refuse, and bad inputs are one line."""
+"""kdpipe export: a tiny student whose logits have scale (its trained weights redrawn He-normal, BatchNorm
+statistics recomputed: a freshly trained tiny MobileNetV2 answers ~1e-2 for every image, which no bound would
+test) exported to ONNX and int8, checked against the PyTorch student, timed beside the teacher; the bounds
+refuse, and bad inputs are one line."""
 
 from __future__ import annotations
 
@@ -20,21 +21,28 @@ needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in
 
 
 def _with_scale(run: Path, seed: int = 0) -> None:
-    """Redraw every conv and linear weight of the saved student He-normal (BatchNorm kept), and record the new
-    weights' checksum in run.json, as if it had been trained to them."""
-    from safetensors.torch import load_file, save_file
+    """Redraw every conv and linear weight of the saved student He-normal and its BatchNorm statistics on noise
+    (so activations stay O(1), as in a trained network), and record the new weights' checksum in run.json, as
+    if it had been trained to them."""
+    from transformers import AutoModelForImageClassification
 
     from kdpipe import files
 
-    weights = run / "model" / "model.safetensors"
-    state = load_file(weights)
+    model = AutoModelForImageClassification.from_pretrained(run / "model")
     g = torch.Generator().manual_seed(seed)
-    for name, t in state.items():
-        if t.is_floating_point() and t.dim() > 1:
-            state[name] = torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5
-    save_file(state, weights, metadata={"format": "pt"})
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g) * (2 / module.weight[0].numel()) ** 0.5)
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # a cumulative average over the batches below
+        model.train()
+        for _ in range(4):
+            model(pixel_values=torch.randn(32, 3, 32, 32, generator=g))
+    model.eval().save_pretrained(run / "model", safe_serialization=True)
     record = json.loads((run / "run.json").read_text())
-    record["student"]["weights_sha256"] = files.sha256(weights)
+    record["student"]["weights_sha256"] = files.sha256(run / "model" / "model.safetensors")
     (run / "run.json").write_text(json.dumps(record))
 
 
@@ -175,7 +183,7 @@ def test_the_fp32_bound_refuses_a_model_that_differs_by_more_than_it():
     close = reference + 5e-4
     m = export.check_fp32(_fake_session(close), data, {"test": reference}, _inputs(), ExportConfig())
     assert m["test"]["max_abs_logit_diff"] == pytest.approx(5e-4, rel=1e-3) and m["test"]["agreement"] == 1.0
-    with pytest.raises(KdpipeError, match=r"max \|Δlogit\| 2\.00e-03 \(bound --max-logit-diff 0\.001\)"):
+    with pytest.raises(KdpipeError, match=r"max \|Δlogit\| 2\.00e-03 at logits up to 4 \(bound --max-logit-diff 0\.001\)"):
         export.check_fp32(_fake_session(reference + 2e-3), data, {"test": reference}, _inputs(), ExportConfig())
     flipped = reference.copy()
     flipped[0] = flipped[0][::-1]  # one answer changed
