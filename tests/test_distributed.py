@@ -70,3 +70,5 @@ def test_two_processes_train_like_one_and_write_once(cache_dir, teacher_dir, tmp
                                                                       rel=1e-4)
     assert ddp.validation["accuracy"] == single.validation["accuracy"] and ddp.test == pytest.approx(single.test)
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+    kept = run_folder.read_predictions(tmp_path / "ddp", "test")  # written once, by the first process
+    assert kept.epoch == ddp.best_epoch and kept.correct.mean() == ddp.test["accuracy"]
