@@ -493,7 +493,11 @@ def _print_sweep(s) -> None:
     if s.interrupted:
         console.print(f"[yellow]interrupted[/]: no process holds {', '.join(s.interrupted)} (its worker is gone); "
                       "rerun the sweep to continue from the last checkpoint", highlight=False)
-    console.print("wrote " + ", ".join(str(f) for f in s.files))
+    if s.files:
+        console.print("wrote " + ", ".join(str(f) for f in s.files))
+    if s.unwritten:
+        console.print(f"[yellow]not written[/] in {s.out}: {', '.join(s.unwritten)}; the table above is the whole "
+                      "report (copy the folder somewhere writable to keep the files)", highlight=False)
 
 
 def _print_gain(g: dict, label: str = "teacher's gain") -> None:

@@ -33,12 +33,14 @@ import os
 import random
 import socket
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import files, student, student_data, train_student
-from .config import DATA_ROOT, LOSS_SETTINGS, SweepConfig, TrainConfig, applicable, comparable
+from .config import DATA_ROOT, LOSS_SETTINGS, PRUNERS, SAMPLERS, SweepConfig, TrainConfig, applicable, comparable
+from .settings import value_type
 from .errors import KdpipeError
 from .plan import Plan, describe
 
@@ -168,6 +170,7 @@ def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict) -
         os.link(tmp, path)  # atomic create-if-absent: of two workers starting together, one writes
     except FileExistsError:
         saved = load_spec(out)
+        _same_storage(saved, storage, out)
         if "train" in saved["spec"] and "train" in record["spec"]:
             record["spec"] = _as_saved(record["spec"], saved["spec"])
         if saved["spec"] != record["spec"] or saved["study_name"] != record["study_name"]:
@@ -178,6 +181,26 @@ def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict) -
         tmp.unlink(missing_ok=True)
 
 
+def _check_storage(storage: str | None, out: Path) -> None:
+    """Open an RDB --storage before anything records it: a refused URL (a typo, a missing driver) written into
+    sweep.json would bind the folder to a storage that never opens. A sweep folder already recording another
+    storage is refused here too, before the new one is touched (it would create a second copy of the study)."""
+    if (out / SPEC_FILE).exists():
+        _same_storage(load_spec(out), storage, out)
+    if storage is not None:
+        open_storage(storage, out)
+
+
+def _same_storage(saved: dict, storage: str | None, out: Path) -> None:
+    """A sweep folder is one study in one storage: refuse a rerun naming another one."""
+    if saved["storage"] != storage:
+        def name(url):
+            return f"--storage {url}" if url else f"the journal file {out / 'study.journal'} (no --storage)"
+
+        raise KdpipeError(f"--out {out} holds a sweep stored in {name(saved['storage'])}, not {name(storage)}; "
+                          "rerun it with the storage it was started with, or choose another --out")
+
+
 def load_spec(out: Path) -> dict:
     """sweep.json of the sweep folder `out`: how to reopen its study, and its settings."""
     path = Path(out) / SPEC_FILE
@@ -185,12 +208,55 @@ def load_spec(out: Path) -> dict:
         raise KdpipeError(f"{out}: no {SPEC_FILE}; pass a folder written by kdpipe sweep")
     try:
         record = json.loads(path.read_text())
-        if not all(k in record for k in ("study_name", "storage", "spec")):
-            raise ValueError("a key is missing")
+        _check_record(record)
     except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
         raise KdpipeError(f"{path} is damaged ({type(e).__name__}: {e}); it is written once when the sweep starts: "
                           "restore it, or start the sweep again in another --out") from None
     return record
+
+
+def _check_record(record) -> None:
+    """sweep.json's shape: its keys, and each recorded setting of the types its config field holds (a train
+    setting a sweep of an earlier kdpipe lacks is taken at its default, as config.comparable does). Raises
+    ValueError naming the first thing out of place."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(what)
+
+    need(isinstance(record, dict) and all(k in record for k in ("study_name", "storage", "spec")), "a key is missing")
+    need(isinstance(record["study_name"], str), "study_name is not text")
+    need(record["storage"] is None or isinstance(record["storage"], str), "storage is not a URL")
+    spec = record["spec"]
+    need(isinstance(spec, dict), "spec is not an object")
+    if "plan" in spec:  # kdpipe sweep --plan: the plan's settings live in its study
+        need(isinstance(spec["plan"], str), "spec.plan is not a name")
+        return
+    need(isinstance(spec.get("space"), dict) and all(isinstance(d, dict) for d in spec["space"].values()),
+         "spec.space is not an object of dimensions")
+    need(isinstance(spec.get("seeds"), list) and all(type(x) is int for x in spec["seeds"]) and spec["seeds"],
+         "spec.seeds is not a list of integers")
+    need(spec.get("sampler") in SAMPLERS and spec.get("prune") in PRUNERS, "spec.sampler or spec.prune is unknown")
+    need(spec.get("trials") is None or type(spec["trials"]) is int, "spec.trials is not an integer")
+    need(isinstance(spec.get("train"), dict), "spec.train is not an object")
+    for name, value in spec["train"].items():
+        need(name not in SETTING_TYPES or _of_type(value, *SETTING_TYPES[name]), f"spec.train.{name} is not a "
+             f"{SETTING_TYPES.get(name, (object,))[0].__name__}")
+
+
+# TrainConfig's fields as sweep.json holds them: name -> (type, whether null is allowed: `X | None`)
+SETTING_TYPES = {f.name: (value_type(TrainConfig, f.name), type(None) in typing.get_args(typing.get_type_hints(
+    TrainConfig)[f.name])) for f in dataclasses.fields(TrainConfig)}
+
+
+def _of_type(value, kind: type, nullable: bool) -> bool:
+    """A JSON value read back as a setting of type `kind` (a Path is text; a float may be written as an int)."""
+    if value is None:
+        return nullable
+    if kind is float:
+        return type(value) in (int, float)
+    if kind is int:
+        return type(value) is int
+    return isinstance(value, {Path: str}.get(kind, kind))
 
 
 # ------------------------------------------------------------------------------------ liveness
@@ -430,6 +496,7 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     out, cfg = cfg.out_dir(), as_started(cfg)
     shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
     inputs = _check_inputs(cfg, shared)
+    _check_storage(cfg.storage, out)
     _claim_folder(out, cfg.study_name(), cfg.storage, cfg.spec())
     study = open_study(cfg, out)
     _same_inputs(study, inputs)
@@ -499,6 +566,7 @@ def run_plan(plan: Plan, out: Path | None = None, storage: str | None = None, na
     for (arm, _), cfg in configs.items():  # every arm's inputs checked before the folder exists
         if arm not in inputs:
             inputs[arm] = _check_inputs(cfg, shared)
+    _check_storage(storage, out)
     _claim_folder(out, study_name, storage, {"plan": plan.name})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=open_storage(storage, out), study_name=study_name, direction="maximize",

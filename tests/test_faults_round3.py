@@ -1,0 +1,120 @@
+"""Bad input and faults, round three (issue 58): a sweep folder bound to one storage, sweep.json of the wrong
+shape, a report on a folder it cannot write, dataset files that vanish or escape their folder, huge grids,
+a verify that decides, and the smaller cases. Each case is met through the CLI where a user meets it;
+docs/reliability.md lists them with their outcomes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_STUDENT, make_image_folder, read_cache_table, tiny_train_config
+from kdpipe import files
+from kdpipe.errors import KdpipeError
+
+TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
+
+
+def _one_line_error(code: int, out: str, *fragments: str) -> None:
+    assert code == 1, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(f in out for f in fragments), out
+
+
+def _sweep(run_cli, cache, out, *extra):
+    return run_cli("sweep", "--cache", cache, "--epochs", "1", "--seeds", "0", "--out", out, *TINY, *extra)
+
+
+# ------------------------------------------------------------------------- 1: one sweep folder, one storage
+
+
+def test_a_sweep_folder_records_only_a_storage_that_opened_and_refuses_another(run_cli, cache_dir, tmp_path):
+    sw = tmp_path / "sw"
+    code, text = _sweep(run_cli, cache_dir, sw, "--storage", "nonsense")
+    _one_line_error(code, text, "--storage nonsense: cannot open it")
+    assert not (sw / "sweep.json").exists()  # before: "nonsense" recorded, and every later run bound to it
+    code, text = _sweep(run_cli, cache_dir, sw)  # the journal file in the folder
+    assert code == 0, text
+    other = tmp_path / "other.db"
+    code, text = _sweep(run_cli, cache_dir, sw, "--storage", f"sqlite:///{other}")
+    _one_line_error(code, text, f"--storage sqlite:///{other}", "the journal file", "study.journal")
+    assert not other.exists()  # before: a second copy of the study created there, while reports read the first
+    code, text = run_cli("sweep-report", sw)
+    assert code == 0 and "1 complete" in text, text
+
+
+# --------------------------------------------------------------------------- 2: sweep.json of the wrong shape
+
+
+def _sweep_folder(tmp_path, cache_dir) -> Path:
+    """A sweep folder with its sweep.json and an empty study (no trial run)."""
+    from kdpipe import sweep
+    from kdpipe.config import SweepConfig
+
+    cfg = SweepConfig(train=tiny_train_config(cache=cache_dir, epochs=1), space={"alpha": "0,0.5"}, seeds=[0],
+                      out=tmp_path / "sw")
+    sweep._claim_folder(cfg.out_dir(), cfg.study_name(), cfg.storage, cfg.spec())
+    sweep.open_study(cfg, cfg.out_dir())
+    return cfg.out_dir()
+
+
+@pytest.mark.parametrize("damage", ["spec is text", "lr is text", "seeds hold text", "train is a list"])
+def test_a_sweep_json_of_the_wrong_shape_is_damaged_for_the_report_and_the_rerun(run_cli, cache_dir, tmp_path, damage):
+    sw = _sweep_folder(tmp_path, cache_dir)
+    record = json.loads((sw / "sweep.json").read_text())
+    if damage == "spec is text":
+        record["spec"] = "grid"
+    elif damage == "lr is text":
+        record["spec"]["train"]["lr"] = "fast"
+    elif damage == "seeds hold text":
+        record["spec"]["seeds"] = ["0"]
+    else:
+        record["spec"]["train"] = ["epochs"]
+    (sw / "sweep.json").write_text(json.dumps(record))
+    for argv in (["sweep-report", sw], ["sweep", "--cache", cache_dir, "--epochs", "1", "--seeds", "0", "--alpha",
+                                        "0,0.5", "--out", sw, *TINY]):
+        code, text = run_cli(*argv)
+        _one_line_error(code, text, "sweep.json is damaged")
+
+
+def test_a_sweep_json_without_a_train_setting_reads_it_at_its_default(run_cli, cache_dir, tmp_path):
+    """As a sweep started by an earlier kdpipe lacks the settings added since (config.comparable)."""
+    sw = _sweep_folder(tmp_path, cache_dir)
+    record = json.loads((sw / "sweep.json").read_text())
+    del record["spec"]["train"]["epochs"]
+    (sw / "sweep.json").write_text(json.dumps(record))
+    code, text = run_cli("sweep-report", sw)  # before: KeyError traceback
+    assert code == 0 and "no trials yet" in text, text
+
+
+# ------------------------------------------------------------------------ 3: a report it cannot write down
+
+
+def test_sweep_report_on_a_folder_it_cannot_write_prints_the_table_and_names_the_files(run_cli, cache_dir, tmp_path,
+                                                                                       monkeypatch):
+    """A read-only mount, simulated: the tests run as root, which permission bits do not stop."""
+    sw = tmp_path / "sw"
+    code, text = _sweep(run_cli, cache_dir, sw)
+    assert code == 0, text
+    for name in ("results.csv", "results.json"):
+        (sw / name).unlink()
+    real = files.replacing
+
+    def read_only(path, *args, **kwargs):
+        if Path(path).parent == sw:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "replacing", read_only)
+    code, text = run_cli("sweep-report", sw)
+    assert code == 0 and "Traceback" not in text, text  # before: an OSError traceback
+    assert "1 complete" in text and "chosen on validation" in text, text  # the table and the choice
+    assert "not written" in text and "results.csv" in text and "results.json" in text, text
+    assert "Read-only file system" in text and "wrote" not in text, text
+    assert not (sw / "results.csv").exists()
