@@ -425,7 +425,8 @@ def sweep_cmd(train: dict, sweep: dict, study: dict):
             plan, sweep.get("out"), sweep.get("storage"), sweep.get("name"), sweep["stale_after_s"], progress, on_trial)
     else:
         cfg = sweeps.as_started(SweepConfig.from_flags(train, **sweep))
-        console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {cfg.sampler}, seeds {cfg.seeds}, "
+        size = f" of {cfg.grid_trials:,} trials" if cfg.grid_trials is not None else f", {cfg.trials} configs"
+        console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {cfg.sampler}{size}, seeds {cfg.seeds}, "
                       f"searching {', '.join(cfg.space) or 'nothing (seeds only)'}; {recipe_line(cfg.train)}",
                       highlight=False, soft_wrap=True)
         run = lambda progress, on_trial: sweeps.run(cfg, progress=progress, on_trial=on_trial)  # noqa: E731

@@ -373,6 +373,23 @@ def applicable(params: dict, base: TrainConfig) -> dict:
 
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("none", "median", "halving")
+# Trials (configs x seeds) a grid may hold without --large-grid: beyond any sweep these machines finish (the
+# quickest trial takes seconds), and a mistyped list (2,000 values of --lr) is caught before anything runs
+GRID_LIMIT = 10_000
+
+
+def grid_size(dims: dict, base: TrainConfig) -> int:
+    """How many configs a grid over `dims` holds (sweep.grid_points yields them), counted without enumerating
+    them: alpha = 0 once per setting of the rest (no temperature, loss or loss setting), every other alpha
+    once per temperature, loss and that loss's own settings (applicable)."""
+    def product(names) -> int:
+        return math.prod(len(dims[n].choices) for n in names if n in dims)
+
+    rest = product(n for n in dims if n not in ("alpha", "temperature", "loss", *LOSS_SETTINGS))
+    alphas = dims["alpha"].choices if "alpha" in dims else (base.alpha,)
+    losses = dims["loss"].choices if "loss" in dims else (base.loss,)
+    distilled = sum(product(["temperature", *(n for n in LOSS_SETTINGS if loss in LOSS_SETTINGS[n])]) for loss in losses)
+    return sum(rest * (1 if alpha == 0 else distilled) for alpha in alphas)
 
 
 @dataclass(frozen=True)
@@ -450,7 +467,10 @@ class SweepConfig:
     name: str | None = setting(None, "Study name.", shown="the folder's name")
     stale_after_s: float = setting(3600.0, "Seconds of silence after which another host's trial is rerun.",
                                    flags=("--stale-after",))
+    large_grid: bool = setting(False, f"Run a grid of more than {GRID_LIMIT:,} trials (configs x seeds); recorded in "
+                                      "sweep.json.", flags=("--large-grid",))
     dims: dict = field(init=False, repr=False, compare=False)  # the space, parsed once: name -> Dimension
+    grid_trials: int | None = field(init=False, repr=False, compare=False)  # configs x seeds of a grid (None: tpe)
 
     @classmethod
     def from_flags(cls, train: dict, **sweep) -> "SweepConfig":
@@ -487,7 +507,14 @@ class SweepConfig:
             _check(not ranged, f"--{ranged[0].replace('_', '-') if ranged else ''}: ranges need --sampler tpe; "
                                "a grid takes lists like 1,2,5")
             _check(self.trials is None, "--trials is for --sampler tpe; a grid runs every config")
+            configs = grid_size(dims, self.train)
+            self.grid_trials = configs * len(self.seeds)
+            _check(self.grid_trials <= GRID_LIMIT or self.large_grid,
+                   f"the grid holds {self.grid_trials:,} trials ({configs:,} configs x {len(self.seeds)} seeds), more "
+                   f"than {GRID_LIMIT:,}: give fewer values, use --sampler tpe --trials N, or pass --large-grid to run "
+                   "it all")
         else:
+            self.grid_trials = None
             _check(self.trials is not None and self.trials > 0, "--sampler tpe needs --trials N (N > 0)")
             _check(bool(dims), "--sampler tpe needs at least one searched setting, e.g. --lr 1e-5:1e-2:log")
         losses = dims["loss"].choices if "loss" in dims else (self.train.loss,)

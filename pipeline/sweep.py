@@ -36,7 +36,7 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import files, student, student_data, train_student
 from .config import DATA_ROOT, LOSS_SETTINGS, PRUNERS, SAMPLERS, SweepConfig, TrainConfig, applicable, comparable
@@ -75,17 +75,19 @@ def config_key(params: dict) -> str:
     return "-".join(part(k) for k in SHORT if k in params) or "base"
 
 
-def grid_points(cfg: SweepConfig) -> list[Point]:
+def grid_points(cfg: SweepConfig) -> Iterator[Point]:
     """Every config of the product x every seed, except that alpha = 0 runs once per setting of the rest:
     without the KD term the temperature and the loss change nothing, so they are left out of those configs;
-    likewise a loss's own settings (e.g. --dkd-beta) are left out of the other losses' configs (applicable)."""
+    likewise a loss's own settings (e.g. --dkd-beta) are left out of the other losses' configs (applicable).
+    Yielded lazily, in product order: a config at its first occurrence, where each setting it leaves out holds
+    its first value. Nothing needs the whole list to count or refuse a grid (cfg.grid_trials, config.GRID_LIMIT);
+    a worker holds the points of a grid it runs (_grid_worker)."""
     dims = cfg.dims
     names = sorted(dims)
-    configs = {}
     for values in itertools.product(*(dims[n].choices for n in names)):
         c = applicable(dict(zip(names, values)), cfg.train)
-        configs.setdefault(config_key(c), c)
-    return [Point(c, seed) for c in configs.values() for seed in cfg.seeds]
+        if all(v == dims[n].choices[0] for n, v in zip(names, values) if n not in c):
+            yield from (Point(c, seed) for seed in cfg.seeds)
 
 
 # ------------------------------------------------------------------------------------- storage, study
@@ -152,8 +154,9 @@ def open_storage(url: str | None, out: Path):
                           "and that the server is reachable, or leave --storage out for a local file") from None
 
 
-def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict) -> None:
-    """Write sweep.json (how to reopen the study) once, atomically; later workers check it matches."""
+def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict, note: dict | None = None) -> None:
+    """Write sweep.json (how to reopen the study) once, atomically; later workers check it matches. `note`: what
+    else it records (a grid's size, _grid_record)."""
     from .locking import make_folder
 
     make_folder(out)  # a file, a broken link or an unwritable place: one line naming --out
@@ -162,7 +165,7 @@ def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict) -
     if other:
         raise KdpipeError(f"--out {out} holds {other}: it is a cache or a train-student run, not a sweep; choose "
                           "another --out")
-    record = {"study_name": study_name, "storage": storage, "spec": json.loads(json.dumps(spec))}
+    record = {"study_name": study_name, "storage": storage, "spec": json.loads(json.dumps(spec)), **(note or {})}
     path = out / SPEC_FILE
     tmp = files.temporary(path)
     tmp.write_text(json.dumps(record, indent=2))
@@ -199,6 +202,11 @@ def _same_storage(saved: dict, storage: str | None, out: Path) -> None:
 
         raise KdpipeError(f"--out {out} holds a sweep stored in {name(saved['storage'])}, not {name(storage)}; "
                           "rerun it with the storage it was started with, or choose another --out")
+
+
+def _grid_record(cfg: SweepConfig) -> dict:
+    """sweep.json's note of a grid's size, and whether --large-grid let it pass the limit."""
+    return {} if cfg.grid_trials is None else {"grid_trials": cfg.grid_trials, "large_grid": cfg.large_grid}
 
 
 def load_spec(out: Path) -> dict:
@@ -399,7 +407,8 @@ def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], 
     collided = False
     while True:
         fail_stale_trials(study, stale_after_s)
-        free = [k for k in points if k not in _held_points(study)]
+        held = _held_points(study)  # once, not once per point
+        free = [k for k in points if k not in held]
         queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # e.g. a dead worker's
         if not free and not queued:
             return
@@ -428,7 +437,7 @@ def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], 
             run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress, shared, key)
         result = _finish_trial(study, trial, key, point.params, [point.seed], [run])
         if on_trial:
-            on_trial(result, len(points))
+            on_trial(result, cfg.grid_trials)
 
 
 def _live_states() -> tuple:
@@ -497,7 +506,7 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
     inputs = _check_inputs(cfg, shared)
     _check_storage(cfg.storage, out)
-    _claim_folder(out, cfg.study_name(), cfg.storage, cfg.spec())
+    _claim_folder(out, cfg.study_name(), cfg.storage, cfg.spec(), _grid_record(cfg))
     study = open_study(cfg, out)
     _same_inputs(study, inputs)
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker

@@ -6,6 +6,7 @@ docs/reliability.md lists them with their outcomes."""
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -118,3 +119,62 @@ def test_sweep_report_on_a_folder_it_cannot_write_prints_the_table_and_names_the
     assert "not written" in text and "results.csv" in text and "results.json" in text, text
     assert "Read-only file system" in text and "wrote" not in text, text
     assert not (sw / "results.csv").exists()
+
+
+# ------------------------------------------------------------------------------------------ 6: a huge grid
+
+
+def _eager_grid(cfg) -> list:
+    """The grid as kdpipe built it before (every config of the product, the first of each name kept), to check
+    the lazy enumeration against: same points, same order."""
+    import itertools
+
+    from kdpipe.config import applicable
+    from kdpipe.sweep import Point, config_key
+
+    names = sorted(cfg.dims)
+    configs = {}
+    for values in itertools.product(*(cfg.dims[n].choices for n in names)):
+        c = applicable(dict(zip(names, values)), cfg.train)
+        configs.setdefault(config_key(c), c)
+    return [Point(c, seed) for c in configs.values() for seed in cfg.seeds]
+
+
+@pytest.mark.parametrize("space, alpha", [
+    ({"temperature": "1,2,5", "alpha": "0,0.5,1"}, 0.5),
+    ({"temperature": "2,5", "lr": "1e-3,1e-2"}, 0.0),
+    ({"alpha": "0,0.5", "loss": "kd,dkd,dist", "dkd_beta": "1,8", "standardize": "false,true", "temperature": "1,4"}, 0.5),
+    ({"loss": "kd,dist", "dist_gamma": "1,2", "batch_size": "4,8"}, 0.5),
+])
+def test_the_grid_is_counted_without_enumerating_and_enumerated_as_before(space, alpha, tmp_path):
+    from kdpipe import sweep
+    from kdpipe.config import SweepConfig
+
+    cfg = SweepConfig(train=tiny_train_config(cache=tmp_path, alpha=alpha), space=space, seeds=[0, 1])
+    lazy = list(sweep.grid_points(cfg))
+    assert [(p.key, p.params) for p in lazy] == [(p.key, p.params) for p in _eager_grid(cfg)]
+    assert cfg.grid_trials == len(lazy)
+
+
+def test_a_huge_grid_is_refused_before_anything_runs_unless_confirmed(run_cli, cache_dir, tmp_path):
+    """2,000 x 100 x 50 = 10 M configs: before, the header, then 3.1 GB in 90 s and no trial."""
+    import tracemalloc
+
+    from kdpipe import sweep
+    from kdpipe.config import SweepConfig
+
+    lrs = ",".join(f"{1e-5 * (1 + i / 1000):.8g}" for i in range(2000))
+    alphas = ",".join(f"{(i + 1) / 100:g}" for i in range(100))
+    temps = ",".join(str(t) for t in range(1, 51))
+    sw = tmp_path / "sw"
+    code, text = _sweep(run_cli, cache_dir, sw, "--lr", lrs, "--alpha", alphas, "-T", temps)
+    _one_line_error(code, text, "10,000,000 trials", "--large-grid")
+    assert not sw.exists()
+    tracemalloc.start()
+    cfg = SweepConfig(train=tiny_train_config(cache=cache_dir, epochs=1), seeds=[0], large_grid=True, out=sw,
+                      space={"lr": lrs, "alpha": alphas, "temperature": temps})
+    first = list(itertools.islice(sweep.grid_points(cfg), 3))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert cfg.grid_trials == 10_000_000 and len(first) == 3
+    assert peak < 50e6, peak  # counted and started lazily: not ~12 KB per config (120 GB)
