@@ -293,6 +293,24 @@ def inspect_cache_cmd(
                       f"of them mixed) through the live teacher ({r['precision']}, {r['device']}): "
                       f"max |Δlogit| {r['max_abs_diff']:.2e}, KL mean {r['mean_kl']:.2e} max {r['max_kl']:.2e}, "
                       f"argmax agreement {r['agreement']:.2%}")
+        _print_verdict(r)
+
+
+def _print_verdict(r: dict) -> None:
+    """inspect-cache --verify's decision: a line when the teacher's weights are not those the cache records, and
+    exit 1 when the logits differ beyond what the two precisions explain (runtime.LOGIT_TOLERANCE)."""
+    weights = r["weights_sha256"]
+    if weights["cache"] and weights["live"] and weights["cache"] != weights["live"]:
+        console.print(f"[yellow]warning[/]: the teacher's weights (sha256 {weights['live'][:16]}) are not those the "
+                      f"cache was built with (sha256 {weights['cache'][:16]})", highlight=False)
+    if not r["within_tolerance"]:
+        with user_errors():
+            raise KdpipeError(f"the cache does not match this teacher: max |Δlogit| {r['max_abs_diff']:.3g} is beyond "
+                              f"the tolerance {r['tolerance']:.3g} of a {r['cache_precision']} cache replayed in "
+                              f"{r['precision']}; rebuild it with kdpipe cache-teacher --force, or pass the teacher "
+                              "it was built with (--teacher)")
+    console.print(f"verdict: the cache matches the teacher (max |Δlogit| within {r['tolerance']:.3g}, the tolerance of "
+                  f"a {r['cache_precision']} cache replayed in {r['precision']})", highlight=False)
 
 
 def _print_cache(rows: list) -> None:

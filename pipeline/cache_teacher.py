@@ -594,10 +594,21 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
     rows = [cached[name].take(np.array([j])) for name, j in picked]
     stored = np.stack([row.teacher_logits()[0] for row in rows])  # (n, C) dataset label order
     sparse = None if rows[0].topk is None else [(row.topk.indices[0], row.topk.values[0]) for row in rows]
-    return {"pairs": len(picked), "augmented_views": int(sum(cached[n].view[j] > 0 for n, j in picked)),
-            "mixed_views": int(sum(cached[n].mixes is not None and cached[n].mixes.weights[j] > 0 for n, j in picked)),
-            **compare_logits(live, stored, sparse), "precision": precision, "cache_precision": meta["precision"],
-            "device": runtime.describe(dev)}
+    report = {"pairs": len(picked), "augmented_views": int(sum(cached[n].view[j] > 0 for n, j in picked)),
+              "mixed_views": int(sum(cached[n].mixes is not None and cached[n].mixes.weights[j] > 0 for n, j in picked)),
+              **compare_logits(live, stored, sparse), "precision": precision, "cache_precision": meta["precision"],
+              "device": runtime.describe(dev), "tolerance": _replay_tolerance(meta, precision),
+              "weights_sha256": {"cache": recorded.get("weights_sha256"), "live": teacher.weights_sha256}}
+    report["within_tolerance"] = report["max_abs_diff"] <= report["tolerance"]
+    return report
+
+
+def _replay_tolerance(meta: dict, precision: str) -> float:
+    """The largest |Δlogit| a faithful cache shows against its teacher replayed at `precision`: the cache's
+    precision and the replay's (runtime.logit_tolerance), and fp16's rounding of top-K values stored as fp16."""
+    storage = meta.get("logits_storage", logit_store.FULL)
+    stored_fp16 = ("fp16",) if storage.get("dtype") == "float16" else ()
+    return runtime.logit_tolerance(meta["precision"], precision, *stored_fp16)
 
 
 def _rebuilt_inputs(cache_dir: Path, cached: dict, dataset, processor, picked: list[tuple[str, int]]) -> list:

@@ -92,7 +92,9 @@ def inputs_identity(cache: dict | None, dataset: ImageDataset) -> dict:
 
 
 def open_cache(cache_dir: Path) -> dict[str, logit_store.LogitSplit]:
-    cache = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
+    paths = logit_store.cache_splits(cache_dir)
+    cache = {name: logit_store.read_split(path) for name, path in paths.items()}
+    logit_store.check_split_names({name: split.meta for name, split in cache.items()}, paths)
     logit_store.check_one_source({name: split.meta for name, split in cache.items()}, f"--cache {cache_dir}")
     return cache
 

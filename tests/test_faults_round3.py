@@ -178,3 +178,49 @@ def test_a_huge_grid_is_refused_before_anything_runs_unless_confirmed(run_cli, c
     tracemalloc.stop()
     assert cfg.grid_trials == 10_000_000 and len(first) == 3
     assert peak < 50e6, peak  # counted and started lazily: not ~12 KB per config (120 GB)
+
+
+# ------------------------------------------------------------------------------ 7: a verify that decides
+
+
+def _scaled_teacher(teacher_dir: Path, dst: Path) -> Path:
+    """The same architecture with one layer scaled: another teacher that loads as well as the first."""
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    shutil.copytree(teacher_dir, dst)
+    model = AutoModelForImageClassification.from_pretrained(dst)
+    with torch.no_grad():
+        model.classifier.weight.mul_(3.0)
+    model.save_pretrained(dst)
+    return dst
+
+
+def test_verify_gives_a_verdict_and_names_a_teacher_with_other_weights(run_cli, cache_dir, teacher_dir, tmp_path):
+    code, text = run_cli("inspect-cache", cache_dir, "--verify", "6", "--device", "cpu")
+    assert code == 0 and "verdict: the cache matches" in text and "warning" not in text, text
+    other = _scaled_teacher(teacher_dir, tmp_path / "other")
+    code, text = run_cli("inspect-cache", cache_dir, "--verify", "6", "--device", "cpu", "--teacher", other)
+    _one_line_error(code, text, "does not match this teacher", "beyond the tolerance 0.002", "--force")
+    assert "weights (sha256" in text and "are not those the cache was built with" in text, text  # before: exit 0
+
+
+@pytest.mark.parametrize("how", ["swapped", "edited"])
+def test_inspect_cache_refuses_a_split_file_that_holds_another_split(run_cli, cache_dir, tmp_path, how):
+    import pyarrow.parquet as pq
+
+    cache = shutil.copytree(cache_dir, tmp_path / "cache")
+    if how == "swapped":
+        (cache / "train.parquet").rename(cache / "x.parquet")
+        (cache / "test.parquet").rename(cache / "train.parquet")
+        (cache / "x.parquet").rename(cache / "test.parquet")
+    else:  # the split's name changed in the metadata alone (the checksum covers the columns)
+        table = read_cache_table(cache / "validation.parquet")
+        meta = json.loads(table.schema.metadata[b"kdpipe"])
+        table = table.replace_schema_metadata({b"kdpipe": json.dumps({**meta, "split": "test"}).encode()})
+        pq.write_table(table, cache / "validation.parquet")
+    code, text = run_cli("inspect-cache", cache)
+    _one_line_error(code, text, "holds the logits of split", "rename it back")
+    assert "verified" not in text  # before: "verified 3 split files"
+    code, text = run_cli("train-student", "--cache", cache, "--epochs", "1", "--out", tmp_path / "run", *TINY)
+    _one_line_error(code, text, "holds the logits of split")
