@@ -42,6 +42,13 @@ def _finite_floats(config) -> None:
             raise KdpipeError(f"{flag(f)} must be a finite number (got {value})")
 
 
+def _plain_name(name: str | None, flag: str, where: str) -> None:
+    """A --name becomes a folder under data/runs or data/sweeps: a plain name, never a path out of it."""
+    _check(name is None or (bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")),
+           f"{flag} {name!r}: a name is a plain folder name under {where} (no / or \\, not . or ..); to write "
+           "elsewhere pass --out PATH")
+
+
 def _positive(name: str, value, flag: str) -> None:
     _check(value is not None and value > 0, f"{flag} must be > 0 (got {value})")
 
@@ -241,6 +248,7 @@ class TrainConfig:
             self.cache = Path(self.cache)
         if self.out is not None:
             self.out = Path(self.out)
+        _plain_name(self.name, "--name", DATA_ROOT / "runs")
         _positive("temperature", self.temperature, "--temperature")
         _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1] (got {self.alpha})")
         _check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
@@ -495,6 +503,7 @@ class SweepConfig:
         _finite_floats(self)
         if self.out is not None:
             self.out = Path(self.out)
+        _plain_name(self.name, "--name", DATA_ROOT / "sweeps")
         _check(self.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}")
         _check(self.prune in PRUNERS, f"--prune must be one of {', '.join(PRUNERS)}")
         _check(bool(self.seeds), "--seeds: give at least one seed, e.g. 0,1,2")

@@ -224,3 +224,58 @@ def test_inspect_cache_refuses_a_split_file_that_holds_another_split(run_cli, ca
     assert "verified" not in text  # before: "verified 3 split files"
     code, text = run_cli("train-student", "--cache", cache, "--epochs", "1", "--out", tmp_path / "run", *TINY)
     _one_line_error(code, text, "holds the logits of split")
+
+
+# ------------------------------------------------------------------------------------------- 8: smaller
+
+
+def test_class_names_reach_the_model_card_as_text_not_html(run_cli, teacher_dir, tmp_path):
+    """A class folder named like an HTML tag, trained from scratch: the card shows the name, renders no tag."""
+    data = make_image_folder(tmp_path / "data", {"train": 3, "validation": 1, "test": 1})
+    hostile = "<img src=x onerror=alert(1)>"
+    for split in ("train", "validation", "test"):
+        (data / split / "healthy").rename(data / split / hostile)
+    out = tmp_path / "run"
+    code, text = run_cli("train-student", "--dataset", data, "--alpha", "0", "--epochs", "1", "--out", out, *TINY)
+    assert code == 0, text
+    body = (out / "model" / "README.md").read_text().split("\n---\n", 1)[1]
+    assert "<img" in body and "<img" not in _outside_code(body), body  # before: the tag, raw, in the labels line
+    assert f"`{hostile}`" in body  # shown verbatim, as code
+    from kdpipe import model_card
+
+    run = json.loads((out / "run.json").read_text())
+    run["config"]["dataset"] = "x ```\n<script>alert(1)</script>\n```"  # a fence inside the reproduce command
+    body = model_card.render(run, "# <b>name</b>").split("\n---\n", 1)[1]
+    assert "<script>" not in _outside_code(body) and "<b>" not in body, body
+
+
+def _outside_code(markdown: str) -> str:
+    """`markdown` less its code blocks and spans (CommonMark: a run of N backticks closes at the next run of N)."""
+    import re
+
+    return re.sub(r"(`+)(.+?)(?<!`)\1(?!`)", "", markdown, flags=re.S)
+
+
+def test_a_full_disk_at_the_first_checkpoint_says_rerun_not_resume(cache_dir, tmp_path, monkeypatch):
+    from kdpipe import train_student
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(KdpipeError) as e:
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=2, out=tmp_path / "run"))
+    assert "run the same command again" in str(e.value) and "--resume" not in str(e.value), e.value
+    assert "epoch 1" in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["train-student", "sweep"])
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", "a\\b"])
+def test_a_name_is_a_plain_name(run_cli, cache_dir, tmp_path, command, name):
+    os.chdir(tmp_path / ".")
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    os.chdir(tmp_path / "deep" / "er")  # data/runs/../../x would land in tmp_path/deep/er/x: outside data/
+    args = ["--seeds", "0"] if command == "sweep" else []
+    code, text = run_cli(command, "--cache", cache_dir, "--epochs", "1", "--name", name, *args, *TINY)
+    _one_line_error(code, text, "--name", "a plain folder name")
+    assert not (tmp_path / "deep" / "er" / "x").exists() and not (tmp_path / "deep" / "er" / "data").exists()
