@@ -368,7 +368,8 @@ def _check_out(cfg: CacheConfig) -> None:
 
 def _setup(cfg: CacheConfig) -> _Job:
     dataset = open_dataset(cfg.dataset, splits=cfg.splits, image_column=cfg.image_column,
-                           label_column=cfg.label_column, revision=cfg.dataset_revision)
+                           label_column=cfg.label_column, revision=cfg.dataset_revision,
+                           allow_outside=cfg.allow_outside_images)
     teacher = load_teacher(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     perm = label_mapping(teacher.label_names, dataset.label_names, cfg.labels_by_index)
     device = runtime.resolve_device(cfg.device)

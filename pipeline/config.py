@@ -75,6 +75,9 @@ class CacheConfig:
                                     flags=("--labels-by-index",))
     trust_remote_code: bool = setting(False, "Allow the teacher repository's own code (off: never run it unasked).",
                                       flags=("--trust-remote-code",))
+    # off: a Parquet entry naming /etc/... or a test image of another folder is read by nobody's intent
+    allow_outside_images: bool = setting(False, "Read image files that dataset entries name outside the dataset's "
+                                                "folder (recorded in the cache).", flags=("--allow-outside-images",))
     topk: int | None = setting(None, "Store only the K largest logits per image (+ logsumexp), for thousands of "
                                      "classes.", shown="all")
     # float16 halves the top-K values again (about 1e-3 relative rounding)
@@ -228,6 +231,9 @@ class TrainConfig:
                                     "recipes existed). A flag overrides one of its values.", panel="Optimisation")
     # the settings the recipe set (no flag did), recorded in run.json; kept through dataclasses.replace
     from_recipe: list[str] | None = setting(None, cli=False)
+    allow_outside_images: bool = setting(False, "Read image files that dataset entries name outside the dataset's "
+                                                "folder (recorded in run.json).", flags=("--allow-outside-images",),
+                                         panel="Data")
     # the run
     seed: int = setting(0, "Seed for init, data order and views.", panel="Run")
     precision: str = setting("auto", "auto|fp32|bf16|fp16 (auto: bf16 where the hardware is fast at it, else fp32).",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from . import hub
 from .errors import KdpipeError
 
 IMAGE_COLUMNS = ("image", "img")
+# The largest image file read: what Pillow decodes without a bomb warning (89 Mpx) as 8-bit RGB in a BMP or TIFF;
+# a photo is a few MB. A Parquet entry naming a device (/dev/zero) or a huge file stops here, not in memory
+MAX_IMAGE_BYTES = 256 << 20
 LABEL_COLUMNS = ("label", "labels")
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 
@@ -34,6 +38,7 @@ class Split:
     ids: list[str]
     labels: np.ndarray  # (N,) int64
     root: str | None = None  # the folder image paths are relative to, if local
+    allowed: tuple[str, ...] | None = None  # the folders an entry's image file may lie in (None: anywhere)
     _fingerprint: str | None = field(default=None, repr=False)
     _digests: np.ndarray | None = field(default=None, repr=False)
 
@@ -44,10 +49,7 @@ class Split:
         value = self.table[i][self.image_column]
         if value.get("bytes") is not None:
             return value["bytes"]
-        try:
-            return Path(value["path"]).read_bytes()
-        except OSError as e:
-            raise KdpipeError(f"cannot read image {value['path']}: {e.strerror}") from None
+        return read_image_file(value["path"], self.root, self.allowed, f"row {i} of split {self.name!r}")
 
     def image(self, i: int) -> Image.Image:
         """The i-th image decoded to RGB; an unreadable file is an error naming it, never skipped."""
@@ -83,11 +85,51 @@ class ImageDataset:
     label_column: str
     root: str | None  # absolute folder of a local dataset
     splits: dict[str, Split]
+    outside_images: bool = False  # --allow-outside-images: entries may name image files outside the dataset
 
     @property
     def identity(self) -> dict:
+        allowed = {"outside_images": True} if self.outside_images else {}  # recorded, and reopened with it
         return {"spec": self.spec, "kind": self.kind, "revision": self.revision, "root": self.root,
-                "image_column": self.image_column, "label_column": self.label_column, "label_names": self.label_names}
+                "image_column": self.image_column, "label_column": self.label_column, "label_names": self.label_names,
+                **allowed}
+
+
+def image_file(path: str, root: str | None, allowed: tuple[str, ...] | None, where: str) -> Path:
+    """The file an image entry names (relative: to the dataset's folder), checked before it is opened: inside
+    `allowed` (the dataset's folders; None: anywhere, as --allow-outside-images permits), a regular file (not a
+    device such as /dev/zero, a pipe or a folder) and at most MAX_IMAGE_BYTES. `..` is resolved by name; a link
+    inside the folder is followed (whoever made the folder put it there)."""
+    file = Path(path).expanduser()
+    file = Path(os.path.abspath(Path(root) / file if root and not file.is_absolute() else file))
+    if allowed is not None and not any(file.is_relative_to(a) for a in allowed):
+        raise KdpipeError(f"{where} names the image file {file}, outside the dataset's folder {allowed[0]}; it was "
+                          "not read (an image of another split or a system file would enter silently): move the "
+                          "image into the dataset, or pass --allow-outside-images to read it (recorded)")
+    try:
+        info = file.stat()
+    except OSError as e:
+        raise KdpipeError(f"cannot read image {file} ({where}): {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise KdpipeError(f"{where} names {file}, which is not a regular file (a device, a pipe or a folder); it was "
+                          "not read: point the entry at an image file")
+    if info.st_size > MAX_IMAGE_BYTES:
+        raise KdpipeError(f"{where} names {file}, {info.st_size / 2**20:.0f} MiB: more than any image kdpipe reads "
+                          f"({MAX_IMAGE_BYTES >> 20} MiB); downscale it")
+    return file
+
+
+def read_image_file(path: str, root: str | None, allowed: tuple[str, ...] | None, where: str) -> bytes:
+    """An image entry's file (image_file's checks), read to at most MAX_IMAGE_BYTES."""
+    file = image_file(path, root, allowed, where)
+    try:
+        with open(file, "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    except OSError as e:
+        raise KdpipeError(f"cannot read image {file}: {e.strerror}") from None
+    if len(data) > MAX_IMAGE_BYTES:  # it grew since it was checked
+        raise KdpipeError(f"{where} names {file}, more than {MAX_IMAGE_BYTES >> 20} MiB; downscale it")
+    return data
 
 
 def decode_rgb(data: bytes, where: str) -> Image.Image:
@@ -135,11 +177,14 @@ def open_dataset(
     label_column: str | None = None,
     revision: str | None = None,
     flags: dict[str, str] | None = None,
+    allow_outside: bool = False,
 ) -> ImageDataset:
     """Open `spec` (hub id, image folder, or Parquet/Arrow file or folder) with ids and label names.
     `flags` names the flag that asked for each split (e.g. {"validation": "--val-split"}) in errors;
-    --splits otherwise."""
+    --splits otherwise. An entry naming an image file (not holding its bytes) must name a regular file inside
+    the dataset's folder (image_file), unless `allow_outside` (--allow-outside-images, recorded in `identity`)."""
     dsd, kind, root = _load(spec, revision)
+    allowed = None if allow_outside else _image_roots(spec, kind, root)
     available = list(dsd.keys())
     wanted = list(dict.fromkeys(splits or available))
     flags = flags or {}
@@ -163,10 +208,31 @@ def open_dataset(
                 raise KdpipeError(f"split {name!r} of {spec} has no column {col!r}")
         table = _undecoded(table, img_col)
         labels = _labels(table, lab_col, label_names)
-        ids = _example_ids(table, img_col, root)
-        out[name] = Split(name, table, img_col, ids, labels, root)
+        _check_image_files(table, img_col, root, allowed, name)
+        ids = _example_ids(table, img_col, root, allowed)
+        out[name] = Split(name, table, img_col, ids, labels, root, allowed)
     return ImageDataset(spec=spec, kind=kind, revision=revision, label_names=label_names, image_column=img_col,
-                        label_column=lab_col, root=root, splits=out)
+                        label_column=lab_col, root=root, splits=out, outside_images=allow_outside)
+
+
+def _image_roots(spec: str, kind: str, root: str | None) -> tuple[str, ...]:
+    """Where a dataset's image files may lie: its folder (as given and as resolved), or for a Hub dataset the
+    caches the libraries download into."""
+    if kind == "local":
+        given = Path(spec).expanduser()
+        given = given if given.is_dir() else given.parent
+        return tuple(dict.fromkeys([root, os.path.abspath(given), str(given.resolve())]))
+    import datasets
+    import huggingface_hub
+
+    return (os.path.abspath(datasets.config.HF_DATASETS_CACHE), os.path.abspath(huggingface_hub.constants.HF_HUB_CACHE))
+
+
+def _check_image_files(table, col: str, root: str | None, allowed: tuple[str, ...] | None, split: str) -> None:
+    """Every entry that names a file instead of holding its bytes, checked (image_file) before anything is read."""
+    for i, value in enumerate(table[col]):
+        if value.get("bytes") is None and value.get("path"):
+            image_file(value["path"], root, allowed, f"row {i} of split {split!r}")
 
 
 def _load(spec: str, revision: str | None):
@@ -267,7 +333,7 @@ def _undecoded(table, col):
     raise KdpipeError(f"column {col!r} does not hold images (it is {feature}); pass --image-column")
 
 
-def _example_ids(table, col, root: str | None) -> list[str]:
+def _example_ids(table, col, root: str | None, allowed: tuple[str, ...] | None) -> list[str]:
     """Relative image paths where every row has a distinct one, else content hashes (made unique)."""
     values = table[col]
     paths = [v.get("path") for v in values]
@@ -279,7 +345,7 @@ def _example_ids(table, col, root: str | None) -> list[str]:
         return [Path(p).as_posix() for p in paths]
     ids, seen = [], {}
     for v in values:
-        data = v["bytes"] if v.get("bytes") is not None else Path(v["path"]).read_bytes()
+        data = v["bytes"] if v.get("bytes") is not None else read_image_file(v["path"], root, allowed, "an entry")
         h = "sha256:" + hashlib.sha256(data).hexdigest()[:32]
         seen[h] = seen.get(h, 0) + 1
         ids.append(h if seen[h] == 1 else f"{h}#{seen[h] - 1}")
@@ -299,8 +365,9 @@ def slug(spec: str) -> str:
 
 
 def reopen_dataset(identity: dict, override: str | None, splits: list[str], image_column=None, label_column=None,
-                   flags: dict[str, str] | None = None):
-    """Open the dataset an artifact was made from (or `override`, e.g. the same data moved)."""
+                   flags: dict[str, str] | None = None, allow_outside: bool = False):
+    """Open the dataset an artifact was made from (or `override`, e.g. the same data moved), with the
+    permission to read images outside its folder it was made with (or `allow_outside`)."""
     spec = override or identity["spec"]
     if override is None and identity["kind"] == "local" and not Path(spec).exists() and identity.get("root"):
         spec = identity["root"]  # recorded as a relative path from another working folder
@@ -308,4 +375,5 @@ def reopen_dataset(identity: dict, override: str | None, splits: list[str], imag
         raise KdpipeError(f"--dataset: the recorded dataset {spec} is gone (moved or deleted); pass --dataset PATH "
                           "to where it is now")
     return open_dataset(spec, splits=splits, image_column=image_column or identity.get("image_column"),
-                        label_column=label_column or identity.get("label_column"), flags=flags)
+                        label_column=label_column or identity.get("label_column"), flags=flags,
+                        allow_outside=allow_outside or identity.get("outside_images", False))

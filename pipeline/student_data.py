@@ -106,9 +106,10 @@ def dataset_for(cfg: TrainConfig, cache: dict | None) -> ImageDataset:
     wanted = list(dict.fromkeys(s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s))
     if cache is None:
         return open_dataset(cfg.dataset, splits=wanted, image_column=cfg.image_column, label_column=cfg.label_column,
-                            flags=flags)
+                            flags=flags, allow_outside=cfg.allow_outside_images)
     meta = next(iter(cache.values())).meta
-    dataset = reopen_dataset(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column, flags)
+    dataset = reopen_dataset(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column, flags,
+                             cfg.allow_outside_images)
     if dataset.label_names != meta["label_names"]:
         raise KdpipeError(f"--dataset {dataset.spec} has labels {dataset.label_names} but --cache {cfg.cache} has "
                           f"{meta['label_names']}; use the dataset the cache was built from")

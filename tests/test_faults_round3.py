@@ -279,3 +279,86 @@ def test_a_name_is_a_plain_name(run_cli, cache_dir, tmp_path, command, name):
     code, text = run_cli(command, "--cache", cache_dir, "--epochs", "1", "--name", name, *args, *TINY)
     _one_line_error(code, text, "--name", "a plain folder name")
     assert not (tmp_path / "deep" / "er" / "x").exists() and not (tmp_path / "deep" / "er" / "data").exists()
+
+
+# ---------------------------------------------------------------- 5: Parquet entries that name image files
+
+
+def _parquet_of_paths(root: Path, image_folder: Path, odd: dict[int, str] | None = None) -> Path:
+    """A Parquet dataset (train, validation, test) whose image entries name files (no bytes): copies of the tiny
+    folder's images inside `root/.images` (hidden: with more .png files than .parquet ones in sight, datasets
+    would read the folder as an image folder); `odd` replaces some train entries' paths (row -> path)."""
+    import datasets
+
+    names = sorted(p.name for p in (image_folder / "train").iterdir())
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    for split in ("train", "validation", "test"):
+        files_ = sorted((image_folder / split).rglob("*.png"))
+        rows, labels = [], []
+        for f in files_:
+            copy = root / ".images" / f.relative_to(image_folder)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, copy)
+            rows.append({"bytes": None, "path": str(copy)})
+            labels.append(names.index(f.parent.name))
+        for i, path in (odd or {}).items() if split == "train" else ():
+            rows[i] = {"bytes": None, "path": path}
+        datasets.Dataset.from_dict({"image": rows, "label": labels}, features=feats).to_parquet(root / f"{split}.parquet")
+    return root
+
+
+def test_parquet_entries_naming_files_inside_the_dataset_are_read(run_cli, image_folder, teacher_dir, tmp_path):
+    data = _parquet_of_paths(tmp_path / "pq", image_folder)
+    code, text = run_cli("cache-teacher", "--dataset", data, "--teacher", teacher_dir, "--out", tmp_path / "c",
+                         "--precision", "fp32", "--workers", "0")
+    assert code == 0, text
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("/dev/zero", "outside the dataset's folder"),  # before: read without bound (4.3 GB after 15 s)
+    ("/etc/hostname", "outside the dataset's folder"),  # before: opened, then named as an undecodable image
+    ("TEST", "outside the dataset's folder"),  # before: a test image read into training silently
+    ("ESCAPE", "outside the dataset's folder"),  # <dataset>/../escape.png
+])
+def test_parquet_entries_naming_files_outside_the_dataset_are_refused(run_cli, image_folder, teacher_dir, tmp_path,
+                                                                      entry, message):
+    test_image = str(next((image_folder / "test").rglob("*.png")))
+    shutil.copy(test_image, tmp_path / "escape.png")
+    entry = {"TEST": test_image, "ESCAPE": f"{tmp_path / 'pq'}/../escape.png"}.get(entry, entry)
+    data = _parquet_of_paths(tmp_path / "pq", image_folder, {2: entry})
+    code, text = run_cli("cache-teacher", "--dataset", data, "--teacher", teacher_dir, "--out", tmp_path / "c",
+                         "--precision", "fp32", "--workers", "0")
+    _one_line_error(code, text, message, "row 2 of split 'train'", "--allow-outside-images")
+    assert not (tmp_path / "c").exists()
+    code, text = run_cli("train-student", "--dataset", data, "--alpha", "0", "--epochs", "1", "--out", tmp_path / "r",
+                         *TINY)
+    _one_line_error(code, text, message)
+
+
+def test_outside_images_allowed_by_the_flag_are_recorded_and_devices_still_refused(run_cli, image_folder, teacher_dir,
+                                                                                   tmp_path):
+    test_image = str(next((image_folder / "test").rglob("*.png")))
+    data = _parquet_of_paths(tmp_path / "pq", image_folder, {2: test_image})
+    cache = tmp_path / "c"
+    code, text = run_cli("cache-teacher", "--dataset", data, "--teacher", teacher_dir, "--out", cache,
+                         "--precision", "fp32", "--workers", "0", "--allow-outside-images")
+    assert code == 0, text
+    meta = json.loads(read_cache_table(cache / "train.parquet").schema.metadata[b"kdpipe"])
+    assert meta["dataset"]["outside_images"] is True
+    code, text = run_cli("train-student", "--cache", cache, "--epochs", "1", "--out", tmp_path / "r", *TINY)
+    assert code == 0, text  # the cache's permission goes with it
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["dataset"]["outside_images"] is True
+    device = _parquet_of_paths(tmp_path / "pq2", image_folder, {1: "/dev/zero"})
+    code, text = run_cli("cache-teacher", "--dataset", device, "--teacher", teacher_dir, "--out", tmp_path / "c2",
+                         "--precision", "fp32", "--workers", "0", "--allow-outside-images")
+    _one_line_error(code, text, "/dev/zero", "not a regular file")
+
+
+def test_an_image_file_larger_than_any_image_is_not_read(tmp_path, monkeypatch):
+    from kdpipe import data
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 1024)
+    with pytest.raises(KdpipeError, match="more than any image kdpipe reads"):
+        data.read_image_file(str(big), str(tmp_path), (str(tmp_path),), "row 0")
