@@ -229,6 +229,8 @@ def cache_teacher_cmd(flags: dict):
                       "-" if r.reused or r.seconds is None else f"{r.seconds:.1f}", _human_bytes(r.bytes),
                       "reused (same inputs; --force rebuilds)" if r.reused else done)
     console.print(table)
+    if reports and reports[0].note:
+        console.print(f"[yellow]note[/]: {reports[0].note} (recorded in the split files)", highlight=False)
     if all(r.reused for r in reports):
         console.print("valid cache found for these inputs: nothing to do")
 
@@ -384,7 +386,8 @@ def _print_run(report) -> None:
         console.print(f"student: {len(fresh)} weight tensor(s) of {report.run['student_init']['from']} drawn afresh "
                       f"(a shape changed, or absent from it): {', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''}",
                       highlight=False)
-    for warning in (report.run.get("consistency", {}).get("warning"), report.run.get("changed_data", {}).get("warning")):
+    for key in ("consistency", "changed_data", "label_issues", "split_overlap", "dataset_left_out"):
+        warning = report.run.get(key, {}).get("warning")
         if warning:
             console.print(f"[yellow]warning[/]: {warning} (recorded in run.json)", highlight=False)
 

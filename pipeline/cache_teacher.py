@@ -24,7 +24,7 @@ import torch
 
 from . import files, locking, logit_store, runtime, views
 from .config import CacheConfig
-from .data import Split, open_dataset, reopen_dataset
+from .data import Split, left_out_note, open_dataset, reopen_dataset
 from .errors import KdpipeError
 from .teacher import Teacher, label_mapping, load_teacher
 
@@ -42,6 +42,7 @@ class SplitReport:
     reused: bool
     seconds: float | None = None  # the teacher pass, summed over the attempts a resumed split took
     resumed_images: int = 0  # images whose teacher outputs came from a killed attempt's journal (_Journal)
+    note: str | None = None  # what the dataset holds that no split uses (data.left_out_note), said once per run
 
 
 @dataclass
@@ -401,6 +402,7 @@ def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int 
     job = _setup(cfg)
     foreign = _foreign_splits(job)
     reports = [_cache_split(job, split, progress, rank, world) for split in job.dataset.splits.values()]
+    reports[0].note = left_out_note(job.dataset.spec, job.dataset.left_out)
     if rank == 0:
         for path in foreign:  # --force: the folder is rebuilt whole, once this dataset's splits are in place
             path.unlink(missing_ok=True)
@@ -522,6 +524,8 @@ def _split_meta(job: _Job, split: Split, key: dict, spec: ViewSpec | None, wall:
         "versions": versions,
         "split": split.name,
         "dataset": job.dataset.identity,
+        **({"dataset_left_out": job.dataset.left_out[:100], "dataset_left_out_count": len(job.dataset.left_out)}
+           if job.dataset.left_out else {}),  # an image folder's files no split uses (data._left_out), recorded
         "device": runtime.describe(job.device),
         "batch_size": job.cfg.batch_size,
         "wall_time_s": round(wall, 3),

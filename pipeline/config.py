@@ -234,6 +234,9 @@ class TrainConfig:
     allow_outside_images: bool = setting(False, "Read image files that dataset entries name outside the dataset's "
                                                 "folder (recorded in run.json).", flags=("--allow-outside-images",),
                                          panel="Data")
+    allow_label_issues: bool = setting(False, "Train although a class has no training image or one image carries "
+                                              "two labels (recorded in run.json).", flags=("--allow-label-issues",),
+                                       panel="Data")
     # the run
     seed: int = setting(0, "Seed for init, data order and views.", panel="Run")
     precision: str = setting("auto", "auto|fp32|bf16|fp16 (auto: bf16 where the hardware is fast at it, else fp32).",

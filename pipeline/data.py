@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class ImageDataset:
     root: str | None  # absolute folder of a local dataset
     splits: dict[str, Split]
     outside_images: bool = False  # --allow-outside-images: entries may name image files outside the dataset
+    left_out: list[str] = field(default_factory=list)  # an image folder's files no split uses (_left_out)
 
     @property
     def identity(self) -> dict:
@@ -185,6 +187,7 @@ def open_dataset(
     the dataset's folder (image_file), unless `allow_outside` (--allow-outside-images, recorded in `identity`)."""
     dsd, kind, root = _load(spec, revision)
     allowed = None if allow_outside else _image_roots(spec, kind, root)
+    folder = _image_folder(dsd, spec)
     available = list(dsd.keys())
     wanted = list(dict.fromkeys(splits or available))
     flags = flags or {}
@@ -195,6 +198,8 @@ def open_dataset(
         raise KdpipeError(f"{flag} {','.join(named)}: not in dataset {spec} (it has: {', '.join(available)})")
     first = dsd[wanted[0]]
     img_col = _pick_column(first, image_column, IMAGE_COLUMNS, "Image", "--image-column", spec)
+    if folder is not None and label_column is None and not set(LABEL_COLUMNS) & set(first.column_names):
+        raise KdpipeError(_no_class_folders(spec, folder))
     lab_col = _pick_column(first, label_column, LABEL_COLUMNS, "ClassLabel", "--label-column", spec)
     label_names = _label_names(dsd, wanted, lab_col)
     out = {}
@@ -212,8 +217,85 @@ def open_dataset(
         ids = _example_ids(table, img_col, root, allowed)
         out[name] = Split(name, table, img_col, ids, labels, root, allowed)
     return ImageDataset(spec=spec, kind=kind, revision=revision, label_names=label_names, image_column=img_col,
-                        label_column=lab_col, root=root, splits=out, outside_images=allow_outside)
+                        label_column=lab_col, root=root, splits=out, outside_images=allow_outside,
+                        left_out=_left_out(folder, dsd, img_col) if folder is not None else [])
 
+
+# ------------------------------------------------------------------------ an image folder's every file
+
+
+def _image_folder(dsd, spec: str) -> Path | None:
+    """The folder of a local dataset that datasets read as an image folder (split/class/file), else None."""
+    path = Path(spec).expanduser()
+    first = next(iter(dsd.values()), None)
+    return path.resolve() if path.is_dir() and first is not None and first.info.builder_name == "imagefolder" else None
+
+
+def _image_extensions() -> set[str]:
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return {e.lower() for e in ImageFolder.EXTENSIONS}
+
+
+def _files_under(folder: Path) -> tuple[list[str], list[str]]:
+    """Every file under `folder` (hidden ones too; relative, posix) and every folder with no file below it."""
+    found, empty = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath).relative_to(folder)
+        found += [(here / f).as_posix() for f in filenames]
+        if not filenames and not dirnames and here != Path("."):
+            empty.append(here.as_posix() + "/")
+    return found, empty
+
+
+def _left_out(folder: Path, dsd, col: str) -> list[str]:
+    """The files under an image folder that no split of the loaded dataset uses (datasets skips, without a word,
+    non-images, names with a line break, folders starting with . or __), and the empty folders (a class folder
+    with no images is no class), relative to the folder, sorted: images first."""
+    import pyarrow.compute as pc
+
+    used = set()
+    for table in dsd.values():
+        for path in pc.struct_field(table.data.column(col), "path").to_pylist():
+            if path:
+                used.add(Path(os.path.relpath(path, folder)).as_posix())
+    found, empty = _files_under(folder)
+    images = _image_extensions()
+    return sorted((f for f in found if f not in used), key=lambda f: (Path(f).suffix.lower() not in images, f)) + empty
+
+
+def left_out_note(spec: str, left_out: list[str], shown: int = 3) -> str | None:
+    """One line naming what an image folder holds that was not used (ImageDataset.left_out), by kind, a few
+    names of each; None when nothing."""
+    if not left_out:
+        return None
+    images = _image_extensions()
+    kinds = {"image(s) the loader skips (rename them: no line break, no part starting with . or __)": [],
+             "empty folder(s)": [], "file(s) that are not images": []}
+    for f in left_out:
+        kind = 1 if f.endswith("/") else 0 if Path(f).suffix.lower() in images else 2
+        list(kinds.values())[kind].append(f)
+    parts = [f"{len(fs)} {kind}: " + ", ".join(json.dumps(f, ensure_ascii=False) for f in fs[:shown])
+             + (", ..." if len(fs) > shown else "") for kind, fs in kinds.items() if fs]
+    return f"not used from {spec}: " + "; ".join(parts)
+
+
+def _no_class_folders(spec: str, folder: Path) -> str:
+    """Why datasets found no class folders in an image folder: its images are not all at one depth, a name holds
+    a backslash (read as a separator), or there is one class only. Names the files that break the layout."""
+    images = _image_extensions()
+    paths = [f for f in _files_under(folder)[0] if Path(f).suffix.lower() in images]
+    depths = {}
+    for f in paths:
+        depths.setdefault(len(Path(f).parts), []).append(f)
+    common = max(depths, key=lambda d: len(depths[d]), default=0)
+    odd = sorted({f for f in paths if "\\" in f} | {f for d, fs in depths.items() if d != common for f in fs})
+    if odd:
+        named = ", ".join(json.dumps(f, ensure_ascii=False) for f in odd[:5]) + (", ..." if len(odd) > 5 else "")
+        return (f"--dataset {spec}: no class folders found, because {len(odd)} image(s) are not at split/class/file "
+                f"like the others or have a backslash in their name ({named}); move or rename them")
+    return (f"--dataset {spec}: no class folders found (an image folder needs split/class/image files and at least "
+            "two classes); arrange it so, or pass --label-column for a metadata file's column")
 
 def _image_roots(spec: str, kind: str, root: str | None) -> tuple[str, ...]:
     """Where a dataset's image files may lie: its folder (as given and as resolved), or for a Hub dataset the

@@ -88,7 +88,8 @@ def read_checkpoint(path: Path) -> dict:
 def refuse_other_settings(cfg: TrainConfig, saved: dict, out: Path) -> None:
     """--resume continues a run (interrupted or finished) only with the settings it was started with."""
     now = comparable(cfg.to_dict(), saved)
-    ignored = ("resume", "out", "device", "allow_changed_data", "allow_outside_images")  # where it runs; permissions
+    ignored = ("resume", "out", "device", "allow_changed_data", "allow_outside_images",  # where it runs;
+               "allow_label_issues")  # permissions
     differs = [k for k in now if k not in ignored and saved.get(k) != now[k]]
     if differs:
         raise KdpipeError(f"--resume: {out} was started with other settings ({', '.join(differs)}); "

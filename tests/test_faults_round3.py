@@ -362,3 +362,77 @@ def test_an_image_file_larger_than_any_image_is_not_read(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 1024)
     with pytest.raises(KdpipeError, match="more than any image kdpipe reads"):
         data.read_image_file(str(big), str(tmp_path), (str(tmp_path),), "row 0")
+
+
+# ------------------------------------------------------------- 4: files that silently drop out of a folder
+
+
+def _folder(tmp_path: Path, name: str = "data") -> Path:
+    return make_image_folder(tmp_path / name, {"train": 2, "validation": 1, "test": 1})
+
+
+def test_every_file_of_an_image_folder_is_used_or_named(run_cli, teacher_dir, tmp_path):
+    data = _folder(tmp_path)
+    (data / "train" / "healthy" / "healthy_0.png").rename(data / "train" / "healthy" / "heal\nthy_0.png")
+    (data / "README.txt").write_text("notes")
+    (data / "train" / "empty_class").mkdir()
+    shutil.copytree(data / "train" / "healthy", data / "train" / ".hidden")  # a class datasets does not see
+    cache = tmp_path / "c"
+    code, text = run_cli("cache-teacher", "--dataset", data, "--teacher", teacher_dir, "--out", cache,
+                         "--precision", "fp32", "--workers", "0")
+    assert code == 0, text
+    for name in ('"train/healthy/heal\\nthy_0.png"', '"train/.hidden/healthy_1.png"', '"README.txt"',
+                 '"train/empty_class/"', "image(s) the loader skips", "empty folder(s)", "not images"):
+        assert name in " ".join(text.split()), (name, text)  # before: 5 rows of 6 images, not a word
+    meta = json.loads(read_cache_table(cache / "train.parquet").schema.metadata[b"kdpipe"])
+    assert meta["dataset_left_out_count"] == 5 and "train/healthy/heal\nthy_0.png" in meta["dataset_left_out"]
+    code, text = run_cli("train-student", "--cache", cache, "--epochs", "1", "--out", tmp_path / "r", *TINY)
+    assert code == 0 and "not used from" in text, text
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["dataset_left_out"]["count"] == 5
+
+
+def test_a_folder_whose_classes_the_loader_cannot_see_names_the_files_not_the_label_column(run_cli, tmp_path):
+    data = _folder(tmp_path)
+    (data / "train" / "healthy" / "healthy_0.png").rename(data / "train" / "healthy" / "heal\\thy_0.png")
+    code, text = run_cli("train-student", "--dataset", data, "--alpha", "0", "--epochs", "1", "--out", tmp_path / "r",
+                         *TINY)
+    _one_line_error(code, text, "no class folders found", '"train/healthy/heal\\\\thy_0.png"', "move or rename")
+    assert "--label-column" not in text  # before: "cannot tell which column ...; pass --label-column"
+    data2 = _folder(tmp_path, "data2")
+    shutil.copy(data2 / "train" / "healthy" / "healthy_0.png", data2 / "train" / "stray.png")  # not in a class
+    code, text = run_cli("train-student", "--dataset", data2, "--alpha", "0", "--epochs", "1", "--out", tmp_path / "r",
+                         *TINY)
+    _one_line_error(code, text, "no class folders found", '"train/stray.png"')
+
+
+@pytest.mark.parametrize("case", ["no training images", "one image, two labels"])
+def test_label_issues_are_refused_unless_accepted_and_then_recorded(run_cli, tmp_path, case):
+    data = _folder(tmp_path)
+    if case == "no training images":
+        shutil.rmtree(data / "train" / "healthy")
+        expected = "1 class(es) with no image in --train-split train (healthy)"
+    else:
+        shutil.copy(data / "train" / "healthy" / "healthy_0.png", data / "train" / "bean_rust" / "copy.png")
+        expected = "1 identical image(s) under two labels"
+    out = tmp_path / "r"
+    args = ["--dataset", data, "--alpha", "0", "--epochs", "1", *TINY]
+    code, text = run_cli("train-student", *args, "--out", out)
+    _one_line_error(code, text, expected, "--allow-label-issues")  # before: trained without a word
+    assert not out.exists()
+    code, text = run_cli("sweep", *args, "--seeds", "0", "--lr", "1e-3,3e-3", "--out", tmp_path / "sw")
+    _one_line_error(code, text, expected)
+    assert not (tmp_path / "sw").exists()
+    code, text = run_cli("train-student", *args, "--out", out, "--allow-label-issues")
+    assert code == 0 and "trained with --allow-label-issues" in text, text
+    run = json.loads((out / "run.json").read_text())
+    assert run["label_issues"]["accepted"] is True and run["config"]["allow_label_issues"] is True
+
+
+def test_an_image_in_train_and_test_is_a_recorded_warning(run_cli, tmp_path):
+    data = _folder(tmp_path)
+    shutil.copy(data / "train" / "healthy" / "healthy_0.png", data / "test" / "healthy" / "again.png")
+    out = tmp_path / "r"
+    code, text = run_cli("train-student", "--dataset", data, "--alpha", "0", "--epochs", "1", "--out", out, *TINY)
+    assert code == 0 and "also in another split" in text, text
+    overlap = json.loads((out / "run.json").read_text())["split_overlap"]
+    assert overlap["pairs"] == 1 and "test/healthy/again.png" in overlap["example"]
