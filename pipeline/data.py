@@ -97,11 +97,14 @@ class ImageDataset:
                 **allowed}
 
 
-def image_file(path: str, root: str | None, allowed: tuple[str, ...] | None, where: str) -> Path:
+def image_file(path: str | None, root: str | None, allowed: tuple[str, ...] | None, where: str) -> Path:
     """The file an image entry names (relative: to the dataset's folder), checked before it is opened: inside
     `allowed` (the dataset's folders; None: anywhere, as --allow-outside-images permits), a regular file (not a
     device such as /dev/zero, a pipe or a folder) and at most MAX_IMAGE_BYTES. `..` is resolved by name; a link
     inside the folder is followed (whoever made the folder put it there)."""
+    if not path or "\0" in path:
+        raise KdpipeError(f"{where} holds no image: neither its bytes nor a usable file path ({path!r}); fix the "
+                          "dataset's entry")
     file = Path(path).expanduser()
     file = Path(os.path.abspath(Path(root) / file if root and not file.is_absolute() else file))
     if allowed is not None and not any(file.is_relative_to(a) for a in allowed):
@@ -313,8 +316,8 @@ def _image_roots(spec: str, kind: str, root: str | None) -> tuple[str, ...]:
 def _check_image_files(table, col: str, root: str | None, allowed: tuple[str, ...] | None, split: str) -> None:
     """Every entry that names a file instead of holding its bytes, checked (image_file) before anything is read."""
     for i, value in enumerate(table[col]):
-        if value.get("bytes") is None and value.get("path"):
-            image_file(value["path"], root, allowed, f"row {i} of split {split!r}")
+        if value.get("bytes") is None:
+            image_file(value.get("path"), root, allowed, f"row {i} of split {split!r}")
 
 
 def _load(spec: str, revision: str | None):
@@ -324,6 +327,7 @@ def _load(spec: str, revision: str | None):
 
     path = Path(demo.resolve(spec, "dataset")).expanduser()
     _refuse_empty_parquet(path)
+    _refuse_undecodable_names(path)
     try:
         if path.is_file():
             builder = _FILE_BUILDERS.get(path.suffix)
@@ -347,6 +351,19 @@ def _load(spec: str, revision: str | None):
         ) from None
     except Exception as e:  # datasets raises many types for "not a dataset" (DataFilesNotFoundError, ...)
         raise KdpipeError(f"--dataset {spec}: cannot open it as a dataset ({type(e).__name__}: {e})") from None
+
+
+def _refuse_undecodable_names(path: Path) -> None:
+    """A file name that is not UTF-8 makes datasets fail with "An error occurred while generating the dataset",
+    naming nothing: name it here."""
+    if not path.is_dir():
+        return
+    for name in (n for paths in _files_under(path) for n in paths):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise KdpipeError(f"--dataset {path}: the file name {ascii(name)} is not UTF-8, which the dataset loader "
+                              "cannot read; rename it") from None
 
 
 def _refuse_empty_parquet(path: Path) -> None:

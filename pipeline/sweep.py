@@ -190,6 +190,11 @@ def _check_storage(storage: str | None, out: Path) -> None:
     storage is refused here too, before the new one is touched (it would create a second copy of the study)."""
     if (out / SPEC_FILE).exists():
         _same_storage(load_spec(out), storage, out)
+    elif storage is not None and storage.startswith("sqlite:///") and (
+            ":memory:" in storage or not Path(storage[len("sqlite:///"):]).is_absolute()):
+        raise KdpipeError(f"--storage {storage}: an SQLite file is named by a path relative to the folder the "
+                          "command runs in (or held in memory), so a rerun elsewhere would open another study; give "
+                          "an absolute path, sqlite:////abs/path/study.db (four slashes)")
     if storage is not None:
         open_storage(storage, out)
 

@@ -507,12 +507,16 @@ def finish(s: Setup, wall_time: float) -> RunReport:
     logits[s.cfg.val_split] = evaluate_split(s, s.cfg.val_split)[1]  # the logits behind `val`, kept per image
     run_folder.write_predictions(s.out, {name: _predictions_table(s, name, split_logits)
                                          for name, split_logits in logits.items()})
-    with files.replacing(s.out / run_folder.MODEL) as tmp:
-        save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
-                     s.inputs["std"], s.inputs["resample"])
-        run = _run_record(s, val, test, confusion, files.sha256(tmp / "model.safetensors"), wall_time, other_test)
-        (tmp / "README.md").write_text(model_card.render(run, s.out.name))  # the Hub's model card, inside model/
-    files.write_json(s.out / run_folder.RUN_JSON, run)
+    try:
+        with files.replacing(s.out / run_folder.MODEL) as tmp:
+            save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
+                         s.inputs["std"], s.inputs["resample"])
+            run = _run_record(s, val, test, confusion, files.sha256(tmp / "model.safetensors"), wall_time, other_test)
+            (tmp / "README.md").write_text(model_card.render(run, s.out.name))  # the Hub's model card, inside model/
+        files.write_json(s.out / run_folder.RUN_JSON, run)
+    except OSError as e:  # a full disk at the very end: the last checkpoint holds every epoch
+        raise KdpipeError(f"cannot write the trained student in {s.out}: {e.strerror or e}; free space and rerun with "
+                          "--resume (the last epoch's checkpoint is kept: nothing is trained again)") from None
     for name in (run_folder.CHECKPOINT, run_folder.SUMS):  # the run is complete; model/ is the result
         (s.out / name).unlink(missing_ok=True)
     if s.world > 1:

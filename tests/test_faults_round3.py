@@ -337,7 +337,7 @@ def test_parquet_entries_naming_files_outside_the_dataset_are_refused(run_cli, i
 
 def test_outside_images_allowed_by_the_flag_are_recorded_and_devices_still_refused(run_cli, image_folder, teacher_dir,
                                                                                    tmp_path):
-    test_image = str(next((image_folder / "test").rglob("*.png")))
+    test_image = str(next((image_folder / "test" / "angular_leaf_spot").glob("*.png")))  # train row 2's class
     data = _parquet_of_paths(tmp_path / "pq", image_folder, {2: test_image})
     cache = tmp_path / "c"
     code, text = run_cli("cache-teacher", "--dataset", data, "--teacher", teacher_dir, "--out", cache,
@@ -347,6 +347,7 @@ def test_outside_images_allowed_by_the_flag_are_recorded_and_devices_still_refus
     assert meta["dataset"]["outside_images"] is True
     code, text = run_cli("train-student", "--cache", cache, "--epochs", "1", "--out", tmp_path / "r", *TINY)
     assert code == 0, text  # the cache's permission goes with it
+    assert "also in another split" in text  # and the test image now in training is said
     assert json.loads((tmp_path / "r" / "run.json").read_text())["dataset"]["outside_images"] is True
     device = _parquet_of_paths(tmp_path / "pq2", image_folder, {1: "/dev/zero"})
     code, text = run_cli("cache-teacher", "--dataset", device, "--teacher", teacher_dir, "--out", tmp_path / "c2",
@@ -436,3 +437,48 @@ def test_an_image_in_train_and_test_is_a_recorded_warning(run_cli, tmp_path):
     assert code == 0 and "also in another split" in text, text
     overlap = json.loads((out / "run.json").read_text())["split_overlap"]
     assert overlap["pairs"] == 1 and "test/healthy/again.png" in overlap["example"]
+
+
+# ---------------------------------------------------------------------- the next steps a user would take
+
+
+@pytest.mark.parametrize("path", [None, "", "x\0.png"])
+def test_an_entry_with_neither_bytes_nor_a_usable_path_is_one_line(tmp_path, path):
+    """A null path, an empty one, a NUL inside: before, a TypeError / ValueError traceback (the empty one
+    named the dataset folder as "not a regular file")."""
+    from kdpipe import data
+
+    with pytest.raises(KdpipeError, match="holds no image: neither its bytes nor a usable file path"):
+        data.image_file(path, str(tmp_path), (str(tmp_path),), "row 1 of split 'train'")
+
+
+def test_a_file_name_that_is_not_utf8_is_named(run_cli, tmp_path):
+    data = _folder(tmp_path)
+    os.rename(data / "train" / "healthy" / "healthy_0.png", os.fsencode(data / "train" / "healthy") + b"/bad\xff.png")
+    code, text = run_cli("train-student", "--dataset", data, "--alpha", "0", "--epochs", "1", "--out", tmp_path / "r",
+                         *TINY)
+    _one_line_error(code, text, "is not UTF-8", "bad\\udcff.png", "rename it")  # before: "An error occurred while
+    # generating the dataset", naming nothing
+
+
+@pytest.mark.parametrize("url", ["sqlite:///relative.db", "sqlite:///:memory:"])
+def test_a_new_sweep_refuses_an_sqlite_file_that_depends_on_the_working_folder(run_cli, cache_dir, tmp_path, url):
+    code, text = _sweep(run_cli, cache_dir, tmp_path / "sw", "--storage", url)
+    _one_line_error(code, text, "absolute path", "four slashes")
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "relative.db").exists()
+
+
+def test_a_full_disk_when_the_student_is_saved_keeps_the_checkpoint_for_resume(cache_dir, tmp_path, monkeypatch):
+    from kdpipe import train_student
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_student, "save_student", no_space)
+    with pytest.raises(KdpipeError, match="cannot write the trained student .* --resume"):  # before: OSError traceback
+        train_student.run(tiny_train_config(cache=cache_dir, epochs=1, out=out))
+    monkeypatch.undo()
+    assert (out / "checkpoint.pt").exists() and not (out / "model").exists()
+    report = train_student.run(tiny_train_config(cache=cache_dir, epochs=1, out=out, resume=True))
+    assert report.best_epoch == 1 and (out / "model" / "model.safetensors").exists()
