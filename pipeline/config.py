@@ -231,9 +231,11 @@ class TrainConfig:
                                     "recipes existed). A flag overrides one of its values.", panel="Optimisation")
     # the settings the recipe set (no flag did), recorded in run.json; kept through dataclasses.replace
     from_recipe: list[str] | None = setting(None, cli=False)
+    # off, as for cache-teacher: an entry naming a file outside the dataset is read by nobody's intent
     allow_outside_images: bool = setting(False, "Read image files that dataset entries name outside the dataset's "
                                                 "folder (recorded in run.json).", flags=("--allow-outside-images",),
                                          panel="Data")
+    # off: a class never seen in training, or an image taught as two classes, is a data error until said otherwise
     allow_label_issues: bool = setting(False, "Train although a class has no training image or one image carries "
                                               "two labels (recorded in run.json).", flags=("--allow-label-issues",),
                                        panel="Data")
@@ -484,6 +486,7 @@ class SweepConfig:
     name: str | None = setting(None, "Study name.", shown="the folder's name")
     stale_after_s: float = setting(3600.0, "Seconds of silence after which another host's trial is rerun.",
                                    flags=("--stale-after",))
+    # off: a grid above GRID_LIMIT is more often a mistyped list than a plan
     large_grid: bool = setting(False, f"Run a grid of more than {GRID_LIMIT:,} trials (configs x seeds); recorded in "
                                       "sweep.json.", flags=("--large-grid",))
     dims: dict = field(init=False, repr=False, compare=False)  # the space, parsed once: name -> Dimension

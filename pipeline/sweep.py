@@ -252,7 +252,7 @@ def _check_record(record) -> None:
     need(spec.get("trials") is None or type(spec["trials"]) is int, "spec.trials is not an integer")
     need(isinstance(spec.get("train"), dict), "spec.train is not an object")
     for name, value in spec["train"].items():
-        need(name not in SETTING_TYPES or _of_type(value, *SETTING_TYPES[name]), f"spec.train.{name} is not a "
+        need(name not in SETTING_TYPES or _of_type(value, *SETTING_TYPES[name]), f"spec.train.{name} is not of type "
              f"{SETTING_TYPES.get(name, (object,))[0].__name__}")
 
 
