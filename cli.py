@@ -236,6 +236,8 @@ def cache_teacher_cmd(flags: dict):
                       "-" if r.reused or r.seconds is None else f"{r.seconds:.1f}", _human_bytes(r.bytes),
                       "reused (same inputs; --force rebuilds)" if r.reused else done)
     console.print(table)
+    if reports and reports[0].note:
+        console.print(f"[yellow]note[/]: {reports[0].note} (recorded in the split files)", highlight=False)
     if all(r.reused for r in reports):
         console.print("valid cache found for these inputs: nothing to do")
 
@@ -300,6 +302,24 @@ def inspect_cache_cmd(
                       f"of them mixed) through the live teacher ({r['precision']}, {r['device']}): "
                       f"max |Δlogit| {r['max_abs_diff']:.2e}, KL mean {r['mean_kl']:.2e} max {r['max_kl']:.2e}, "
                       f"argmax agreement {r['agreement']:.2%}")
+        _print_verdict(r)
+
+
+def _print_verdict(r: dict) -> None:
+    """inspect-cache --verify's decision: a line when the teacher's weights are not those the cache records, and
+    exit 1 when the logits differ beyond what the two precisions explain (runtime.LOGIT_TOLERANCE)."""
+    weights = r["weights_sha256"]
+    if weights["cache"] and weights["live"] and weights["cache"] != weights["live"]:
+        console.print(f"[yellow]warning[/]: the teacher's weights (sha256 {weights['live'][:16]}) are not those the "
+                      f"cache was built with (sha256 {weights['cache'][:16]})", highlight=False)
+    if not r["within_tolerance"]:
+        with user_errors():
+            raise KdpipeError(f"the cache does not match this teacher: max |Δlogit| {r['max_abs_diff']:.3g} is beyond "
+                              f"the tolerance {r['tolerance']:.3g} of a {r['cache_precision']} cache replayed in "
+                              f"{r['precision']}; rebuild it with kdpipe cache-teacher --force, or pass the teacher "
+                              "it was built with (--teacher)")
+    console.print(f"verdict: the cache matches the teacher (max |Δlogit| within {r['tolerance']:.3g}, the tolerance of "
+                  f"a {r['cache_precision']} cache replayed in {r['precision']})", highlight=False)
 
 
 def _print_cache(rows: list) -> None:
@@ -373,7 +393,8 @@ def _print_run(report) -> None:
         console.print(f"student: {len(fresh)} weight tensor(s) of {report.run['student_init']['from']} drawn afresh "
                       f"(a shape changed, or absent from it): {', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''}",
                       highlight=False)
-    for warning in (report.run.get("consistency", {}).get("warning"), report.run.get("changed_data", {}).get("warning")):
+    for key in ("consistency", "changed_data", "label_issues", "split_overlap", "dataset_left_out"):
+        warning = report.run.get(key, {}).get("warning")
         if warning:
             console.print(f"[yellow]warning[/]: {warning} (recorded in run.json)", highlight=False)
 
@@ -471,7 +492,8 @@ def sweep_cmd(train: dict, sweep: dict, study: dict):
             plan, sweep.get("out"), sweep.get("storage"), sweep.get("name"), sweep["stale_after_s"], progress, on_trial)
     else:
         cfg = sweeps.as_started(SweepConfig.from_flags(train, **sweep))
-        console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {cfg.sampler}, seeds {cfg.seeds}, "
+        size = f" of {cfg.grid_trials:,} trials" if cfg.grid_trials is not None else f", {cfg.trials} configs"
+        console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {cfg.sampler}{size}, seeds {cfg.seeds}, "
                       f"searching {', '.join(cfg.space) or 'nothing (seeds only)'}; {recipe_line(cfg.train)}",
                       highlight=False, soft_wrap=True)
         run = lambda progress, on_trial: sweeps.run(cfg, progress=progress, on_trial=on_trial)  # noqa: E731
@@ -539,7 +561,11 @@ def _print_sweep(s) -> None:
     if s.interrupted:
         console.print(f"[yellow]interrupted[/]: no process holds {', '.join(s.interrupted)} (its worker is gone); "
                       "rerun the sweep to continue from the last checkpoint", highlight=False)
-    console.print("wrote " + ", ".join(str(f) for f in s.files))
+    if s.files:
+        console.print("wrote " + ", ".join(str(f) for f in s.files))
+    if s.unwritten:
+        console.print(f"[yellow]not written[/] in {s.out}: {', '.join(s.unwritten)}; the table above is the whole "
+                      "report (copy the folder somewhere writable to keep the files)", highlight=False)
 
 
 def _print_gain(g: dict, label: str = "teacher's gain") -> None:

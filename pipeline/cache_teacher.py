@@ -24,7 +24,7 @@ import torch
 
 from . import files, locking, logit_store, runtime, views
 from .config import CacheConfig
-from .data import Split, open_dataset, reopen_dataset
+from .data import Split, left_out_note, open_dataset, reopen_dataset
 from .errors import KdpipeError
 from .teacher import Teacher, label_mapping, load_teacher
 
@@ -42,6 +42,7 @@ class SplitReport:
     reused: bool
     seconds: float | None = None  # the teacher pass, summed over the attempts a resumed split took
     resumed_images: int = 0  # images whose teacher outputs came from a killed attempt's journal (_Journal)
+    note: str | None = None  # what the dataset holds that no split uses (data.left_out_note), said once per run
 
 
 @dataclass
@@ -368,7 +369,8 @@ def _check_out(cfg: CacheConfig) -> None:
 
 def _setup(cfg: CacheConfig) -> _Job:
     dataset = open_dataset(cfg.dataset, splits=cfg.splits, image_column=cfg.image_column,
-                           label_column=cfg.label_column, revision=cfg.dataset_revision)
+                           label_column=cfg.label_column, revision=cfg.dataset_revision,
+                           allow_outside=cfg.allow_outside_images)
     teacher = load_teacher(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     perm = label_mapping(teacher.label_names, dataset.label_names, cfg.labels_by_index)
     device = runtime.resolve_device(cfg.device)
@@ -400,6 +402,7 @@ def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int 
     job = _setup(cfg)
     foreign = _foreign_splits(job)
     reports = [_cache_split(job, split, progress, rank, world) for split in job.dataset.splits.values()]
+    reports[0].note = left_out_note(job.dataset.spec, job.dataset.left_out)
     if rank == 0:
         for path in foreign:  # --force: the folder is rebuilt whole, once this dataset's splits are in place
             path.unlink(missing_ok=True)
@@ -521,6 +524,8 @@ def _split_meta(job: _Job, split: Split, key: dict, spec: ViewSpec | None, wall:
         "versions": versions,
         "split": split.name,
         "dataset": job.dataset.identity,
+        **({"dataset_left_out": job.dataset.left_out[:100], "dataset_left_out_count": len(job.dataset.left_out)}
+           if job.dataset.left_out else {}),  # an image folder's files no split uses (data._left_out), recorded
         "device": runtime.describe(job.device),
         "batch_size": job.cfg.batch_size,
         "wall_time_s": round(wall, 3),
@@ -594,10 +599,21 @@ def replay(cache_dir: Path, n: int, teacher_spec: str | None = None, dataset_spe
     rows = [cached[name].take(np.array([j])) for name, j in picked]
     stored = np.stack([row.teacher_logits()[0] for row in rows])  # (n, C) dataset label order
     sparse = None if rows[0].topk is None else [(row.topk.indices[0], row.topk.values[0]) for row in rows]
-    return {"pairs": len(picked), "augmented_views": int(sum(cached[n].view[j] > 0 for n, j in picked)),
-            "mixed_views": int(sum(cached[n].mixes is not None and cached[n].mixes.weights[j] > 0 for n, j in picked)),
-            **compare_logits(live, stored, sparse), "precision": precision, "cache_precision": meta["precision"],
-            "device": runtime.describe(dev)}
+    report = {"pairs": len(picked), "augmented_views": int(sum(cached[n].view[j] > 0 for n, j in picked)),
+              "mixed_views": int(sum(cached[n].mixes is not None and cached[n].mixes.weights[j] > 0 for n, j in picked)),
+              **compare_logits(live, stored, sparse), "precision": precision, "cache_precision": meta["precision"],
+              "device": runtime.describe(dev), "tolerance": _replay_tolerance(meta, precision),
+              "weights_sha256": {"cache": recorded.get("weights_sha256"), "live": teacher.weights_sha256}}
+    report["within_tolerance"] = report["max_abs_diff"] <= report["tolerance"]
+    return report
+
+
+def _replay_tolerance(meta: dict, precision: str) -> float:
+    """The largest |Δlogit| a faithful cache shows against its teacher replayed at `precision`: the cache's
+    precision and the replay's (runtime.logit_tolerance), and fp16's rounding of top-K values stored as fp16."""
+    storage = meta.get("logits_storage", logit_store.FULL)
+    stored_fp16 = ("fp16",) if storage.get("dtype") == "float16" else ()
+    return runtime.logit_tolerance(meta["precision"], precision, *stored_fp16)
 
 
 def _rebuilt_inputs(cache_dir: Path, cached: dict, dataset, processor, picked: list[tuple[str, int]]) -> list:

@@ -42,6 +42,13 @@ def _finite_floats(config) -> None:
             raise KdpipeError(f"{flag(f)} must be a finite number (got {value})")
 
 
+def _plain_name(name: str | None, flag: str, where: str) -> None:
+    """A --name becomes a folder under data/runs or data/sweeps: a plain name, never a path out of it."""
+    _check(name is None or (bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")),
+           f"{flag} {name!r}: a name is a plain folder name under {where} (no / or \\, not . or ..); to write "
+           "elsewhere pass --out PATH")
+
+
 def _positive(name: str, value, flag: str) -> None:
     _check(value is not None and value > 0, f"{flag} must be > 0 (got {value})")
 
@@ -68,6 +75,9 @@ class CacheConfig:
                                     flags=("--labels-by-index",))
     trust_remote_code: bool = setting(False, "Allow the teacher repository's own code (off: never run it unasked).",
                                       flags=("--trust-remote-code",))
+    # off: a Parquet entry naming /etc/... or a test image of another folder is read by nobody's intent
+    allow_outside_images: bool = setting(False, "Read image files that dataset entries name outside the dataset's "
+                                                "folder (recorded in the cache).", flags=("--allow-outside-images",))
     topk: int | None = setting(None, "Store only the K largest logits per image (+ logsumexp), for thousands of "
                                      "classes.", shown="all")
     # float16 halves the top-K values again (about 1e-3 relative rounding)
@@ -270,6 +280,14 @@ class TrainConfig:
                                     "recipes existed). A flag overrides one of its values.", panel="Optimisation")
     # the settings the recipe set (no flag did), recorded in run.json; kept through dataclasses.replace
     from_recipe: list[str] | None = setting(None, cli=False)
+    # off, as for cache-teacher: an entry naming a file outside the dataset is read by nobody's intent
+    allow_outside_images: bool = setting(False, "Read image files that dataset entries name outside the dataset's "
+                                                "folder (recorded in run.json).", flags=("--allow-outside-images",),
+                                         panel="Data")
+    # off: a class never seen in training, or an image taught as two classes, is a data error until said otherwise
+    allow_label_issues: bool = setting(False, "Train although a class has no training image or one image carries "
+                                              "two labels (recorded in run.json).", flags=("--allow-label-issues",),
+                                       panel="Data")
     # the run
     seed: int = setting(0, "Seed for init, data order and views.", panel="Run")
     precision: str = setting("auto", "auto|fp32|bf16|fp16 (auto: bf16 where the hardware is fast at it, else fp32).",
@@ -290,6 +308,7 @@ class TrainConfig:
             self.cache = Path(self.cache)
         if self.out is not None:
             self.out = Path(self.out)
+        _plain_name(self.name, "--name", DATA_ROOT / "runs")
         _positive("temperature", self.temperature, "--temperature")
         _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1] (got {self.alpha})")
         _check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
@@ -422,6 +441,23 @@ def applicable(params: dict, base: TrainConfig) -> dict:
 
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("none", "median", "halving")
+# Trials (configs x seeds) a grid may hold without --large-grid: beyond any sweep these machines finish (the
+# quickest trial takes seconds), and a mistyped list (2,000 values of --lr) is caught before anything runs
+GRID_LIMIT = 10_000
+
+
+def grid_size(dims: dict, base: TrainConfig) -> int:
+    """How many configs a grid over `dims` holds (sweep.grid_points yields them), counted without enumerating
+    them: alpha = 0 once per setting of the rest (no temperature, loss or loss setting), every other alpha
+    once per temperature, loss and that loss's own settings (applicable)."""
+    def product(names) -> int:
+        return math.prod(len(dims[n].choices) for n in names if n in dims)
+
+    rest = product(n for n in dims if n not in ("alpha", "temperature", "loss", *LOSS_SETTINGS))
+    alphas = dims["alpha"].choices if "alpha" in dims else (base.alpha,)
+    losses = dims["loss"].choices if "loss" in dims else (base.loss,)
+    distilled = sum(product(["temperature", *(n for n in LOSS_SETTINGS if loss in LOSS_SETTINGS[n])]) for loss in losses)
+    return sum(rest * (1 if alpha == 0 else distilled) for alpha in alphas)
 
 
 @dataclass(frozen=True)
@@ -499,7 +535,11 @@ class SweepConfig:
     name: str | None = setting(None, "Study name.", shown="the folder's name")
     stale_after_s: float = setting(3600.0, "Seconds of silence after which another host's trial is rerun.",
                                    flags=("--stale-after",))
+    # off: a grid above GRID_LIMIT is more often a mistyped list than a plan
+    large_grid: bool = setting(False, f"Run a grid of more than {GRID_LIMIT:,} trials (configs x seeds); recorded in "
+                                      "sweep.json.", flags=("--large-grid",))
     dims: dict = field(init=False, repr=False, compare=False)  # the space, parsed once: name -> Dimension
+    grid_trials: int | None = field(init=False, repr=False, compare=False)  # configs x seeds of a grid (None: tpe)
 
     @classmethod
     def from_flags(cls, train: dict, **sweep) -> "SweepConfig":
@@ -524,6 +564,7 @@ class SweepConfig:
         _finite_floats(self)
         if self.out is not None:
             self.out = Path(self.out)
+        _plain_name(self.name, "--name", DATA_ROOT / "sweeps")
         _check(self.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}")
         _check(self.prune in PRUNERS, f"--prune must be one of {', '.join(PRUNERS)}")
         _check(bool(self.seeds), "--seeds: give at least one seed, e.g. 0,1,2")
@@ -536,7 +577,14 @@ class SweepConfig:
             _check(not ranged, f"--{ranged[0].replace('_', '-') if ranged else ''}: ranges need --sampler tpe; "
                                "a grid takes lists like 1,2,5")
             _check(self.trials is None, "--trials is for --sampler tpe; a grid runs every config")
+            configs = grid_size(dims, self.train)
+            self.grid_trials = configs * len(self.seeds)
+            _check(self.grid_trials <= GRID_LIMIT or self.large_grid,
+                   f"the grid holds {self.grid_trials:,} trials ({configs:,} configs x {len(self.seeds)} seeds), more "
+                   f"than {GRID_LIMIT:,}: give fewer values, use --sampler tpe --trials N, or pass --large-grid to run "
+                   "it all")
         else:
+            self.grid_trials = None
             _check(self.trials is not None and self.trials > 0, "--sampler tpe needs --trials N (N > 0)")
             _check(bool(dims), "--sampler tpe needs at least one searched setting, e.g. --lr 1e-5:1e-2:log")
         losses = dims["loss"].choices if "loss" in dims else (self.train.loss,)

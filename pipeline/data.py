@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from . import hub
 from .errors import KdpipeError
 
 IMAGE_COLUMNS = ("image", "img")
+# The largest image file read: what Pillow decodes without a bomb warning (89 Mpx) as 8-bit RGB in a BMP or TIFF;
+# a photo is a few MB. A Parquet entry naming a device (/dev/zero) or a huge file stops here, not in memory
+MAX_IMAGE_BYTES = 256 << 20
 LABEL_COLUMNS = ("label", "labels")
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 
@@ -34,6 +39,7 @@ class Split:
     ids: list[str]
     labels: np.ndarray  # (N,) int64
     root: str | None = None  # the folder image paths are relative to, if local
+    allowed: tuple[str, ...] | None = None  # the folders an entry's image file may lie in (None: anywhere)
     _fingerprint: str | None = field(default=None, repr=False)
     _digests: np.ndarray | None = field(default=None, repr=False)
 
@@ -44,10 +50,7 @@ class Split:
         value = self.table[i][self.image_column]
         if value.get("bytes") is not None:
             return value["bytes"]
-        try:
-            return Path(value["path"]).read_bytes()
-        except OSError as e:
-            raise KdpipeError(f"cannot read image {value['path']}: {e.strerror}") from None
+        return read_image_file(value["path"], self.root, self.allowed, f"row {i} of split {self.name!r}")
 
     def image(self, i: int) -> Image.Image:
         """The i-th image decoded to RGB; an unreadable file is an error naming it, never skipped."""
@@ -83,11 +86,55 @@ class ImageDataset:
     label_column: str
     root: str | None  # absolute folder of a local dataset
     splits: dict[str, Split]
+    outside_images: bool = False  # --allow-outside-images: entries may name image files outside the dataset
+    left_out: list[str] = field(default_factory=list)  # an image folder's files no split uses (_left_out)
 
     @property
     def identity(self) -> dict:
+        allowed = {"outside_images": True} if self.outside_images else {}  # recorded, and reopened with it
         return {"spec": self.spec, "kind": self.kind, "revision": self.revision, "root": self.root,
-                "image_column": self.image_column, "label_column": self.label_column, "label_names": self.label_names}
+                "image_column": self.image_column, "label_column": self.label_column, "label_names": self.label_names,
+                **allowed}
+
+
+def image_file(path: str | None, root: str | None, allowed: tuple[str, ...] | None, where: str) -> Path:
+    """The file an image entry names (relative: to the dataset's folder), checked before it is opened: inside
+    `allowed` (the dataset's folders; None: anywhere, as --allow-outside-images permits), a regular file (not a
+    device such as /dev/zero, a pipe or a folder) and at most MAX_IMAGE_BYTES. `..` is resolved by name; a link
+    inside the folder is followed (whoever made the folder put it there)."""
+    if not path or "\0" in path:
+        raise KdpipeError(f"{where} holds no image: neither its bytes nor a usable file path ({path!r}); fix the "
+                          "dataset's entry")
+    file = Path(path).expanduser()
+    file = Path(os.path.abspath(Path(root) / file if root and not file.is_absolute() else file))
+    if allowed is not None and not any(file.is_relative_to(a) for a in allowed):
+        raise KdpipeError(f"{where} names the image file {file}, outside the dataset's folder {allowed[0]}; it was "
+                          "not read (an image of another split or a system file would enter silently): move the "
+                          "image into the dataset, or pass --allow-outside-images to read it (recorded)")
+    try:
+        info = file.stat()
+    except OSError as e:
+        raise KdpipeError(f"cannot read image {file} ({where}): {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise KdpipeError(f"{where} names {file}, which is not a regular file (a device, a pipe or a folder); it was "
+                          "not read: point the entry at an image file")
+    if info.st_size > MAX_IMAGE_BYTES:
+        raise KdpipeError(f"{where} names {file}, {info.st_size / 2**20:.0f} MiB: more than any image kdpipe reads "
+                          f"({MAX_IMAGE_BYTES >> 20} MiB); downscale it")
+    return file
+
+
+def read_image_file(path: str, root: str | None, allowed: tuple[str, ...] | None, where: str) -> bytes:
+    """An image entry's file (image_file's checks), read to at most MAX_IMAGE_BYTES."""
+    file = image_file(path, root, allowed, where)
+    try:
+        with open(file, "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    except OSError as e:
+        raise KdpipeError(f"cannot read image {file}: {e.strerror}") from None
+    if len(data) > MAX_IMAGE_BYTES:  # it grew since it was checked
+        raise KdpipeError(f"{where} names {file}, more than {MAX_IMAGE_BYTES >> 20} MiB; downscale it")
+    return data
 
 
 def decode_rgb(data: bytes, where: str) -> Image.Image:
@@ -135,11 +182,15 @@ def open_dataset(
     label_column: str | None = None,
     revision: str | None = None,
     flags: dict[str, str] | None = None,
+    allow_outside: bool = False,
 ) -> ImageDataset:
     """Open `spec` (hub id, image folder, or Parquet/Arrow file or folder) with ids and label names.
     `flags` names the flag that asked for each split (e.g. {"validation": "--val-split"}) in errors;
-    --splits otherwise."""
+    --splits otherwise. An entry naming an image file (not holding its bytes) must name a regular file inside
+    the dataset's folder (image_file), unless `allow_outside` (--allow-outside-images, recorded in `identity`)."""
     dsd, kind, root = _load(spec, revision)
+    allowed = None if allow_outside else _image_roots(spec, kind, root)
+    folder = _image_folder(dsd, spec)
     available = list(dsd.keys())
     wanted = list(dict.fromkeys(splits or available))
     flags = flags or {}
@@ -150,6 +201,8 @@ def open_dataset(
         raise KdpipeError(f"{flag} {','.join(named)}: not in dataset {spec} (it has: {', '.join(available)})")
     first = dsd[wanted[0]]
     img_col = _pick_column(first, image_column, IMAGE_COLUMNS, "Image", "--image-column", spec)
+    if folder is not None and label_column is None and not set(LABEL_COLUMNS) & set(first.column_names):
+        raise KdpipeError(_no_class_folders(spec, folder))
     lab_col = _pick_column(first, label_column, LABEL_COLUMNS, "ClassLabel", "--label-column", spec)
     label_names = _label_names(dsd, wanted, lab_col)
     out = {}
@@ -163,10 +216,108 @@ def open_dataset(
                 raise KdpipeError(f"split {name!r} of {spec} has no column {col!r}")
         table = _undecoded(table, img_col)
         labels = _labels(table, lab_col, label_names)
-        ids = _example_ids(table, img_col, root)
-        out[name] = Split(name, table, img_col, ids, labels, root)
+        _check_image_files(table, img_col, root, allowed, name)
+        ids = _example_ids(table, img_col, root, allowed)
+        out[name] = Split(name, table, img_col, ids, labels, root, allowed)
     return ImageDataset(spec=spec, kind=kind, revision=revision, label_names=label_names, image_column=img_col,
-                        label_column=lab_col, root=root, splits=out)
+                        label_column=lab_col, root=root, splits=out, outside_images=allow_outside,
+                        left_out=_left_out(folder, dsd, img_col) if folder is not None else [])
+
+
+# ------------------------------------------------------------------------ an image folder's every file
+
+
+def _image_folder(dsd, spec: str) -> Path | None:
+    """The folder of a local dataset that datasets read as an image folder (split/class/file), else None."""
+    path = Path(spec).expanduser()
+    first = next(iter(dsd.values()), None)
+    return path.resolve() if path.is_dir() and first is not None and first.info.builder_name == "imagefolder" else None
+
+
+def _image_extensions() -> set[str]:
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return {e.lower() for e in ImageFolder.EXTENSIONS}
+
+
+def _files_under(folder: Path) -> tuple[list[str], list[str]]:
+    """Every file under `folder` (hidden ones too; relative, posix) and every folder with no file below it."""
+    found, empty = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath).relative_to(folder)
+        found += [(here / f).as_posix() for f in filenames]
+        if not filenames and not dirnames and here != Path("."):
+            empty.append(here.as_posix() + "/")
+    return found, empty
+
+
+def _left_out(folder: Path, dsd, col: str) -> list[str]:
+    """The files under an image folder that no split of the loaded dataset uses (datasets skips, without a word,
+    non-images, names with a line break, folders starting with . or __), and the empty folders (a class folder
+    with no images is no class), relative to the folder, sorted: images first."""
+    import pyarrow.compute as pc
+
+    used = set()
+    for table in dsd.values():
+        for path in pc.struct_field(table.data.column(col), "path").to_pylist():
+            if path:
+                used.add(Path(os.path.relpath(path, folder)).as_posix())
+    found, empty = _files_under(folder)
+    images = _image_extensions()
+    return sorted((f for f in found if f not in used), key=lambda f: (Path(f).suffix.lower() not in images, f)) + empty
+
+
+def left_out_note(spec: str, left_out: list[str], shown: int = 3) -> str | None:
+    """One line naming what an image folder holds that was not used (ImageDataset.left_out), by kind, a few
+    names of each; None when nothing."""
+    if not left_out:
+        return None
+    images = _image_extensions()
+    kinds = {"image(s) the loader skips (rename them: no line break, no part starting with . or __)": [],
+             "empty folder(s)": [], "file(s) that are not images": []}
+    for f in left_out:
+        kind = 1 if f.endswith("/") else 0 if Path(f).suffix.lower() in images else 2
+        list(kinds.values())[kind].append(f)
+    parts = [f"{len(fs)} {kind}: " + ", ".join(json.dumps(f, ensure_ascii=False) for f in fs[:shown])
+             + (", ..." if len(fs) > shown else "") for kind, fs in kinds.items() if fs]
+    return f"not used from {spec}: " + "; ".join(parts)
+
+
+def _no_class_folders(spec: str, folder: Path) -> str:
+    """Why datasets found no class folders in an image folder: its images are not all at one depth, a name holds
+    a backslash (read as a separator), or there is one class only. Names the files that break the layout."""
+    images = _image_extensions()
+    paths = [f for f in _files_under(folder)[0] if Path(f).suffix.lower() in images]
+    depths = {}
+    for f in paths:
+        depths.setdefault(len(Path(f).parts), []).append(f)
+    common = max(depths, key=lambda d: len(depths[d]), default=0)
+    odd = sorted({f for f in paths if "\\" in f} | {f for d, fs in depths.items() if d != common for f in fs})
+    if odd:
+        named = ", ".join(json.dumps(f, ensure_ascii=False) for f in odd[:5]) + (", ..." if len(odd) > 5 else "")
+        return (f"--dataset {spec}: no class folders found, because {len(odd)} image(s) are not at split/class/file "
+                f"like the others or have a backslash in their name ({named}); move or rename them")
+    return (f"--dataset {spec}: no class folders found (an image folder needs split/class/image files and at least "
+            "two classes); arrange it so, or pass --label-column for a metadata file's column")
+
+def _image_roots(spec: str, kind: str, root: str | None) -> tuple[str, ...]:
+    """Where a dataset's image files may lie: its folder (as given and as resolved), or for a Hub dataset the
+    caches the libraries download into."""
+    if kind == "local":
+        given = Path(spec).expanduser()
+        given = given if given.is_dir() else given.parent
+        return tuple(dict.fromkeys([root, os.path.abspath(given), str(given.resolve())]))
+    import datasets
+    import huggingface_hub
+
+    return (os.path.abspath(datasets.config.HF_DATASETS_CACHE), os.path.abspath(huggingface_hub.constants.HF_HUB_CACHE))
+
+
+def _check_image_files(table, col: str, root: str | None, allowed: tuple[str, ...] | None, split: str) -> None:
+    """Every entry that names a file instead of holding its bytes, checked (image_file) before anything is read."""
+    for i, value in enumerate(table[col]):
+        if value.get("bytes") is None:
+            image_file(value.get("path"), root, allowed, f"row {i} of split {split!r}")
 
 
 def _load(spec: str, revision: str | None):
@@ -176,6 +327,7 @@ def _load(spec: str, revision: str | None):
 
     path = Path(demo.resolve(spec, "dataset")).expanduser()
     _refuse_empty_parquet(path)
+    _refuse_undecodable_names(path)
     try:
         if path.is_file():
             builder = _FILE_BUILDERS.get(path.suffix)
@@ -199,6 +351,19 @@ def _load(spec: str, revision: str | None):
         ) from None
     except Exception as e:  # datasets raises many types for "not a dataset" (DataFilesNotFoundError, ...)
         raise KdpipeError(f"--dataset {spec}: cannot open it as a dataset ({type(e).__name__}: {e})") from None
+
+
+def _refuse_undecodable_names(path: Path) -> None:
+    """A file name that is not UTF-8 makes datasets fail with "An error occurred while generating the dataset",
+    naming nothing: name it here."""
+    if not path.is_dir():
+        return
+    for name in (n for paths in _files_under(path) for n in paths):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise KdpipeError(f"--dataset {path}: the file name {ascii(name)} is not UTF-8, which the dataset loader "
+                              "cannot read; rename it") from None
 
 
 def _refuse_empty_parquet(path: Path) -> None:
@@ -267,7 +432,7 @@ def _undecoded(table, col):
     raise KdpipeError(f"column {col!r} does not hold images (it is {feature}); pass --image-column")
 
 
-def _example_ids(table, col, root: str | None) -> list[str]:
+def _example_ids(table, col, root: str | None, allowed: tuple[str, ...] | None) -> list[str]:
     """Relative image paths where every row has a distinct one, else content hashes (made unique)."""
     values = table[col]
     paths = [v.get("path") for v in values]
@@ -279,7 +444,7 @@ def _example_ids(table, col, root: str | None) -> list[str]:
         return [Path(p).as_posix() for p in paths]
     ids, seen = [], {}
     for v in values:
-        data = v["bytes"] if v.get("bytes") is not None else Path(v["path"]).read_bytes()
+        data = v["bytes"] if v.get("bytes") is not None else read_image_file(v["path"], root, allowed, "an entry")
         h = "sha256:" + hashlib.sha256(data).hexdigest()[:32]
         seen[h] = seen.get(h, 0) + 1
         ids.append(h if seen[h] == 1 else f"{h}#{seen[h] - 1}")
@@ -299,8 +464,9 @@ def slug(spec: str) -> str:
 
 
 def reopen_dataset(identity: dict, override: str | None, splits: list[str], image_column=None, label_column=None,
-                   flags: dict[str, str] | None = None):
-    """Open the dataset an artifact was made from (or `override`, e.g. the same data moved)."""
+                   flags: dict[str, str] | None = None, allow_outside: bool = False):
+    """Open the dataset an artifact was made from (or `override`, e.g. the same data moved), with the
+    permission to read images outside its folder it was made with (or `allow_outside`)."""
     spec = override or identity["spec"]
     if override is None and identity["kind"] == "local" and not Path(spec).exists() and identity.get("root"):
         spec = identity["root"]  # recorded as a relative path from another working folder
@@ -308,4 +474,5 @@ def reopen_dataset(identity: dict, override: str | None, splits: list[str], imag
         raise KdpipeError(f"--dataset: the recorded dataset {spec} is gone (moved or deleted); pass --dataset PATH "
                           "to where it is now")
     return open_dataset(spec, splits=splits, image_column=image_column or identity.get("image_column"),
-                        label_column=label_column or identity.get("label_column"), flags=flags)
+                        label_column=label_column or identity.get("label_column"), flags=flags,
+                        allow_outside=allow_outside or identity.get("outside_images", False))

@@ -545,8 +545,21 @@ def inspect(path: Path) -> list[tuple[str, LogitSplit, float, int]]:
             raise KdpipeError(f"{f}: stored teacher accuracy {split.meta['teacher_accuracy']:.4f} differs from "
                               f"the recomputed {acc:.4f}; rebuild it with --force")
         rows.append((name, split, acc, f.stat().st_size))
-    check_one_source({name: split.meta for name, split, _, _ in rows}, str(path))
+    metas = {name: split.meta for name, split, _, _ in rows}
+    if path.is_dir():
+        check_split_names(metas, paths)
+    check_one_source(metas, str(path))
     return rows
+
+
+def check_split_names(metas: dict[str, dict], paths: dict[str, Path]) -> None:
+    """Each file of a cache folder holds the split it is named after (its metadata records which): two files
+    renamed into each other's places would otherwise pass for each other."""
+    for name, meta in metas.items():
+        if meta.get("split", name) != name:
+            raise KdpipeError(f"{paths[name]} holds the logits of split {meta['split']!r}, not {name!r} (renamed or "
+                              f"edited); rename it back to {meta['split']}.parquet, or rebuild the cache with "
+                              "kdpipe cache-teacher --force")
 
 
 def check_one_source(metas: dict[str, dict], where: str) -> None:

@@ -14,6 +14,8 @@ text with its checksum or fingerprint instead.
 
 from __future__ import annotations
 
+import html
+import re
 import shlex
 from pathlib import PurePath
 
@@ -94,22 +96,22 @@ def reproduce_command(run: dict) -> str:
 
 def _body(run: dict, name: str) -> str:
     """The card's Markdown: what the model is, its teacher, data, recipe, results, and how to reproduce and use it."""
-    sections = [[f"# {name}", "", _summary(run)], _teacher_section(run), _data_section(run), _recipe_section(run),
+    sections = [[f"# {_text(name)}", "", _summary(run)], _teacher_section(run), _data_section(run), _recipe_section(run),
                 _results_section(run), _export_section(run), _use_section(run)]
     return "\n".join(line for section in sections for line in section)
 
 
 def _summary(run: dict) -> str:
     teacher, student = _teacher(run), run.get("student", {})
-    arch = student.get("architecture", "student")
+    arch = _text(student.get("architecture", "student"))
     params = f", {student['parameters'] / 1e6:.2f} M parameters" if student.get("parameters") else ""
     if run["config"]["alpha"] > 0 and teacher:
         return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe with knowledge distillation "
-                f"from cached logits of the teacher `{teacher['spec']}`; the teacher was run once over the data and "
+                f"from cached logits of the teacher {_code(teacher['spec'])}; the teacher was run once over the data and "
                 "never loaded in training.")
     if teacher:  # λ = 0 on the cache: its inputs are the distilled runs' (the teacher processor's)
         return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone "
-                f"(λ = 0) on the inputs of the teacher `{teacher['spec']}`'s cache: the from-scratch twin against "
+                f"(λ = 0) on the inputs of the teacher {_code(teacher['spec'])}'s cache: the from-scratch twin against "
                 "which distillation from that cache is measured.")
     return (f"A {arch} image classifier ({_labels(run)}{params}) trained by kdpipe on the labels alone (λ = 0), "
             "without a teacher's cache (inputs normalised with mean and std 0.5).")
@@ -119,13 +121,13 @@ def _teacher_section(run: dict) -> list[str]:
     teacher, lines = _teacher(run), ["", "## Teacher", ""]
     if not teacher:
         return lines + ["None (λ = 0, trained without a cache)."]
-    where = (f"Hub model `{teacher['spec']}`" + (f" at revision `{teacher['revision']}`" if teacher.get("revision")
-                                                 else "")) if _on_hub(teacher) else \
-        f"local folder `{teacher['spec']}` (weights sha256 `{teacher.get('weights_sha256')}`)"
+    where = (f"Hub model {_code(teacher['spec'])}" + (f" at revision {_code(teacher['revision'])}"
+                                                      if teacher.get("revision") else "")) if _on_hub(teacher) else \
+        f"local folder {_code(teacher['spec'])} (weights sha256 {_code(teacher.get('weights_sha256'))})"
     acc = {n: s.get("teacher_accuracy") for n, s in run["cache"].get("splits", {}).items()}
-    acc_text = ", ".join(f"{n} {a:.2%}" for n, a in acc.items() if isinstance(a, (int, float)))
-    lines.append(f"{teacher.get('architecture', 'teacher')}: {where}; logits cached in "
-                 f"{run['cache'].get('precision', '?')}" + (f"; its accuracy: {acc_text}." if acc_text else "."))
+    acc_text = ", ".join(f"{_text(n)} {a:.2%}" for n, a in acc.items() if isinstance(a, (int, float)))
+    lines.append(f"{_text(teacher.get('architecture', 'teacher'))}: {where}; logits cached in "
+                 f"{_text(run['cache'].get('precision', '?'))}" + (f"; its accuracy: {acc_text}." if acc_text else "."))
     if run["config"]["alpha"] == 0:
         lines.append("With λ = 0 the loss has no KD term: the teacher's logits were not used.")
     return lines
@@ -134,11 +136,11 @@ def _teacher_section(run: dict) -> list[str]:
 def _data_section(run: dict) -> list[str]:
     dataset = run["dataset"]
     lines = ["", "## Data", "",
-             f"{'Hub dataset' if dataset.get('kind') == 'hub' else 'Local dataset'} `{dataset['spec']}`"
-             + (f" (revision `{dataset['revision']}`)" if dataset.get("revision") else "")
-             + f", labels {', '.join(run.get('label_names') or dataset.get('label_names', []))}. Content "
+             f"{'Hub dataset' if dataset.get('kind') == 'hub' else 'Local dataset'} {_code(dataset['spec'])}"
+             + (f" (revision {_code(dataset['revision'])})" if dataset.get("revision") else "")
+             + f", labels {', '.join(map(_code, run.get('label_names') or dataset.get('label_names', [])))}. Content "
              "fingerprints (sha256 over every example's id, image bytes and label):", ""]
-    lines += [f"- {split}: `{fp}`" for split, fp in (run.get("dataset_fingerprints") or {}).items()]
+    lines += [f"- {_text(split)}: {_code(fp)}" for split, fp in (run.get("dataset_fingerprints") or {}).items()]
     if "cache_matches_dataset_contents" in run:
         lines += ["", "The cached teacher logits were computed on exactly these contents: "
                   f"{'yes' if run['cache_matches_dataset_contents'] else 'no'}."]
@@ -241,12 +243,35 @@ def _export_section(run: dict) -> list[str]:
 
 def _use_section(run: dict) -> list[str]:
     names = run.get("label_names") or run["dataset"].get("label_names") or []
-    classes = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
-    return ["", "## Reproduce", "", "```bash", reproduce_command(run), "```", "",
-            "## Use", "", "```python", "from transformers import pipeline", "",
+    classes = ", ".join(" ".join(str(n).splitlines()) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+    command = reproduce_command(run)
+    use = [f'classify("image.png")  # an image like those of {" ".join(_dataset_name(run["dataset"]).splitlines())}: '
+           f"scores for {classes}"]  # one line: a name's line break would start a line of code
+    return ["", "## Reproduce", "", f"{_fence(command, 3)}bash", command, _fence(command, 3), "",
+            "## Use", "", f"{_fence(use[0], 3)}python", "from transformers import pipeline", "",
             'classify = pipeline("image-classification", model="path/to/this/folder")  # or its Hub repo id',
-            f'classify("image.png")  # an image like those of {_dataset_name(run["dataset"])}: scores for {classes}',
-            "```", ""]
+            *use, _fence(use[0], 3), ""]
+
+
+def _text(value) -> str:
+    """`value` as Markdown text that renders as itself: names come from folders and flags a user (or a dataset's
+    author) chose, and a class called `<img src=x onerror=...>` must not become HTML in the card. HTML's
+    special characters become entities, Markdown's are backslash-escaped, line breaks become spaces."""
+    text = html.escape(" ".join(str(value).splitlines()), quote=False)
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", text)
+
+
+def _fence(text: str, least: int = 1) -> str:
+    """A run of backticks longer than any in `text`, so that `text` cannot close the code span or block."""
+    return "`" * max(least, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+
+
+def _code(value) -> str:
+    """`value` as an inline code span (shown verbatim, never rendered), on one line."""
+    text = " ".join(str(value).splitlines())
+    fence = _fence(text)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _teacher(run: dict) -> dict | None:

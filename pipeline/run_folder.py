@@ -56,7 +56,9 @@ def write_checkpoint(out: Path, state: dict, history: list[dict]) -> None:
     except OSError as e:
         if not path.exists() or (before is not None and files.sha256(path) in before.split()):
             _restore(sums, before)  # the new checkpoint did not land: the digests are those of the one there
-        raise KdpipeError(f"cannot write checkpoint in {out}: {e.strerror or e}; free space and --resume") from None
+        fix = "free space and --resume" if before is not None else \
+            "free space and run the same command again (no epoch was saved: it starts from epoch 1)"
+        raise KdpipeError(f"cannot write checkpoint in {out}: {e.strerror or e}; {fix}") from None
 
 
 def _restore(path: Path, text: str | None) -> None:
@@ -86,7 +88,8 @@ def read_checkpoint(path: Path) -> dict:
 def refuse_other_settings(cfg: TrainConfig, saved: dict, out: Path) -> None:
     """--resume continues a run (interrupted or finished) only with the settings it was started with."""
     now = comparable(cfg.to_dict(), saved)
-    ignored = ("resume", "out", "device", "allow_changed_data")  # where it runs, and a permission
+    ignored = ("resume", "out", "device", "allow_changed_data", "allow_outside_images",  # where it runs;
+               "allow_label_issues")  # permissions
     differs = [k for k in now if k not in ignored and saved.get(k) != now[k]]
     if differs:
         raise KdpipeError(f"--resume: {out} was started with other settings ({', '.join(differs)}); "

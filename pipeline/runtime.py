@@ -16,6 +16,10 @@ from .errors import KdpipeError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Largest |Δlogit| between a teacher's logits at a precision and its fp32 logits on a CPU (set before any GPU run;
+# the device check holds caches to them): fp32 differs by summation order only; fp16 keeps 11 significant bits,
+# bf16 8 (logits of magnitude ~10). Two results, each within its own, differ by at most the sum (logit_tolerance).
+LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 0.05, "bf16": 0.25}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -89,6 +93,12 @@ def cuda_has_fast_bf16(device: torch.device) -> bool:
     """True on GPUs with bf16 tensor cores (compute capability 8.0, Ampere, and later). Not
     torch.cuda.is_bf16_supported(), which by default also counts the slow emulation of older GPUs."""
     return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def logit_tolerance(*precisions: str) -> float:
+    """The largest |Δlogit| expected between results computed at `precisions` (each a LOGIT_TOLERANCE key): the
+    sum of their tolerances, as each lies within its own of the fp32 answer."""
+    return sum(LOGIT_TOLERANCE[p] for p in precisions)
 
 
 def precision_on(precision: str, device: torch.device) -> str:

@@ -80,9 +80,61 @@ class SharedData:
 
 
 def open_source(cfg: TrainConfig) -> tuple[dict | None, ImageDataset]:
-    """The cache (split -> LogitSplit; None for alpha 0 without one) and the dataset, checked to match."""
+    """The cache (split -> LogitSplit; None for alpha 0 without one) and the dataset, checked to match, and the
+    dataset's labels checked (refuse_label_issues)."""
     cache = open_cache(cfg.cache) if cfg.cache else None
-    return cache, dataset_for(cfg, cache)
+    dataset = dataset_for(cfg, cache)
+    refuse_label_issues(cfg, dataset, label_issues(dataset, cfg.train_split))
+    return cache, dataset
+
+
+def label_issues(dataset: ImageDataset, train_split: str) -> dict:
+    """What the labels cannot teach: classes with no image in the train split (the student never sees them), and
+    identical images (by SHA-256) under two labels, in any of the opened splits; and, apart, identical images
+    in the train split and another (a test image trained on). Counts and an example of each; empty when none."""
+    train = dataset.splits[train_split]
+    counts = np.bincount(train.labels, minlength=len(dataset.label_names))
+    out = {}
+    if missing := [n for n, c in zip(dataset.label_names, counts) if c == 0]:
+        out["classes_without_training_images"] = missing
+    first, twice, shared = {}, [], []  # digest -> (split, id, label); pairs labelled apart; pairs across splits
+    for name, split in dataset.splits.items():
+        for id_, label, digest in zip(split.ids, split.labels.tolist(), split.digests()):
+            seen = first.setdefault(digest.tobytes(), (name, id_, label))
+            if seen[2] != label:
+                twice.append((seen, (name, id_, label)))
+            elif seen[0] != name and train_split in (seen[0], name):
+                shared.append((seen, (name, id_, label)))
+    names = dataset.label_names
+
+    def pair(p) -> str:
+        (s1, i1, l1), (s2, i2, l2) = p
+        return f"{i1} ({s1}, {names[l1]}) = {i2} ({s2}, {names[l2]})"
+
+    if twice:
+        out["images_with_two_labels"] = {"pairs": len(twice), "example": pair(twice[0])}
+    if shared:
+        out["images_in_train_and_another_split"] = {"pairs": len(shared), "example": pair(shared[0])}
+    return out
+
+
+def describe_label_issues(issues: dict, train_split: str) -> str:
+    parts = []
+    if missing := issues.get("classes_without_training_images"):
+        parts.append(f"{len(missing)} class(es) with no image in --train-split {train_split} ({', '.join(missing)}): "
+                     "the student can never learn them")
+    if twice := issues.get("images_with_two_labels"):
+        parts.append(f"{twice['pairs']} identical image(s) under two labels (e.g. {twice['example']})")
+    return "; ".join(parts)
+
+
+def refuse_label_issues(cfg: TrainConfig, dataset: ImageDataset, issues: dict) -> None:
+    """Classes without training images and images under two labels are refused unless --allow-label-issues
+    (then recorded in run.json as `label_issues`). Images shared by the train split and another are a warning
+    recorded in run.json (`split_overlap`): the held-out score is flattered, the training is not wrong."""
+    if describe_label_issues(issues, cfg.train_split) and not cfg.allow_label_issues:
+        raise KdpipeError(f"--dataset {dataset.spec}: {describe_label_issues(issues, cfg.train_split)}; fix the "
+                          "class folders or labels, or pass --allow-label-issues to train anyway (recorded in run.json)")
 
 
 def inputs_identity(cache: dict | None, dataset: ImageDataset) -> dict:
@@ -92,7 +144,9 @@ def inputs_identity(cache: dict | None, dataset: ImageDataset) -> dict:
 
 
 def open_cache(cache_dir: Path) -> dict[str, logit_store.LogitSplit]:
-    cache = {name: logit_store.read_split(path) for name, path in logit_store.cache_splits(cache_dir).items()}
+    paths = logit_store.cache_splits(cache_dir)
+    cache = {name: logit_store.read_split(path) for name, path in paths.items()}
+    logit_store.check_split_names({name: split.meta for name, split in cache.items()}, paths)
     logit_store.check_one_source({name: split.meta for name, split in cache.items()}, f"--cache {cache_dir}")
     return cache
 
@@ -104,9 +158,10 @@ def dataset_for(cfg: TrainConfig, cache: dict | None) -> ImageDataset:
     wanted = list(dict.fromkeys(s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s))
     if cache is None:
         return open_dataset(cfg.dataset, splits=wanted, image_column=cfg.image_column, label_column=cfg.label_column,
-                            flags=flags)
+                            flags=flags, allow_outside=cfg.allow_outside_images)
     meta = next(iter(cache.values())).meta
-    dataset = reopen_dataset(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column, flags)
+    dataset = reopen_dataset(meta["dataset"], cfg.dataset, wanted, cfg.image_column, cfg.label_column, flags,
+                             cfg.allow_outside_images)
     if dataset.label_names != meta["label_names"]:
         raise KdpipeError(f"--dataset {dataset.spec} has labels {dataset.label_names} but --cache {cfg.cache} has "
                           f"{meta['label_names']}; use the dataset the cache was built from")

@@ -33,12 +33,14 @@ import os
 import random
 import socket
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import files, student, student_data, train_student
-from .config import DATA_ROOT, LOSS_SETTINGS, SweepConfig, TrainConfig, applicable, comparable
+from .config import DATA_ROOT, LOSS_SETTINGS, PRUNERS, SAMPLERS, SweepConfig, TrainConfig, applicable, comparable
+from .settings import value_type
 from .errors import KdpipeError
 from .plan import Plan, describe
 
@@ -73,17 +75,19 @@ def config_key(params: dict) -> str:
     return "-".join(part(k) for k in SHORT if k in params) or "base"
 
 
-def grid_points(cfg: SweepConfig) -> list[Point]:
+def grid_points(cfg: SweepConfig) -> Iterator[Point]:
     """Every config of the product x every seed, except that alpha = 0 runs once per setting of the rest:
     without the KD term the temperature and the loss change nothing, so they are left out of those configs;
-    likewise a loss's own settings (e.g. --dkd-beta) are left out of the other losses' configs (applicable)."""
+    likewise a loss's own settings (e.g. --dkd-beta) are left out of the other losses' configs (applicable).
+    Yielded lazily, in product order: a config at its first occurrence, where each setting it leaves out holds
+    its first value. Nothing needs the whole list to count or refuse a grid (cfg.grid_trials, config.GRID_LIMIT);
+    a worker holds the points of a grid it runs (_grid_worker)."""
     dims = cfg.dims
     names = sorted(dims)
-    configs = {}
     for values in itertools.product(*(dims[n].choices for n in names)):
         c = applicable(dict(zip(names, values)), cfg.train)
-        configs.setdefault(config_key(c), c)
-    return [Point(c, seed) for c in configs.values() for seed in cfg.seeds]
+        if all(v == dims[n].choices[0] for n, v in zip(names, values) if n not in c):
+            yield from (Point(c, seed) for seed in cfg.seeds)
 
 
 # ------------------------------------------------------------------------------------- storage, study
@@ -150,8 +154,9 @@ def open_storage(url: str | None, out: Path):
                           "and that the server is reachable, or leave --storage out for a local file") from None
 
 
-def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict) -> None:
-    """Write sweep.json (how to reopen the study) once, atomically; later workers check it matches."""
+def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict, note: dict | None = None) -> None:
+    """Write sweep.json (how to reopen the study) once, atomically; later workers check it matches. `note`: what
+    else it records (a grid's size, _grid_record)."""
     from .locking import make_folder
 
     make_folder(out)  # a file, a broken link or an unwritable place: one line naming --out
@@ -160,7 +165,7 @@ def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict) -
     if other:
         raise KdpipeError(f"--out {out} holds {other}: it is a cache or a train-student run, not a sweep; choose "
                           "another --out")
-    record = {"study_name": study_name, "storage": storage, "spec": json.loads(json.dumps(spec))}
+    record = {"study_name": study_name, "storage": storage, "spec": json.loads(json.dumps(spec)), **(note or {})}
     path = out / SPEC_FILE
     tmp = files.temporary(path)
     tmp.write_text(json.dumps(record, indent=2))
@@ -168,6 +173,7 @@ def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict) -
         os.link(tmp, path)  # atomic create-if-absent: of two workers starting together, one writes
     except FileExistsError:
         saved = load_spec(out)
+        _same_storage(saved, storage, out)
         if "train" in saved["spec"] and "train" in record["spec"]:
             record["spec"] = _as_saved(record["spec"], saved["spec"])
         if saved["spec"] != record["spec"] or saved["study_name"] != record["study_name"]:
@@ -178,6 +184,36 @@ def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict) -
         tmp.unlink(missing_ok=True)
 
 
+def _check_storage(storage: str | None, out: Path) -> None:
+    """Open an RDB --storage before anything records it: a refused URL (a typo, a missing driver) written into
+    sweep.json would bind the folder to a storage that never opens. A sweep folder already recording another
+    storage is refused here too, before the new one is touched (it would create a second copy of the study)."""
+    if (out / SPEC_FILE).exists():
+        _same_storage(load_spec(out), storage, out)
+    elif storage is not None and storage.startswith("sqlite:///") and (
+            ":memory:" in storage or not Path(storage[len("sqlite:///"):]).is_absolute()):
+        raise KdpipeError(f"--storage {storage}: an SQLite file is named by a path relative to the folder the "
+                          "command runs in (or held in memory), so a rerun elsewhere would open another study; give "
+                          "an absolute path, sqlite:////abs/path/study.db (four slashes)")
+    if storage is not None:
+        open_storage(storage, out)
+
+
+def _same_storage(saved: dict, storage: str | None, out: Path) -> None:
+    """A sweep folder is one study in one storage: refuse a rerun naming another one."""
+    if saved["storage"] != storage:
+        def name(url):
+            return f"--storage {url}" if url else f"the journal file {out / 'study.journal'} (no --storage)"
+
+        raise KdpipeError(f"--out {out} holds a sweep stored in {name(saved['storage'])}, not {name(storage)}; "
+                          "rerun it with the storage it was started with, or choose another --out")
+
+
+def _grid_record(cfg: SweepConfig) -> dict:
+    """sweep.json's note of a grid's size, and whether --large-grid let it pass the limit."""
+    return {} if cfg.grid_trials is None else {"grid_trials": cfg.grid_trials, "large_grid": cfg.large_grid}
+
+
 def load_spec(out: Path) -> dict:
     """sweep.json of the sweep folder `out`: how to reopen its study, and its settings."""
     path = Path(out) / SPEC_FILE
@@ -185,12 +221,55 @@ def load_spec(out: Path) -> dict:
         raise KdpipeError(f"{out}: no {SPEC_FILE}; pass a folder written by kdpipe sweep")
     try:
         record = json.loads(path.read_text())
-        if not all(k in record for k in ("study_name", "storage", "spec")):
-            raise ValueError("a key is missing")
+        _check_record(record)
     except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
         raise KdpipeError(f"{path} is damaged ({type(e).__name__}: {e}); it is written once when the sweep starts: "
                           "restore it, or start the sweep again in another --out") from None
     return record
+
+
+def _check_record(record) -> None:
+    """sweep.json's shape: its keys, and each recorded setting of the types its config field holds (a train
+    setting a sweep of an earlier kdpipe lacks is taken at its default, as config.comparable does). Raises
+    ValueError naming the first thing out of place."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(what)
+
+    need(isinstance(record, dict) and all(k in record for k in ("study_name", "storage", "spec")), "a key is missing")
+    need(isinstance(record["study_name"], str), "study_name is not text")
+    need(record["storage"] is None or isinstance(record["storage"], str), "storage is not a URL")
+    spec = record["spec"]
+    need(isinstance(spec, dict), "spec is not an object")
+    if "plan" in spec:  # kdpipe sweep --plan: the plan's settings live in its study
+        need(isinstance(spec["plan"], str), "spec.plan is not a name")
+        return
+    need(isinstance(spec.get("space"), dict) and all(isinstance(d, dict) for d in spec["space"].values()),
+         "spec.space is not an object of dimensions")
+    need(isinstance(spec.get("seeds"), list) and all(type(x) is int for x in spec["seeds"]) and spec["seeds"],
+         "spec.seeds is not a list of integers")
+    need(spec.get("sampler") in SAMPLERS and spec.get("prune") in PRUNERS, "spec.sampler or spec.prune is unknown")
+    need(spec.get("trials") is None or type(spec["trials"]) is int, "spec.trials is not an integer")
+    need(isinstance(spec.get("train"), dict), "spec.train is not an object")
+    for name, value in spec["train"].items():
+        need(name not in SETTING_TYPES or _of_type(value, *SETTING_TYPES[name]), f"spec.train.{name} is not of type "
+             f"{SETTING_TYPES.get(name, (object,))[0].__name__}")
+
+
+# TrainConfig's fields as sweep.json holds them: name -> (type, whether null is allowed: `X | None`)
+SETTING_TYPES = {f.name: (value_type(TrainConfig, f.name), type(None) in typing.get_args(typing.get_type_hints(
+    TrainConfig)[f.name])) for f in dataclasses.fields(TrainConfig)}
+
+
+def _of_type(value, kind: type, nullable: bool) -> bool:
+    """A JSON value read back as a setting of type `kind` (a Path is text; a float may be written as an int)."""
+    if value is None:
+        return nullable
+    if kind is float:
+        return type(value) in (int, float)
+    if kind is int:
+        return type(value) is int
+    return isinstance(value, {Path: str}.get(kind, kind))
 
 
 # ------------------------------------------------------------------------------------ liveness
@@ -333,7 +412,8 @@ def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], 
     collided = False
     while True:
         fail_stale_trials(study, stale_after_s)
-        free = [k for k in points if k not in _held_points(study)]
+        held = _held_points(study)  # once, not once per point
+        free = [k for k in points if k not in held]
         queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # e.g. a dead worker's
         if not free and not queued:
             return
@@ -362,7 +442,7 @@ def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], 
             run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress, shared, key)
         result = _finish_trial(study, trial, key, point.params, [point.seed], [run])
         if on_trial:
-            on_trial(result, len(points))
+            on_trial(result, cfg.grid_trials)
 
 
 def _live_states() -> tuple:
@@ -430,7 +510,8 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     out, cfg = cfg.out_dir(), as_started(cfg)
     shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
     inputs = _check_inputs(cfg, shared)
-    _claim_folder(out, cfg.study_name(), cfg.storage, cfg.spec())
+    _check_storage(cfg.storage, out)
+    _claim_folder(out, cfg.study_name(), cfg.storage, cfg.spec(), _grid_record(cfg))
     study = open_study(cfg, out)
     _same_inputs(study, inputs)
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
@@ -499,6 +580,7 @@ def run_plan(plan: Plan, out: Path | None = None, storage: str | None = None, na
     for (arm, _), cfg in configs.items():  # every arm's inputs checked before the folder exists
         if arm not in inputs:
             inputs[arm] = _check_inputs(cfg, shared)
+    _check_storage(storage, out)
     _claim_folder(out, study_name, storage, {"plan": plan.name})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=open_storage(storage, out), study_name=study_name, direction="maximize",

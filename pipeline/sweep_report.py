@@ -24,7 +24,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import LOSS_SETTINGS
+from .config import LOSS_SETTINGS, TRAIN_DEFAULTS
 from . import files, locking
 from .errors import KdpipeError
 from .stats import mean_std_ci, paired, welch
@@ -63,6 +63,7 @@ class SweepSummary:
     teacher_gain: dict | None = None  # the best distilled config against its alpha = 0 twin (teacher_gain())
     loss_gains: dict | None = None  # per loss searched: its best config against its twin (loss_gains())
     files: list[Path] = field(default_factory=list)
+    unwritten: list[str] = field(default_factory=list)  # files that could not be written (a read-only folder), why
     interrupted: list[str] = field(default_factory=list)  # run folders of RUNNING trials whose worker is gone
 
 
@@ -77,7 +78,7 @@ def build(out: Path, write: bool = True) -> SweepSummary:
         from . import study_report
 
         return study_report.build(out, study, counts, interrupted, write=write)
-    groups, epochs, seconds = _group_runs(trials, record["spec"]["train"]["epochs"])
+    groups, epochs, seconds = _group_runs(trials, record["spec"]["train"].get("epochs", TRAIN_DEFAULTS["epochs"]))
     rows = [ConfigRow(key, g["params"], [r["seed"] for r in g["runs"]], [r["validation"] for r in g["runs"]],
                       g["pruned"]) for key, g in groups.items() if g["runs"]]
     rows.sort(key=lambda r: (-r.val_mean, r.key))
@@ -89,7 +90,7 @@ def build(out: Path, write: bool = True) -> SweepSummary:
                            teacher_gain(rows, runs), loss_gains(rows, runs, record["spec"]["train"].get("loss", "kd")),
                            interrupted=interrupted)
     if write:
-        summary.files = _write(summary)
+        summary.files, summary.unwritten = _write(summary)
     return summary
 
 
@@ -225,7 +226,9 @@ def _against_twin(distilled: ConfigRow, rows: list[ConfigRow], runs: dict[str, l
     return out
 
 
-def _write(s: SweepSummary) -> list[Path]:
+def _write(s: SweepSummary) -> tuple[list[Path], list[str]]:
+    """results.csv, results.json and heatmap.png; returns those written and, for each that could not be (a
+    read-only mount, an archived copy, a full disk), its name and why: the summary stands without them."""
     names = sorted({k for r in s.rows for k in r.params})
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -236,11 +239,17 @@ def _write(s: SweepSummary) -> list[Path]:
         w.writerow([*(r.params.get(n) for n in names), len(r.seeds), f"{r.val_mean:.6f}", f"{r.val_std:.6f}",
                     "" if math.isnan(r.val_ci95) else f"{r.val_ci95:.6f}", r.pruned, int(chosen),
                     f"{test[0]:.6f}" if test else "", f"{test[1]:.6f}" if test else ""])
-    written = [s.out / "results.csv", s.out / "results.json"]
-    files.write_text(written[0], buf.getvalue())
-    files.write_json(written[1], to_dict(s))
-    png = heatmap(s, s.out / "heatmap.png")
-    return written + ([png] if png else [])
+    writers = {"results.csv": lambda p: files.write_text(p, buf.getvalue()) or p,  # each: the path written, or None
+               "results.json": lambda p: files.write_json(p, to_dict(s)) or p,
+               "heatmap.png": lambda p: heatmap(s, p)}
+    written, unwritten = [], []
+    for name, write in writers.items():
+        try:
+            if (path := write(s.out / name)) is not None:
+                written.append(path)
+        except OSError as e:
+            unwritten.append(f"{name} ({e.strerror or type(e).__name__})")
+    return written, unwritten
 
 
 def to_dict(s: SweepSummary) -> dict:

@@ -22,7 +22,7 @@ import torch
 
 from . import files, locking, loss, metrics, model_card, pixels, run_folder, runtime, student_data, views
 from .config import TrainConfig, recipe_line
-from .data import ImageDataset
+from .data import ImageDataset, left_out_note
 from .errors import KdpipeError
 from .evaluate import predict
 from .logit_store import TopK
@@ -159,11 +159,27 @@ def _consistency(cfg: TrainConfig, cache: dict | None) -> dict:
     return {"views": bool(cfg.views), "stored_views": stored, "consistent": True}  # no online augmentation
 
 
+def _data_warnings(cfg: TrainConfig, dataset: ImageDataset) -> dict:
+    """run.json's record of what the data holds that a run should say: label issues accepted with
+    --allow-label-issues, images shared by the train split and another, an image folder's files not used."""
+    out = {}
+    issues = student_data.label_issues(dataset, cfg.train_split)
+    if text := student_data.describe_label_issues(issues, cfg.train_split):  # only reached with the flag
+        out["label_issues"] = {**issues, "accepted": True, "flag": "--allow-label-issues",
+                               "warning": f"trained with --allow-label-issues: {text}"}
+    if shared := issues.get("images_in_train_and_another_split"):
+        out["split_overlap"] = {**shared, "warning": f"{shared['pairs']} image(s) of --train-split {cfg.train_split} "
+                                f"are also in another split (e.g. {shared['example']}): its score is flattered"}
+    if note := left_out_note(dataset.spec, dataset.left_out):
+        out["dataset_left_out"] = {"files": dataset.left_out[:100], "count": len(dataset.left_out), "warning": note}
+    return out
+
+
 def _provenance(cfg, cache, dataset: ImageDataset, device, precision) -> dict:
     out = {"config": cfg.to_dict(), "versions": runtime.versions(), "device": runtime.describe(device),
            "precision": precision, "processes": runtime.distributed()[1], "dataset": dataset.identity,
            "dataset_fingerprints": {n: s.fingerprint() for n, s in dataset.splits.items()},
-           "consistency": _consistency(cfg, cache)}
+           "consistency": _consistency(cfg, cache), **_data_warnings(cfg, dataset)}
     if cache is not None:
         meta = next(iter(cache.values())).meta
         out["cache"] = {"dir": str(cfg.cache), "teacher": meta["teacher"], "processor": meta["processor"],
@@ -491,12 +507,16 @@ def finish(s: Setup, wall_time: float) -> RunReport:
     logits[s.cfg.val_split] = evaluate_split(s, s.cfg.val_split)[1]  # the logits behind `val`, kept per image
     run_folder.write_predictions(s.out, {name: _predictions_table(s, name, split_logits)
                                          for name, split_logits in logits.items()})
-    with files.replacing(s.out / run_folder.MODEL) as tmp:
-        save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
-                     s.inputs["std"], s.inputs["resample"])
-        run = _run_record(s, val, test, confusion, files.sha256(tmp / "model.safetensors"), wall_time, other_test)
-        (tmp / "README.md").write_text(model_card.render(run, s.out.name))  # the Hub's model card, inside model/
-    files.write_json(s.out / run_folder.RUN_JSON, run)
+    try:
+        with files.replacing(s.out / run_folder.MODEL) as tmp:
+            save_student(s.model.to(memory_format=torch.contiguous_format), tmp, s.inputs["size"], s.inputs["mean"],
+                         s.inputs["std"], s.inputs["resample"])
+            run = _run_record(s, val, test, confusion, files.sha256(tmp / "model.safetensors"), wall_time, other_test)
+            (tmp / "README.md").write_text(model_card.render(run, s.out.name))  # the Hub's model card, inside model/
+        files.write_json(s.out / run_folder.RUN_JSON, run)
+    except OSError as e:  # a full disk at the very end: the last checkpoint holds every epoch
+        raise KdpipeError(f"cannot write the trained student in {s.out}: {e.strerror or e}; free space and rerun with "
+                          "--resume (the last epoch's checkpoint is kept: nothing is trained again)") from None
     for name in (run_folder.CHECKPOINT, run_folder.SUMS):  # the run is complete; model/ is the result
         (s.out / name).unlink(missing_ok=True)
     if s.world > 1:

@@ -285,9 +285,9 @@ def test_the_grid_runs_alpha_zero_once_per_setting_of_the_rest(space, fixed_alph
     from conftest import tiny_train_config
 
     cfg = SweepConfig(train=tiny_train_config(cache=tmp_path, alpha=fixed_alpha), space=space, seeds=[0, 1])
-    points = sweep.grid_points(cfg)
+    points = list(sweep.grid_points(cfg))
     assert sorted({p.config_key for p in points}) == configs
-    assert len(points) == 2 * len(configs) and len({p.key for p in points}) == len(points)
+    assert len(points) == 2 * len(configs) == cfg.grid_trials and len({p.key for p in points}) == len(points)
 
 
 def test_the_teacher_gain_is_the_best_distilled_config_minus_its_alpha_zero_twin(run_cli, cache_dir, tmp_path):
