@@ -20,6 +20,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -62,7 +63,7 @@ def user_errors():
     try:
         yield
     except KdpipeError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # [..] in e: text
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: nothing half-written was left under a final name")
@@ -417,7 +418,10 @@ def sweep_cmd(train: dict, sweep: dict):
             bar.console.print(f"trial {r.number:>3} ({total} planned)  {r.key}  seeds {r.seeds}  "
                               f"val {r.validation:.2%}  {r.state}  {r.seconds:.0f} s")
 
-        folder = sweeps.run(cfg, progress=on_progress, on_trial=on_trial)
+        def on_note(line: str):  # the storage waiting for its database, what --hours leaves
+            bar.console.print(line, markup=False, highlight=False, style="yellow", soft_wrap=True)
+
+        folder = sweeps.run(cfg, progress=on_progress, on_trial=on_trial, note=on_note)
     _print_sweep(sweep_report.build(folder))
 
 
