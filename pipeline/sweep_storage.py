@@ -136,13 +136,14 @@ def _created(make, tries: int = 5):
 
 def connection_error(e: BaseException):
     """The database-connection error behind `e` (SQLAlchemy's OperationalError or InterfaceError, as raised or as
-    the cause of Optuna's StorageInternalError), or None when `e` is something else."""
+    the cause of Optuna's StorageInternalError; or PendingRollbackError: a query cut mid-way, which Optuna caught
+    and retried on the same session), or None when `e` is something else."""
     from sqlalchemy import exc
 
     for _ in range(8):  # along the `raise ... from` chain
         if e is None:
             return None
-        if isinstance(e, (exc.OperationalError, exc.InterfaceError)) or \
+        if isinstance(e, (exc.OperationalError, exc.InterfaceError, exc.PendingRollbackError)) or \
                 (isinstance(e, exc.DBAPIError) and e.connection_invalidated):
             return e
         e = e.__cause__

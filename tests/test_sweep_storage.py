@@ -268,29 +268,29 @@ def test_the_report_of_a_sweep_whose_database_is_away_is_one_line(run_cli, tmp_p
 # ------------------------------------------------------------------------------- waiting (a stand-in database)
 
 
-def _cut(message: str = "server closed the connection unexpectedly"):
-    """What SQLAlchemy raises when the server is gone, as Optuna re-raises it."""
+def _cut(message: str = "server closed the connection unexpectedly", pending: bool = False):
+    """What SQLAlchemy raises when the server is gone, as Optuna re-raises it; `pending`: as it comes out of a query
+    cut mid-way that Optuna retried on the same session (seen with a real server restarted)."""
     from optuna.exceptions import StorageInternalError
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import OperationalError, PendingRollbackError
 
-    try:
-        raise OperationalError("SELECT 1", {}, Exception(message))
-    except OperationalError as e:
-        wrapped = StorageInternalError("An exception is raised during the commit.")
-        wrapped.__cause__ = e
-        return wrapped
+    cause = PendingRollbackError("Can't reconnect until invalid transaction is rolled back.") if pending else \
+        OperationalError("SELECT 1", {}, Exception(message))
+    wrapped = StorageInternalError("An exception is raised during the commit.")
+    wrapped.__cause__ = cause
+    return wrapped
 
 
 class Flaky:
     """A storage that fails `failures` calls as an absent server does, then answers."""
 
-    def __init__(self, failures: int, then=None):
-        self.failures, self.then, self.calls = failures, then, 0
+    def __init__(self, failures: int, then=None, pending: bool = False):
+        self.failures, self.then, self.pending, self.calls = failures, then, pending, 0
 
     def get_all_trials(self, study_id):
         self.calls += 1
         if self.calls <= self.failures:
-            raise _cut()
+            raise _cut(pending=self.pending and self.calls > 1)
         return ["trial"]
 
     def set_trial_state_values(self, trial_id, state, values=None):
@@ -306,10 +306,11 @@ class Flaky:
 URL = f"postgresql://kd:{PASSWORD}@dbhost:5432/kdpipe"
 
 
-def test_a_call_waits_for_the_database_and_says_so(monkeypatch):
+@pytest.mark.parametrize("pending", [False, True], ids=["refused", "cut mid-query"])
+def test_a_call_waits_for_the_database_and_says_so(monkeypatch, pending):
     monkeypatch.setattr(sweep_storage, "RETRY_S", 0.01)
     notes = []
-    storage = sweep_storage.Storage(Flaky(3), URL, 60, notes.append)
+    storage = sweep_storage.Storage(Flaky(3, pending=pending), URL, 60, notes.append)
     assert storage.get_all_trials(1) == ["trial"] and storage.backend.calls == 4
     assert len(notes) == 2 and all(PASSWORD not in n for n in notes)
     assert notes[0].startswith("--storage postgresql://kd:***@dbhost:5432/kdpipe does not answer (server closed")
