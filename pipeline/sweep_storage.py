@@ -176,6 +176,8 @@ class Storage:
         self._patient = True
 
     def __getattr__(self, name: str):
+        if name == "backend":  # not set yet (copy, unpickling): not the wrapped storage's to answer
+            raise AttributeError(name)
         attr = getattr(self.backend, name)
         if name.startswith("_") or not callable(attr):
             return attr
