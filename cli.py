@@ -480,7 +480,7 @@ def sweep_cmd(train: dict, sweep: dict, study: dict):
 
     if study["plan"] is not None:
         given = [k for k, v in train.items() if v is not None and v != TRAIN_DEFAULTS.get(k)] + \
-                [k for k, v in sweep.items() if k not in ("out", "storage", "name", "stale_after_s")
+                [k for k, v in sweep.items() if k not in ("out", "storage", "name", "stale_after_s", "storage_wait_s")
                  and v != _default(next(f for f in dataclasses.fields(SweepConfig) if f.name == k))]
         if given:
             raise KdpipeError(f"--plan {study['plan']} holds every run's settings and seeds; drop "
@@ -488,15 +488,16 @@ def sweep_cmd(train: dict, sweep: dict, study: dict):
         plan = plans.load(study["plan"])
         console.print(f"study plan {plan.name} ({study['plan']}): {len(plan.arms)} arms, {len(plan.points())} runs; "
                       f"primary comparison {plan.primary.key}")
-        run = lambda progress, on_trial: sweeps.run_plan(  # noqa: E731
-            plan, sweep.get("out"), sweep.get("storage"), sweep.get("name"), sweep["stale_after_s"], progress, on_trial)
+        run = lambda progress, on_trial, note: sweeps.run_plan(  # noqa: E731
+            plan, sweep.get("out"), sweep.get("storage"), sweep.get("name"), sweep["stale_after_s"], progress, on_trial,
+            sweep["storage_wait_s"], note)
     else:
         cfg = sweeps.as_started(SweepConfig.from_flags(train, **sweep))
         size = f" of {cfg.grid_trials:,} trials" if cfg.grid_trials is not None else f", {cfg.trials} configs"
         console.print(f"sweep {cfg.study_name()} in {cfg.out_dir()}: {cfg.sampler}{size}, seeds {cfg.seeds}, "
                       f"searching {', '.join(cfg.space) or 'nothing (seeds only)'}; {recipe_line(cfg.train)}",
                       highlight=False, soft_wrap=True)
-        run = lambda progress, on_trial: sweeps.run(cfg, progress=progress, on_trial=on_trial)  # noqa: E731
+        run = lambda progress, on_trial, note: sweeps.run(cfg, progress=progress, on_trial=on_trial, note=note)  # noqa: E731
     with _progress() as bar:
         on_progress = _bars(bar)
 
@@ -505,7 +506,10 @@ def sweep_cmd(train: dict, sweep: dict, study: dict):
             bar.console.print(f"trial {r.number:>3} ({total} planned)  {r.key}  seeds {r.seeds}  "
                               f"val {r.validation:.2%}  {r.state}  {r.seconds:.0f} s")
 
-        folder = run(on_progress, on_trial)
+        def on_note(line: str):  # the storage waiting for its database, what --hours leaves
+            bar.console.print(line, markup=False, highlight=False, style="yellow", soft_wrap=True)
+
+        folder = run(on_progress, on_trial, on_note)
     _print_report(sweep_report.build(folder))
 
 

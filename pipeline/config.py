@@ -538,6 +538,12 @@ class SweepConfig:
     # off: a grid above GRID_LIMIT is more often a mistyped list than a plan
     large_grid: bool = setting(False, f"Run a grid of more than {GRID_LIMIT:,} trials (configs x seeds); recorded in "
                                       "sweep.json.", flags=("--large-grid",))
+    # no limit: a worker runs until the sweep has no trial left to start, as before --hours existed
+    hours: float | None = setting(None, "This worker starts only trials it can finish within H hours, judged from "
+                                  "the pace measured on this kind of machine.", shown="no limit")
+    # a database restart takes seconds and a failover a minute or two; past 10 minutes a person should look
+    storage_wait_s: float = setting(600.0, "Seconds a worker waits for an unreachable --storage before it stops.",
+                                    flags=("--storage-wait",))
     dims: dict = field(init=False, repr=False, compare=False)  # the space, parsed once: name -> Dimension
     grid_trials: int | None = field(init=False, repr=False, compare=False)  # configs x seeds of a grid (None: tpe)
 
@@ -596,6 +602,8 @@ class SweepConfig:
         _check(self.train.cache is not None or max(alphas) == 0,
                "--cache is required when --alpha is > 0 (the KD term needs teacher logits)")
         _check(self.stale_after_s > 0, "--stale-after must be > 0 seconds")
+        _check(self.hours is None or self.hours > 0, "--hours must be > 0 (leave it out for no limit)")
+        _check(self.storage_wait_s >= 0, "--storage-wait must be >= 0 seconds")
 
     def out_dir(self) -> Path:
         return self.out or DATA_ROOT / "sweeps" / (self.name or "sweep")

@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import files, student, student_data, train_student
+from . import files, student, student_data, sweep_storage, train_student
 from .config import DATA_ROOT, LOSS_SETTINGS, PRUNERS, SAMPLERS, SweepConfig, TrainConfig, applicable, comparable
 from .settings import value_type
+from .sweep_budget import Budget
 from .errors import KdpipeError
 from .plan import Plan, describe
 
@@ -93,12 +94,13 @@ def grid_points(cfg: SweepConfig) -> Iterator[Point]:
 # ------------------------------------------------------------------------------------- storage, study
 
 
-def open_study(cfg: SweepConfig, out: Path):
-    """Create or join the study; the sweep's settings are stored with it and must match on joining."""
+def open_study(cfg: SweepConfig, out: Path, note: Callable[[str], None] | None = None):
+    """Create or join the study; the sweep's settings are stored with it and must match on joining. `note` hears
+    the storage's waits (sweep_storage)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(cfg.storage, out)
+    storage = open_storage(cfg.storage, out, cfg.storage_wait_s, note)
     pruner = {"none": optuna.pruners.NopPruner(),
               "median": optuna.pruners.MedianPruner(n_startup_trials=max(2, len(cfg.seeds)), n_warmup_steps=1),
               "halving": optuna.pruners.SuccessiveHalvingPruner()}[cfg.prune]
@@ -138,20 +140,11 @@ def _same_inputs(study, inputs: dict) -> None:
     study.set_user_attr("kdpipe_inputs", inputs)
 
 
-def open_storage(url: str | None, out: Path):
+def open_storage(url: str | None, out: Path, wait_s: float = 0.0, note: Callable[[str], None] | None = None):
     """None -> Optuna's journal file `<out>/study.journal` (safe for several local processes at once);
-    otherwise an RDB URL (sqlite:///file.db, postgresql://user@host/db, mysql://...)."""
-    from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    if url is None:
-        return JournalStorage(JournalFileBackend(str(out / "study.journal")))
-    try:
-        return RDBStorage(url)
-    except Exception as e:  # sqlalchemy raises many kinds: bad URL, missing driver, refused connection
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdpipeError(f"--storage {url}: cannot open it ({reason}); check the URL, the database driver "
-                          "and that the server is reachable, or leave --storage out for a local file") from None
+    otherwise an RDB URL (sqlite:///file.db, postgresql://user@host/db, mysql://...). Its calls wait up to
+    `wait_s` for a database that stops answering (sweep_storage)."""
+    return sweep_storage.open_storage(url, out, wait_s, note)
 
 
 def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict, note: dict | None = None) -> None:
@@ -386,34 +379,40 @@ def _failing_on_error(study, trial):
     try:
         yield
     except BaseException as e:
-        trial.set_user_attr("failed", str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
-        study.tell(trial, state=TrialState.FAIL)
+        with sweep_storage.recording_failure(study):  # the storage may be what failed: e is what is raised
+            trial.set_user_attr("failed", str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
+            study.tell(trial, state=TrialState.FAIL)
         raise
 
 
 # ---------------------------------------------------------------------------------------- workers
 
 
-def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: student_data.SharedData) -> None:
+def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: student_data.SharedData,
+                 budget: Budget) -> None:
     choices = {name: list(d.choices) for name, d in cfg.dims.items()}
     choices["seed"] = list(cfg.seeds)
     _claim_points(study, {p.key: (p, {"point": p.key, "config": p.config_key}) for p in grid_points(cfg)},
-                  lambda key: cfg, choices, cfg.stale_after_s, out, progress, on_trial, shared)
+                  lambda key: cfg, choices, cfg.stale_after_s, out, progress, on_trial, shared, budget)
 
 
 def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], choices: dict | None,
-                  stale_after_s: float, out: Path, progress, on_trial, shared: student_data.SharedData) -> None:
+                  stale_after_s: float, out: Path, progress, on_trial, shared: student_data.SharedData,
+                  budget: Budget | None = None) -> None:
     """Run free points until none is left: `points` maps a point's key (its run folder's name) to the point
     (params, seed) and the user attributes its trial carries; `config_of(key)` is the sweep it runs under;
-    `choices` (a grid's dimensions) records its values as Optuna parameters, None leaves them in the attributes."""
+    `choices` (a grid's dimensions) records its values as Optuna parameters, None leaves them in the attributes;
+    `budget` (a grid's --hours) leaves the points this worker cannot finish in time, and records each trial's pace."""
     from optuna.trial import TrialState
 
     rng = random.Random(f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
     collided = False
     while True:
         fail_stale_trials(study, stale_after_s)
-        held = _held_points(study)  # once, not once per point
+        held = _held_points(study)  # once: each read is a query of every trial on an RDB
         free = [k for k in points if k not in held]
+        if budget is not None:
+            free = [p.key for p in budget.fitting(study, [points[k][0] for k in free])]
         queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # e.g. a dead worker's
         if not free and not queued:
             return
@@ -433,12 +432,17 @@ def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], 
             collided = True
             continue
         collided = False
-        trial.set_user_attr("owner", _owner())
         point = points[key][0]
+        if budget is not None and not budget.allows(study, point):  # a queued trial other than the one chosen
+            trial.set_user_attr("duplicate", "left for later (--hours)")
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        trial.set_user_attr("owner", _owner())
         for name in sorted(point.params.keys() | {"seed"}) if choices is not None else ():
             trial.suggest_categorical(name, choices[name])  # the queued values, recorded as Optuna parameters
         cfg = config_of(key)
-        with _failing_on_error(study, trial):
+        measured = budget.measuring(trial, [out / "runs" / key]) if budget is not None else contextlib.nullcontext()
+        with _failing_on_error(study, trial), measured:
             run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress, shared, key)
         result = _finish_trial(study, trial, key, point.params, [point.seed], [run])
         if on_trial:
@@ -456,14 +460,16 @@ def _held_points(study) -> set[str]:
     return {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False, states=_live_states())}
 
 
-def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: student_data.SharedData) -> None:
+def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: student_data.SharedData,
+                budget: Budget) -> None:
     from optuna.trial import TrialState
 
     counted = _live_states()
     while True:
         for number in fail_stale_trials(study, cfg.stale_after_s):  # rerun a dead worker's config
             study.enqueue_trial(study.trials[number].params)
-        if len(study.get_trials(deepcopy=False, states=counted)) >= cfg.trials:
+        if len(study.get_trials(deepcopy=False, states=counted)) >= cfg.trials or \
+                not budget.allows_tpe(study, len(cfg.seeds)):
             return
         trial = study.ask()
         trial.set_user_attr("owner", _owner())
@@ -477,7 +483,8 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: 
         trial.set_user_attr("point", key)
         trial.set_user_attr("config", key)
         runs = []
-        with _failing_on_error(study, trial):
+        folders = [out / "runs" / f"{key}-seed{seed}" for seed in cfg.seeds]
+        with _failing_on_error(study, trial), budget.measuring(trial, folders):
             for i, seed in enumerate(cfg.seeds):  # prune on the first seed's curve; the others run in full
                 runs.append(_run_one(cfg, trial, params, seed, out, cfg.prune != "none" and i == 0, progress, shared))
                 if runs[-1]["pruned"]:
@@ -504,18 +511,20 @@ def _suggest(trial, cfg: SweepConfig) -> dict:
 
 
 def run(cfg: SweepConfig, progress: Callable | None = None,
-        on_trial: Callable[[TrialResult, int], None] | None = None) -> Path:
-    """Work on the sweep until no trial is left to start (other workers may still be running theirs).
+        on_trial: Callable[[TrialResult, int], None] | None = None, note: Callable[[str], None] | None = None) -> Path:
+    """Work on the sweep until no trial is left to start (other workers may still be running theirs), or none
+    fits in --hours. `note` hears what the user should know meanwhile (the storage's waits, what --hours leaves).
     Returns the sweep folder; `kdpipe.sweep_report.build(folder)` summarises it."""
     out, cfg = cfg.out_dir(), as_started(cfg)
+    budget = Budget(cfg, note)  # --hours counts from the worker's start
     shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
     inputs = _check_inputs(cfg, shared)
     _check_storage(cfg.storage, out)
     _claim_folder(out, cfg.study_name(), cfg.storage, cfg.spec(), _grid_record(cfg))
-    study = open_study(cfg, out)
+    study = open_study(cfg, out, note)
     _same_inputs(study, inputs)
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
-    worker(cfg, study, out, progress, on_trial, shared)
+    worker(cfg, study, out, progress, on_trial, shared, budget)
     return out
 
 
@@ -562,7 +571,8 @@ AMENDMENTS_ATTR = "kdpipe_amendments"  # dated, one per change of the plan (poin
 
 def run_plan(plan: Plan, out: Path | None = None, storage: str | None = None, name: str | None = None,
              stale_after_s: float = 3600.0, progress: Callable | None = None,
-             on_trial: Callable[[TrialResult, int], None] | None = None) -> Path:
+             on_trial: Callable[[TrialResult, int], None] | None = None, storage_wait_s: float = 600.0,
+             note: Callable[[str], None] | None = None) -> Path:
     """Work on a plan's study (`kdpipe sweep --plan`) until none of its points is left to start: the same
     storage, claims, resume and dead-worker recovery as a grid, one trial per point (arm x budget x seed x
     config), each an ordinary run folder `<out>/runs/<arm>-e<budget>[-<config>]-seed<k>`."""
@@ -583,7 +593,8 @@ def run_plan(plan: Plan, out: Path | None = None, storage: str | None = None, na
     _check_storage(storage, out)
     _claim_folder(out, study_name, storage, {"plan": plan.name})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=open_storage(storage, out), study_name=study_name, direction="maximize",
+    study = optuna.create_study(storage=open_storage(storage, out, storage_wait_s, note), study_name=study_name,
+                                direction="maximize",
                                 load_if_exists=True, sampler=optuna.samplers.RandomSampler())
     record_plan(study, plan, points, _teacher_accuracy(shared, configs.values()))
     _same_arm_inputs(study, inputs)
