@@ -259,7 +259,7 @@ def test_the_report_of_a_sweep_whose_database_is_away_is_one_line(run_cli, tmp_p
     pytest.importorskip("psycopg")
     sw = tmp_path / "sw"
     sw.mkdir()
-    (sw / "sweep.json").write_text(json.dumps({"study_name": "sw", "spec": {},
+    (sw / "sweep.json").write_text(json.dumps({"study_name": "sw", "spec": {"plan": "sw"},  # a plan study's record
                                                "storage": f"postgresql://kd:{PASSWORD}@127.0.0.1:1/kdpipe"}))
     code, out = run_cli("sweep-report", sw)
     assert code == 1 and "postgresql://kd:***@127.0.0.1:1/kdpipe: cannot connect" in out and PASSWORD not in out, out
