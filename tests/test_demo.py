@@ -105,8 +105,8 @@ def test_the_readme_demo_runs_in_a_bare_copy_with_no_network(tmp_path):
                            timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout
-    assert str(copy / "pipeline") in subprocess.run([sys.executable, "-c", "import kdpipe; print(kdpipe.__file__)"],
-                                                   env=env, capture_output=True, text=True).stdout
+    where = [sys.executable, "-c", "import kdpipe, pathlib; print(pathlib.Path(kdpipe.__file__).resolve())"]
+    assert str(copy / "pipeline") in subprocess.run(where, env=env, capture_output=True, text=True).stdout
     for row in ("teacher", "distilled", "twin"):
         assert re.search(rf"│ {row} .*│\s+\d+\.\d% │\s+\d+\.\d% │", out), out
     assert "distilled − twin on test" in out
