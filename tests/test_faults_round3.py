@@ -38,7 +38,7 @@ def _sweep(run_cli, cache, out, *extra):
 def test_a_sweep_folder_records_only_a_storage_that_opened_and_refuses_another(run_cli, cache_dir, tmp_path):
     sw = tmp_path / "sw"
     code, text = _sweep(run_cli, cache_dir, sw, "--storage", "nonsense")
-    _one_line_error(code, text, "--storage nonsense: cannot open it")
+    _one_line_error(code, text, "--storage nonsense: not a database URL")
     assert not (sw / "sweep.json").exists()  # before: "nonsense" recorded, and every later run bound to it
     code, text = _sweep(run_cli, cache_dir, sw)  # the journal file in the folder
     assert code == 0, text
