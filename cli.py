@@ -260,13 +260,14 @@ def demo_cmd():
             raise typer.Exit(code)
     with user_errors():
         rows = demo.summary()
-    table = Table(title="the embedded demo: a teacher, its distilled student and the student's λ = 0 twin")
-    for col in ("", "model", "validation acc", "test acc", "test agreement with teacher", "folder"):
-        table.add_column(col, justify="right" if "acc" in col or "agreement" in col else "left")
+    table = Table(title="the embedded demo: teacher, distilled student, λ = 0 twin")
+    for col in ("model", "validation", "test", "test agreement"):
+        table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
-        table.add_row(r.name, r.what, f"{r.validation:.1%}", f"{r.test:.1%}",
-                      "-" if r.test_agreement is None else f"{r.test_agreement:.1%}", r.folder)
+        table.add_row(f"{r.name} ({r.what})", f"{r.validation:.1%}", f"{r.test:.1%}",
+                      "-" if r.test_agreement is None else f"{r.test_agreement:.1%}")
     console.print(table)
+    console.print("in " + ", ".join(r.folder for r in rows), highlight=False, soft_wrap=True)
     kd, twin = rows[1], rows[2]
     console.print(f"distilled − twin on test: {100 * (kd.test - twin.test):+.1f} pp (one seed, "
                   f"{demo.EPOCHS} epochs; docs/results.md has several seeds and longer budgets)", highlight=False)

@@ -78,7 +78,7 @@ def summary(cache: str = CACHE, runs: dict[str, str] = RUNS) -> list[Row]:
     for name, folder in runs.items():
         r = run_folder.load_report(Path(folder))
         alpha = r.run["config"]["alpha"]
-        what = f"student, λ = {alpha:g}, T = {r.run['config']['temperature']:g}" if alpha else "student, λ = 0 (its twin)"
+        what = f"λ {alpha:g}, T {r.run['config']['temperature']:g}" if alpha else "λ 0"
         out.append(Row(name, what, r.validation["accuracy"], r.test["accuracy"],
                        r.test.get("teacher_agreement"), str(folder)))
     return out
