@@ -23,6 +23,14 @@ COLOURS = {"angular_leaf_spot": (200, 60, 60), "bean_rust": (60, 200, 60), "heal
 SIZE = 32  # teacher processor and student resolution in tests
 
 
+def one_line_error(code: int, out: str, *fragments: str) -> None:
+    """A refused command: exit 1, no traceback, exactly one `error:` line, holding every fragment."""
+    assert code == 1, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(f in out for f in fragments), out
+
+
 def make_image_folder(root: Path, per_class: dict[str, int] | None = None, size: int = 40, seed: int = 0) -> Path:
     """split/class/*.png images whose class is visible in their colour (separable), with noise."""
     rng = np.random.default_rng(seed)

@@ -16,18 +16,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import TINY_STUDENT, make_image_folder, spawn_kdpipe, tiny_train_config, write_split
+from conftest import TINY_STUDENT, make_image_folder, spawn_kdpipe, tiny_train_config, write_split, one_line_error
 from kdpipe import files, locking, logit_store, train_student
 from kdpipe.errors import KdpipeError
 
 TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--batch-size", "8", "--precision", "fp32", "--device", "cpu"]
-
-
-def _one_line_error(code: int, out: str, *fragments: str) -> None:
-    assert code == 1, out
-    assert "Traceback" not in out, out
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and all(f in out for f in fragments), out
 
 
 def _train(run_cli, cache, out, *extra):
@@ -51,7 +44,7 @@ def test_images_changed_under_the_same_id_are_refused_unless_accepted(run_cli, c
     data = _changed_copy(image_folder, tmp_path / "changed", *changed)
     out = tmp_path / "run"
     code, text = _train(run_cli, cache_dir, out, "--dataset", data)
-    _one_line_error(code, text, "2 examples", "'train': 2 of 36", "--allow-changed-data")
+    one_line_error(code, text, "2 examples", "'train': 2 of 36", "--allow-changed-data")
     assert any(f"e.g. {name}" in text for name in changed), text  # one of them, by its path
     assert not out.exists()  # refused before anything was written
     code, text = _train(run_cli, cache_dir, out, "--dataset", data, "--allow-changed-data")
@@ -81,7 +74,7 @@ def test_the_same_images_in_another_folder_train_without_the_flag(run_cli, cache
 def test_non_finite_train_flags_are_refused(run_cli, cache_dir, tmp_path, flag, value):
     out = tmp_path / "run"
     code, text = _train(run_cli, cache_dir, out, flag, value)
-    _one_line_error(code, text, "finite", "-T" if flag == "-T" else flag)
+    one_line_error(code, text, "finite", "-T" if flag == "-T" else flag)
     assert not out.exists()
 
 
@@ -90,7 +83,7 @@ def test_non_finite_train_flags_are_refused(run_cli, cache_dir, tmp_path, flag, 
 def test_non_finite_cache_flags_are_refused(run_cli, image_folder, teacher_dir, tmp_path, args):
     code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--out", tmp_path / "c",
                          *args)
-    _one_line_error(code, text, args[-2])
+    one_line_error(code, text, args[-2])
     assert not (tmp_path / "c").exists()
 
 
@@ -101,7 +94,7 @@ def test_non_finite_sweep_flags_are_refused(run_cli, cache_dir, tmp_path, args):
     code, text = run_cli("sweep", "--cache", cache_dir, "--epochs", "1", "--seeds", "0", "--out", tmp_path / "sw",
                          *TINY[:2], *args)
     flag = next(a for a in args if a in ("-T", "--lr", "--stale-after"))
-    _one_line_error(code, text, flag, "finite")
+    one_line_error(code, text, flag, "finite")
     assert not (tmp_path / "sw").exists()
 
 
@@ -110,7 +103,7 @@ def test_a_loss_that_turns_non_finite_stops_the_run_naming_epoch_step_and_term(r
     step while CE stays finite."""
     out = tmp_path / "run"
     code, text = _train(run_cli, cache_dir, out, "-T", "1e-40")
-    _one_line_error(code, text, "non-finite", "epoch 1, step 1 of 5", "(term: kd)")  # CE stayed finite
+    one_line_error(code, text, "non-finite", "epoch 1, step 1 of 5", "(term: kd)")  # CE stayed finite
     assert not out.exists()  # stopped in its first epoch: no model, run.json, checkpoint, metrics, events, folder
     code, text = _train(run_cli, cache_dir, out)  # the folder is free for a corrected run
     assert code == 0, text
@@ -157,7 +150,7 @@ def test_an_out_that_is_an_existing_file_is_one_line(run_cli, cache_dir, image_f
             "train-student": ["--cache", cache_dir, "--epochs", "1", *TINY],
             "sweep": ["--cache", cache_dir, "--epochs", "1", "--seeds", "0", *TINY]}[command]
     code, text = run_cli(command, *args, "--out", target)
-    _one_line_error(code, text, str(target), "is a file")
+    one_line_error(code, text, str(target), "is a file")
     assert target.read_text() == "keep me\n"
 
 
@@ -166,7 +159,7 @@ def test_evaluate_on_a_run_without_its_weights_file_is_one_line(run_cli, cache_d
     assert _train(run_cli, cache_dir, out)[0] == 0
     (out / "model" / "model.safetensors").unlink()
     code, text = run_cli("evaluate", out)
-    _one_line_error(code, text, "model.safetensors", "missing")
+    one_line_error(code, text, "model.safetensors", "missing")
 
 
 # --------------------------------------------------------------------------- 5: --resume on a finished run
@@ -177,7 +170,7 @@ def test_resume_with_other_settings_on_a_finished_run_is_refused(run_cli, cache_
     assert _train(run_cli, cache_dir, out)[0] == 0
     before = (out / "run.json").read_text()
     code, text = run_cli("train-student", "--cache", cache_dir, "--epochs", "2", "--out", out, "--resume", *TINY)
-    _one_line_error(code, text, "--resume", "other settings", "epochs")
+    one_line_error(code, text, "--resume", "other settings", "epochs")
     assert (out / "run.json").read_text() == before
     code, text = _train(run_cli, cache_dir, out, "--resume")  # the same settings: its saved report
     assert code == 0 and "best epoch 1" in text, text
@@ -236,7 +229,7 @@ def test_a_cache_folder_of_another_dataset_is_refused_or_rebuilt_whole(run_cli, 
     args = ["cache-teacher", "--teacher", teacher_dir, "--dataset", other, "--out", out, "--workers", "0",
             "--precision", "fp32"]
     code, text = run_cli(*args)
-    _one_line_error(code, text, "test.parquet", "another dataset", "--force")
+    one_line_error(code, text, "test.parquet", "another dataset", "--force")
     assert sorted(p.name for p in out.glob("*.parquet")) == ["test.parquet", "train.parquet", "validation.parquet"]
     logit_store.read_split(out / "train.parquet")
     assert logit_store.read_meta(out / "train.parquet")["rows"] == 36  # untouched
@@ -256,10 +249,10 @@ def test_inspect_cache_refuses_splits_that_disagree(run_cli, cache_dir, teacher_
     shutil.copytree(cache_dir, mixed)
     shutil.copy(second / "test.parquet", mixed / "test.parquet")  # valid on its own, from another dataset
     code, text = run_cli("inspect-cache", mixed)
-    _one_line_error(code, text, "test", "another dataset")
+    one_line_error(code, text, "test", "another dataset")
     assert "verified" not in text
     code, text = _train(run_cli, mixed, tmp_path / "run")
-    _one_line_error(code, text, "test", "another dataset")
+    one_line_error(code, text, "test", "another dataset")
 
 
 # --------------------------------------------------------------------------------- 8: the smaller items
@@ -269,7 +262,7 @@ def test_inspect_cache_refuses_splits_that_disagree(run_cli, cache_dir, teacher_
 def test_a_missing_split_names_its_own_flag_and_leaves_no_folder(run_cli, cache_dir, tmp_path, flag):
     out = tmp_path / "deep" / "run"
     code, text = _train(run_cli, cache_dir, out, flag, "nope")
-    _one_line_error(code, text, f"{flag} nope")
+    one_line_error(code, text, f"{flag} nope")
     assert "--splits" not in text
     assert not (tmp_path / "deep").exists()  # neither the folder nor the parents it would have made
 
@@ -277,7 +270,7 @@ def test_a_missing_split_names_its_own_flag_and_leaves_no_folder(run_cli, cache_
 def test_a_refused_cache_teacher_leaves_no_folder(run_cli, image_folder, teacher_dir, tmp_path):
     code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--splits", "nope",
                          "--out", tmp_path / "c")
-    _one_line_error(code, text, "--splits", "nope")
+    one_line_error(code, text, "--splits", "nope")
     assert not (tmp_path / "c").exists()
 
 
@@ -298,14 +291,14 @@ def test_a_full_disk_at_the_first_checkpoint_leaves_no_orphan_digest(cache_dir, 
 @pytest.mark.parametrize("spec", ["./no/such/teacher", "/no/such/teacher", "~/no-such-teacher"])
 def test_a_teacher_folder_that_does_not_exist_is_reported_as_a_missing_folder(run_cli, image_folder, tmp_path, spec):
     code, text = run_cli("cache-teacher", "--teacher", spec, "--dataset", image_folder, "--out", tmp_path / "c")
-    _one_line_error(code, text, f"--teacher {spec}", "no such folder")
+    one_line_error(code, text, f"--teacher {spec}", "no such folder")
     assert "could not load it from the Hugging Face Hub" not in text and "Repo id" not in text
 
 
 def test_a_hub_like_teacher_name_that_is_not_found_mentions_both_places(run_cli, image_folder, tmp_path):
     code, text = run_cli("cache-teacher", "--teacher", "no-such-teacher", "--dataset", image_folder, "--out",
                          tmp_path / "c")
-    _one_line_error(code, text, "--teacher no-such-teacher", "Hub", "no local folder")
+    one_line_error(code, text, "--teacher no-such-teacher", "Hub", "no local folder")
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -321,7 +314,7 @@ def test_a_teacher_config_that_does_not_fit_is_one_line(run_cli, image_folder, t
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, field: value}))
     code, text = run_cli("cache-teacher", "--teacher", teacher, "--dataset", image_folder, "--out", tmp_path / "c")
-    _one_line_error(code, text, f"--teacher {teacher}", message)
+    one_line_error(code, text, f"--teacher {teacher}", message)
     assert not (tmp_path / "c").exists()
 
 
@@ -344,7 +337,7 @@ def test_a_recorded_dataset_that_is_gone_names_the_flag_that_replaces_it(run_cli
     assert code == 0, text
     data.rename(tmp_path / "moved")
     code, text = run_cli("evaluate", out)
-    _one_line_error(code, text, f"--dataset: the recorded dataset {data} is gone", "pass --dataset PATH")
+    one_line_error(code, text, f"--dataset: the recorded dataset {data} is gone", "pass --dataset PATH")
     code, text = run_cli("evaluate", out, "--dataset", tmp_path / "moved")
     assert code == 0 and "accuracy" in text, text
 
@@ -357,7 +350,7 @@ def test_verify_with_a_recorded_teacher_that_is_gone_names_the_flag(run_cli, ima
     assert code == 0, text
     teacher.rename(tmp_path / "moved")
     code, text = run_cli("inspect-cache", tmp_path / "c", "--verify", "2")
-    _one_line_error(code, text, "--teacher: the recorded teacher folder", "is gone", "pass --teacher PATH")
+    one_line_error(code, text, "--teacher: the recorded teacher folder", "is gone", "pass --teacher PATH")
     code, text = run_cli("inspect-cache", tmp_path / "c", "--verify", "2", "--teacher", tmp_path / "moved")
     assert code == 0 and "argmax agreement 100.00%" in text.replace("\n", " "), text
 
@@ -402,17 +395,17 @@ def test_a_cache_written_before_image_digests_is_still_refused_when_its_images_c
         write_split(path, s.ids, s.labels, s.logits, meta)
     data = _changed_copy(image_folder, tmp_path / "changed", "validation/healthy/healthy_1.png")
     code, text = _train(run_cli, old, tmp_path / "run", "--dataset", data)
-    _one_line_error(code, text, "'validation'", "predates per-image digests", "--allow-changed-data")
+    one_line_error(code, text, "'validation'", "predates per-image digests", "--allow-changed-data")
 
 
 def test_resume_into_a_folder_of_another_kind_is_refused(run_cli, cache_dir, tmp_path):
     cache = shutil.copytree(cache_dir, tmp_path / "cache")
     before = sorted(p.name for p in cache.iterdir())
     code, text = _train(run_cli, cache_dir, cache, "--resume")
-    _one_line_error(code, text, "not a train-student run folder", "train.parquet")
+    one_line_error(code, text, "not a train-student run folder", "train.parquet")
     assert sorted(p.name for p in cache.iterdir()) == before
     code, text = run_cli("sweep", "--cache", cache_dir, "--epochs", "1", "--seeds", "0", "--out", cache, *TINY)
-    _one_line_error(code, text, "not a sweep")
+    one_line_error(code, text, "not a sweep")
     assert sorted(p.name for p in cache.iterdir()) == before
 
 
@@ -421,12 +414,12 @@ def test_cache_teacher_refuses_an_out_inside_the_dataset_or_in_a_run(run_cli, im
     data = shutil.copytree(image_folder, tmp_path / "data")
     for out in (data, data / "cache"):
         code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", data, "--out", out)
-        _one_line_error(code, text, "inside --dataset")
+        one_line_error(code, text, "inside --dataset")
     assert sorted(p.name for p in data.iterdir()) == ["test", "train", "validation"]  # not even a lock file
     run = tmp_path / "run"
     assert _train(run_cli, cache_dir, run)[0] == 0
     code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--out", run)
-    _one_line_error(code, text, "not a cache")
+    one_line_error(code, text, "not a cache")
     assert not list(run.glob("*.parquet"))
 
 
@@ -449,7 +442,7 @@ def test_an_out_that_cannot_be_a_folder_is_one_line(run_cli, cache_dir, tmp_path
 
         monkeypatch.setattr(Path, "mkdir", mkdir)
     code, text = _train(run_cli, cache_dir, out)
-    _one_line_error(code, text, "--out")
+    one_line_error(code, text, "--out")
     assert (tmp_path / "notes.txt").read_text() == "keep me\n"
 
 
@@ -457,7 +450,7 @@ def test_evaluate_on_damaged_runs_and_missing_splits_is_one_line(run_cli, cache_
     out = tmp_path / "run"
     assert _train(run_cli, cache_dir, out)[0] == 0
     code, text = run_cli("evaluate", out, "--split", "nope")
-    _one_line_error(code, text, "--split nope", "not in dataset")
+    one_line_error(code, text, "--split nope", "not in dataset")
     def bad_field(run):  # a strict-config error (transformers 5): was a traceback
         config = run / "model" / "config.json"
         config.write_text(config.read_text().replace('"depth_multiplier": 0.35', '"depth_multiplier": -1'))
@@ -467,9 +460,9 @@ def test_evaluate_on_damaged_runs_and_missing_splits_is_one_line(run_cli, cache_
         broken = shutil.copytree(out, tmp_path / name)
         damage(broken)
         code, text = run_cli("evaluate", broken)
-        _one_line_error(code, text, str(broken))
+        one_line_error(code, text, str(broken))
     code, text = _train(run_cli, cache_dir, tmp_path / "run.json", "--resume")  # resuming the damaged finished run
-    _one_line_error(code, text, "run.json", "damaged")
+    one_line_error(code, text, "run.json", "damaged")
 
 
 def test_a_teacher_that_outputs_nan_is_refused_and_nothing_is_written(run_cli, image_folder, tmp_path):
@@ -485,7 +478,7 @@ def test_a_teacher_that_outputs_nan_is_refused_and_nothing_is_written(run_cli, i
     model.save_pretrained(teacher)
     code, text = run_cli("cache-teacher", "--teacher", teacher, "--dataset", image_folder, "--out", tmp_path / "c",
                          "--workers", "0", "--precision", "fp32")
-    _one_line_error(code, text, "non-finite logits", "--precision fp32")
+    one_line_error(code, text, "non-finite logits", "--precision fp32")
     assert not list((tmp_path / "c").glob("*.parquet"))
 
 
@@ -506,19 +499,19 @@ def test_other_hostile_train_values_are_one_line(run_cli, cache_dir, tmp_path, a
     else:
         code, text = run_cli("train-student", "--cache", cache_dir, "--epochs", "1", "--out", tmp_path / "run",
                              "--precision", "fp32", *args)
-    _one_line_error(code, text, message)
+    one_line_error(code, text, message)
     assert not (tmp_path / "run").exists()
 
 
 def test_other_hostile_cache_values_are_one_line(run_cli, image_folder, teacher_dir, cache_dir, tmp_path):
     code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--out", tmp_path / "c",
                          "--workers", str(4 * (os.cpu_count() or 1) + 1))
-    _one_line_error(code, text, "--workers")
+    one_line_error(code, text, "--workers")
     code, text = run_cli("cache-teacher", "--teacher", teacher_dir / "config.json", "--dataset", image_folder, "--out",
                          tmp_path / "c")
-    _one_line_error(code, text, "a file")
+    one_line_error(code, text, "a file")
     code, text = run_cli("inspect-cache", cache_dir, "--verify", "-1")
-    _one_line_error(code, text, "--verify")
+    one_line_error(code, text, "--verify")
     assert not (tmp_path / "c").exists()
 
 
@@ -529,4 +522,4 @@ def test_a_truncated_parquet_dataset_file_is_named(run_cli, teacher_dir, tmp_pat
     raw = (data / "test.parquet").read_bytes()
     (data / "test.parquet").write_bytes(raw[:len(raw) // 2])
     code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", data, "--out", tmp_path / "c")
-    _one_line_error(code, text, "test.parquet", "not a readable Parquet file")
+    one_line_error(code, text, "test.parquet", "not a readable Parquet file")

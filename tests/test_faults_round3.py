@@ -14,18 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_STUDENT, make_image_folder, read_cache_table, tiny_train_config
+from conftest import TINY_STUDENT, make_image_folder, read_cache_table, tiny_train_config, one_line_error
 from kdpipe import files
 from kdpipe.errors import KdpipeError
 
 TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
-
-
-def _one_line_error(code: int, out: str, *fragments: str) -> None:
-    assert code == 1, out
-    assert "Traceback" not in out, out
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and all(f in out for f in fragments), out
 
 
 def _sweep(run_cli, cache, out, *extra):
@@ -38,13 +31,13 @@ def _sweep(run_cli, cache, out, *extra):
 def test_a_sweep_folder_records_only_a_storage_that_opened_and_refuses_another(run_cli, cache_dir, tmp_path):
     sw = tmp_path / "sw"
     code, text = _sweep(run_cli, cache_dir, sw, "--storage", "nonsense")
-    _one_line_error(code, text, "--storage nonsense: not a database URL")
+    one_line_error(code, text, "--storage nonsense: not a database URL")
     assert not (sw / "sweep.json").exists()  # before: "nonsense" recorded, and every later run bound to it
     code, text = _sweep(run_cli, cache_dir, sw)  # the journal file in the folder
     assert code == 0, text
     other = tmp_path / "other.db"
     code, text = _sweep(run_cli, cache_dir, sw, "--storage", f"sqlite:///{other}")
-    _one_line_error(code, text, f"--storage sqlite:///{other}", "the journal file", "study.journal")
+    one_line_error(code, text, f"--storage sqlite:///{other}", "the journal file", "study.journal")
     assert not other.exists()  # before: a second copy of the study created there, while reports read the first
     code, text = run_cli("sweep-report", sw)
     assert code == 0 and "1 complete" in text, text
@@ -81,7 +74,7 @@ def test_a_sweep_json_of_the_wrong_shape_is_damaged_for_the_report_and_the_rerun
     for argv in (["sweep-report", sw], ["sweep", "--cache", cache_dir, "--epochs", "1", "--seeds", "0", "--alpha",
                                         "0,0.5", "--out", sw, *TINY]):
         code, text = run_cli(*argv)
-        _one_line_error(code, text, "sweep.json is damaged")
+        one_line_error(code, text, "sweep.json is damaged")
 
 
 def test_a_sweep_json_without_a_train_setting_reads_it_at_its_default(run_cli, cache_dir, tmp_path):
@@ -168,7 +161,7 @@ def test_a_huge_grid_is_refused_before_anything_runs_unless_confirmed(run_cli, c
     temps = ",".join(str(t) for t in range(1, 51))
     sw = tmp_path / "sw"
     code, text = _sweep(run_cli, cache_dir, sw, "--lr", lrs, "--alpha", alphas, "-T", temps)
-    _one_line_error(code, text, "10,000,000 trials", "--large-grid")
+    one_line_error(code, text, "10,000,000 trials", "--large-grid")
     assert not sw.exists()
     tracemalloc.start()
     cfg = SweepConfig(train=tiny_train_config(cache=cache_dir, epochs=1), seeds=[0], large_grid=True, out=sw,
@@ -201,7 +194,7 @@ def test_verify_gives_a_verdict_and_names_a_teacher_with_other_weights(run_cli, 
     assert code == 0 and "verdict: the cache matches" in text and "warning" not in text, text
     other = _scaled_teacher(teacher_dir, tmp_path / "other")
     code, text = run_cli("inspect-cache", cache_dir, "--verify", "6", "--device", "cpu", "--teacher", other)
-    _one_line_error(code, text, "does not match this teacher", "beyond the tolerance 0.002", "--force")
+    one_line_error(code, text, "does not match this teacher", "beyond the tolerance 0.002", "--force")
     assert "weights (sha256" in text and "are not those the cache was built with" in text, text  # before: exit 0
 
 
@@ -220,10 +213,10 @@ def test_inspect_cache_refuses_a_split_file_that_holds_another_split(run_cli, ca
         table = table.replace_schema_metadata({b"kdpipe": json.dumps({**meta, "split": "test"}).encode()})
         pq.write_table(table, cache / "validation.parquet")
     code, text = run_cli("inspect-cache", cache)
-    _one_line_error(code, text, "holds the logits of split", "rename it back")
+    one_line_error(code, text, "holds the logits of split", "rename it back")
     assert "verified" not in text  # before: "verified 3 split files"
     code, text = run_cli("train-student", "--cache", cache, "--epochs", "1", "--out", tmp_path / "run", *TINY)
-    _one_line_error(code, text, "holds the logits of split")
+    one_line_error(code, text, "holds the logits of split")
 
 
 # ------------------------------------------------------------------------------------------- 8: smaller
@@ -277,7 +270,7 @@ def test_a_name_is_a_plain_name(run_cli, cache_dir, tmp_path, command, name):
     os.chdir(tmp_path / "deep" / "er")  # data/runs/../../x would land in tmp_path/deep/er/x: outside data/
     args = ["--seeds", "0"] if command == "sweep" else []
     code, text = run_cli(command, "--cache", cache_dir, "--epochs", "1", "--name", name, *args, *TINY)
-    _one_line_error(code, text, "--name", "a plain folder name")
+    one_line_error(code, text, "--name", "a plain folder name")
     assert not (tmp_path / "deep" / "er" / "x").exists() and not (tmp_path / "deep" / "er" / "data").exists()
 
 
@@ -328,11 +321,11 @@ def test_parquet_entries_naming_files_outside_the_dataset_are_refused(run_cli, i
     data = _parquet_of_paths(tmp_path / "pq", image_folder, {2: entry})
     code, text = run_cli("cache-teacher", "--dataset", data, "--teacher", teacher_dir, "--out", tmp_path / "c",
                          "--precision", "fp32", "--workers", "0")
-    _one_line_error(code, text, message, "row 2 of split 'train'", "--allow-outside-images")
+    one_line_error(code, text, message, "row 2 of split 'train'", "--allow-outside-images")
     assert not (tmp_path / "c").exists()
     code, text = run_cli("train-student", "--dataset", data, "--alpha", "0", "--epochs", "1", "--out", tmp_path / "r",
                          *TINY)
-    _one_line_error(code, text, message)
+    one_line_error(code, text, message)
 
 
 def test_outside_images_allowed_by_the_flag_are_recorded_and_devices_still_refused(run_cli, image_folder, teacher_dir,
@@ -352,7 +345,7 @@ def test_outside_images_allowed_by_the_flag_are_recorded_and_devices_still_refus
     device = _parquet_of_paths(tmp_path / "pq2", image_folder, {1: "/dev/zero"})
     code, text = run_cli("cache-teacher", "--dataset", device, "--teacher", teacher_dir, "--out", tmp_path / "c2",
                          "--precision", "fp32", "--workers", "0", "--allow-outside-images")
-    _one_line_error(code, text, "/dev/zero", "not a regular file")
+    one_line_error(code, text, "/dev/zero", "not a regular file")
 
 
 def test_an_image_file_larger_than_any_image_is_not_read(tmp_path, monkeypatch):
@@ -397,13 +390,13 @@ def test_a_folder_whose_classes_the_loader_cannot_see_names_the_files_not_the_la
     (data / "train" / "healthy" / "healthy_0.png").rename(data / "train" / "healthy" / "heal\\thy_0.png")
     code, text = run_cli("train-student", "--dataset", data, "--alpha", "0", "--epochs", "1", "--out", tmp_path / "r",
                          *TINY)
-    _one_line_error(code, text, "no class folders found", '"train/healthy/heal\\\\thy_0.png"', "move or rename")
+    one_line_error(code, text, "no class folders found", '"train/healthy/heal\\\\thy_0.png"', "move or rename")
     assert "--label-column" not in text  # before: "cannot tell which column ...; pass --label-column"
     data2 = _folder(tmp_path, "data2")
     shutil.copy(data2 / "train" / "healthy" / "healthy_0.png", data2 / "train" / "stray.png")  # not in a class
     code, text = run_cli("train-student", "--dataset", data2, "--alpha", "0", "--epochs", "1", "--out", tmp_path / "r",
                          *TINY)
-    _one_line_error(code, text, "no class folders found", '"train/stray.png"')
+    one_line_error(code, text, "no class folders found", '"train/stray.png"')
 
 
 @pytest.mark.parametrize("case", ["no training images", "one image, two labels"])
@@ -418,10 +411,10 @@ def test_label_issues_are_refused_unless_accepted_and_then_recorded(run_cli, tmp
     out = tmp_path / "r"
     args = ["--dataset", data, "--alpha", "0", "--epochs", "1", *TINY]
     code, text = run_cli("train-student", *args, "--out", out)
-    _one_line_error(code, text, expected, "--allow-label-issues")  # before: trained without a word
+    one_line_error(code, text, expected, "--allow-label-issues")  # before: trained without a word
     assert not out.exists()
     code, text = run_cli("sweep", *args, "--seeds", "0", "--lr", "1e-3,3e-3", "--out", tmp_path / "sw")
-    _one_line_error(code, text, expected)
+    one_line_error(code, text, expected)
     assert not (tmp_path / "sw").exists()
     code, text = run_cli("train-student", *args, "--out", out, "--allow-label-issues")
     assert code == 0 and "trained with --allow-label-issues" in text, text
@@ -457,14 +450,14 @@ def test_a_file_name_that_is_not_utf8_is_named(run_cli, tmp_path):
     os.rename(data / "train" / "healthy" / "healthy_0.png", os.fsencode(data / "train" / "healthy") + b"/bad\xff.png")
     code, text = run_cli("train-student", "--dataset", data, "--alpha", "0", "--epochs", "1", "--out", tmp_path / "r",
                          *TINY)
-    _one_line_error(code, text, "is not UTF-8", "bad\\udcff.png", "rename it")  # before: "An error occurred while
+    one_line_error(code, text, "is not UTF-8", "bad\\udcff.png", "rename it")  # before: "An error occurred while
     # generating the dataset", naming nothing
 
 
 @pytest.mark.parametrize("url", ["sqlite:///relative.db", "sqlite:///:memory:"])
 def test_a_new_sweep_refuses_an_sqlite_file_that_depends_on_the_working_folder(run_cli, cache_dir, tmp_path, url):
     code, text = _sweep(run_cli, cache_dir, tmp_path / "sw", "--storage", url)
-    _one_line_error(code, text, "absolute path", "four slashes")
+    one_line_error(code, text, "absolute path", "four slashes")
     assert not (tmp_path / "sw").exists() and not (tmp_path / "relative.db").exists()
 
 
