@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from kdpipe import hub
-from test_faults_input import _one_line_error
+from conftest import one_line_error
 
 NO_NAME = urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
@@ -53,7 +53,7 @@ def test_a_hub_that_does_not_answer_is_a_one_line_error_before_any_library_call(
                  "--student", "owner/student")]
     for flag, *args in commands:
         code, text = run_cli(*args, "--out", tmp_path / "out")
-        _one_line_error(code, text, flag, "the Hugging Face Hub cannot be reached", "Name or service not known",
+        one_line_error(code, text, flag, "the Hugging Face Hub cannot be reached", "Name or service not known",
                         "offline? pass a local", "HF_HUB_OFFLINE=1")
     assert calls == [("https://huggingface.co", "HEAD", hub.PROBE_TIMEOUT_S)]  # asked once per process
     assert not (tmp_path / "out").exists()
