@@ -36,7 +36,7 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from . import files, student, student_data, sweep_storage, train_student
 from .config import DATA_ROOT, LOSS_SETTINGS, PRUNERS, SAMPLERS, SweepConfig, TrainConfig, applicable, comparable
@@ -81,8 +81,9 @@ def grid_points(cfg: SweepConfig) -> Iterator[Point]:
     without the KD term the temperature and the loss change nothing, so they are left out of those configs;
     likewise a loss's own settings (e.g. --dkd-beta) are left out of the other losses' configs (applicable).
     Yielded lazily, in product order: a config at its first occurrence, where each setting it leaves out holds
-    its first value. Nothing needs the whole list to count or refuse a grid (cfg.grid_trials, config.GRID_LIMIT);
-    a worker holds the points of a grid it runs (_grid_worker)."""
+    its first value. Nothing holds the whole list: a grid is counted and refused without it (cfg.grid_trials,
+    config.GRID_LIMIT), and a worker reads it afresh, as far as the first free points, before each trial
+    (_claim_points)."""
     dims = cfg.dims
     names = sorted(dims)
     for values in itertools.product(*(dims[n].choices for n in names)):
@@ -392,17 +393,18 @@ def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared:
                  budget: Budget) -> None:
     choices = {name: list(d.choices) for name, d in cfg.dims.items()}
     choices["seed"] = list(cfg.seeds)
-    _claim_points(study, {p.key: (p, {"point": p.key, "config": p.config_key}) for p in grid_points(cfg)},
-                  lambda key: cfg, choices, cfg.stale_after_s, out, progress, on_trial, shared, budget)
+    _claim_points(study, lambda: grid_points(cfg), lambda p: {"point": p.key, "config": p.config_key},
+                  lambda p: cfg, choices, cfg.stale_after_s, out, progress, on_trial, shared, budget)
 
 
-def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], choices: dict | None,
-                  stale_after_s: float, out: Path, progress, on_trial, shared: student_data.SharedData,
-                  budget: Budget | None = None) -> None:
-    """Run free points until none is left: `points` maps a point's key (its run folder's name) to the point
-    (params, seed) and the user attributes its trial carries; `config_of(key)` is the sweep it runs under;
-    `choices` (a grid's dimensions) records its values as Optuna parameters, None leaves them in the attributes;
-    `budget` (a grid's --hours) leaves the points this worker cannot finish in time, and records each trial's pace."""
+def _claim_points(study, points: Callable[[], Iterable], attrs: Callable[[Any], dict],
+                  config_of: Callable[[Any], SweepConfig], choices: dict | None, stale_after_s: float, out: Path,
+                  progress, on_trial, shared: student_data.SharedData, budget: Budget | None = None) -> None:
+    """Run free points until none is left. `points()` yields the points afresh, in order (a grid's lazily:
+    never held whole); each has a key (its run folder's name), params and a seed; `attrs(point)` are the user
+    attributes its trial carries; `config_of(point)` is the sweep it runs under; `choices` (a grid's dimensions)
+    records its values as Optuna parameters, None leaves them in the attributes; `budget` (a grid's --hours)
+    leaves the points this worker cannot finish in time, and records each trial's pace."""
     from optuna.trial import TrialState
 
     rng = random.Random(f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
@@ -410,21 +412,21 @@ def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], 
     while True:
         fail_stale_trials(study, stale_after_s)
         held = _held_points(study)  # once: each read is a query of every trial on an RDB
-        free = [k for k in points if k not in held]
-        if budget is not None:
-            free = [p.key for p in budget.fitting(study, [points[k][0] for k in free])]
+        free = (p for p in points() if p.key not in held)
+        offered = list(itertools.islice(free, 4)) if budget is None else budget.fitting(study, free, 4)
         queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # e.g. a dead worker's
-        if not free and not queued:
+        if not offered and not queued:
             return
-        if free:  # the grid runs in order; after a collision, a random pick near the front spreads workers
-            key = free[rng.randrange(min(len(free), 4)) if collided else 0]
-            point, attrs = points[key]
-            study.enqueue_trial({**point.params, "seed": point.seed} if choices is not None else {}, user_attrs=attrs)
+        if offered:  # the grid runs in order; after a collision, a random pick near the front spreads workers
+            point = offered[rng.randrange(len(offered)) if collided else 0]
+            study.enqueue_trial({**point.params, "seed": point.seed} if choices is not None else {},
+                                user_attrs=attrs(point))
         trial = study.ask()  # pops the oldest waiting trial: this one, or one another worker queued
         key = trial.user_attrs.get("point")
+        point = next((p for p in offered if p.key == key), None) or _find(points(), key)
         rivals = [t for t in study.get_trials(deepcopy=False, states=_live_states())
                   if t.number != trial.number and key is not None and t.user_attrs.get("point") == key]
-        if key not in points or rivals:  # another worker took the queued trial, claimed the point too, or
+        if point is None or rivals:  # another worker took the queued trial, claimed the point too, or
             # queued it under an older kdpipe whose grid had other points: step back
             trial.set_user_attr("duplicate", rivals[0].number if rivals else "nothing queued")
             study.tell(trial, state=TrialState.FAIL)
@@ -432,7 +434,6 @@ def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], 
             collided = True
             continue
         collided = False
-        point = points[key][0]
         if budget is not None and not budget.allows(study, point):  # a queued trial other than the one chosen
             trial.set_user_attr("duplicate", "left for later (--hours)")
             study.tell(trial, state=TrialState.FAIL)
@@ -440,13 +441,18 @@ def _claim_points(study, points: dict, config_of: Callable[[str], SweepConfig], 
         trial.set_user_attr("owner", _owner())
         for name in sorted(point.params.keys() | {"seed"}) if choices is not None else ():
             trial.suggest_categorical(name, choices[name])  # the queued values, recorded as Optuna parameters
-        cfg = config_of(key)
+        cfg = config_of(point)
         measured = budget.measuring(trial, [out / "runs" / key]) if budget is not None else contextlib.nullcontext()
         with _failing_on_error(study, trial), measured:
             run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress, shared, key)
         result = _finish_trial(study, trial, key, point.params, [point.seed], [run])
         if on_trial:
             on_trial(result, cfg.grid_trials)
+
+
+def _find(points: Iterable, key: str | None):
+    """The point of `key` (None if it is not one), found by a lazy scan: for a trial another worker queued."""
+    return next((p for p in points if p.key == key), None) if key is not None else None
 
 
 def _live_states() -> tuple:
@@ -600,10 +606,9 @@ def run_plan(plan: Plan, out: Path | None = None, storage: str | None = None, na
     _same_arm_inputs(study, inputs)
     if plan.imported:
         import_records(study, plan, points)
-    attrs = {k: (p, {"point": k, "config": p.config, "arm": p.arm, "budget": p.budget, "seed": p.seed,
-                     "params": p.params}) for k, p in points.items()}
-    _claim_points(study, attrs, lambda key: configs[points[key].arm, points[key].budget], None, stale_after_s, out,
-                  progress, on_trial, shared)
+    _claim_points(study, points.values, lambda p: {"point": p.key, "config": p.config, "arm": p.arm,
+                                                    "budget": p.budget, "seed": p.seed, "params": p.params},
+                  lambda p: configs[p.arm, p.budget], None, stale_after_s, out, progress, on_trial, shared)
     return out
 
 

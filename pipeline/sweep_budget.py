@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from . import run_folder
 
@@ -101,20 +102,31 @@ class Budget:
     def _left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def fitting(self, study, points: list) -> list:
-        """The grid points (sweep.Point) this worker can finish before its deadline, in order; all without --hours."""
-        if self.deadline is None or not points:
-            return points
+    def fitting(self, study, points: Iterable, want: int | None = None) -> list:
+        """The first `want` (None: all) grid points (sweep.Point) this worker can finish before its deadline, in
+        order; without --hours, simply the first `want`. `points` is read lazily, and only as far as needed: a
+        grid of millions is never held (when nothing fits, the rest is counted to say what was left)."""
+        points = iter(points)
+        if self.deadline is None:
+            return list(itertools.islice(points, want))
         paces = self._paces(study)
         if not paces:
-            return self._unmeasured(points)
-        costs = {p.key: self._cost(paces, p.config_key, [self._epochs(p.params) - epochs_done(self._run(p.key))])
-                 for p in points}
-        fits = [p for p in points if costs[p.key][0] <= self._left()]
-        if not fits:
-            first = min(points, key=lambda p: costs[p.key][0])
-            self._stop(f"{first.key} needs about {_hours(costs[first.key][0])} at {costs[first.key][1]:.1f} s per epoch",
-                       [p.key for p in points])
+            return self._unmeasured(list(itertools.islice(points, 1)))
+        fits, left, names, cheapest = [], 0, [], None
+        for p in points:
+            cost = self._cost(paces, p.config_key, [self._epochs(p.params) - epochs_done(self._run(p.key))])
+            if cost[0] <= self._left():
+                fits.append(p)
+                if len(fits) == want:
+                    break
+            elif not fits:  # only needed to say why nothing fits
+                left += 1
+                names += [p.key][:6 - len(names)]
+                if cheapest is None or cost[0] < cheapest[1]:
+                    cheapest = (p.key, *cost)
+        if not fits and cheapest is not None:
+            key, seconds, per_epoch = cheapest
+            self._stop(f"{key} needs about {_hours(seconds)} at {per_epoch:.1f} s per epoch", names, left)
         return fits
 
     def allows(self, study, point) -> bool:
@@ -133,7 +145,7 @@ class Budget:
         cost, per_epoch = self._cost(paces, None, [epochs] * seeds)
         if cost <= self._left():
             return True
-        self._stop(f"a trial ({seeds} seeds) needs about {_hours(cost)} at {per_epoch:.1f} s per epoch", [])
+        self._stop(f"a trial ({seeds} seeds) needs about {_hours(cost)} at {per_epoch:.1f} s per epoch", [], 0)
         return False
 
     def _unmeasured(self, points: list) -> list:
@@ -144,11 +156,12 @@ class Budget:
                            f"({describe(self.machine())}): running one trial to measure it")
         return points[:1]
 
-    def _stop(self, why: str, left: list[str]) -> None:
-        names = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+    def _stop(self, why: str, names: list[str], left: int) -> None:
+        """Say why this worker stops: `left` trials, the first of them named."""
+        shown = ", ".join(names[:6]) + (f" and {left - len(names[:6])} more" if left > len(names[:6]) else "")
         self._say("stop", f"--hours {self.cfg.hours:g}: {_hours(max(0.0, self._left()))} left and nothing to start fits "
                           f"({why} on {describe(self.machine())}); left for later"
-                          + (f": {len(left)} trial{'s' if len(left) != 1 else ''} ({names})" if left else "")
+                          + (f": {left} trial{'s' if left != 1 else ''} ({shown})" if left else "")
                           + "; rerun the same command, here or on another machine, to run them")
 
     def _say(self, what: str, line: str) -> None:

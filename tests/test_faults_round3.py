@@ -173,6 +173,51 @@ def test_a_huge_grid_is_refused_before_anything_runs_unless_confirmed(run_cli, c
     assert peak < 50e6, peak  # counted and started lazily: not ~12 KB per config (120 GB)
 
 
+
+class _FirstTrial(Exception):
+    pass
+
+
+@pytest.mark.parametrize("hours", [None, 1.0])
+def test_a_worker_starts_a_huge_grid_without_holding_it(hours, cache_dir, tmp_path, monkeypatch):
+    """Before: the worker built a dict of every point (and a list of the free ones) before its first trial:
+    ~1 KB per point, 200 MB here and 25 s per 100 k points; now it reads the grid only as far as the free
+    points it offers, with or without --hours."""
+    import tracemalloc
+
+    from kdpipe import sweep
+    from kdpipe.config import SweepConfig
+
+    seen = []
+
+    def first_trial(cfg, trial, params, seed, out, *args, **kwargs):
+        seen.append((params, seed, tracemalloc.get_traced_memory()[1]))
+        raise _FirstTrial
+
+    monkeypatch.setattr(sweep, "_run_one", first_trial)
+    worker = sweep._grid_worker
+
+    def measured_worker(*args):  # what the worker holds (loading the tiny dataset peaks higher, and is not it)
+        tracemalloc.reset_peak()
+        return worker(*args)
+
+    monkeypatch.setattr(sweep, "_grid_worker", measured_worker)
+    space = {"lr": ",".join(f"{1e-5 * (1 + i / 1000):.8g}" for i in range(1000)),
+             "alpha": ",".join(f"{(i + 1) / 100:g}" for i in range(100)), "temperature": "1,2"}
+    cfg = SweepConfig(train=tiny_train_config(cache=cache_dir, epochs=1), seeds=[0], large_grid=True,
+                      out=tmp_path / "sw", space=space, hours=hours)
+    assert cfg.grid_trials == 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(_FirstTrial):
+            sweep.run(cfg)
+    finally:
+        tracemalloc.stop()
+    (params, seed, peak), = seen
+    first = next(sweep.grid_points(cfg))
+    assert (params, seed) == (first.params, first.seed)  # the grid's first point, as before
+    assert peak < 20e6, peak
+
 # ------------------------------------------------------------------------------ 7: a verify that decides
 
 

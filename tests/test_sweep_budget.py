@@ -82,9 +82,37 @@ def test_a_trial_is_judged_by_its_own_config_on_this_kind_of_machine_and_its_epo
 
 def test_without_hours_every_point_is_started(tmp_path):
     cfg = SweepConfig.from_flags({"alpha": "0.25,0.5", "cache": "cache"}, seeds=[0], out=tmp_path / "sw")
-    points = sweep.grid_points(cfg)
-    assert sweep_budget.Budget(cfg).fitting(_study_with({}, {}), points) == points
+    points = list(sweep.grid_points(cfg))
+    budget = sweep_budget.Budget(cfg)
+    assert budget.fitting(_study_with({}, {}), iter(points)) == points
+    assert budget.fitting(_study_with({}, {}), iter(points), want=1) == points[:1]
 
+
+
+def test_fitting_reads_the_points_only_as_far_as_it_must(tmp_path):
+    """A worker offers the first few points that fit: the grid is read up to them, not to its end; when nothing
+    fits, every point is counted (not held) for the line that says what was left."""
+    cfg = SweepConfig.from_flags({"alpha": "0.25,0.5,0.75", "epochs": "30", "cache": "cache", "precision": "fp32",
+                                  "device": "cpu"}, seeds=list(range(4)), out=tmp_path / "sw", hours=1.0)
+    said = []
+    budget = sweep_budget.Budget(cfg, said.append)
+    study = _study_with({"a0.25": 100.0, "a0.5": 150.0, "a0.75": 150.0}, budget.machine())
+    read = []
+
+    def points(keep=lambda p: True):
+        for p in sweep.grid_points(cfg):
+            if keep(p):
+                read.append(p.key)
+                yield p
+
+    assert [p.key for p in budget.fitting(study, points(), want=2)] == ["a0.25-seed0", "a0.25-seed1"]
+    assert read == ["a0.25-seed0", "a0.25-seed1"]
+    assert budget.fitting(study, points(lambda p: p.params["alpha"] != 0.25), want=2) == []
+    assert len(said) == 1 and said[0].startswith("--hours 1: ")
+    assert said[0].split(" left and ")[1] == ("nothing to start fits (a0.5-seed0 needs about 1.27 h at 150.0 s "
+                    f"per epoch on {sweep_budget.describe(budget.machine())}); left for later: 8 trials (a0.5-seed0, "
+                    "a0.5-seed1, a0.5-seed2, a0.5-seed3, a0.75-seed0, a0.75-seed1 and 2 more); rerun the same "
+                    "command, here or on another machine, to run them")
 
 def test_hours_must_be_positive():
     from kdpipe.errors import KdpipeError
