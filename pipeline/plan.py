@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,11 @@ class Comparison:
     """`arm` minus `against`, paired by seed, at `budget` epochs on `split` (test accuracy of the epoch chosen
     on validation). `test`: paired-t (the exact sign-flip p is given beside it) or sign-flip; `alternative`:
     greater (arm better), less or two-sided; `level`: the test's alpha. `rule = "first"`: the same comparison
-    at the epochs the first-tie rule would have chosen (run.json records them), a secondary result."""
+    at the epochs the first-tie rule would have chosen (run.json records them), a secondary result.
+    `refute_below_pp` makes the primary comparison confirmatory: the size the study must be able to exclude.
+    Once every planned pair has run, its verdict is CONFIRMED when p < level, REFUTED when the two-sided 95 %
+    paired t interval lies entirely below this many points (both can hold: a gain smaller than claimed), and
+    INCONCLUSIVE otherwise. Without it (an exploratory plan) the report gives no verdict."""
     file: Path
     where: str
     arm: str
@@ -155,6 +160,7 @@ class Comparison:
     alternative: str = "greater"
     level: float = 0.05
     rule: str | None = None
+    refute_below_pp: float | None = None
     note: str = ""
 
     def __post_init__(self):
@@ -171,6 +177,10 @@ class Comparison:
             _fail(f"{at}.rule", f"first or nll (the best-epoch rule whose epochs are compared; got {self.rule!r})")
         if self.arm == self.against:
             _fail(f"{at}.against", "a comparison needs two different arms")
+        if self.refute_below_pp is not None and not (isinstance(self.refute_below_pp, (int, float))
+                                                     and not isinstance(self.refute_below_pp, bool)
+                                                     and math.isfinite(self.refute_below_pp)):
+            _fail(f"{at}.refute_below_pp", f"a difference in percentage points, e.g. 1.5 (got {self.refute_below_pp!r})")
 
     @property
     def key(self) -> str:
@@ -265,8 +275,13 @@ class Plan:
         """What the study records of the plan besides its points: enough for a report from the storage alone."""
         return {"sha256": self.sha256, "file": str(self.file), "name": self.name, "description": self.description,
                 "arms": list(self.arms), "twins": {n: a.twin for n, a in self.arms.items()},
-                "comparisons": [{k: v for k, v in dataclasses.asdict(c).items() if k != "file"} | {"key": c.key,
-                                 "primary": c is self.primary} for c in self.comparisons_all()]}
+                "comparisons": [{k: v for k, v in dataclasses.asdict(c).items() if k != "file"} | {
+                    "key": c.key, "primary": c is self.primary, "planned_pairs": self.pairs(c)}
+                    for c in self.comparisons_all()]}
+
+    def pairs(self, c: Comparison) -> int:
+        """How many paired seeds the plan runs for a comparison: its verdict waits for all of them."""
+        return len(set(self.seeds(c.arm, c.budget)) & set(self.seeds(c.against, c.budget)))
 
     def comparisons_all(self) -> list[Comparison]:
         """The primary, the declared ones, then every arm against its twin at each budget both run (test),

@@ -147,7 +147,8 @@ def compare(s: StudySummary, c: dict) -> dict:
     bootstrap interval over seeds and images (stats.paired_bootstrap)."""
     out = {"key": c["key"], "primary": c["primary"], "arm": c["arm"], "against": c["against"], "budget": c["budget"],
            "split": c["split"], "test": c["test"], "alternative": c["alternative"], "level": c["level"],
-           "rule": c.get("rule"), "note": c.get("note", ""), "pairs": 0}
+           "rule": c.get("rule"), "note": c.get("note", ""), "refute_below_pp": c.get("refute_below_pp"),
+           "planned_pairs": c.get("planned_pairs"), "pairs": 0, "verdict": None}
     a, b = _arm_point(s, c["arm"], c["budget"]), _arm_point(s, c["against"], c["budget"])
     if a is None or b is None:
         return out
@@ -167,7 +168,35 @@ def compare(s: StudySummary, c: dict) -> dict:
     if images is None:
         out["no_bootstrap"] = "not every paired run kept its per-image predictions (imported runs and runs of a kdpipe before they were kept have none)" \
             if c.get("rule") is None else "predictions are kept for the chosen epoch only"
+    out["verdict"] = verdict(out)
     return out
+
+
+def verdict(r: dict) -> str | None:
+    """The pre-registered verdict of a confirmatory plan's primary comparison (plan.Comparison.refute_below_pp):
+    None for an exploratory plan, for the other comparisons, and before every planned pair has run (an interim
+    look decides nothing)."""
+    if not r["primary"] or r["refute_below_pp"] is None or r.get("p") is None \
+            or (r["planned_pairs"] is not None and r["pairs"] < r["planned_pairs"]):
+        return None
+    confirmed = r["p"] < r["level"]
+    refuted = 100 * r["t95"]["high"] < r["refute_below_pp"]
+    if confirmed and refuted:
+        return "CONFIRMED, smaller than claimed"
+    return "CONFIRMED" if confirmed else "REFUTED" if refuted else "INCONCLUSIVE"
+
+
+def verdict_line(r: dict) -> str:
+    """One sentence: what the primary comparison decided, or why it has not decided yet."""
+    if r["verdict"] is None:
+        return (f"No verdict yet: {r['pairs']} of {r['planned_pairs'] or 'the'} planned pairs have run; the plan "
+                "decides once all have (an interim look decides nothing).")
+    t = r["t95"]
+    size = f"{100 * t['mean']:+.1f} pp (95 % t interval {100 * t['low']:+.1f} to {100 * t['high']:+.1f}) over {r['pairs']} pairs"
+    p = f"{r['test']} p = {r['p']:.3f} {'<' if r['p'] < r['level'] else '≥'} {r['level']:g}"
+    below = "lies" if 100 * t["high"] < r["refute_below_pp"] else "does not lie"
+    return (f"Verdict of the primary comparison, {r['key']}: **{r['verdict']}**: {size}; {p}; the interval {below} "
+            f"below {r['refute_below_pp']:+g} pp.")
 
 
 def compare_all(s: StudySummary) -> list[dict]:
@@ -279,6 +308,9 @@ def text(s: StudySummary) -> str:
              f" recorded {plan.get('at')})", ""]
     if plan.get("description"):
         lines += [plan["description"], ""]
+    primary = next((r for r in s.comparisons if r["primary"]), None)
+    if primary is not None and primary["refute_below_pp"] is not None:  # a confirmatory plan
+        lines += [verdict_line(primary), ""]  # first: a reader of the first lines knows what the study decided
     if s.amendments:
         lines.append("Amendments (each fixed before its own runs):")
         for a in s.amendments:

@@ -642,8 +642,11 @@ def record_plan(study, plan: Plan, points: dict, teacher: dict | None = None) ->
     added = [points[k] for k in record["points"] if k not in saved["points"]]
     changed = sorted(k for k in saved["points"] if k in record["points"] and k not in finished
                      and comparable(record["points"][k], saved["points"][k]) != saved["points"][k])
+    dropped = sorted(saved["points"].keys() - now.keys())
     amendment = {"at": _now(), "sha256": plan.sha256, "added": describe(added),
-                 "changed_before_their_runs": changed, "dropped": sorted(saved["points"].keys() - now.keys())}
+                 "changed_before_their_runs": changed, "dropped": dropped}
+    if not (added or changed or dropped):
+        amendment["what"] = f"the plan's file changed (sha256 {plan.sha256[:12]}); no point added, changed or dropped"
     study.set_user_attr(AMENDMENTS_ATTR, [*study.user_attrs.get(AMENDMENTS_ATTR, []), amendment])
     study.set_user_attr(PLAN_ATTR, {**record, "at": saved["at"]})
 

@@ -283,3 +283,67 @@ def test_a_dead_workers_point_is_run_again_once(run_cli, cache_dir, tmp_path):
     assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]
     assert next(t for t in trials if t.state == TrialState.FAIL).user_attrs["failed"] == "worker died"
     assert (tmp_path / "st" / "runs" / "kd-e1-seed3" / "run.json").exists()
+
+
+def _primary(diffs: list[float], planned: int | None = 6, refute: float | None = 1.5, level: float = 0.05) -> dict:
+    """A primary comparison's row as study_report.compare makes it, from its paired differences."""
+    return {"primary": True, "key": "recipe - recipe-twin @ E300 test", "test": "paired-t", "level": level,
+            "refute_below_pp": refute, "planned_pairs": planned, "pairs": len(diffs),
+            "t95": stats.paired_t(diffs, 0.95, "two-sided").to_dict(), "p": stats.paired_t_p(diffs, "greater")}
+
+
+@pytest.mark.parametrize("diffs, verdict", [
+    ([0.05, 0.04, 0.06, 0.03, 0.05, 0.04], "CONFIRMED"),  # +4.5 pp, tight: p < 0.05, interval above 1.5
+    ([0.004, 0.006, 0.005, 0.007, 0.005, 0.006], "CONFIRMED, smaller than claimed"),  # real, but below +1.5 pp
+    ([-0.02, 0.0, -0.01, 0.01, -0.015, -0.005], "REFUTED"),  # interval entirely below +1.5 pp, p large
+    ([0.08, -0.06, 0.02, -0.03, 0.09, -0.05], "INCONCLUSIVE"),  # wide: neither
+])
+def test_a_confirmatory_plan_decides_by_its_pre_registered_rule(diffs, verdict):
+    row = _primary(diffs)
+    assert study_report.verdict(row) == verdict
+    row["verdict"] = verdict
+    line = study_report.verdict_line(row)
+    assert line.startswith("Verdict of the primary comparison") and f"**{verdict}**" in line
+
+
+def test_no_verdict_before_every_planned_pair_nor_for_an_exploratory_plan():
+    diffs = [0.05, 0.04, 0.06, 0.03, 0.05]
+    assert study_report.verdict(_primary(diffs)) is None  # 5 of 6 pairs: an interim look decides nothing
+    assert study_report.verdict_line({**_primary(diffs), "verdict": None}).startswith("No verdict yet: 5 of 6 planned")
+    assert study_report.verdict(_primary(diffs + [0.05], refute=None)) is None  # exploratory: no rule stated
+    assert study_report.verdict({**_primary(diffs + [0.05]), "primary": False}) is None
+
+
+def test_the_replication_plan_is_confirmatory_with_six_planned_pairs():
+    repo = Path(__file__).resolve().parents[1]
+    plan = plans.load(repo / "benchmarks" / "plans" / "replication.toml")
+    assert plan.primary.refute_below_pp == 1.5 and plan.primary.level == 0.05 and plan.primary.alternative == "greater"
+    assert plan.pairs(plan.primary) == 6 and plan.record()["comparisons"][0]["planned_pairs"] == 6
+    assert [c.refute_below_pp for c in plan.comparisons] == [None]  # the first-tie rule: secondary, no verdict
+
+
+@pytest.mark.parametrize("value", ["\"1.5\"", "nan", "true"])
+def test_refute_below_must_be_a_number_of_points(value, cache_dir, tmp_path):
+    with pytest.raises(KdpipeError, match="primary.refute_below_pp: a difference in percentage points"):
+        plans.load(write_plan(tmp_path, cache_dir, primary=f'arm = "kd"\nagainst = "kd-twin"\nbudget = 2\n'
+                                                             f'refute_below_pp = {value}\n'))
+
+
+def test_a_plan_file_changed_without_changing_a_point_is_a_dated_amendment_that_says_so(cache_dir, tmp_path):
+    import optuna
+
+    path = write_plan(tmp_path, cache_dir)
+    study = optuna.create_study(study_name="t", direction="maximize")
+    plan = plans.load(path)
+    sweep.record_plan(study, plan, plan.points())
+    path.write_text(path.read_text().replace("budget = 2\n", "budget = 2\nrefute_below_pp = 1.5\n", 1))
+    changed = plans.load(path)
+    sweep.record_plan(study, changed, changed.points())
+    (amendment,) = study.user_attrs[sweep.AMENDMENTS_ATTR]
+    assert amendment["added"] == [] and amendment["dropped"] == [] and amendment["changed_before_their_runs"] == []
+    assert amendment["what"] == f"the plan's file changed (sha256 {changed.sha256[:12]}); no point added, changed or dropped"
+    summary = study_report.build(tmp_path, study, {}, [], write=False)
+    text = study_report.text(summary)
+    assert "no point added, changed or dropped" in text and summary.plan["sha256"] == changed.sha256
+    assert text.splitlines()[2] == "No verdict yet: 0 of 2 planned pairs have run; the plan decides once all have " \
+                                   "(an interim look decides nothing)."  # a confirmatory plan says so first
