@@ -295,10 +295,10 @@ def inspect_cache_cmd(
         for _, split, _, _ in rows:
             console.print_json(json.dumps(split.meta))
     if verify:
-        from kdpipe import cache_teacher
+        from kdpipe import cache_verify
 
         with user_errors():
-            r = cache_teacher.replay(path if path.is_dir() else path.parent, verify, teacher, dataset, device)
+            r = cache_verify.replay(path if path.is_dir() else path.parent, verify, teacher, dataset, device)
         console.print(f"replayed {r['pairs']} cached rows ({r['augmented_views']} augmented views, {r['mixed_views']} "
                       f"of them mixed) through the live teacher ({r['precision']}, {r['device']}): "
                       f"max |Δlogit| {r['max_abs_diff']:.2e}, KL mean {r['mean_kl']:.2e} max {r['max_kl']:.2e}, "

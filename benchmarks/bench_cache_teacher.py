@@ -2,7 +2,7 @@
 
 What it measures, on real Beans images (the train split by default) and in one run:
 
-  (a) stage one: `kdpipe.cache_teacher.teacher_batches` exactly as `cache_teacher.run` calls it (teacher
+  (a) stage one: `kdpipe.teacher_inputs.teacher_batches` exactly as `cache_teacher.run` calls it (teacher
       loaded by `kdpipe.teacher.load_teacher`, prepared by `runtime.prepare_model`, precision
       `runtime.resolve_precision("auto", device)`, the pipeline's default DataLoader workers), i.e. JPEG
       decoding + the teacher processor in workers, overlapped with the teacher's forward pass;
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _common import busy_note, cpu_seconds, print_table, sync  # noqa: E402
-from kdpipe import cache_teacher, runtime  # noqa: E402
+from kdpipe import cache_teacher, runtime, teacher_inputs  # noqa: E402
 from kdpipe.config import CacheConfig  # noqa: E402
 from kdpipe.data import Split, open_dataset  # noqa: E402
 from kdpipe.teacher import load_teacher  # noqa: E402
@@ -84,7 +84,7 @@ def time_stage_one(teacher, split: Split, device, precision: str, batch_size: in
     sync(device)
     start = time.perf_counter()
     logits = np.concatenate([b.logits for b in  # stage one's batches exactly as cache_teacher.run takes them
-                             cache_teacher.teacher_batches(teacher, split, device, precision, batch_size, workers)])
+                             teacher_inputs.teacher_batches(teacher, split, device, precision, batch_size, workers)])
     sync(device)
     elapsed = time.perf_counter() - start
     assert logits.shape == (len(split), teacher.model.config.num_labels)

@@ -1,6 +1,6 @@
 """Stage one with --views K: an image's K + 1 views reach the teacher together. One forward over all of them
 (what cache-teacher did before the forward was cut to --batch-size) against forwards of each --batch-sizes
-value (`cache_teacher.teacher_logits`, what it does now), side by side in one run, on the same inputs.
+value (`teacher_inputs.teacher_logits`, what it does now), side by side in one run, on the same inputs.
 
     python benchmarks/bench_view_forward.py                  # shared teacher, K = 299 (the patience study), 1 thread
     python benchmarks/bench_view_forward.py --batch-sizes 32,16,8 --json benchmarks/results/benchmarks/view_forward.json
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import print_table  # noqa: E402
 from bench_cache_teacher import build_vit_teacher  # noqa: E402
-from kdpipe import cache_teacher, files, runtime  # noqa: E402
+from kdpipe import files, runtime, teacher_inputs  # noqa: E402
 from kdpipe.config import CacheConfig  # noqa: E402
 from kdpipe.teacher import load_teacher  # noqa: E402
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     def timed(batch_size: int) -> float:
         start = time.perf_counter()
         with torch.inference_mode(), runtime.autocast(device, precision):
-            cache_teacher.teacher_logits(teacher, x, batch_size)
+            teacher_inputs.teacher_logits(teacher, x, batch_size)
         return time.perf_counter() - start
 
     for b in variants.values():

@@ -28,8 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pyarrow as pa
@@ -88,23 +89,57 @@ class TopK:
 
 
 @dataclass
-class LogitSplit:
-    ids: list[str]
-    view: np.ndarray  # (R,) int16: each row's view index (views.ViewRows; 0 = the image itself)
-    labels: np.ndarray  # (N,) int64
-    logits: np.ndarray | None  # (N, C) float32, dataset label order; None when stored as top-K
-    meta: dict
-    topk: TopK | None = None  # (when stored as top-K)
-    boxes: np.ndarray | None = None  # (N, 4) float32 crop box (x0, y0, x1, y1) in source pixels (cache --views)
-    flips: np.ndarray | None = None  # (N,) bool horizontal flip (cache --views)
-    mixes: Mixes | None = None  # what each view is blended with (cache --views K --view-mixup a)
-    digests: np.ndarray | None = None  # (N, 32) uint8 SHA-256 of each row's image bytes (format 3)
+class Rows:
+    """Rows of a split file, one per (image, view): what SplitWriter.write appends, and what a file reads back
+    as (LogitSplit adds the file's metadata and, for a top-K file, its top-K instead of the logits)."""
+    ids: list[str]  # (R,) stable example keys
+    labels: np.ndarray  # (R,) int64 dataset label index
+    logits: np.ndarray | None  # (R, C) float32 raw; None when read from a top-K file
+    view: np.ndarray | None = None  # (R,) int16 view index (views.ViewRows; 0 = the image itself); None: all 0
+    boxes: np.ndarray | None = None  # (R, 4) float32 crop box (x0, y0, x1, y1) in source pixels (cache --views)
+    flips: np.ndarray | None = None  # (R,) bool horizontal flip (cache --views)
+    mixes: Mixes | None = None  # what each view is blended with, partners as ids (--views K --view-mixup a)
+    digests: np.ndarray | None = None  # (R, 32) uint8 SHA-256 of each row's image bytes (format 3)
+
+    def take(self, rows: np.ndarray) -> Self:
+        """These rows (an index array), in that order; whatever else the record holds is kept."""
+        return replace(self, **self._picked(rows))
+
+    def _picked(self, rows: np.ndarray) -> dict:
+        pick = lambda a: None if a is None else a.take(rows) if isinstance(a, (TopK, Mixes)) else a[rows]  # noqa: E731
+        return {"ids": [self.ids[i] for i in rows], "labels": self.labels[rows], "logits": pick(self.logits),
+                "view": pick(self.view), "boxes": pick(self.boxes), "flips": pick(self.flips),
+                "mixes": pick(self.mixes), "digests": pick(self.digests)}
+
+    @classmethod
+    def of(cls, record: "Rows", **more) -> Self:
+        """`record`'s rows as a record of this kind (a subclass of Rows), with its own fields `more`."""
+        return cls(**{f.name: getattr(record, f.name) for f in fields(Rows)}, **more)
+
+    @staticmethod
+    def from_table(table: pa.Table) -> "Rows":
+        """The rows of a table read from a split file (logit columns stored whole), unchecked."""
+        return _rows(*_columns(table))
+
+    @staticmethod
+    def concat(parts: "list[Rows]") -> "Rows":
+        """One record of the parts' rows, in order (each part with the same columns)."""
+        join = lambda name: None if getattr(parts[0], name) is None else np.concatenate(  # noqa: E731
+            [getattr(p, name) for p in parts])
+        mixes = None if parts[0].mixes is None else Mixes(
+            *(np.concatenate([getattr(p.mixes, f.name) for p in parts]) for f in fields(Mixes)))
+        return Rows([i for p in parts for i in p.ids], join("labels"), join("logits"), join("view"), join("boxes"),
+                    join("flips"), mixes, join("digests"))
+
+
+@dataclass
+class LogitSplit(Rows):
+    """A whole split file as read (read_split): its rows and its metadata."""
+    meta: dict = field(default_factory=dict)
+    topk: TopK | None = None  # (when stored as top-K; `logits` is None then)
 
     def take(self, rows: np.ndarray) -> "LogitSplit":
-        pick = lambda a: None if a is None else a.take(rows) if isinstance(a, (TopK, Mixes)) else a[rows]  # noqa: E731
-        return LogitSplit([self.ids[i] for i in rows], self.view[rows], self.labels[rows], pick(self.logits),
-                          self.meta, pick(self.topk), pick(self.boxes), pick(self.flips), pick(self.mixes),
-                          pick(self.digests))
+        return replace(self, **self._picked(rows), topk=None if self.topk is None else self.topk.take(rows))
 
     def changed_images(self, ids: list[str], digests: np.ndarray) -> list[str] | None:
         """Of the images `ids` (each in this split), those whose bytes' SHA-256 (`digests`, (N, 32)) differs
@@ -256,33 +291,32 @@ class SplitWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = pq.ParquetWriter(self.tmp, self.schema, use_dictionary=False)  # unique ids, float logits
 
-    def write(self, ids: list[str], labels: np.ndarray, logits: np.ndarray, views: np.ndarray | None = None,
-              boxes: np.ndarray | None = None, flips: np.ndarray | None = None, mixes: Mixes | None = None,
-              digests: np.ndarray | None = None) -> None:
+    def write(self, rows: Rows) -> None:
         """Append rows: `logits` (B, C) raw, in dataset label order; with views, each row's `boxes` (B, 4)
         and `flips` (B,); with mixed views, its `mixes` (partners as ids); with digests, each row's image
         SHA-256 `digests` (B, 32) uint8."""
-        logits = np.ascontiguousarray(logits, dtype=np.float32)  # (B, C)
-        if logits.ndim != 2 or logits.shape[1] != self.c or not len(ids) == len(logits) == len(labels):
-            raise ValueError(f"rows do not fit: {len(ids)} ids, {len(labels)} labels, logits {logits.shape}, "
+        ids = rows.ids
+        logits = np.ascontiguousarray(rows.logits, dtype=np.float32)  # (B, C)
+        if logits.ndim != 2 or logits.shape[1] != self.c or not len(ids) == len(logits) == len(rows.labels):
+            raise ValueError(f"rows do not fit: {len(ids)} ids, {len(rows.labels)} labels, logits {logits.shape}, "
                              f"{self.c} classes")
         n = len(ids)
-        views = np.zeros(n, dtype=np.int16) if views is None else np.asarray(views, dtype=np.int16)
-        labels = np.asarray(labels, dtype=np.int64)
+        views = np.zeros(n, dtype=np.int16) if rows.view is None else np.asarray(rows.view, dtype=np.int16)
+        labels = np.asarray(rows.labels, dtype=np.int64)
         arrays, columns = self._logit_columns(logits)
         if self.with_mixes:
-            m = Mixes(np.asarray(mixes.partners, dtype=object), _box_array(mixes.boxes, n),
-                      np.asarray(mixes.flips, bool), np.asarray(mixes.weights, np.float32))
+            m = Mixes(np.asarray(rows.mixes.partners, dtype=object), _box_array(rows.mixes.boxes, n),
+                      np.asarray(rows.mixes.flips, bool), np.asarray(rows.mixes.weights, np.float32))
             arrays = [m.partners, m.boxes, m.flips, m.weights, *arrays]
             columns = [pa.array(list(m.partners), pa.string()), _box_column(m.boxes), pa.array(m.flips, pa.bool_()),
                        pa.array(m.weights, pa.float32()), *columns]
         if self.with_views:
-            boxes = _box_array(boxes, n)
-            flips = np.asarray(flips, dtype=bool).reshape(n)
+            boxes = _box_array(rows.boxes, n)
+            flips = np.asarray(rows.flips, dtype=bool).reshape(n)
             arrays = [boxes, flips, *arrays]
             columns = [_box_column(boxes), pa.array(flips, pa.bool_()), *columns]
         if self.with_digests:
-            digests = np.ascontiguousarray(digests, dtype=np.uint8).reshape(n, 32)
+            digests = np.ascontiguousarray(rows.digests, dtype=np.uint8).reshape(n, 32)
             arrays = [*arrays, digests]
             columns = [*columns, pa.FixedSizeListArray.from_arrays(pa.array(digests.reshape(-1), pa.uint8()), 32)]
         self.hashes.update(list(ids), [views, labels, *arrays])
@@ -414,13 +448,18 @@ def read_split(path: Path) -> LogitSplit:
         raise KdpipeError(f"{path}: contents do not match their checksum (corrupted?); rebuild it with --force")
     if sparse is not None and (sparse.indices.min(initial=0) < 0 or sparse.indices.max(initial=0) >= c):
         raise KdpipeError(f"{path}: top-K class indices out of range; rebuild it with --force")
-    boxes = cols.get("view_box")
-    flips = cols["view_flip"].astype(bool) if "view_flip" in cols else None
+    return LogitSplit.of(_rows(ids, cols), meta=meta, topk=sparse)
+
+
+def _rows(ids: list[str], cols: dict[str, np.ndarray]) -> Rows:
+    """A file's rows from its columns (_columns), each in the dtype Rows holds."""
     mixes = None
     if "mix_id" in cols:
         mixes = Mixes(cols["mix_id"].astype(object), cols["mix_box"], cols["mix_flip"].astype(bool),
                       cols["mix_weight"].astype(np.float32))
-    return LogitSplit(ids, views, labels, logits, meta, sparse, boxes, flips, mixes, cols.get("image_sha256"))
+    flips = cols["view_flip"].astype(bool) if "view_flip" in cols else None
+    return Rows(ids, cols["label"].astype(np.int64), cols.get("logits"), cols["view"].astype(np.int16),
+                cols.get("view_box"), flips, mixes, cols.get("image_sha256"))
 
 
 def verify(path: Path) -> dict:

@@ -145,15 +145,15 @@ def read_cache_table(path: Path):
 def student_and_teacher_views(cache, image_folder, teacher_dir, out, k, policy):
     """Both sides of a view cache's train split: the student's setup (32 px, the teacher's size), the
     stored split, the dataset split, and stage one's teacher inputs rebuilt (item i: (V, 3, H, W))."""
-    from kdpipe import cache_teacher, data, logit_store, train_student, views
+    from kdpipe import data, logit_store, teacher, teacher_inputs, train_student, views
 
     s = train_student.setup(tiny_train_config(cache=cache, views=True, out=out,
                                               student_config={"image_size": 32, "depth_multiplier": 0.35}))
     stored = logit_store.read_split(cache / "train.parquet")
     split = data.open_dataset(str(image_folder)).splits["train"]
-    teacher = cache_teacher.load_teacher(str(teacher_dir), None, False)
-    spec = cache_teacher.ViewSpec(k, policy, views.processor_inputs(stored.meta["processor"], "test"))
-    return s, stored, split, cache_teacher.TeacherInputs(split, teacher.processor, np.arange(len(split)), spec)
+    processor = teacher.load_teacher(str(teacher_dir), None, False).processor
+    spec = teacher_inputs.ViewSpec(k, policy, views.processor_inputs(stored.meta["processor"], "test"))
+    return s, stored, split, teacher_inputs.TeacherInputs(split, processor, np.arange(len(split)), spec)
 
 
 def write_split(path: Path, ids: list[str], labels, logits, meta: dict, views=None, topk: int | None = None,
@@ -164,5 +164,5 @@ def write_split(path: Path, ids: list[str], labels, logits, meta: dict, views=No
 
     logits = np.asarray(logits, dtype=np.float32)
     with logit_store.SplitWriter(path, logits.shape[1], topk, topk_dtype) as w:
-        w.write(ids, labels, logits, views)
+        w.write(logit_store.Rows(ids, labels, logits, views))
         return w.close(meta)

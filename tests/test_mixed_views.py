@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from conftest import TINY_STUDENT, read_cache_table, student_and_teacher_views
 from test_views import student_batch
-from kdpipe import cache_teacher, data, logit_store, pixels, run_folder, student_data, views
+from kdpipe import cache_teacher, cache_verify, data, logit_store, pixels, run_folder, student_data, views
 from kdpipe.config import CacheConfig, TrainConfig
 from kdpipe.errors import KdpipeError
 from kdpipe.loss import distillation_loss
@@ -138,7 +138,7 @@ def test_verify_replays_mixed_views_exactly_and_catches_a_wrong_blend(mixed_cach
     cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=tmp_path / "c",
                                   precision="fp32", workers=0, batch_size=16, views=K, augment=POLICY))
     monkeypatch.undo()
-    r = cache_teacher.replay(tmp_path / "c", 60, device="cpu")
+    r = cache_verify.replay(tmp_path / "c", 60, device="cpu")
     assert r["mixed_views"] > 0 and r["max_abs_diff"] > 1e-3
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import read_cache_table, tiny_train_config, write_split
-from kdpipe import cache_teacher, logit_store, train_student
+from kdpipe import cache_verify, logit_store, train_student
 from kdpipe.errors import KdpipeError
 from kdpipe.logit_store import TopK
 
@@ -100,6 +100,6 @@ def test_verify_compares_a_top_k_cache_on_its_stored_entries(run_cli, image_fold
     code, out = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--out", tmp_path / "c",
                         "--topk", "1", "--precision", "fp32", "--workers", "0")
     assert code == 0, out
-    replayed = cache_teacher.replay(tmp_path / "c", 20, device="cpu")
+    replayed = cache_verify.replay(tmp_path / "c", 20, device="cpu")
     assert replayed["max_abs_diff"] < 1e-4 and replayed["agreement"] == 1.0, replayed
     assert replayed["mean_kl"] > 1e-4, replayed  # KL is on the reconstruction, which loses the tail's shape

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import TINY_STUDENT, student_and_teacher_views, tiny_train_config
-from kdpipe import cache_teacher, data, evaluate, logit_store, pixels, run_folder, train_student, views
+from kdpipe import (cache_teacher, cache_verify, data, evaluate, logit_store, pixels, run_folder, teacher_inputs,
+                    train_student, views)
 from kdpipe.config import CacheConfig
 from kdpipe.errors import KdpipeError
 
@@ -145,14 +146,14 @@ def test_the_fidelity_check_catches_views_rendered_other_than_stored(image_folde
                                                                                        resample))  # drops flips
     _cache(image_folder, teacher_dir, tmp_path / "c", view_splits=["train", "validation", "test"])
     monkeypatch.undo()
-    r = cache_teacher.replay(tmp_path / "c", 60, device="cpu")
+    r = cache_verify.replay(tmp_path / "c", 60, device="cpu")
     assert r["augmented_views"] > 0 and r["max_abs_diff"] > 1e-3
 
 
 def test_the_teacher_forward_takes_at_most_batch_size_views(image_folder, teacher_dir, tmp_path, monkeypatch):
     """An image's K + 1 views arrive together; the forward still sees --batch-size inputs at most (one forward
     over all 300 views of an image ran 2.55x slower per input than forwards of 16 on a CPU)."""
-    seen, forward = [], cache_teacher.teacher_logits
+    seen, forward = [], teacher_inputs.teacher_logits
 
     def spy(teacher, pixel_values, batch_size):
         def count(_module, _args, kwargs):
@@ -161,7 +162,7 @@ def test_the_teacher_forward_takes_at_most_batch_size_views(image_folder, teache
         with teacher.model.register_forward_pre_hook(count, with_kwargs=True):
             return forward(teacher, pixel_values, batch_size)
 
-    monkeypatch.setattr(cache_teacher, "teacher_logits", spy)
+    monkeypatch.setattr(teacher_inputs, "teacher_logits", spy)
     cache_teacher.run(CacheConfig(teacher=str(teacher_dir), dataset=str(image_folder), out=tmp_path / "c",
                                   precision="fp32", workers=0, batch_size=K, views=K, splits=["train"]))
     assert max(seen) == K and sum(seen) == len(data.open_dataset(str(image_folder)).splits["train"]) * (K + 1)
