@@ -7,7 +7,7 @@ real shared teacher, one cache with --views K (mixed views at --view-mixup-p, fu
 epoch by epoch (A B C A B C ...) so that machine load hits them alike; each ratio is the median over the
 rounds of that round's ratio:
 
-  on the fly   views rendered when used from the decode-once originals (pixels.ViewSource on a background
+  on the fly   views rendered when used from the decode-once originals (view_source.ViewSource on a background
                thread, what train-student --views does), student at 224 px
   prebuilt     the same loop on the prebuilt pixel store of every view (pixels.load_or_build_views, what
                train-student --views did before), 224 px                       target: on the fly <= 1.10 x
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import busy_note, cpu_seconds, print_table, subset_folder  # noqa: E402
-from kdpipe import cache_teacher, logit_store, pixels, runtime, student_data, train_student  # noqa: E402
+from kdpipe import cache_teacher, logit_store, pixels, runtime, student_data, train_student, view_source  # noqa: E402
 from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.views import ViewPolicy  # noqa: E402
 
@@ -180,7 +180,7 @@ def main() -> None:
         RESULT.write_text(json.dumps({
             "benchmark": "render", "images": n, "views": args.views, "view_mixup_p": args.view_mixup_p,
             "batch_size": args.batch_size, "device": device, "precision": arms["on the fly"].precision,
-            "torch_threads": torch.get_num_threads(), "render_threads": pixels.default_render_threads(),
+            "torch_threads": torch.get_num_threads(), "render_threads": view_source.default_render_threads(),
             "epochs": {name: t["epoch_s"] for name, t in timing.items()},
             "cores_busy": {name: t["cores"] for name, t in timing.items()},
             "images_per_s": img_s, "ratios": ratios, "ratios_per_round": rounds, "targets": TARGETS,

@@ -17,9 +17,9 @@ start after --budget-s is recorded as skipped, as are those --only/--skip leave 
                            normalising, no copy): what the CPU must deliver to feed a device from a host store
   data_path.views          batches of stored views as train-student --views gets them (student_data.load_views
                            on a cache-teacher --views K cache; rendered on CPU threads from decode-once originals)
-  data_path.views_agreement  the views rendered on the device (pixels.DeviceViewSource) against PIL's on the CPU
-                           (pixels.ViewSource), plain and blended with mixup partners: max |diff|, bit-equality
-  stage_one.decode         JPEG decode + the teacher's processor in DataLoader workers (cache_teacher.TeacherInputs
+  data_path.views_agreement  the views rendered on the device (view_source.DeviceViewSource) against PIL's on the CPU
+                           (view_source.ViewSource), plain and blended with mixup partners: max |diff|, bit-equality
+  stage_one.decode         JPEG decode + the teacher's processor in DataLoader workers (teacher_inputs.TeacherInputs
                            and collate, pinned on a GPU, copied to the device), no model, at 0, 1, 2, 4, ...
                            workers: images/s and the scaling; also with K random views rendered per image
   stage_one.vit.<p>        cache_teacher.run on the train split with a ViT-B/16-shaped teacher (ViTConfig() defaults,
@@ -71,7 +71,8 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from _common import cpu_seconds, kd_step, print_table, subset_folder, sync  # noqa: E402
 from bench_cache_teacher import preprocess, time_bare_forward  # noqa: E402
-from kdpipe import cache_teacher, evaluate, files, logit_store, pixels, runtime, student_data, train_student, views  # noqa: E402
+from kdpipe import (cache_teacher, cache_verify, evaluate, files, logit_store, pillow_resample, pixels,  # noqa: E402
+                    runtime, student_data, teacher_inputs, train_student, view_source, views)
 from kdpipe.config import CacheConfig, TrainConfig  # noqa: E402
 from kdpipe.data import open_dataset  # noqa: E402
 from kdpipe.errors import KdpipeError  # noqa: E402
@@ -396,8 +397,8 @@ def data_path_views(c: Check) -> dict:
 
 
 def views_agreement(c: Check) -> dict:
-    """The views a GPU renders (pixels.DeviceViewSource: train-student --views on a GPU) against the same
-    views rendered by PIL on the CPU (pixels.ViewSource, the teacher's own pixels), every stored view of the
+    """The views a GPU renders (view_source.DeviceViewSource: train-student --views on a GPU) against the same
+    views rendered by PIL on the CPU (view_source.ViewSource, the teacher's own pixels), every stored view of the
     train split, then the same views blended with mixup partners (views.sample_mixes): bit-equality is the
     claim (integer arithmetic in float64 for the resize, float32 for the blend)."""
     split, inp = c.dataset("train"), c.inputs()
@@ -405,7 +406,7 @@ def views_agreement(c: Check) -> dict:
     originals = pixels.load_or_build_originals(split)
     if originals is None:
         raise Skip("the train split's originals are over their cap: views decode per use, as on the CPU")
-    if inp["resample"] not in pixels.FILTERS:
+    if inp["resample"] not in pillow_resample.FILTERS:
         raise Skip(f"the teacher's filter {inp['resample']} renders on the CPU on every device")
     layout = views.ViewRows(len(split), stored.per_image)
     params = (layout.grid(stored.boxes), layout.grid(stored.flips), inp["size"], inp["resample"])
@@ -418,9 +419,9 @@ def views_agreement(c: Check) -> dict:
     out = {"views": len(rows), "views_per_image": stored.per_image, "size": list(inp["size"]),
            "resample": inp["resample"], "mixed_views": int((mixes.weights > 0).sum())}
     for name, m in (("plain", None), ("mixed", mixes)):
-        device = pixels.DeviceViewSource(originals.array, *params, c.device, m)
+        device = view_source.DeviceViewSource(originals.array, *params, c.device, m)
         on_device = np.concatenate([device.take(rows[i:i + b]).cpu().numpy() for i in range(0, len(rows), b)])
-        diff = np.abs(on_device.astype(np.int16) - pixels.ViewSource(originals.image, *params, m).render(rows))
+        diff = np.abs(on_device.astype(np.int16) - view_source.ViewSource(originals.image, *params, m).render(rows))
         out[name] = {"max_abs_diff": int(diff.max()), "pixels_differing": float((diff > 0).mean())}
     out["bit_equal"] = out["plain"]["max_abs_diff"] == 0 and out["mixed"]["max_abs_diff"] == 0
     return out
@@ -434,7 +435,7 @@ def decode(c: Check) -> dict:
     split = c.dataset("train")
     processor = load_teacher(str(c.teacher_dir())).processor
     rows = np.arange(min(len(split), c.sizes["decode_images"]))
-    spec = cache_teacher.ViewSpec(c.sizes["views"], views.ViewPolicy(),
+    spec = teacher_inputs.ViewSpec(c.sizes["views"], views.ViewPolicy(),
                                   views.processor_inputs(processor.to_dict(), "--teacher"))
     out = {"images": len(rows), "by_workers": {}, "with_views_by_workers": {}, "per_cpu_s_by_workers": {},
            "with_views_per_cpu_s_by_workers": {}}
@@ -459,8 +460,8 @@ def _decode_rate(c: Check, split, processor, rows, workers: int, spec) -> tuple[
     """(teacher inputs per wall second, per CPU second of this process and its workers)."""
     per_image = 1 if spec is None else spec.k + 1
     loader = torch.utils.data.DataLoader(
-        cache_teacher.TeacherInputs(split, processor, rows, spec), batch_size=max(1, c.sizes["teacher_batch"] // per_image),
-        shuffle=False, num_workers=workers, collate_fn=cache_teacher.collate, pin_memory=c.cuda,
+        teacher_inputs.TeacherInputs(split, processor, rows, spec), batch_size=max(1, c.sizes["teacher_batch"] // per_image),
+        shuffle=False, num_workers=workers, collate_fn=teacher_inputs.collate, pin_memory=c.cuda,
         prefetch_factor=4 if workers else None)
     start, cpu0, inputs = time.perf_counter(), cpu_seconds(), 0
     for batch in loader:  # exhausting it joins the workers, so their CPU time is counted
@@ -524,10 +525,10 @@ def agreement(c: Check, precision: str) -> dict:
 
 def _compare(got, ref) -> dict:
     """Two caches of the same images, as inspect-cache --verify compares live and cached logits
-    (cache_teacher.compare_logits): max |Δlogit|, mean KL(ref || got) and argmax agreement."""
+    (cache_verify.compare_logits): max |Δlogit|, mean KL(ref || got) and argmax agreement."""
     if got.ids != ref.ids:
         raise RuntimeError("the two caches hold other images")
-    m = cache_teacher.compare_logits(np.array(got.logits), np.array(ref.logits), None)  # copies: the files' are read-only
+    m = cache_verify.compare_logits(np.array(got.logits), np.array(ref.logits), None)  # copies: the files' are read-only
     return {"max_abs_logit_diff": m["max_abs_diff"], "mean_kl": m["mean_kl"], "argmax_agreement": m["agreement"]}
 
 

@@ -46,6 +46,18 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_dead_temporaries(folder: Path, pattern: str = "*") -> None:
+    """Remove the temporaries of targets named `pattern` in `folder` (`.<pattern>.tmp-<pid>`) whose writer is
+    gone (killed mid-write; they can be large), where other processes may be writing beside them."""
+    for stale in Path(folder).glob(f".{pattern}.tmp-*"):
+        try:
+            os.kill(int(stale.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not ours to judge
+            pass
+
+
 def write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
     with replacing(path, fsync=fsync) as tmp:
         tmp.write_bytes(data)

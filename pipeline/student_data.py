@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import logit_store, loss, pixels, runtime, views
+from . import logit_store, loss, pillow_resample, pixels, runtime, view_source, views
 from .config import TrainConfig
 from .data import ImageDataset, open_dataset, reopen_dataset
 from .errors import KdpipeError
@@ -32,7 +32,7 @@ class SplitData:
     per_image: int = 1  # V rows per image (views.ViewRows): with stored views, pixels and teacher rows i * V + v
     view_of: torch.Tensor | None = None  # (N,) the view each image uses this epoch (views.epoch_views)
     targets: torch.Tensor | None = None  # (N * V, C) float32 label distributions of mixed views, else None
-    source: pixels.ViewSource | None = None  # renders rows i * V + v when used, instead of a pixel store
+    source: view_source.ViewSource | None = None  # renders rows i * V + v when used, instead of a pixel store
 
     def __len__(self):
         return len(self.ids)
@@ -236,7 +236,7 @@ def load_splits(cache: dict | None, dataset: ImageDataset, inputs: dict, device,
     """Each split as uint8 pixels at the student's resolution (decoded once, pixels.load_or_build; `sizes`:
     another resolution for some splits, --eval-size), its labels, and the teacher's logits joined by id;
     `view_split` with every view the cache stores for it, rendered when used exactly as the teacher saw
-    them (pixels.ViewSource)."""
+    them (view_source.ViewSource)."""
     splits = {}
     for name, split in dataset.splits.items():
         if name == view_split:
@@ -275,11 +275,11 @@ def load_views(cache: dict | None, split, inputs: dict, device, progress) -> Spl
     mixes, targets = mixed_views(stored, split, where)
     originals = pixels.load_or_build_originals(split, progress=progress)  # None over its cap: decode when used
     params = (layout.grid(stored.boxes), layout.grid(stored.flips), inputs["size"], inputs["resample"])
-    if device.type == "cuda" and inputs["resample"] in pixels.FILTERS:  # rendered in batches on the GPU
+    if device.type == "cuda" and inputs["resample"] in pillow_resample.FILTERS:  # rendered in batches on the GPU
         array = originals.array if originals is not None else lambda i: np.asarray(split.image(i))
-        source = pixels.DeviceViewSource(array, *params, device, mixes)
+        source = view_source.DeviceViewSource(array, *params, device, mixes)
     else:  # on background threads
-        source = pixels.ViewSource(split.image if originals is None else originals.image, *params, mixes)
+        source = view_source.ViewSource(split.image if originals is None else originals.image, *params, mixes)
     teacher = stored.topk if stored.topk is not None else torch.from_numpy(stored.logits).to(device)
     return SplitData(split.name, split.ids, None, torch.from_numpy(split.labels).to(device), teacher, layout.per_image,
                      targets=None if targets is None else targets.to(device), source=source)

@@ -217,7 +217,7 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     sums = torch.zeros(len(names) + 1, device=s.device)  # each part summed over examples, then the examples
     batches = epoch_batches(order, cfg.batch_size, world)  # the same on every process; each takes its share
     steps = len(batches)
-    data.plan([b[rank::world] for b in batches])  # views rendered ahead, off this thread (pixels.ViewSource)
+    data.plan([b[rank::world] for b in batches])  # views rendered ahead, off this thread (view_source.ViewSource)
     bad_at = torch.full((len(names),), steps, dtype=torch.long, device=s.device)  # first non-finite step per part
     for step, whole in enumerate(batches):
         if world > 1 and len(whole) < world:

@@ -36,3 +36,19 @@ def test_json_is_strict_and_suffixes_are_kept(tmp_path):
         assert tmp.suffix == ".png" and tmp.name.startswith(".plot.png.tmp-")
         tmp.write_bytes(b"png")
     assert (tmp_path / "plot.png").read_bytes() == b"png"
+
+
+def test_only_the_temporaries_of_writers_that_are_gone_are_removed(tmp_path):
+    """Pixel stores are built by several processes side by side (sweep workers): a temporary is removed only
+    when its writer has exited, and only for the targets named."""
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(gone.stdout), os.getpid()
+    for name in (f".train.originals.u8.tmp-{dead}", f".train.originals.npy.tmp-{alive}", f".test.originals.u8.tmp-{dead}"):
+        (tmp_path / name).write_bytes(b"partial")
+    files.remove_dead_temporaries(tmp_path, "train.originals.*")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".test.originals.u8.tmp-{dead}",
+                                                          f".train.originals.npy.tmp-{alive}"]

@@ -1,4 +1,4 @@
-"""Views rendered when used (pixels.Originals, pixels.ViewSource): the decode-once originals are the decoded
+"""Views rendered when used (pixels.Originals, view_source.ViewSource): the decode-once originals are the decoded
 images, capped; rendering from them, in place or on background threads, gives the bytes of the prebuilt
 view store (pixels.load_or_build_views) at any size, mixed views included; a fresh view every epoch."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kdpipe import data, pixels, views
+from kdpipe import data, pillow_resample, pixels, view_source, views
 from kdpipe.errors import KdpipeError
 
 POLICY = views.ViewPolicy(mixup=1.0, mixup_p=0.5)
@@ -67,6 +67,28 @@ def test_originals_are_the_decoded_images_stored_once(odd_folder, tmp_path, monk
     np.testing.assert_array_equal(again.array(2), store.array(2))
 
 
+@pytest.mark.parametrize("store", ["pixels", "originals"])
+def test_a_store_whose_build_fails_leaves_nothing_and_says_which(odd_folder, tmp_path, monkeypatch, store):
+    """A disk that fills up mid-build: a one-line error naming the store, no temporary and no store left."""
+    split = _split(odd_folder)
+    real = type(split).image
+
+    def image(self, i):
+        if i == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, i)
+
+    monkeypatch.setattr(type(split), "image", image)
+    build = {"pixels": lambda: pixels.load_or_build(split, (16, 16), 2, root=tmp_path),
+             "originals": lambda: pixels.load_or_build_originals(split, root=tmp_path)}[store]
+    with pytest.raises(KdpipeError, match=f"cannot write the {'pixel' if store == 'pixels' else 'originals'} store .*"
+                                          "No space left on device; free space"):
+        build()
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+    monkeypatch.undo()
+    assert len(build()) == len(split)  # built whole by the next call
+
+
 def test_originals_over_the_cap_are_decoded_when_used(odd_folder, tmp_path, monkeypatch):
     split = _split(odd_folder)
     assert pixels.load_or_build_originals(split, root=tmp_path, max_bytes=5000) is None  # the first image: 4,800 B
@@ -88,9 +110,9 @@ def test_views_rendered_when_used_are_the_prebuilt_store_bit_for_bit(odd_folder,
     originals = pixels.load_or_build_originals(split, root=tmp_path)
     rows = np.arange(len(split) * (K + 1))
     for image in (originals.image, split.image):  # from the originals, or decoded when used (over the cap)
-        source = pixels.ViewSource(image, boxes, flips, size, 2, mixes)
+        source = view_source.ViewSource(image, boxes, flips, size, 2, mixes)
         np.testing.assert_array_equal(source.render(rows), prebuilt)
-    unmixed = pixels.ViewSource(originals.image, boxes, flips, size, 2)
+    unmixed = view_source.ViewSource(originals.image, boxes, flips, size, 2)
     plain = pixels.load_or_build_views(split, size, 2, boxes, flips, root=tmp_path)
     np.testing.assert_array_equal(unmixed.render(rows), plain)
 
@@ -99,7 +121,7 @@ def test_background_rendering_gives_the_same_batches_in_any_order_of_asking(odd_
     split = _split(odd_folder)
     boxes, flips, mixes = _views(split)
     originals = pixels.load_or_build_originals(split, root=tmp_path)
-    source = pixels.ViewSource(originals.image, boxes, flips, (16, 16), 3, mixes, threads=2, depth=2)
+    source = view_source.ViewSource(originals.image, boxes, flips, (16, 16), 3, mixes, threads=2, depth=2)
     rng = np.random.default_rng(0)
     batches = [rng.choice(len(source), 4, replace=False) for _ in range(7)]
     expected = [source.render(b) for b in batches]
@@ -116,7 +138,7 @@ def test_background_rendering_gives_the_same_batches_in_any_order_of_asking(odd_
     def broken(i):
         raise KdpipeError(f"cannot decode image {i}")
 
-    bad = pixels.ViewSource(broken, boxes, flips, (16, 16), 2, threads=1)
+    bad = view_source.ViewSource(broken, boxes, flips, (16, 16), 2, threads=1)
     bad.plan(batches[:2])
     with pytest.raises(KdpipeError, match="cannot decode image"):  # raised where the batch is taken
         bad.take(batches[0])
@@ -130,7 +152,7 @@ def test_a_split_data_batch_renders_this_epochs_view(odd_folder, tmp_path):
     boxes, flips, _ = _views(split)
     n, v = flips.shape
     originals = pixels.load_or_build_originals(split, root=tmp_path)
-    source = pixels.ViewSource(originals.image, boxes, flips, (16, 16), 2)
+    source = view_source.ViewSource(originals.image, boxes, flips, (16, 16), 2)
     logits = torch.randn(n * v, 2)
     train = SplitData("train", split.ids, None, torch.from_numpy(split.labels), logits, per_image=v, source=source)
     train.view_of = torch.from_numpy(views.epoch_views(n, v, 3, seed=0))
@@ -153,7 +175,7 @@ def test_with_at_least_as_many_views_as_epochs_no_view_is_used_twice():
 
 
 def test_the_device_resampler_is_pillow_bit_for_bit():
-    """pixels.resample_batch against PIL's resize with a box: random sizes up and down, both orders of the two
+    """pillow_resample.resample_batch against PIL's resize with a box: random sizes up and down, both orders of the two
     passes (Pillow 13 runs the vertical one first when the height shrinks much more), three filters."""
     rng = np.random.default_rng(0)
     cases = 0
@@ -166,14 +188,14 @@ def test_the_device_resampler_is_pillow_bit_for_bit():
         if trial % 3 == 0:
             boxes[0] = (0, 0, w, h)  # the whole image (view 0)
         size = (int(rng.integers(4, 90)), int(rng.integers(4, 90)))
-        for resample in pixels.FILTERS:
-            out = pixels.resample_batch(images, boxes, size, resample, torch.device("cpu")).numpy()
+        for resample in pillow_resample.FILTERS:
+            out = pillow_resample.resample_batch(images, boxes, size, resample, torch.device("cpu")).numpy()
             expected = np.stack([views.render(Image.fromarray(a), b, False, size, resample)
                                  for a, b in zip(images, boxes)])
             np.testing.assert_array_equal(out, expected, err_msg=f"{[a.shape for a in images]} -> {size}, {resample}")
             cases += 1
     assert cases == 120
-    assert pixels.vertical_first(63, 29, (32, 32)) == pixels._pillow_vertical_first()  # Pillow >= 13: True
+    assert pillow_resample.vertical_first(63, 29, (32, 32)) == pillow_resample.pillow_vertical_first()  # Pillow >= 13: True
 
 
 def test_the_device_view_source_renders_what_the_threads_render(odd_folder, tmp_path):
@@ -181,11 +203,11 @@ def test_the_device_view_source_renders_what_the_threads_render(odd_folder, tmp_
     boxes, flips, mixes = _views(split)
     originals = pixels.load_or_build_originals(split, root=tmp_path)
     for size, resample in (((24, 20), 2), ((32, 32), 3)):
-        threads = pixels.ViewSource(originals.image, boxes, flips, size, resample, mixes)
-        device = pixels.DeviceViewSource(originals.array, boxes, flips, size, resample, torch.device("cpu"), mixes)
+        threads = view_source.ViewSource(originals.image, boxes, flips, size, resample, mixes)
+        device = view_source.DeviceViewSource(originals.array, boxes, flips, size, resample, torch.device("cpu"), mixes)
         rows = np.arange(len(threads))
         batch = device.take(rows)
         assert isinstance(batch, torch.Tensor) and batch.dtype == torch.uint8
         np.testing.assert_array_equal(batch.numpy(), threads.render(rows))  # flips and blends included
     with pytest.raises(ValueError, match="no device renderer"):
-        pixels.DeviceViewSource(originals.array, boxes, flips, (8, 8), 1, torch.device("cpu"))  # LANCZOS
+        view_source.DeviceViewSource(originals.array, boxes, flips, (8, 8), 1, torch.device("cpu"))  # LANCZOS
