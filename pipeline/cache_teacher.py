@@ -128,6 +128,7 @@ def _check_out(cfg: CacheConfig) -> None:
 
 
 def _setup(cfg: CacheConfig) -> _Job:
+    """Open the dataset and the teacher, match their labels, and place the teacher on its device."""
     dataset = open_dataset(cfg.dataset, splits=cfg.splits, image_column=cfg.image_column,
                            label_column=cfg.label_column, revision=cfg.dataset_revision,
                            allow_outside=cfg.allow_outside_images)
@@ -138,14 +139,26 @@ def _setup(cfg: CacheConfig) -> _Job:
     runtime.configure_backends(device, precision)
     teacher.model = runtime.prepare_model(teacher.model, device)
     processor = teacher.processor.to_dict()
-    spec = None
-    if cfg.views:
-        missing = [s for s in cfg.view_splits if s not in dataset.splits]
-        if missing:
-            raise KdpipeError(f"--view-splits {','.join(missing)}: not in the dataset (splits: "
-                              f"{', '.join(dataset.splits)})")
-        spec = ViewSpec(cfg.views, cfg.augment, views.processor_inputs(processor, f"--teacher {cfg.teacher}"))
-    common = _jsonable({
+    spec = _view_spec(cfg, dataset, processor)
+    workers = runtime.default_workers(device) if cfg.workers is None else cfg.workers
+    return _Job(cfg, dataset, teacher, perm, device, precision, workers, cfg.out_dir(), spec,
+                _common(cfg, dataset, teacher, perm, processor, precision))
+
+
+def _view_spec(cfg: CacheConfig, dataset, processor: dict) -> ViewSpec | None:
+    """The views of --view-splits (--views K), or None without views."""
+    if not cfg.views:
+        return None
+    missing = [s for s in cfg.view_splits if s not in dataset.splits]
+    if missing:
+        raise KdpipeError(f"--view-splits {','.join(missing)}: not in the dataset (splits: "
+                          f"{', '.join(dataset.splits)})")
+    return ViewSpec(cfg.views, cfg.augment, views.processor_inputs(processor, f"--teacher {cfg.teacher}"))
+
+
+def _common(cfg: CacheConfig, dataset, teacher: Teacher, perm: np.ndarray, processor: dict, precision: str) -> dict:
+    """The metadata every split of this pass shares (and part of each split's reuse key)."""
+    return _jsonable({
         "teacher": {**teacher.identity, "label_map": perm.tolist(),
                     **({"labels_matched": "by index (--labels-by-index)"} if cfg.labels_by_index else {})},
         "processor": processor,
@@ -154,8 +167,6 @@ def _setup(cfg: CacheConfig) -> _Job:
         "format_version": logit_store.FORMAT_VERSION,
         "logits_storage": _storage(cfg, len(dataset.label_names)),
     })
-    workers = runtime.default_workers(device) if cfg.workers is None else cfg.workers
-    return _Job(cfg, dataset, teacher, perm, device, precision, workers, cfg.out_dir(), spec, common)
 
 
 def _run(cfg: CacheConfig, progress: Progress | None, rank: int = 0, world: int = 1) -> list[SplitReport]:

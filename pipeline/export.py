@@ -70,7 +70,7 @@ def export(run_dir: Path, cfg: ExportConfig, progress: Progress | None = None) -
                          if name != "calibration"}
             record["fidelity"] = {"fp32": check_fp32(session(tmp / FP32), data, reference, inputs, cfg)}
             if cfg.int8:
-                calibrate = _calibration_batches(data["calibration"], inputs, cfg.calibration_images, run)
+                calibrate = calibration_batches(data["calibration"], inputs, cfg.calibration_images, run)
                 record["int8"] = quantize(tmp / FP32, tmp / INT8, calibrate)
                 record["int8"]["calibration_inputs"] = ("one stored view of each image (the run trained on views)"
                                                         if data["calibration"].per_image > 1 else "the images")
@@ -214,11 +214,11 @@ def _splits(run: dict, cfg: ExportConfig, inputs: dict, progress: Progress | Non
         u8 = pixels.load_or_build(split, inputs["size"], inputs["resample"], progress=progress)
         out[name] = SplitData(name, split.ids, torch.from_numpy(u8), torch.from_numpy(split.labels), None)
     if cfg.int8:
-        out["calibration"] = _train_split(run, ds.splits[train], inputs, progress)
+        out["calibration"] = train_split(run, ds.splits[train], inputs, progress)
     return out
 
 
-def _train_split(run: dict, split, inputs: dict, progress: Progress | None) -> SplitData:
+def train_split(run: dict, split, inputs: dict, progress: Progress | None) -> SplitData:
     """The train split as the student trained on it: its stored views (rendered when used) or its images."""
     if not run["config"].get("views"):
         u8 = pixels.load_or_build(split, inputs["size"], inputs["resample"], progress=progress)
@@ -230,7 +230,7 @@ def _train_split(run: dict, split, inputs: dict, progress: Progress | None) -> S
     return load_views(open_cache(Path(cache_dir)), split, inputs, torch.device("cpu"), progress)
 
 
-def _calibration_batches(data: SplitData, inputs: dict, count: int, run: dict) -> list[np.ndarray]:
+def calibration_batches(data: SplitData, inputs: dict, count: int, run: dict) -> list[np.ndarray]:
     """`count` train images (all, if fewer), chosen with the run's seed; one stored view of each (a random one of
     its views, the image itself among them) where the run trained on views. Batches of BATCH, normalised."""
     seed = int(run.get("seed", 0))

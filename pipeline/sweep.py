@@ -148,7 +148,7 @@ def open_storage(url: str | None, out: Path, wait_s: float = 0.0, note: Callable
     return sweep_storage.open_storage(url, out, wait_s, note)
 
 
-def _claim_folder(out: Path, study_name: str, storage: str | None, spec: dict, note: dict | None = None) -> None:
+def claim_folder(out: Path, study_name: str, storage: str | None, spec: dict, note: dict | None = None) -> None:
     """Write sweep.json (how to reopen the study) once, atomically; later workers check it matches. `note`: what
     else it records (a grid's size, _grid_record)."""
     from .locking import make_folder
@@ -526,7 +526,7 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     shared = student_data.SharedData()  # cache, dataset and pixels are read once per worker
     inputs = _check_inputs(cfg, shared)
     _check_storage(cfg.storage, out)
-    _claim_folder(out, cfg.study_name(), cfg.storage, cfg.spec(), _grid_record(cfg))
+    claim_folder(out, cfg.study_name(), cfg.storage, cfg.spec(), _grid_record(cfg))
     study = open_study(cfg, out, note)
     _same_inputs(study, inputs)
     worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
@@ -597,7 +597,7 @@ def run_plan(plan: Plan, out: Path | None = None, storage: str | None = None, na
         if arm not in inputs:
             inputs[arm] = _check_inputs(cfg, shared)
     _check_storage(storage, out)
-    _claim_folder(out, study_name, storage, {"plan": plan.name})
+    claim_folder(out, study_name, storage, {"plan": plan.name})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=open_storage(storage, out, storage_wait_s, note), study_name=study_name,
                                 direction="maximize",

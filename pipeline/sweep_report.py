@@ -71,7 +71,7 @@ def build(out: Path, write: bool = True) -> SweepSummary:
     """Summarise the sweep in `out` from its storage; write results.csv/json (and heatmap.png). A plan's study
     (kdpipe sweep --plan) is summarised by study_report.build instead (a StudySummary)."""
     out = Path(out)
-    record, study = _load_study(out)
+    record, study = open_study(out)
     trials = study.get_trials(deepcopy=False)
     counts, interrupted = _trial_states(trials, out, record["spec"])
     if "plan" in record["spec"]:  # kdpipe sweep --plan
@@ -94,7 +94,7 @@ def build(out: Path, write: bool = True) -> SweepSummary:
     return summary
 
 
-def _load_study(out: Path) -> tuple[dict, object]:
+def open_study(out: Path) -> tuple[dict, object]:
     """The sweep's recorded spec and its Optuna study."""
     import optuna
 

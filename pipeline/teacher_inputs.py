@@ -111,7 +111,9 @@ class TeacherInputs(torch.utils.data.Dataset):
                 for v in range(1, k + 1)]
 
 
-def collate(items):
+def collate(items: list[dict]) -> dict:
+    """TeacherInputs items as one batch: pixel_values (sum of V, 3, H, W), rows (B,), the view parameters
+    (sum of V, ...) concatenated; the first error instead, if any item carries one."""
     for item in items:
         if "error" in item:
             return {"error": item["error"]}

@@ -302,14 +302,14 @@ def test_int8_calibrates_on_the_stored_views_where_the_run_trained_on_them(image
     split = data.open_dataset(str(image_folder), splits=["train"]).splits["train"]
     inputs = with_tensors({"size": (32, 32), "resample": 2, "mean": [0.5] * 3, "std": [0.5] * 3}, torch.device("cpu"))
     on_views = {"config": {"views": True, "cache": str(cache)}, "seed": 0}
-    viewed = export._train_split(on_views, split, inputs, None)
+    viewed = export.train_split(on_views, split, inputs, None)
     assert viewed.per_image == 3  # the image itself and its 2 views
-    plain = export._train_split({"config": {"views": False}, "seed": 0}, split, inputs, None)
-    a = np.concatenate(export._calibration_batches(viewed, inputs, 20, on_views))
-    b = np.concatenate(export._calibration_batches(plain, inputs, 20, on_views))
+    plain = export.train_split({"config": {"views": False}, "seed": 0}, split, inputs, None)
+    a = np.concatenate(export.calibration_batches(viewed, inputs, 20, on_views))
+    b = np.concatenate(export.calibration_batches(plain, inputs, 20, on_views))
     assert a.shape == b.shape == (20, 3, 32, 32)  # 20 of the 36 train images, the same ones (the run's seed)
     same = [np.array_equal(x, y) for x, y in zip(a, b)]
     assert not all(same) and any(same)  # a random one of each image's 3 rows: mostly a view, sometimes the image
     shutil.rmtree(cache)
     with pytest.raises(KdpipeError, match=r"--int8: calibration data missing: the run trained on the stored views"):
-        export._train_split(on_views, split, inputs, None)
+        export.train_split(on_views, split, inputs, None)

@@ -186,7 +186,7 @@ def _sweep_with_a_running_trial(tmp_path, cache_dir, owner: dict) -> tuple[Path,
 
     cfg = SweepConfig(train=tiny_train_config(cache=cache_dir, epochs=1), space={"alpha": "0,0.5"}, seeds=[0],
                       out=tmp_path / "sw")
-    sweep._claim_folder(cfg.out_dir(), cfg.study_name(), cfg.storage, cfg.spec())
+    sweep.claim_folder(cfg.out_dir(), cfg.study_name(), cfg.storage, cfg.spec())
     study = sweep.open_study(cfg, cfg.out_dir())
     trial = study.ask()
     for key, value in {"point": "a0.5-seed0", "config": "a0.5", "owner": owner}.items():

@@ -53,7 +53,7 @@ def _sweep_folder(tmp_path, cache_dir) -> Path:
 
     cfg = SweepConfig(train=tiny_train_config(cache=cache_dir, epochs=1), space={"alpha": "0,0.5"}, seeds=[0],
                       out=tmp_path / "sw")
-    sweep._claim_folder(cfg.out_dir(), cfg.study_name(), cfg.storage, cfg.spec())
+    sweep.claim_folder(cfg.out_dir(), cfg.study_name(), cfg.storage, cfg.spec())
     sweep.open_study(cfg, cfg.out_dir())
     return cfg.out_dir()
 

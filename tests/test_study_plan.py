@@ -28,7 +28,7 @@ def write_plan(folder: Path, cache: Path, seeds="[0, 1]", budgets="[1, 2]", extr
 
 
 def study_of(out: Path):
-    record, study = sweep_report._load_study(out)
+    record, study = sweep_report.open_study(out)
     return study
 
 
