@@ -248,7 +248,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    files.write_json(path, value, indent=None)
+    files.write_text(path, json.dumps(value))
 
 
 def as_tensor(pixels: np.ndarray, device: torch.device, headroom: float = 0.5) -> torch.Tensor:
