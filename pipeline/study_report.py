@@ -28,7 +28,7 @@ class ArmPoint:
     budget: int
     config: str
     params: dict
-    runs: dict[int, dict]  # seed -> the run's summary (sweep._run_one, or an imported record's)
+    runs: dict[int, dict]  # seed -> the run's summary (sweep.run_one, or an imported record's)
 
     def values(self, split: str) -> dict[int, float]:
         return {s: r[split] for s, r in sorted(self.runs.items()) if r.get(split) is not None}

@@ -320,8 +320,8 @@ class TrialResult:
     runs: list[dict]
 
 
-def _run_one(cfg: SweepConfig, trial, params: dict, seed: int, out: Path, report_epochs: bool,
-             progress: Callable | None, shared: student_data.SharedData, name: str | None = None) -> dict:
+def run_one(cfg: SweepConfig, trial, params: dict, seed: int, out: Path, report_epochs: bool,
+            progress: Callable | None, shared: student_data.SharedData, name: str | None = None) -> dict:
     """One train-student run folder (`<out>/runs/<name>`, by default <config>-seed<k>); resumes a folder left by
     a dead worker. Returns its summary."""
     run_dir = out / "runs" / (name or f"{config_key(params)}-seed{seed}")
@@ -389,8 +389,9 @@ def _failing_on_error(study, trial):
 # ---------------------------------------------------------------------------------------- workers
 
 
-def _grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: student_data.SharedData,
-                 budget: Budget) -> None:
+def grid_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: student_data.SharedData,
+                budget: Budget) -> None:
+    """A grid sweep's worker: claim and run the grid's free points (_claim_points) until none is left."""
     choices = {name: list(d.choices) for name, d in cfg.dims.items()}
     choices["seed"] = list(cfg.seeds)
     _claim_points(study, lambda: grid_points(cfg), lambda p: {"point": p.key, "config": p.config_key},
@@ -444,7 +445,7 @@ def _claim_points(study, points: Callable[[], Iterable], attrs: Callable[[Any], 
         cfg = config_of(point)
         measured = budget.measuring(trial, [out / "runs" / key]) if budget is not None else contextlib.nullcontext()
         with _failing_on_error(study, trial), measured:
-            run = _run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress, shared, key)
+            run = run_one(cfg, trial, point.params, point.seed, out, cfg.prune != "none", progress, shared, key)
         result = _finish_trial(study, trial, key, point.params, [point.seed], [run])
         if on_trial:
             on_trial(result, cfg.grid_trials)
@@ -492,7 +493,7 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: 
         folders = [out / "runs" / f"{key}-seed{seed}" for seed in cfg.seeds]
         with _failing_on_error(study, trial), budget.measuring(trial, folders):
             for i, seed in enumerate(cfg.seeds):  # prune on the first seed's curve; the others run in full
-                runs.append(_run_one(cfg, trial, params, seed, out, cfg.prune != "none" and i == 0, progress, shared))
+                runs.append(run_one(cfg, trial, params, seed, out, cfg.prune != "none" and i == 0, progress, shared))
                 if runs[-1]["pruned"]:
                     break
         result = _finish_trial(study, trial, key, params, list(cfg.seeds[:len(runs)]), runs)
@@ -529,7 +530,7 @@ def run(cfg: SweepConfig, progress: Callable | None = None,
     claim_folder(out, cfg.study_name(), cfg.storage, cfg.spec(), _grid_record(cfg))
     study = open_study(cfg, out, note)
     _same_inputs(study, inputs)
-    worker = _grid_worker if cfg.sampler == "grid" else _tpe_worker
+    worker = grid_worker if cfg.sampler == "grid" else _tpe_worker
     worker(cfg, study, out, progress, on_trial, shared, budget)
     return out
 

@@ -17,7 +17,7 @@ harmless for every call the sweep makes but one, a trial's final state, which `s
 The RDB is used bare, not through Optuna's _CachedStorage (what `optuna.create_study(storage=url)` would wrap
 it in): that cache stops re-reading trials numbered below the newest finished one, so a trial another worker
 created earlier but committed later can stay invisible to it, and the grid's exactly-once claim
-(sweep._grid_worker) needs every committed trial in each check.
+(sweep.grid_worker) needs every committed trial in each check.
 
 Who holds a trial stays the sweep's own `owner` attribute (host, pid, last epoch's time: sweep.fail_stale_trials),
 not Optuna's heartbeat and its stale-trial callback: those run inside `study.optimize` only (Optuna documents

@@ -194,14 +194,14 @@ def test_a_worker_starts_a_huge_grid_without_holding_it(hours, cache_dir, tmp_pa
         seen.append((params, seed, tracemalloc.get_traced_memory()[1]))
         raise _FirstTrial
 
-    monkeypatch.setattr(sweep, "_run_one", first_trial)
-    worker = sweep._grid_worker
+    monkeypatch.setattr(sweep, "run_one", first_trial)
+    worker = sweep.grid_worker
 
     def measured_worker(*args):  # what the worker holds (loading the tiny dataset peaks higher, and is not it)
         tracemalloc.reset_peak()
         return worker(*args)
 
-    monkeypatch.setattr(sweep, "_grid_worker", measured_worker)
+    monkeypatch.setattr(sweep, "grid_worker", measured_worker)
     space = {"lr": ",".join(f"{1e-5 * (1 + i / 1000):.8g}" for i in range(1000)),
              "alpha": ",".join(f"{(i + 1) / 100:g}" for i in range(100)), "temperature": "1,2"}
     cfg = SweepConfig(train=tiny_train_config(cache=cache_dir, epochs=1), seeds=[0], large_grid=True,
