@@ -14,12 +14,16 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import hub
 from .errors import KdpipeError
+
+if TYPE_CHECKING:  # imported where used: datasets takes seconds to import
+    import datasets
 
 IMAGE_COLUMNS = ("image", "img")
 # The largest image file read: what Pillow decodes without a bomb warning (89 Mpx) as 8-bit RGB in a BMP or TIFF;
@@ -34,7 +38,7 @@ class Split:
     """One split: the underlying table (images undecoded), ids, integer labels in `label_names` order."""
 
     name: str
-    table: "datasets.Dataset"  # noqa: F821  (image column cast to decode=False)
+    table: datasets.Dataset  # image column cast to decode=False
     image_column: str
     ids: list[str]
     labels: np.ndarray  # (N,) int64

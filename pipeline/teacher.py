@@ -8,16 +8,20 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import hub
 from .errors import CONFIG_ERRORS, KdpipeError, reason
 
+if TYPE_CHECKING:  # imported where used: torch takes seconds to import
+    import torch
+
 
 @dataclass
 class Teacher:
-    model: "torch.nn.Module"  # noqa: F821  eval mode
+    model: torch.nn.Module  # eval mode
     processor: object  # the teacher's own AutoImageProcessor
     spec: str
     revision: str | None  # resolved commit hash for hub models, None for folders
