@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASSES, make_image_folder, tiny_train_config
+from conftest import CLASSES, REPO, make_image_folder, tiny_train_config
 
 needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")),
                                 reason='the export extra is not installed (pip install -e ".[export]")')
@@ -313,3 +313,25 @@ def test_int8_calibrates_on_the_stored_views_where_the_run_trained_on_them(image
     shutil.rmtree(cache)
     with pytest.raises(KdpipeError, match=r"--int8: calibration data missing: the run trained on the stored views"):
         export.train_split(on_views, split, inputs, None)
+
+
+@needs_onnx
+def test_bench_export_measures_an_existing_run_as_it_is(trained, tmp_path, monkeypatch):
+    """benchmarks/bench_export.py --run RUN: that run is exported, checked and timed (int8 tried; where its bound
+    refuses, the fp32 export alone, the refusal recorded); nothing is cached or trained."""
+    spec = importlib.util.spec_from_file_location("bench_export", REPO / "benchmarks" / "bench_export.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run, work = tmp_path / "run", tmp_path / "work"
+    shutil.copytree(trained, run)
+    monkeypatch.chdir(tmp_path)
+    out = bench.main(["--run", str(run), "--work", str(work), "--latency-runs", "2", "--throughput-batches", "1",
+                      "--json", str(tmp_path / "r.json")])
+    assert out["run"] == str(run) and not work.exists()  # measured as it is: no cache, no training
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(out))
+    assert json.loads((run / "run.json").read_text())["export"] == json.loads(json.dumps(out["export"]))
+    assert out["int8_refused"] is None or "the int8 model loses" in out["int8_refused"]
+    assert ("int8" in out["export"]["fidelity"]) == (out["int8_refused"] is None)
+    assert {(r["model"], r["runtime"]) for r in out["export"]["speed"]["rows"]} >= {
+        ("teacher", "pytorch fp32"), ("teacher", "onnx fp32"), ("student", "pytorch fp32"), ("student", "onnx fp32")}
+    assert out["command"].startswith("python benchmarks/bench_export.py --run ")
