@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import resource
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from kdpipe import runtime
+from kdpipe.errors import KdpipeError
 from kdpipe.loss import distillation_loss
 
 
@@ -16,6 +20,17 @@ def cpu_seconds() -> float:
     below torch's thread count means the benchmark was starved of cores (a busy shared machine)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_main(parser: argparse.ArgumentParser, argv: list[str] | None, body: Callable[[argparse.Namespace], dict]) -> dict:
+    """Parse `argv` (the command line when None), keep it as `args.argv` for the results' provenance, and run
+    `body`; a KdpipeError is one line and exit 1."""
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    try:
+        return body(args)
+    except KdpipeError as e:
+        sys.exit(f"error: {e}")
 
 
 def busy_note(cores: dict[str, float]) -> str | None:

@@ -26,7 +26,7 @@ from kdpipe.config import CacheConfig, ExportConfig, TrainConfig
 from kdpipe.errors import KdpipeError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported by the tests
-from _common import cpu_seconds, print_table  # noqa: E402
+from _common import cpu_seconds, print_table, run_main  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -47,12 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--throughput-batches", type=int, default=ExportConfig.throughput_batches, help="kdpipe export's")
     p.add_argument("--json", type=Path, help="where the results go (default: benchmarks/results/export/<image-size>px"
                                              ".json, or <run folder name>.json with --run)")
-    args = p.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
-    try:
-        return measure(args)
-    except KdpipeError as e:
-        sys.exit(f"error: {e}")
+    return run_main(p, argv, measure)
 
 
 def build_run(args: argparse.Namespace) -> Path:

@@ -53,8 +53,7 @@ def export(run_dir: Path, cfg: ExportConfig, progress: Progress | None = None) -
     require_runtime(cfg.exporter)
     run, model, proc = load_saved(run_dir)  # refuses a folder without a run or without its weights
     with locking.exclusive(run_dir, "RUN"):
-        inputs = with_tensors({"size": (proc.size["height"], proc.size["width"]), "resample": int(proc.resample),
-                               "mean": list(proc.image_mean), "std": list(proc.image_std)}, torch.device("cpu"))
+        inputs = student_inputs(proc)
         data = _splits(run, cfg, inputs, progress)
         with files.replacing(run_dir / ONNX_DIR) as tmp:
             tmp.mkdir()
@@ -83,6 +82,12 @@ def export(run_dir: Path, cfg: ExportConfig, progress: Progress | None = None) -
         files.write_json(run_dir / run_folder.RUN_JSON, run)
         files.write_text(run_dir / run_folder.MODEL / "README.md", model_card.render(run, run_dir.name))
     return record
+
+
+def student_inputs(proc) -> dict:
+    """How the saved student's images are prepared (its processor's size, filter, mean and std), as tensors."""
+    return with_tensors({"size": (proc.size["height"], proc.size["width"]), "resample": int(proc.resample),
+                         "mean": list(proc.image_mean), "std": list(proc.image_std)}, torch.device("cpu"))
 
 
 def require_runtime(exporter: str) -> None:

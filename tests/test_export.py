@@ -335,3 +335,23 @@ def test_bench_export_measures_an_existing_run_as_it_is(trained, tmp_path, monke
     assert {(r["model"], r["runtime"]) for r in out["export"]["speed"]["rows"]} >= {
         ("teacher", "pytorch fp32"), ("teacher", "onnx fp32"), ("student", "pytorch fp32"), ("student", "onnx fp32")}
     assert out["command"].startswith("python benchmarks/bench_export.py --run ")
+
+
+@needs_onnx
+def test_bench_int8_chooses_on_validation_and_measures_test_for_the_chosen_one_only(trained, tmp_path, monkeypatch):
+    """benchmarks/bench_int8.py: every quantiser configuration measured on validation; the chosen one is, of those
+    within the bound, the closest to the PyTorch student there (agreement, then mean |Δlogit|); test only for it."""
+    spec = importlib.util.spec_from_file_location("bench_int8", REPO / "benchmarks" / "bench_int8.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "CONFIGS", {k: bench.CONFIGS[k] for k in ("default (kdpipe export --int8)",
+                                                                        "per-tensor weights", "Percentile 99.999",
+                                                                        "first conv and classifier in fp32")})
+    out = bench.main(["--run", str(trained), "--max-drop", "1", "--json", str(tmp_path / "r.json")])
+    rows = out["configs"]
+    assert set(rows) == set(bench.CONFIGS) and all("validation" in r for r in rows.values())
+    best = max(rows.values(), key=lambda r: (r["validation"]["agreement"], -r["validation"]["mean_abs_logit_diff"]))
+    assert rows[out["chosen"]] == best
+    assert [n for n, r in rows.items() if "test" in r] == [out["chosen"]]  # test measured once, for the chosen
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(out))
