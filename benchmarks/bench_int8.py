@@ -61,7 +61,7 @@ def quantise(prepared: Path, out: Path, batches: list[np.ndarray], options: dict
     exclude = ([nodes[0].name] if "first" in keep else []) + ([nodes[-1].name] if "last" in keep else [])
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        quantize_static(str(prepared), str(out), export._Calibration(batches),
+        quantize_static(str(prepared), str(out), export.Calibration(batches),
                         quant_format=getattr(QuantFormat, o["fmt"]), per_channel=o["per_channel"],
                         reduce_range=o["reduce_range"], activation_type=getattr(QuantType, o["activation"]),
                         weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, o["method"]),
@@ -91,7 +91,7 @@ def search(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     run, model, proc = load_saved(args.run)
     inputs = export.student_inputs(proc)
-    data = export._splits(run, ExportConfig(int8=True, dataset=args.dataset), inputs, None)
+    data = export.splits(run, ExportConfig(int8=True, dataset=args.dataset), inputs, None)
     val, test = run["config"].get("val_split", "validation"), run["config"].get("test_split")
     reference = {s: predict(model, data[s], torch.device("cpu"), "fp32", inputs) for s in (val, test) if s}
     labels = {s: data[s].labels.numpy() for s in reference}
@@ -106,7 +106,7 @@ def search(args: argparse.Namespace) -> dict:
             quant_pre_process(str(fp32), str(prepared))
         for name, (count, options, keep) in CONFIGS.items():
             start, out = time.perf_counter(), Path(tmp) / "int8.onnx"
-            batches = export._calibration_batches(data["calibration"], inputs, count, run)
+            batches = export.calibration_batches(data["calibration"], inputs, count, run)
             quantise(prepared, out, batches, options, keep)
             sess = export.session(out)
             rows[name] = {"calibration_images": min(count, len(data["calibration"])), "options": {**DEFAULT, **options},
@@ -121,7 +121,7 @@ def search(args: argparse.Namespace) -> dict:
         if chosen is not None and test:  # the test split, once, for the configuration validation chose
             count, options, keep = CONFIGS[chosen]
             out = Path(tmp) / "int8.onnx"
-            quantise(prepared, out, export._calibration_batches(data["calibration"], inputs, count, run), options, keep)
+            quantise(prepared, out, export.calibration_batches(data["calibration"], inputs, count, run), options, keep)
             rows[chosen][test] = compare(export.run_onnx(export.session(out), data[test], inputs), reference[test],
                                          labels[test])
             m = rows[chosen][test]

@@ -54,7 +54,7 @@ def export(run_dir: Path, cfg: ExportConfig, progress: Progress | None = None) -
     run, model, proc = load_saved(run_dir)  # refuses a folder without a run or without its weights
     with locking.exclusive(run_dir, "RUN"):
         inputs = student_inputs(proc)
-        data = _splits(run, cfg, inputs, progress)
+        data = splits(run, cfg, inputs, progress)
         with files.replacing(run_dir / ONNX_DIR) as tmp:
             tmp.mkdir()
             record = {"exporter": cfg.exporter, "opset": cfg.opset, "versions": _versions(),
@@ -198,7 +198,7 @@ def _normalised(data: SplitData, inputs: dict, batch_size: int = BATCH) -> Itera
 # ----------------------------------------------------------------------------------------------- data
 
 
-def _splits(run: dict, cfg: ExportConfig, inputs: dict, progress: Progress | None) -> dict[str, SplitData]:
+def splits(run: dict, cfg: ExportConfig, inputs: dict, progress: Progress | None) -> dict[str, SplitData]:
     """The run's validation and test splits as the student sees them, and with --int8 its train split
     (`calibration`: stored views where the run trained on them)."""
     config = run["config"]
@@ -297,7 +297,7 @@ def check_int8(sess, data: dict[str, SplitData], reference: dict[str, np.ndarray
 # ----------------------------------------------------------------------------------------------- int8
 
 
-class _Calibration:
+class Calibration:
     """ONNX Runtime's CalibrationDataReader protocol over prepared batches."""
 
     def __init__(self, batches: list[np.ndarray]):
@@ -320,7 +320,7 @@ def quantize(fp32: Path, out: Path, batches: list[np.ndarray]) -> dict:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             quant_pre_process(str(fp32), str(prepared))  # shape inference and graph fusions first, as ORT advises
-            quantize_static(str(prepared), str(out), _Calibration(batches), quant_format=QuantFormat.QDQ,
+            quantize_static(str(prepared), str(out), Calibration(batches), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
     except Exception as e:  # noqa: BLE001  the quantiser's failure on this graph
