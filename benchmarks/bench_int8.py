@@ -3,8 +3,8 @@ on *validation* only; the test split is then measured once, for the chosen confi
 
     python benchmarks/bench_int8.py --run data/bench-export/run-96px-16ep-seed0
 
-Each configuration is one `quantize_static` call on the run's fp32 ONNX export (after `quant_pre_process`, as
-`kdpipe export --int8` does), varying only the quantiser's documented options: per-channel weights, the
+Each configuration is one `quantize_static` call on the run's student exported to fp32 ONNX as `kdpipe export`
+does it (dynamo, opset 20; then `quant_pre_process`), varying only the quantiser's documented options: per-channel weights, the
 calibration method (MinMax, Entropy, Percentile) and image count, reduce_range, the activation type, the first
 convolution and the classifier kept in fp32, QDQ against QOperator. The rule, fixed before measuring: among the
 configurations within the bound (int8 accuracy at most --max-drop below the PyTorch student on validation), the
@@ -33,8 +33,9 @@ from kdpipe.evaluate import load_saved, predict
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported by the tests
 from _common import run_main  # noqa: E402
 
-# name -> (calibration images, quantize_static keyword arguments, nodes kept in fp32: "first" conv / "last" Gemm)
+# kdpipe export --int8's settings (export.quantize); each configuration below changes one or two of them
 DEFAULT = dict(per_channel=True, activation="QInt8", method="MinMax", reduce_range=False, fmt="QDQ")
+# name -> (calibration images, changes to DEFAULT, nodes kept in fp32: "first" conv / "last" Conv or Gemm)
 CONFIGS = {
     "default (kdpipe export --int8)": (128, {}, ()),
     "all train images": (10**9, {}, ()),
