@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from conftest import REPO
+from tests.helpers import REPO
 from kdpipe import runtime
 
 spec = importlib.util.spec_from_file_location("bench_precision", REPO / "benchmarks" / "bench_precision.py")

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from conftest import REPO
+from tests.helpers import REPO
 
 spec = importlib.util.spec_from_file_location("bench_threads", REPO / "benchmarks" / "bench_threads.py")
 bench = importlib.util.module_from_spec(spec)

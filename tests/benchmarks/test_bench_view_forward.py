@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
-from conftest import REPO
+from tests.helpers import REPO
 
 spec = importlib.util.spec_from_file_location("bench_view_forward", REPO / "benchmarks" / "bench_view_forward.py")
 bench = importlib.util.module_from_spec(spec)

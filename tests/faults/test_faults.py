@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (CLASSES, TINY_STUDENT, make_image_folder, make_teacher, read_cache_table, spawn_kdpipe,
-                      tiny_train_config)
+from tests.helpers import (CLASSES, TINY_STUDENT, make_image_folder, make_teacher, parquet_dataset, read_cache_table,
+                           spawn_kdpipe, tiny_train_config)
 from kdpipe import cache_teacher, locking, logit_store, run_folder, train_student
 from kdpipe.config import CacheConfig
 from kdpipe.errors import KdpipeError
@@ -409,25 +409,9 @@ def test_remote_code_is_never_trusted_implicitly(run_cli, image_folder, tmp_path
     assert not marker.exists()
 
 
-def _parquet_dataset(folder: Path, names: list[str], per_class: int = 1) -> Path:
-    """train/validation/test Parquet files with a ClassLabel of `names`, one small image per class."""
-    import datasets
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    folder.mkdir(parents=True)
-    for split in ("train", "validation", "test"):
-        images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in names for _ in range(per_class)]
-        labels = [i for i in range(len(names)) for _ in range(per_class)]
-        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
-            str(folder / f"{split}.parquet"))
-    return folder
-
-
 def test_a_huge_label_set_with_slashes_and_unicode_in_names(run_cli, tmp_path):
     names = [f"class/{i} ✓ é" for i in range(300)]
-    data = _parquet_dataset(tmp_path / "pq", names)
+    data = parquet_dataset(tmp_path / "pq", names)
     teacher = make_teacher(tmp_path / "teacher", label_names=names[::-1])  # same names, another order
     code, text = run_cli("cache-teacher", "--teacher", teacher, "--dataset", data, "--out", tmp_path / "c", "--workers", "0")
     assert code == 0, text

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import TINY_STUDENT, make_image_folder, spawn_kdpipe, tiny_train_config, write_split, one_line_error
+from tests.helpers import (TINY_STUDENT, make_image_folder, one_line_error, parquet_dataset, spawn_kdpipe,
+                           tiny_train_config, write_split)
 from kdpipe import files, locking, logit_store, train_student
 from kdpipe.errors import KdpipeError
 
@@ -308,7 +309,7 @@ def test_a_hub_like_teacher_name_that_is_not_found_mentions_both_places(run_cli,
 def test_a_teacher_config_that_does_not_fit_is_one_line(run_cli, image_folder, tmp_path, field, value, message):
     import json
 
-    from conftest import make_teacher
+    from tests.helpers import make_teacher
 
     teacher = make_teacher(tmp_path / "teacher")
     config = json.loads((teacher / "config.json").read_text())
@@ -364,7 +365,7 @@ def test_a_val_split_of_test_is_named_test_in_the_results(run_cli, cache_dir, tm
 def test_refusing_a_pickle_prints_only_the_error_line(image_folder, tmp_path):
     """A raw pickle (protocol 4) makes torch's weights-only unpickler warn before it refuses: no warning
     may precede the error line (run in a subprocess: pytest would swallow warnings in-process)."""
-    from conftest import make_teacher
+    from tests.helpers import make_teacher
 
     teacher = make_teacher(tmp_path / "teacher")
     (teacher / "model.safetensors").unlink()
@@ -469,7 +470,7 @@ def test_a_teacher_that_outputs_nan_is_refused_and_nothing_is_written(run_cli, i
     import torch
     from transformers import ViTForImageClassification
 
-    from conftest import make_teacher
+    from tests.helpers import make_teacher
 
     teacher = make_teacher(tmp_path / "teacher")
     model = ViTForImageClassification.from_pretrained(teacher)
@@ -516,9 +517,7 @@ def test_other_hostile_cache_values_are_one_line(run_cli, image_folder, teacher_
 
 
 def test_a_truncated_parquet_dataset_file_is_named(run_cli, teacher_dir, tmp_path):
-    from test_faults import _parquet_dataset
-
-    data = _parquet_dataset(tmp_path / "pq", ["angular_leaf_spot", "bean_rust", "healthy"])
+    data = parquet_dataset(tmp_path / "pq", ["angular_leaf_spot", "bean_rust", "healthy"])
     raw = (data / "test.parquet").read_bytes()
     (data / "test.parquet").write_bytes(raw[:len(raw) // 2])
     code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", data, "--out", tmp_path / "c")

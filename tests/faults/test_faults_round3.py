@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_STUDENT, make_image_folder, read_cache_table, tiny_train_config, one_line_error
+from tests.helpers import TINY_STUDENT, make_image_folder, read_cache_table, tiny_train_config, one_line_error
 from kdpipe import files
 from kdpipe.errors import KdpipeError
 

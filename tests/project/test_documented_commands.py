@@ -10,7 +10,7 @@ import shlex
 import pytest
 import typer
 
-from conftest import REPO
+from tests.helpers import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 

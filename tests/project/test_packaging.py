@@ -14,7 +14,7 @@ import venv
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _run(*args, cwd: Path) -> str:

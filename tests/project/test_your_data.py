@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from conftest import REPO, make_teacher
+from tests.helpers import REPO, make_teacher
 
 WALKTHROUGH = REPO / "docs" / "your-data.md"
 SLICE = {"train": 40, "validation": 20, "test": 20}  # rows of each split of the digits

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASSES, SHARED, make_image_folder, make_teacher, read_cache_table
+from tests.helpers import CLASSES, SHARED, make_image_folder, make_teacher, read_cache_table
 from kdpipe import cache_teacher, logit_store
 from kdpipe.config import CacheConfig
 from kdpipe.data import open_dataset

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from tests.helpers import REPO
 from kdpipe import cache_teacher, logit_store
 from kdpipe.config import CacheConfig
 from kdpipe.views import ViewPolicy

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASSES, make_image_folder, tiny_train_config
+from tests.helpers import CLASSES, make_image_folder, tiny_train_config
 
 needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")),
                                 reason='the export extra is not installed (pip install -e ".[export]")')

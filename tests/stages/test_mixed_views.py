@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_STUDENT, read_cache_table, student_and_teacher_views
-from test_views import student_batch
+from tests.helpers import TINY_STUDENT, read_cache_table, student_and_teacher_views, student_batch
 from kdpipe import cache_teacher, cache_verify, data, logit_store, pixels, run_folder, student_data, views
 from kdpipe.config import CacheConfig, TrainConfig
 from kdpipe.errors import KdpipeError
@@ -182,7 +181,7 @@ def test_pure_distillation_is_the_kd_term_alone_whatever_the_labels():
 
 
 def test_sweeps_treat_pure_distillation_as_a_distilled_config_with_a_twin(tmp_path):
-    from conftest import tiny_train_config
+    from tests.helpers import tiny_train_config
     from kdpipe import sweep, sweep_report
     from kdpipe.config import SweepConfig
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_STUDENT
+from tests.helpers import REPO, TINY_STUDENT
 from kdpipe import plan as plans, stats, study_report, sweep, sweep_report
 from kdpipe.errors import KdpipeError
 
@@ -205,10 +205,9 @@ def test_the_patience_plan_imports_every_record_of_the_study_and_repeats_no_run(
     point of the plan has its record and every record is a point; the report pairs them as the write-ups do."""
     import optuna
 
-    repo = Path(__file__).resolve().parents[1]
-    plan = plans.load(repo / "benchmarks" / "plans" / "patience.toml")
+    plan = plans.load(REPO / "benchmarks" / "plans" / "patience.toml")
     points = plan.points()
-    records = sorted((repo / "benchmarks" / "results" / "patience").glob("E*/*.json"))
+    records = sorted((REPO / "benchmarks" / "results" / "patience").glob("E*/*.json"))
     assert sorted(f"{r.stem.rsplit('-seed', 1)[0]}-e{r.parent.name[1:]}-seed{r.stem.rsplit('-seed', 1)[1]}"
                   for r in records) == sorted(points)
     study = optuna.create_study(study_name="patience", direction="maximize")
@@ -227,7 +226,6 @@ def test_the_patience_plan_imports_every_record_of_the_study_and_repeats_no_run(
 def test_the_views_plan_is_the_recorded_runs_of_results_sections_3_and_4():
     """benchmarks/plans/views.toml against benchmarks/results/{recipe,views,views16,views0}: the plan's points
     are exactly the recorded runs, setting for setting (the stored views per image read from each run's cache)."""
-    repo = Path(__file__).resolve().parents[1]
     keys = ("lr", "batch_size", "epochs", "alpha", "views", "schedule", "warmup_ratio", "weight_decay",
             "student_config", "bn_momentum", "seed")
 
@@ -236,19 +234,19 @@ def test_the_views_plan_is_the_recorded_runs_of_results_sections_3_and_4():
 
     recorded = []
     for folder in ("recipe", "views", "views16", "views0"):
-        for path in (repo / "benchmarks" / "results" / folder).glob("*-seed*.json"):
+        for path in (REPO / "benchmarks" / "results" / folder).glob("*-seed*.json"):
             if "cutmix" in path.name or (folder == "views16" and "-e30-" in path.name):
                 continue  # one-seed screens, not in the plan (its header says so)
             run = json.loads(path.read_text())["run"]
             recorded.append(key(run["config"], (run["consistency"]["stored_views"] or {}).get("views", 0)))
-    plan = plans.load(repo / "benchmarks" / "plans" / "views.toml")
+    plan = plans.load(REPO / "benchmarks" / "plans" / "views.toml")
     planned = [key(p.settings, {"beans-views8": 8, "beans-views16": 16}.get(Path(p.settings["cache"]).name, 0))
                for p in plan.points().values()]
     assert sorted(planned) == sorted(recorded) and len(planned) == 57
 
 
 def test_the_guide_plan_is_the_guides_setup_under_three_batchnorm_variants():
-    plan = plans.load(Path(__file__).resolve().parents[1] / "benchmarks" / "plans" / "guide.toml")
+    plan = plans.load(REPO / "benchmarks" / "plans" / "guide.toml")
     points = plan.points()
     assert len(points) == 18
     guide = points["distilled-upstream-e30-seed0"].settings

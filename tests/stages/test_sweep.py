@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_STUDENT, make_image_folder, make_teacher, spawn_kdpipe
+from tests.helpers import TINY_STUDENT, make_image_folder, make_teacher, spawn_kdpipe
 from kdpipe import run_folder, sweep, sweep_report
 from kdpipe.config import SweepConfig
 from kdpipe.errors import KdpipeError
@@ -164,7 +164,7 @@ def test_tpe_samples_the_requested_number_of_configs(cache_dir, tmp_path):
     (["--sampler", "tpe", "--lr", "1e-5:1e-2"], "needs --trials"),
     (["--seeds", "0,x"], "--seeds: expected integers"),
     (["--prune", "sometimes"], "--prune must be one of"),
-    (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "--storage postgresql://nobody@127.0.0.1:1/none: "),  # tests/test_sweep_storage.py
+    (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "--storage postgresql://nobody@127.0.0.1:1/none: "),  # tests/unit/test_sweep_storage.py
 ])
 def test_bad_search_spaces_and_storages_get_one_line_errors(run_cli, cache_dir, tmp_path, flags, message):
     code, out = run_cli("sweep", "--cache", cache_dir, "--epochs", "1", "--out", tmp_path / "sw", *flags)
@@ -282,7 +282,7 @@ def test_a_sweep_started_before_a_setting_existed_still_resumes(run_cli, cache_d
     ({"temperature": "2,5", "alpha": "0.25,0.5"}, 0.5, ["T2-a0.25", "T2-a0.5", "T5-a0.25", "T5-a0.5"]),
 ])
 def test_the_grid_runs_alpha_zero_once_per_setting_of_the_rest(space, fixed_alpha, configs, tmp_path):
-    from conftest import tiny_train_config
+    from tests.helpers import tiny_train_config
 
     cfg = SweepConfig(train=tiny_train_config(cache=tmp_path, alpha=fixed_alpha), space=space, seeds=[0, 1])
     points = list(sweep.grid_points(cfg))
@@ -373,7 +373,7 @@ def test_a_cache_without_the_train_split_is_refused_before_the_sweep_folder_exis
 def test_a_sweep_whose_cache_was_rebuilt_in_place_is_not_resumed(run_cli, image_folder, teacher_dir, tmp_path):
     """Rerunning a sweep resumes it; after `cache-teacher --force` with another teacher at the same path, the
     finished trials (old teacher) would have mixed with new ones (new teacher) under one table."""
-    from conftest import make_teacher
+    from tests.helpers import make_teacher
     from kdpipe import cache_teacher
     from kdpipe.config import CacheConfig
 

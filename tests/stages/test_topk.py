@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_cache_table, tiny_train_config, write_split
+from tests.helpers import read_cache_table, tiny_train_config, write_split
 from kdpipe import cache_verify, logit_store, train_student
 from kdpipe.errors import KdpipeError
 from kdpipe.logit_store import TopK

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASSES, TINY_STUDENT, tiny_train_config, write_split
+from tests.helpers import CLASSES, TINY_STUDENT, tiny_train_config, write_split
 from kdpipe import evaluate, files, logit_store, metrics, pixels, run_folder, train_student
 from kdpipe.config import TrainConfig
 from kdpipe.data import open_dataset
@@ -465,7 +465,7 @@ def test_run_json_names_the_checkpoint_weights_a_student_config_drew_afresh(cach
 def test_resume_on_a_cache_rebuilt_in_place_is_refused(image_folder, teacher_dir, tmp_path):
     """The same flags, but `cache-teacher --force` with another teacher rebuilt the cache at the same path: the
     remaining epochs would have trained on other targets than the first (the flags alone cannot tell)."""
-    from conftest import make_teacher
+    from tests.helpers import make_teacher
     from kdpipe import cache_teacher
     from kdpipe.config import CacheConfig
 
@@ -486,7 +486,7 @@ def test_resume_on_a_cache_rebuilt_in_place_is_refused(image_folder, teacher_dir
 def test_evaluate_on_another_dataset_of_the_same_labels_skips_the_teacher_metrics(cache_dir, tmp_path):
     """A student evaluated on new images of its classes: the cache holds no teacher logits for them, which used to
     refuse the evaluation (`cache and dataset hold different examples`) though only the teacher metrics need them."""
-    from conftest import make_image_folder
+    from tests.helpers import make_image_folder
 
     train_student.run(tiny_train_config(cache=cache_dir, out=tmp_path / "run", epochs=1))
     own = evaluate.saved(tmp_path / "run", "test")
@@ -536,7 +536,7 @@ def test_the_student_resolution_is_the_teachers_never_above_the_images_and_print
     assert run["student"]["inputs"]["size"] == [32, 32] and run["student_resolution"]["size"] == [32, 32]
     assert "student resolution 32 x 32 px: the teacher's input size" in " ".join(out.split()), out
     small = tmp_path / "small"
-    from conftest import make_image_folder
+    from tests.helpers import make_image_folder
 
     make_image_folder(small, {"train": 4, "validation": 2}, size=24)
     code, out = run_cli("train-student", "--dataset", small, "--alpha", "0", "--out", tmp_path / "scratch",

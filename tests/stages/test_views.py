@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_STUDENT, student_and_teacher_views, tiny_train_config
+from tests.helpers import TINY_STUDENT, student_and_teacher_views, student_batch, tiny_train_config
 from kdpipe import (cache_teacher, cache_verify, data, evaluate, logit_store, pixels, run_folder, teacher_inputs,
                     train_student, views)
 from kdpipe.config import CacheConfig
@@ -58,13 +58,6 @@ def test_view_zero_equals_the_plain_cache(view_cache, cache_dir):
         # same code path, fp32; bit-equal at 2 threads, but the batches mix in augmented views, and at other
         # thread counts the convolution kernels sum in a batch-dependent order (seen: 3e-8 at 1 thread)
         np.testing.assert_allclose(with_views.logits, plain.logits, rtol=1e-5, atol=1e-6)
-
-
-def student_batch(train, i: int, v: int) -> dict:
-    """What a training step of stage two gets for image i when this epoch's view of it is v."""
-    train.view_of = torch.zeros(len(train), dtype=torch.long)
-    train.view_of[i] = v
-    return train.batch(torch.tensor([i]), torch.device("cpu"))
 
 
 def test_the_student_sees_exactly_the_teachers_view(view_cache, image_folder, teacher_dir, tmp_path):
@@ -194,7 +187,7 @@ def _chunks(out):
 def test_a_teacher_pass_killed_mid_split_resumes_losing_only_the_batch_in_flight(teacher_dir, tmp_path):
     import time
 
-    from conftest import make_image_folder, spawn_kdpipe
+    from tests.helpers import make_image_folder, spawn_kdpipe
 
     folder = make_image_folder(tmp_path / "ds", {"train": 4})  # 12 images x (20 + 1) views
     teacher = teacher_dir

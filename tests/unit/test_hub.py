@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from kdpipe import hub
-from conftest import one_line_error
+from tests.helpers import one_line_error
 
 NO_NAME = urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 

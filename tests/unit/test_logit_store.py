@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import read_cache_table, write_split
+from tests.helpers import read_cache_table, write_split
 from kdpipe import cache_teacher, logit_store
 from kdpipe.errors import KdpipeError
 

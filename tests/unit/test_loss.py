@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_STUDENT, tiny_train_config
+from tests.helpers import TINY_STUDENT, tiny_train_config
 from kdpipe import cache_teacher, metrics, train_student
 from kdpipe.config import CacheConfig, SweepConfig, TrainConfig
 from kdpipe.errors import KdpipeError

@@ -9,7 +9,7 @@ import shlex
 import pytest
 import yaml
 
-from conftest import TINY_STUDENT, tiny_train_config
+from tests.helpers import TINY_STUDENT, tiny_train_config
 from kdpipe import model_card, train_student
 from kdpipe.config import TrainConfig
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_train_config
+from tests.helpers import tiny_train_config
 from kdpipe import pixels, run_folder, runtime, train_student
 from kdpipe.errors import KdpipeError
 from kdpipe.logit_store import TopK

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import TINY_STUDENT
+from tests.helpers import TINY_STUDENT
 from kdpipe import runtime, sweep, sweep_budget
 from kdpipe.config import SweepConfig
 

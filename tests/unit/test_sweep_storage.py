@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, TINY_STUDENT, spawn_kdpipe
+from tests.helpers import REPO, TINY_STUDENT, spawn_kdpipe
 from kdpipe import sweep, sweep_storage
 
 TINY = ["--student-config", TINY_STUDENT, "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
