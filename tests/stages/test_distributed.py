@@ -1,4 +1,5 @@
-"""Stage one on 2 processes (torchrun, gloo on CPU): the same cache as one process."""
+"""Stage one on 2 processes (torchrun, gloo on CPU): the same cache as one process; the ranks' parts merged back
+in dataset order (in-process, from hand-made parts)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from tests.helpers import REPO
 from kdpipe import cache_teacher, logit_store
 from kdpipe.config import CacheConfig
+from kdpipe.errors import KdpipeError
 from kdpipe.views import ViewPolicy
 
 
@@ -72,3 +74,55 @@ def test_two_processes_train_like_one_and_write_once(cache_dir, teacher_dir, tmp
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
     kept = run_folder.read_predictions(tmp_path / "ddp", "test")  # written once, by the first process
     assert kept.epoch == ddp.best_epoch and kept.correct.mean() == ddp.test["accuracy"]
+
+
+# ------------------------------------------------------------------- the ranks' parts merged back
+
+
+def _rows(n: int, c: int = 7, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = [f"img/{i:05d} ü.jpg" for i in range(n)]
+    return ids, rng.integers(0, c, n), rng.normal(0, 3, (n, c)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n,world,batch,per_image", [(103, 2, 8, 1), (103, 3, 5, 1), (5, 4, 2, 1), (64, 2, 64, 1),
+                                                     (103, 2, 8, 3), (11, 3, 4, 3)])
+def test_parts_merge_back_in_dataset_order(tmp_path, n, world, batch, per_image):
+    ids, labels, logits = _rows(n * per_image)  # row i * per_image + v: image i, view v
+    image_ids = ids[::per_image]
+    boxes = np.arange(4 * n * per_image, dtype=np.float32).reshape(-1, 4)
+    for r in range(world):
+        rows = np.array([i * per_image + v for i in range(r, n, world) for v in range(per_image)], dtype=int)
+        with logit_store.SplitWriter(cache_teacher.part_path(tmp_path, "train", r, world), 7, rows_per_group=16,
+                                     with_views=per_image > 1) as w:
+            w.write(logit_store.Rows([image_ids[i // per_image] for i in rows], labels[rows], logits[rows],
+                                     rows % per_image, boxes[rows] if per_image > 1 else None,
+                                     (rows % 2 == 0) if per_image > 1 else None))
+            w.close({"part": r})
+    merged = list(cache_teacher.merge_parts(_Split(image_ids), tmp_path, world, batch, per_image))
+    np.testing.assert_array_equal(np.concatenate([b.rows for b in merged]), np.repeat(np.arange(n), per_image))
+    np.testing.assert_array_equal(np.concatenate([b.view for b in merged]), np.tile(np.arange(per_image), n))
+    np.testing.assert_array_equal(np.concatenate([b.logits for b in merged]), logits)
+    if per_image > 1:
+        np.testing.assert_array_equal(np.concatenate([b.boxes for b in merged]), boxes)
+    assert not list((tmp_path / ".parts").glob("*.parquet"))
+
+
+def test_a_part_from_another_dataset_is_refused(tmp_path):
+    ids, labels, logits = _rows(10)
+    for r in range(2):
+        with logit_store.SplitWriter(cache_teacher.part_path(tmp_path, "train", r, 2), 7) as w:
+            w.write(logit_store.Rows(ids[r::2], labels[r::2], logits[r::2]))
+            w.close({})
+    with pytest.raises(KdpipeError, match="other rows"):
+        list(cache_teacher.merge_parts(_Split([i + "x" for i in ids]), tmp_path, 2, 4, 1))
+
+
+class _Split:
+    name = "train"
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)

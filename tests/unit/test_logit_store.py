@@ -1,5 +1,7 @@
-"""Stage one writes as rows stream in (logit_store.SplitWriter): many row groups, a checksum computed on
-the fly that verify() checks a batch at a time, and the ranks' parts merged back in dataset order."""
+"""logit_store, the cache format: a split written as rows stream in (SplitWriter: many row groups, a checksum
+computed on the fly that verify() checks a batch at a time, nothing under the final name until complete); read
+back joined by id, streamed, refused with one line when unreadable; reused only for the same inputs; top-K
+storage (TopK) with exact top-K probabilities and tail mass at T = 1, smaller files, checksummed like full logits."""
 
 from __future__ import annotations
 
@@ -7,9 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import torch
+
 from tests.helpers import read_cache_table, write_split
-from kdpipe import cache_teacher, logit_store
+from kdpipe import logit_store
 from kdpipe.errors import KdpipeError
+from kdpipe.logit_store import TopK
 
 
 def _rows(n: int, c: int = 7, seed: int = 0):
@@ -62,44 +67,67 @@ def test_an_exception_mid_write_leaves_nothing_under_the_final_name(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("n,world,batch,per_image", [(103, 2, 8, 1), (103, 3, 5, 1), (5, 4, 2, 1), (64, 2, 64, 1),
-                                                     (103, 2, 8, 3), (11, 3, 4, 3)])
-def test_parts_merge_back_in_dataset_order(tmp_path, n, world, batch, per_image):
-    ids, labels, logits = _rows(n * per_image)  # row i * per_image + v: image i, view v
-    image_ids = ids[::per_image]
-    boxes = np.arange(4 * n * per_image, dtype=np.float32).reshape(-1, 4)
-    for r in range(world):
-        rows = np.array([i * per_image + v for i in range(r, n, world) for v in range(per_image)], dtype=int)
-        with logit_store.SplitWriter(cache_teacher.part_path(tmp_path, "train", r, world), 7, rows_per_group=16,
-                                     with_views=per_image > 1) as w:
-            w.write(logit_store.Rows([image_ids[i // per_image] for i in rows], labels[rows], logits[rows],
-                                     rows % per_image, boxes[rows] if per_image > 1 else None,
-                                     (rows % 2 == 0) if per_image > 1 else None))
-            w.close({"part": r})
-    merged = list(cache_teacher.merge_parts(_Split(image_ids), tmp_path, world, batch, per_image))
-    np.testing.assert_array_equal(np.concatenate([b.rows for b in merged]), np.repeat(np.arange(n), per_image))
-    np.testing.assert_array_equal(np.concatenate([b.view for b in merged]), np.tile(np.arange(per_image), n))
-    np.testing.assert_array_equal(np.concatenate([b.logits for b in merged]), logits)
-    if per_image > 1:
-        np.testing.assert_array_equal(np.concatenate([b.boxes for b in merged]), boxes)
-    assert not list((tmp_path / ".parts").glob("*.parquet"))
+# ------------------------------------------------------------------------------- top-K storage (TopK)
 
 
-def test_a_part_from_another_dataset_is_refused(tmp_path):
-    ids, labels, logits = _rows(10)
-    for r in range(2):
-        with logit_store.SplitWriter(cache_teacher.part_path(tmp_path, "train", r, 2), 7) as w:
-            w.write(logit_store.Rows(ids[r::2], labels[r::2], logits[r::2]))
-            w.close({})
-    with pytest.raises(KdpipeError, match="other rows"):
-        list(cache_teacher.merge_parts(_Split([i + "x" for i in ids]), tmp_path, 2, 4, 1))
+def _softmax(x: np.ndarray, t: float = 1.0) -> np.ndarray:
+    z = x.astype(np.float64) / t
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
 
 
-class _Split:
-    name = "train"
+@pytest.fixture
+def logits() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return (rng.normal(0, 3, (64, 1000)) + 8 * (rng.random((64, 1000)) < 0.003)).astype(np.float32)  # (N, C)
 
-    def __init__(self, ids):
-        self.ids = ids
 
-    def __len__(self):
-        return len(self.ids)
+def test_the_reconstruction_keeps_top_k_probabilities_and_tail_mass_exactly(logits):
+    sparse = TopK.from_logits(logits, 10)
+    full_p, dense_p = _softmax(logits), _softmax(sparse.dense())
+    rows = np.arange(len(logits))[:, None]
+    np.testing.assert_allclose(dense_p[rows, sparse.indices], full_p[rows, sparse.indices], rtol=1e-5, atol=1e-9)
+    tail_full = 1 - np.take_along_axis(full_p, sparse.indices, 1).sum(1)
+    tail_dense = 1 - np.take_along_axis(dense_p, sparse.indices, 1).sum(1)
+    np.testing.assert_allclose(tail_dense, tail_full, rtol=1e-4, atol=1e-9)
+    assert (np.argsort(-sparse.values, 1) == np.arange(10)).all()  # largest first
+    np.testing.assert_array_equal(sparse.dense().argmax(1), logits.argmax(1))
+
+
+def test_with_every_class_kept_the_reconstruction_is_the_logits(logits):
+    np.testing.assert_allclose(TopK.from_logits(logits[:, :20], 20).dense(), logits[:, :20], rtol=1e-6)
+
+
+def test_the_kd_loss_from_top_k_approaches_the_full_one_as_k_grows(logits):
+    from kdpipe.loss import distillation_loss
+
+    student = torch.from_numpy(np.random.default_rng(1).normal(0, 1, logits.shape).astype(np.float32))
+    labels = torch.zeros(len(logits), dtype=torch.long)
+    full = distillation_loss(student, labels, torch.from_numpy(logits), 5.0, 1.0)["kd"].item()
+    gaps = [abs(distillation_loss(student, labels, torch.from_numpy(TopK.from_logits(logits, k).dense()), 5.0,
+                                  1.0)["kd"].item() - full) for k in (5, 50, 500, 999)]
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.05 * gaps[0]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 0.0), ("float16", 2e-3)])
+def test_top_k_files_are_smaller_checksummed_and_read_back(logits, tmp_path, dtype, tolerance):
+    ids = [f"img{i}.jpg" for i in range(len(logits))]
+    labels = logits.argmax(1)
+    full, sparse = tmp_path / "full.parquet", tmp_path / "topk.parquet"
+    write_split(full, ids, labels, logits, {})
+    write_split(sparse, ids, labels, logits, {}, topk=10, topk_dtype=dtype)
+    assert sparse.stat().st_size < 0.1 * full.stat().st_size
+    back = logit_store.read_split(sparse)
+    assert back.logits is None and back.meta["logits_storage"] == {"kind": "topk", "k": 10, "dtype": dtype}
+    expected = TopK.from_logits(logits, 10)
+    np.testing.assert_array_equal(back.topk.indices, expected.indices)
+    np.testing.assert_allclose(back.topk.values, expected.values, rtol=tolerance, atol=0)
+    assert back.aligned_to(ids[::-1], labels[::-1], "test").shape == (64, 1000)
+    table = read_cache_table(sparse)
+    lse = table.column("logsumexp").to_numpy().copy()
+    lse[3] += 0.5
+    logit_store.pq.write_table(table.set_column(5, "logsumexp", logit_store.pa.array(lse)).replace_schema_metadata(
+        table.schema.metadata), sparse)
+    with pytest.raises(KdpipeError, match="checksum"):
+        logit_store.read_split(sparse)

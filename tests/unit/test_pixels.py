@@ -1,6 +1,9 @@
-"""Views rendered when used (pixels.Originals, view_source.ViewSource): the decode-once originals are the decoded
-images, capped; rendering from them, in place or on background threads, gives the bytes of the prebuilt
-view store (pixels.load_or_build_views) at any size, mixed views included; a fresh view every epoch."""
+"""pixels and the two modules split from it, view_source and pillow_resample (tested together: they share the
+odd-sized folder and the views drawn on it). Views rendered when used (pixels.Originals, view_source.ViewSource):
+the decode-once originals are the decoded images, capped; rendering from them, in place or on background threads,
+gives the bytes of the prebuilt view store (pixels.load_or_build_views) at any size, mixed views included; a fresh
+view every epoch; the device resampler is Pillow's bit for bit. The pixel store (pixels.load_or_build): the
+student's inputs decoded once, as the teacher's processor makes them, keyed by contents, rebuilt when damaged."""
 
 from __future__ import annotations
 
@@ -211,3 +214,47 @@ def test_the_device_view_source_renders_what_the_threads_render(odd_folder, tmp_
         np.testing.assert_array_equal(batch.numpy(), threads.render(rows))  # flips and blends included
     with pytest.raises(ValueError, match="no device renderer"):
         view_source.DeviceViewSource(originals.array, boxes, flips, (8, 8), 1, torch.device("cpu"))  # LANCZOS
+
+
+# ---------------------------------------------------------- the pixel store: the student's inputs decoded once
+
+
+def test_student_inputs_equal_the_teacher_processor_output(image_folder, teacher_dir):
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(teacher_dir)
+    split = data.open_dataset(str(image_folder), splits=["validation"]).splits["validation"]
+    u8 = torch.from_numpy(np.stack([pixels.decode_resized(split, i, (32, 32), proc.resample) for i in range(4)]))
+    ours = pixels.normalise(u8, torch.tensor(proc.image_mean), torch.tensor(proc.image_std))
+    theirs = proc(images=[split.image(i) for i in range(4)], return_tensors="pt")["pixel_values"]
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)  # same uint8 pixels, same arithmetic
+
+
+def test_the_pixel_store_is_built_once_and_keyed_by_contents(image_folder, tmp_path):
+    split = data.open_dataset(str(image_folder), splits=["test"]).splits["test"]
+    a = pixels.load_or_build(split, (32, 32), 2, root=tmp_path / "px")
+    files = list((tmp_path / "px").rglob("*.npy"))
+    mtime = files[0].stat().st_mtime_ns
+    b = pixels.load_or_build(split, (32, 32), 2, root=tmp_path / "px")
+    assert np.array_equal(a, b) and files[0].stat().st_mtime_ns == mtime
+    pixels.load_or_build(split, (24, 24), 2, root=tmp_path / "px")
+    assert len(list((tmp_path / "px").rglob("*.npy"))) == 2  # another resolution, another store
+
+
+@pytest.mark.parametrize("damage", ["cut-short", "json", "json-gone"])
+def test_a_damaged_pixel_store_is_built_again(image_folder, tmp_path, damage):
+    """The store is derived data: cut short (a disk filled by something else, a bad copy) or with its JSON
+    unreadable, it used to stop every run with a traceback (`mmap length is greater than file size`)."""
+    split = data.open_dataset(str(image_folder), splits=["test"]).splits["test"]
+    expected = np.array(pixels.load_or_build(split, (32, 32), 2, root=tmp_path / "px"))
+    store = next((tmp_path / "px").rglob("*.npy"))
+    if damage == "cut-short":
+        with open(store, "r+b") as f:
+            f.truncate(store.stat().st_size // 2)
+    elif damage == "json":
+        store.with_suffix(".json").write_text('{"ids": [')
+    else:
+        store.with_suffix(".json").unlink()
+    again = pixels.load_or_build(split, (32, 32), 2, root=tmp_path / "px")
+    assert np.array_equal(again, expected) and store.with_suffix(".json").exists()
