@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import (CLASSES, TINY_STUDENT, make_image_folder, make_teacher, parquet_dataset, read_cache_table,
-                           spawn_kdpipe, tiny_train_config)
+from tests.helpers import (CLASSES, TINY_STUDENT, make_image_folder, make_teacher, one_line_error, parquet_dataset,
+                           read_cache_table, spawn_kdpipe, tiny_train_config)
 from kdpipe import cache_teacher, locking, logit_store, run_folder, train_student
 from kdpipe.config import CacheConfig
 from kdpipe.errors import KdpipeError
@@ -46,13 +46,6 @@ def _assert_same_cache(a: Path, b: Path) -> None:
         assert ca[name][0] == cb[name][0]
         # fp32 on CPU, but the batch size and thread count may differ from the reference (summation order)
         np.testing.assert_allclose(ca[name][1], cb[name][1], rtol=1e-5, atol=1e-6)
-
-
-def _one_line_error(code: int, out: str, *fragments: str) -> None:
-    assert code == 1, out
-    assert "Traceback" not in out, out
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert errors and all(f in out for f in fragments), out
 
 
 # ------------------------------------------------------------------------------------------- kill -9
@@ -124,7 +117,7 @@ def test_a_second_writer_of_a_cache_is_refused_and_the_cache_stays_valid(run_cli
     with locking.exclusive(out):  # another process is writing this folder
         code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--out", out,
                              "--force")
-    _one_line_error(code, text, "being written by another kdpipe process")
+    one_line_error(code, text, "being written by another kdpipe process")
     after = _contents(out)
     assert after.keys() == before.keys() and all(np.array_equal(after[k][1], before[k][1]) for k in before)
 
@@ -133,7 +126,7 @@ def test_a_second_writer_of_a_run_folder_is_refused(run_cli, cache_dir, tmp_path
     out = tmp_path / "run"
     with locking.exclusive(out):
         code, text = run_cli("train-student", "--cache", cache_dir, "--epochs", "1", "--out", out, *TINY)
-    _one_line_error(code, text, "being written by another kdpipe process")
+    one_line_error(code, text, "being written by another kdpipe process")
     code, text = run_cli("train-student", "--cache", cache_dir, "--epochs", "1", "--out", out, *TINY)
     assert code == 0 and "  nll " in text and "NLL" in text, text  # the epoch's line and the final table
 
@@ -167,7 +160,7 @@ def test_a_full_disk_while_writing_a_cache_keeps_the_previous_one(run_cli, image
     monkeypatch.setattr(logit_store.pq.ParquetWriter, "write_table", _enospc)
     code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--out", out, "--force",
                          "--precision", "fp32", "--workers", "0")
-    _one_line_error(code, text, "No space left on device")
+    one_line_error(code, text, "No space left on device")
     assert "train.parquet" in text or "/.journal/train." in text, text  # the split's file, or its resume journal
     monkeypatch.undo()
     after = _contents(out)
@@ -208,7 +201,7 @@ def test_a_real_full_filesystem(run_cli, image_folder, teacher_dir, tmp_path):
         (mnt / "filler").write_bytes(b"\0" * 60_000)
         code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", image_folder, "--out", mnt / "c",
                              "--precision", "fp32", "--workers", "0")
-        _one_line_error(code, text, "No space left on device")
+        one_line_error(code, text, "No space left on device")
         finished = sorted((mnt / "c").glob("*.parquet"))
         assert len(finished) < 3 and not list((mnt / "c").glob(".*.tmp-*"))
         for path in finished:
@@ -256,7 +249,7 @@ def test_a_corrupted_cache_is_never_trained_on(run_cli, cache_dir, tmp_path):
     fixed = table.set_column(3, "logits", pa.FixedSizeListArray.from_arrays(pa.array(logits), len(CLASSES)))
     logit_store.pq.write_table(fixed.replace_schema_metadata(table.schema.metadata), path)
     code, text = run_cli("train-student", "--cache", bad, "--epochs", "1", "--out", tmp_path / "run", *TINY)
-    _one_line_error(code, text, "train.parquet", "checksum")
+    one_line_error(code, text, "train.parquet", "checksum")
 
 
 def test_a_corrupted_checkpoint_is_refused_by_resume(cache_dir, tmp_path):
@@ -287,7 +280,7 @@ def test_a_corrupted_saved_student_is_refused_by_evaluate(run_cli, cache_dir, tm
     data[-10] ^= 0x01  # inside a tensor: safetensors itself would not notice
     weights.write_bytes(bytes(data))
     code, text = run_cli("evaluate", out)
-    _one_line_error(code, text, "model.safetensors", "checksum")
+    one_line_error(code, text, "model.safetensors", "checksum")
 
 
 def test_a_cache_from_a_future_format_is_refused(run_cli, cache_dir, tmp_path):
@@ -299,7 +292,7 @@ def test_a_cache_from_a_future_format_is_refused(run_cli, cache_dir, tmp_path):
     meta["format_version"] = logit_store.FORMAT_VERSION + 1
     logit_store.pq.write_table(table.replace_schema_metadata({logit_store.META_KEY: json.dumps(meta)}), path)
     code, text = run_cli("inspect-cache", bad)
-    _one_line_error(code, text, "newer kdpipe")
+    one_line_error(code, text, "newer kdpipe")
 
 
 # ----------------------------------------------------------------------------------- hostile inputs
@@ -324,7 +317,7 @@ def test_broken_and_hostile_images_are_reported_by_name(run_cli, teacher_dir, tm
     (folder / "train" / "healthy" / name).write_bytes(payload)
     code, text = run_cli("cache-teacher", "--teacher", teacher_dir, "--dataset", folder, "--out", tmp_path / "c",
                          "--workers", "0")
-    _one_line_error(code, text, message, name)
+    one_line_error(code, text, message, name)
     for path in (tmp_path / "c").glob("*.parquet"):  # splits cached before the bad one stay valid
         logit_store.read_split(path)
 
@@ -379,7 +372,7 @@ def test_a_teacher_with_only_a_pickle_checkpoint_is_never_executed(run_cli, imag
     (teacher / "model.safetensors").unlink()
     torch.save({"vit.embeddings.cls_token": Payload()}, teacher / "pytorch_model.bin")
     code, text = run_cli("cache-teacher", "--teacher", teacher, "--dataset", image_folder, "--out", tmp_path / "c")
-    _one_line_error(code, text, "pickle checkpoint holds more than tensors")
+    one_line_error(code, text, "pickle checkpoint holds more than tensors")
     assert not marker.exists()
 
 
@@ -419,7 +412,7 @@ def test_a_huge_label_set_with_slashes_and_unicode_in_names(run_cli, tmp_path):
     assert split.meta["label_names"] == names and split.logits.shape == (300, 300)
     other = make_teacher(tmp_path / "other", label_names=names[:-1] + ["class/300 ✓ é"])
     code, text = run_cli("cache-teacher", "--teacher", other, "--dataset", data, "--out", tmp_path / "c2")
-    _one_line_error(code, text, "only the teacher has ['class/300 ✓ é']", "only the dataset has ['class/299 ✓ é']")
+    one_line_error(code, text, "only the teacher has ['class/300 ✓ é']", "only the dataset has ['class/299 ✓ é']")
     assert len(text) < 600  # the 300 names are not dumped into the message
 
 

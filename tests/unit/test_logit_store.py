@@ -6,6 +6,7 @@ storage (TopK) with exact top-K probabilities and tail mass at T = 1, smaller fi
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -65,6 +66,116 @@ def test_an_exception_mid_write_leaves_nothing_under_the_final_name(tmp_path):
             w.write(logit_store.Rows(ids[:20], labels[:20], logits[:20]))
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- reading: joins, streams, refusals
+
+
+def test_aligned_to_joins_by_id_and_refuses_other_examples_or_labels(tmp_path):
+    ids, labels, logits = _rows(5)
+    write_split(tmp_path / "s.parquet", ids, labels, logits, {})
+    stored = logit_store.read_split(tmp_path / "s.parquet")
+    order = [3, 0, 4, 1, 2]
+    np.testing.assert_array_equal(stored.aligned_to([ids[i] for i in order], labels[order], "here"), logits[order])
+    with pytest.raises(KdpipeError, match=r"here: cache and dataset hold different examples \(1 ids missing"):
+        stored.aligned_to(ids[:4] + ["new.jpg"], labels, "here")
+    with pytest.raises(KdpipeError, match=r"1 extra ids in the cache"):
+        stored.aligned_to(ids[:4], labels[:4], "here")
+    relabelled = labels.copy()
+    relabelled[2] += 1
+    with pytest.raises(KdpipeError, match=f"here: 1 examples have other labels .*e.g. {ids[2]}"):
+        stored.aligned_to(ids, relabelled, "here")
+
+
+def test_changed_images_names_the_rows_whose_bytes_differ_in_the_order_asked(tmp_path):
+    ids, labels, logits = _rows(4)
+    digests = np.arange(4 * 32, dtype=np.uint8).reshape(4, 32)
+    with logit_store.SplitWriter(tmp_path / "s.parquet", 7, with_digests=True) as w:
+        w.write(ids, labels, logits, digests=digests)
+        w.close({})
+    stored = logit_store.read_split(tmp_path / "s.parquet")
+    now = digests.copy()
+    now[1, 0] ^= 1
+    now[3, 31] ^= 1
+    assert stored.changed_images(ids[::-1], now[::-1]) == [ids[3], ids[1]]
+    assert stored.changed_images(ids, digests) == []
+    write_split(tmp_path / "old.parquet", ids, labels, logits, {})  # no digests stored
+    assert logit_store.read_split(tmp_path / "old.parquet").changed_images(ids, now) is None
+
+
+@pytest.mark.parametrize("take", [1, 5, 64, 100, 1000])
+def test_a_row_stream_gives_every_row_once_in_order_whatever_the_row_groups(tmp_path, take):
+    ids, labels, logits = _rows(300)
+    with logit_store.SplitWriter(tmp_path / "s.parquet", 7, rows_per_group=64) as w:
+        w.write(ids, labels, logits)
+        w.close({})
+    stream, got = logit_store.RowStream(tmp_path / "s.parquet", columns=["id", "label"]), []
+    while (table := stream.take(take)).num_rows:
+        assert table.num_rows == min(take, 300 - len(got)) and table.column_names == ["id", "label"]
+        got += table.column("id").to_pylist()
+    assert got == ids
+
+
+def test_unreadable_files_are_one_line_naming_the_file(tmp_path):
+    with pytest.raises(KdpipeError, match="no such file; build the cache"):
+        logit_store.read_meta(tmp_path / "gone.parquet")
+    (tmp_path / "text.parquet").write_text("not parquet")
+    with pytest.raises(KdpipeError, match=r"text.parquet: not a readable Parquet file"):
+        logit_store.read_meta(tmp_path / "text.parquet")
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
+    with pytest.raises(KdpipeError, match=r"other.parquet: not a kdpipe logit cache \(no 'kdpipe' metadata\)"):
+        logit_store.read_meta(tmp_path / "other.parquet")
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({b"kdpipe": b"{not json"}), tmp_path / "bad.parquet")
+    with pytest.raises(KdpipeError, match=r"bad.parquet: its metadata is damaged"):
+        logit_store.read_meta(tmp_path / "bad.parquet")
+
+
+def test_a_cache_folder_is_its_parquet_files_by_split_name(tmp_path):
+    with pytest.raises(KdpipeError, match="no such folder"):
+        logit_store.cache_splits(tmp_path / "c")
+    (tmp_path / "c").mkdir()
+    with pytest.raises(KdpipeError, match="holds no .parquet split files"):
+        logit_store.cache_splits(tmp_path / "c")
+    for name in ("train", "test"):
+        (tmp_path / "c" / f"{name}.parquet").touch()
+    assert logit_store.cache_splits(tmp_path / "c") == {"test": tmp_path / "c" / "test.parquet",
+                                                       "train": tmp_path / "c" / "train.parquet"}
+    with pytest.raises(KdpipeError, match="--cache .*train.parquet: a file; pass the folder"):
+        logit_store.cache_splits(tmp_path / "c" / "train.parquet")
+
+
+# ------------------------------------------------------------------------------------ reuse and provenance
+
+
+KEY = {"teacher": {"spec": "t"}, "processor": {"size": 32}, "dataset_fingerprint": "f", "label_names": ["a", "b"],
+       "precision": "fp32", "logits_storage": logit_store.FULL, "augment": None}
+
+
+def test_a_file_is_reused_only_when_every_key_field_matches():
+    assert logit_store.matches({**KEY, "format_version": 3}, KEY)
+    assert logit_store.matches({**KEY, "format_version": 2}, KEY)  # format 3 only added a column
+    assert not logit_store.matches({**KEY, "format_version": 1}, KEY)
+    for field in ("teacher", "processor", "dataset_fingerprint", "label_names", "precision", "logits_storage",
+                  "augment"):  # what determines the logits
+        assert not logit_store.matches({**KEY, "format_version": 3, field: "other"}, KEY), field
+    old = {k: v for k, v in KEY.items() if k not in ("logits_storage", "augment")}  # written before those existed
+    assert logit_store.matches({**old, "format_version": 2}, KEY)
+
+
+def meta(teacher="t", dataset="/data/beans", labels=("a", "b")) -> dict:
+    return {"teacher": {"spec": teacher}, "processor": {"size": 32}, "label_names": list(labels),
+            "dataset": {"kind": "local", "spec": dataset, "root": dataset}}
+
+
+def test_splits_from_another_source_are_named_against_the_majority():
+    logit_store.check_one_source({"train": meta(), "test": meta()}, "here")  # one source: fine
+    with pytest.raises(KdpipeError, match=r"here: split 'validation' comes from another teacher \(u\) than 'train', "
+                                          r"'test' \(t\)"):
+        logit_store.check_one_source({"train": meta(), "validation": meta(teacher="u"), "test": meta()}, "here")
+    with pytest.raises(KdpipeError, match=r"split 'test' has other labels"):
+        logit_store.check_one_source({"test": meta(labels=("b", "a")), "train": meta()}, "here")  # tie: train wins
+    with pytest.raises(KdpipeError, match=r"split 'test' comes from another dataset \(/data/other\)"):
+        logit_store.check_one_source({"train": meta(), "test": meta(dataset="/data/other")}, "here")
 
 
 # ------------------------------------------------------------------------------- top-K storage (TopK)

@@ -7,6 +7,8 @@ student's inputs decoded once, as the teacher's processor makes them, keyed by c
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -258,3 +260,58 @@ def test_a_damaged_pixel_store_is_built_again(image_folder, tmp_path, damage):
         store.with_suffix(".json").unlink()
     again = pixels.load_or_build(split, (32, 32), 2, root=tmp_path / "px")
     assert np.array_equal(again, expected) and store.with_suffix(".json").exists()
+
+
+def test_normalise_is_x_over_255_minus_mean_over_std_in_channels_last():
+    u8 = torch.randint(0, 256, (2, 5, 4, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    x = pixels.normalise(u8, mean, std)
+    assert x.shape == (2, 3, 5, 4) and x.is_contiguous(memory_format=torch.channels_last)
+    by_hand = (u8.permute(0, 3, 1, 2).double() / 255 - mean.double()[:, None, None]) / std.double()[:, None, None]
+    torch.testing.assert_close(x.double(), by_hand, atol=1e-6, rtol=0)
+
+
+def test_an_image_is_decoded_to_rgb_and_resized_with_the_processors_filter(odd_folder):
+    split = _split(odd_folder)
+    h, w = np.asarray(split.image(1)).shape[:2]
+    np.testing.assert_array_equal(pixels.decode_resized(split, 1, (h, w), 2), np.asarray(split.image(1)))
+    out = {}
+    for resample in (2, 3):  # BILINEAR, BICUBIC: the filter asked for, not a default
+        out[resample] = pixels.decode_resized(split, 1, (24, 20), resample)
+        expected = np.asarray(split.image(1).resize((20, 24), resample=Image.Resampling(resample)))
+        assert out[resample].shape == (24, 20, 3) and out[resample].dtype == np.uint8
+        np.testing.assert_array_equal(out[resample], expected)
+    assert not np.array_equal(out[2], out[3])
+
+
+def test_a_store_that_cannot_be_written_is_one_line_and_leaves_no_temporary(odd_folder, tmp_path, monkeypatch):
+    split = _split(odd_folder)
+    real = pixels.np.lib.format.open_memmap
+
+    def full_disk(path, *args, **kwargs):
+        real(path, *args, **kwargs)  # the temporary exists, then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pixels.np.lib.format, "open_memmap", full_disk)
+    with pytest.raises(KdpipeError, match=r"cannot write the pixel store .*train\.npy: No space left on device; free space"):
+        pixels.load_or_build(split, (16, 16), 2, root=tmp_path)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+    monkeypatch.undo()
+    assert pixels.load_or_build(split, (16, 16), 2, root=tmp_path).shape == (len(split), 16, 16, 3)
+
+
+def test_a_dead_builders_temporaries_are_swept_and_a_live_ones_kept(odd_folder, tmp_path):
+    import subprocess
+    import sys
+
+    split = _split(odd_folder)
+    folder = tmp_path / pixels.originals_key(split.fingerprint())
+    folder.mkdir()
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(done.stdout), os.getppid()  # a process that has exited; one that runs
+    stale = folder / f".train.originals.u8.tmp-{dead}"
+    live = folder / f".train.originals.u8.tmp-{alive}"
+    for p in (stale, live):
+        p.write_bytes(b"partial")
+    pixels.load_or_build_originals(split, root=tmp_path)
+    assert not stale.exists() and live.exists()
