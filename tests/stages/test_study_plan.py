@@ -313,8 +313,7 @@ def test_no_verdict_before_every_planned_pair_nor_for_an_exploratory_plan():
 
 
 def test_the_replication_plan_is_confirmatory_with_six_planned_pairs():
-    repo = Path(__file__).resolve().parents[1]
-    plan = plans.load(repo / "benchmarks" / "plans" / "replication.toml")
+    plan = plans.load(REPO / "benchmarks" / "plans" / "replication.toml")
     assert plan.primary.refute_below_pp == 1.5 and plan.primary.level == 0.05 and plan.primary.alternative == "greater"
     assert plan.pairs(plan.primary) == 6 and plan.record()["comparisons"][0]["planned_pairs"] == 6
     assert [c.refute_below_pp for c in plan.comparisons] == [None]  # the first-tie rule: secondary, no verdict

@@ -91,7 +91,7 @@ def test_changed_images_names_the_rows_whose_bytes_differ_in_the_order_asked(tmp
     ids, labels, logits = _rows(4)
     digests = np.arange(4 * 32, dtype=np.uint8).reshape(4, 32)
     with logit_store.SplitWriter(tmp_path / "s.parquet", 7, with_digests=True) as w:
-        w.write(ids, labels, logits, digests=digests)
+        w.write(logit_store.Rows(ids, labels, logits, digests=digests))
         w.close({})
     stored = logit_store.read_split(tmp_path / "s.parquet")
     now = digests.copy()
@@ -107,7 +107,7 @@ def test_changed_images_names_the_rows_whose_bytes_differ_in_the_order_asked(tmp
 def test_a_row_stream_gives_every_row_once_in_order_whatever_the_row_groups(tmp_path, take):
     ids, labels, logits = _rows(300)
     with logit_store.SplitWriter(tmp_path / "s.parquet", 7, rows_per_group=64) as w:
-        w.write(ids, labels, logits)
+        w.write(logit_store.Rows(ids, labels, logits))
         w.close({})
     stream, got = logit_store.RowStream(tmp_path / "s.parquet", columns=["id", "label"]), []
     while (table := stream.take(take)).num_rows:

@@ -87,8 +87,8 @@ def test_identical_images_outside_the_train_split_are_not_an_overlap():
 
 def cached(s: FakeSplit, fingerprint: str, digests: np.ndarray | None) -> LogitSplit:
     n = len(s)
-    return LogitSplit(list(s.ids), np.zeros(n, np.int16), s.labels, np.zeros((n, 2), np.float32),
-                      {"dataset_fingerprint": fingerprint}, digests=digests)
+    return LogitSplit(list(s.ids), s.labels, np.zeros((n, 2), np.float32), view=np.zeros(n, np.int16),
+                      digests=digests, meta={"dataset_fingerprint": fingerprint})
 
 
 def test_changed_images_are_counted_and_named_per_split():
@@ -158,8 +158,8 @@ def test_the_label_distribution_of_a_mixed_view_is_the_weighted_pair_of_one_hots
     s = split("train", ["i0", "i1"], [0, 2])
     mixes = views.Mixes(np.array(["", "i1", "", "i0"], dtype=object), np.zeros((4, 4), np.float32),
                         np.zeros(4, bool), np.array([0, 0.25, 0, 0.5], np.float32))
-    stored = LogitSplit(["i0", "i0", "i1", "i1"], np.array([0, 1, 0, 1], np.int16), np.array([0, 0, 2, 2]),
-                        np.zeros((4, 3), np.float32), {"views": 2, "num_classes": 3}, mixes=mixes)
+    stored = LogitSplit(["i0", "i0", "i1", "i1"], np.array([0, 0, 2, 2]), np.zeros((4, 3), np.float32),
+                        view=np.array([0, 1, 0, 1], np.int16), mixes=mixes, meta={"views": 2, "num_classes": 3})
     mixed, targets = student_data.mixed_views(stored, s, "here")
     assert mixed.partners.tolist() == [-1, 1, -1, 0]  # partners as split indices
     torch.testing.assert_close(targets, torch.tensor([[1, 0, 0], [0.75, 0, 0.25], [0, 0, 1], [0.5, 0, 0.5]]))
@@ -181,8 +181,8 @@ def test_shared_data_builds_each_key_once():
     ({}, None),
 ])
 def test_the_teachers_input_size_is_its_crop_if_it_crops_else_its_resize(processor, expected):
-    assert student_data.teacher_input_size({"train": LogitSplit([], np.zeros(0), np.zeros(0), None,
-                                                                {"processor": processor})}) == expected
+    assert student_data.teacher_input_size({"train": LogitSplit([], np.zeros(0), None,
+                                                                meta={"processor": processor})}) == expected
     assert student_data.teacher_input_size(None) is None
 
 
