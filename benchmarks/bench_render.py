@@ -103,8 +103,7 @@ def render_alone(s, repeats: int = 2) -> float:
 def cache_sizes(work: Path, ks=(16, 300)) -> list[dict]:
     """Parquet bytes per view of a train split cached with K views, on tiny generated data (36 images of
     40 px, 3 classes) with a tiny random ViT teacher; with and without mixed views."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import make_image_folder, make_teacher
+    from tests.helpers import make_image_folder, make_teacher
 
     folder, teacher = make_image_folder(work / "tiny"), make_teacher(work / "tiny-teacher")
     out = []

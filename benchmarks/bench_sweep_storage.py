@@ -1,6 +1,6 @@
 """A sweep's storage under load: several workers on tiny trials, PostgreSQL against the default journal file.
 
-Tiny generated images and a tiny student (the tests' own, tests/conftest.py), so that a trial takes a second or
+Tiny generated images and a tiny student (the tests' own, tests/helpers.py), so that a trial takes a second or
 two and the storage's share shows. For each storage, --workers worker processes start at once on one grid of
 --points trials (1 epoch each) and work until it is done; a throwaway PostgreSQL server on the loopback is started
 with scripts/postgres-server.sh. Measured per storage:
@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
 from _common import print_table  # noqa: E402
-from conftest import SIZE, make_image_folder, make_teacher  # noqa: E402  (sets OMP_NUM_THREADS=1)
+import tests.conftest  # noqa: E402,F401  (sets OMP_NUM_THREADS=1 before torch is imported)
+from tests.helpers import SIZE, make_image_folder, make_teacher  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
 SCRIPT = REPO / "scripts" / "postgres-server.sh"

@@ -135,7 +135,7 @@ def cpu_info() -> dict:
 
 
 def make_tiny_folder(root: Path, per_class: dict[str, int]) -> Path:
-    """split/class/*.png, each class a noisy colour (as tests/conftest.py): something to learn in seconds."""
+    """split/class/*.png, each class a noisy colour (as tests/helpers.py): something to learn in seconds."""
     from PIL import Image
 
     rng = np.random.default_rng(0)

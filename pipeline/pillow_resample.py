@@ -129,5 +129,5 @@ def vertical_first(height: int, width: int, size: tuple[int, int]) -> bool:
     """Pillow's order of the passes for an image of height x width resized to `size` (H, W), whatever the
     box: vertical first when the height shrinks by more than twice what the width does,
     height > H and height - H > 2 * (width - W) (measured against Pillow 13.0 on 840 random cases,
-    tests/test_render.py), on a Pillow that does so at all."""
+    tests/unit/test_pixels.py), on a Pillow that does so at all."""
     return pillow_vertical_first() and height > size[0] and height - size[0] > 2 * (width - size[1])

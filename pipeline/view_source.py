@@ -120,7 +120,7 @@ class DeviceViewSource(ViewSource):
     """ViewSource for a GPU: each batch of views is rendered on `device` (resample_batch: the box resampled
     with Pillow's exact integer arithmetic, then the flip and, for mixed views, views.blend's float32
     rounding), from the decode-once originals (the batch's source images are uploaded as it is rendered).
-    Bit-equal to views.render_mixed, so to the teacher's pixels at its size (tests/test_render.py, on CPU).
+    Bit-equal to views.render_mixed, so to the teacher's pixels at its size (tests/unit/test_pixels.py, on CPU).
     `take` returns a uint8 tensor on the device; rendering runs on the device's stream, so nothing is planned
     ahead. Filters: FILTERS (bilinear, bicubic, box); others render on the CPU (ViewSource)."""
 

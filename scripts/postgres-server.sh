@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway PostgreSQL server on this machine's loopback, for the tests (tests/test_sweep_postgres.py), the load
+# A throwaway PostgreSQL server on this machine's loopback, for the tests (tests/unit/test_sweep_storage.py), the load
 # benchmark (benchmarks/bench_sweep_storage.py) and trying `kdpipe sweep --storage postgresql://...` by hand.
 #
 #   scripts/postgres-server.sh install     apt-get install postgresql where its binaries are missing (Debian, as root)

@@ -1,0 +1,1 @@
+"""The benchmark scripts of benchmarks/, run tiny on CPU so that they cannot rot."""

@@ -1,0 +1,1 @@
+"""The project as a user meets it: the documented commands, the walkthrough, the demo, --help, the installed wheel."""

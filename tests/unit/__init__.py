@@ -1,0 +1,1 @@
+"""Unit tests, one file per pipeline module: tests/unit/test_<module>.py."""
