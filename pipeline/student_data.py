@@ -314,12 +314,14 @@ def check_targets(cfg: TrainConfig, teacher, mixed: bool) -> None:
     if isinstance(teacher, TopK) and teacher.values.shape[1] < teacher.num_classes:
         why = loss.topk_refusal(cfg.loss, cfg.standardize)
         if why:
+            able = " or ".join(name for name, entry in loss.LOSSES.items() if entry.topk is None)
             raise KdpipeError(f"--loss {cfg.loss}{' --standardize' if cfg.standardize else ''}: {why} (--cache "
-                              f"{cfg.cache} keeps {teacher.values.shape[1]} of {teacher.num_classes}); use --loss kd "
-                              "or dkd without --standardize, or a cache of full logits")
-    if cfg.loss == "dkd" and mixed:
-        raise KdpipeError(f"--loss dkd needs one target class per example, and --cache {cfg.cache} holds views "
-                          "blended from two images (--view-mixup); use --loss kd or dist, or a cache without it")
+                              f"{cfg.cache} keeps {teacher.values.shape[1]} of {teacher.num_classes}); use --loss {able} "
+                              "without --standardize, or a cache of full logits")
+    if mixed and (why := loss.LOSSES[cfg.loss].mixed):
+        able = " or ".join(name for name, entry in loss.LOSSES.items() if entry.mixed is None)
+        raise KdpipeError(f"--loss {cfg.loss} {why}, and --cache {cfg.cache} holds views blended from two images "
+                          f"(--view-mixup); use --loss {able}, or a cache without it")
 
 
 def changed_images(cache: dict | None, dataset: ImageDataset) -> dict[str, dict]:

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from . import files, student, student_data, sweep_storage, train_student
-from .config import DATA_ROOT, LOSS_SETTINGS, PRUNERS, SAMPLERS, SweepConfig, TrainConfig, applicable, comparable
+from .config import DATA_ROOT, PRUNERS, SAMPLERS, SweepConfig, TrainConfig, applicable, comparable
+from .loss import own_settings
 from .settings import value_type
 from .sweep_budget import Budget
 from .errors import KdpipeError
@@ -504,9 +505,9 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: 
 def _suggest(trial, cfg: SweepConfig) -> dict:
     """A TPE trial's settings, one per dimension; the loss (and alpha) first, so a setting of another loss
     than the one drawn is not sampled and TPE never learns from a value that changed nothing."""
-    params = {}
+    params, own = {}, own_settings()
     for name, d in sorted(cfg.dims.items(), key=lambda item: (item[0] not in ("alpha", "loss"), item[0])):
-        if name in LOSS_SETTINGS and params.get("loss", cfg.train.loss) not in LOSS_SETTINGS[name]:
+        if name in own and params.get("loss", cfg.train.loss) not in own[name]:
             continue
         if not d.is_range:
             params[name] = trial.suggest_categorical(name, list(d.choices))

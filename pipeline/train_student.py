@@ -213,7 +213,7 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     if data.per_image > 1:  # this epoch's view of every image; its teacher targets come with it (consistent)
         data.view_of = torch.from_numpy(views.epoch_views(len(data), data.per_image, epoch, cfg.seed))
     order = torch.randperm(len(data), generator=s.generator)
-    names = loss.PARTS[cfg.loss]  # loss, ce, kd and the loss's own parts
+    names = loss.LOSSES[cfg.loss].parts  # loss, ce, kd and the loss's own parts
     sums = torch.zeros(len(names) + 1, device=s.device)  # each part summed over examples, then the examples
     batches = epoch_batches(order, cfg.batch_size, world)  # the same on every process; each takes its share
     steps = len(batches)
@@ -262,9 +262,9 @@ def train_step(s: Setup, batch: dict) -> dict:
         raise KdpipeError(f"--batch-size {cfg.batch_size}: BatchNorm in training mode cannot normalise a single example "
                           f"whose feature map is 1 x 1 (a student below 64 px); use at least 2 per batch "
                           f"and process") from None
+    own = {s.field: getattr(cfg, s.field) for s in loss.LOSSES[cfg.loss].settings}  # e.g. dkd_beta
     parts = loss.compute(cfg.loss, student_logits, batch["labels"], batch.get("teacher_logits"),
-                         temperature=cfg.temperature, alpha=cfg.alpha, standardize=cfg.standardize,
-                         dkd_beta=cfg.dkd_beta, dist_gamma=cfg.dist_gamma)
+                         temperature=cfg.temperature, alpha=cfg.alpha, standardize=cfg.standardize, **own)
     if s.scaler is not None:  # fp16: scaled backward, unscaled (or skipped) step
         s.scaler.scale(parts["loss"]).backward()
         s.scaler.step(s.optimizer)
