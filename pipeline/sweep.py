@@ -550,7 +550,7 @@ def _check_inputs(cfg: SweepConfig, shared: student_data.SharedData) -> dict:
     left a folder whose recorded settings then refused the corrected command at the same --out. Returns what
     the sweep reads, by content (student_data.inputs_identity), which _same_inputs records in the study."""
     train = cfg.train
-    cache, dataset = shared.get(("source", *train_student.source_key(train)), lambda: student_data.open_source(train))
+    cache, dataset = shared.get(("source", *student_data.source_key(train)), lambda: student_data.open_source(train))
     inputs = student_data.inputs_identity(cache, dataset)
     student_data.student_resolution(train, cache, dataset)  # its config and resolution, as each run sees them
     alpha = cfg.dims.get("alpha")
@@ -658,7 +658,7 @@ def _teacher_accuracy(shared: student_data.SharedData, configs) -> dict:
     curve); {} when no arm reads a cache."""
     for cfg in configs:
         if cfg.train.cache is not None:
-            cache, _ = shared.get(("source", *train_student.source_key(cfg.train)),
+            cache, _ = shared.get(("source", *student_data.source_key(cfg.train)),
                                   lambda: student_data.open_source(cfg.train))
             return {name: split.meta["teacher_accuracy"] for name, split in cache.items()
                     if name != cfg.train.train_split and "teacher_accuracy" in split.meta}
