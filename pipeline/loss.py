@@ -242,12 +242,15 @@ def zscore(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return centred / (centred * centred).mean(-1, keepdim=True).clamp_min(eps * eps).sqrt()
 
 
-LOSSES: dict[str, Loss] = {  # the one list of losses: config checks, training, target checks and the card read it
-    "kd": Loss(distillation_loss, (), "Hinton et al. (2015) KD", "Hinton", standardizable=True),
-    "dkd": Loss(dkd_loss, ("tckd", "nckd"), "decoupled KD (Zhao et al., CVPR 2022)", "decoupled, Zhao 2022",
-                settings=(LossSetting("dkd_beta", "beta", "DKD β (non-target weight)"),), standardizable=True,
-                mixed="needs one target class per example"),
-    "dist": Loss(dist_loss, ("inter", "intra"), "DIST (Huang et al., NeurIPS 2022)", "correlations, Huang 2022",
+# The one list of losses: the config checks, the sweep, the target checks, training and the model card read it.
+# standardizable: Sun et al. (2024) evaluate the z-score on KD, CTKD, DKD and MLKD, not on DIST.
+LOSSES: dict[str, Loss] = {
+    "kd": Loss(distillation_loss, own_parts=(), title="Hinton et al. (2015) KD", about="Hinton", standardizable=True),
+    "dkd": Loss(dkd_loss, own_parts=("tckd", "nckd"), title="decoupled KD (Zhao et al., CVPR 2022)",
+                about="decoupled, Zhao 2022", settings=(LossSetting("dkd_beta", "beta", "DKD β (non-target weight)"),),
+                standardizable=True, mixed="needs one target class per example"),
+    "dist": Loss(dist_loss, own_parts=("inter", "intra"), title="DIST (Huang et al., NeurIPS 2022)",
+                 about="correlations, Huang 2022",
                  settings=(LossSetting("dist_gamma", "gamma", "DIST γ (intra-class weight)"),),
                  topk="DIST's intra-class relation correlates every class over the batch, and outside each row's top K "
                       "the cache holds only an even share of the tail"),

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import logit_store, loss, pillow_resample, pixels, runtime, view_source, views
-from .config import TrainConfig
+from .config import TrainConfig, recipe_line
 from .data import ImageDataset, open_dataset, reopen_dataset
 from .errors import KdpipeError
 from .logit_store import TopK
@@ -95,7 +95,7 @@ class SharedData:
 def prepare(cfg: TrainConfig, device: torch.device, shared: SharedData | None = None, progress=None,
             announce: Callable[[str], None] | None = None) -> StudentData:
     """Everything train_student.setup needs of the data, in one call: the cache and the dataset opened and checked
-    (open_source), the student's resolution (student_resolution; `announce` hears it and why) and its config
+    (open_source), the student's resolution (student_resolution; `announce` hears the recipe, it and why) and its config
     checked before any data is decoded, the input statistics (input_spec), every split loaded on `device` (the
     train split at the student's size, validation and test at --eval-size when given), refused when the cache
     lacks the train split, an image changed since it was cached, or the targets do not fit the loss. `shared`
@@ -107,6 +107,7 @@ def prepare(cfg: TrainConfig, device: torch.device, shared: SharedData | None = 
                             lambda: student_resolution(cfg, cache, dataset))
     student_config(cfg.student, resolution["student_config"], dataset.label_names)  # refused before decoding
     if announce:
+        announce(recipe_line(cfg))
         announce(f"student resolution {resolution['size'][0]} x {resolution['size'][1]} px: {resolution['reason']}")
         if cache is None:
             announce(NO_CACHE_NOTE)

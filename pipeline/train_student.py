@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import files, locking, loss, metrics, model_card, pixels, run_folder, runtime, student_data, views
-from .config import TrainConfig, recipe_line
+from .config import TrainConfig
 from .data import ImageDataset, left_out_note
 from .errors import KdpipeError
 from .evaluate import predict
@@ -72,12 +72,11 @@ def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData
     """Everything a run needs, decided once: its folder claimed, the seed set, the data loaded and checked against
     the cache (student_data.prepare), the student built (random init, after the seed), the model on its device
     with its optimiser, schedule and (under torchrun) DDP wrapper. `shared` lets a sweep's runs read the data
-    once; `announce` gets a line for the user: the recipe, the student's resolution and why."""
+    once; `announce` gets a line for the user: the recipe, the student's resolution and why (once the data is
+    opened: a refused --dataset or --cache prints nothing else)."""
     out = cfg.out_dir()
     run_folder.claim(out, cfg.resume)
     generator = runtime.seed_everything(cfg.seed)
-    if announce:
-        announce(recipe_line(cfg))
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device, precision)
