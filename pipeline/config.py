@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import KdpipeError
 from .settings import comma_list, flag, ints, none_if_empty, overrides, setting, value_type
-from .loss import LOSSES, STANDARDIZABLE
+from .loss import LOSSES, own_settings, standardizable
 from .metrics import BEST_EPOCH_RULES
 from .runtime import DEVICES, PRECISIONS
 from .views import ViewPolicy
@@ -261,7 +261,7 @@ class TrainConfig:
     views: bool = setting(False, "Train on the cache's stored augmented views (one per image per epoch).",
                           flags=("--views/--no-views",), panel="Data")
     # other KD terms from the same cache (docs/training.md)
-    loss: str = setting("kd", "KD term: kd (Hinton) | dkd (decoupled, Zhao 2022) | dist (correlations, Huang 2022).",
+    loss: str = setting("kd", f"KD term: {' | '.join(f'{n} ({e.about})' for n, e in LOSSES.items())}.",
                         search="", panel="Distillation")
     standardize: bool = setting(False, "z-score both logit vectors before T (Sun 2024); kd and dkd.",
                                 flags=("--standardize/--no-standardize",), search="ls", panel="Distillation")
@@ -312,8 +312,8 @@ class TrainConfig:
         _positive("temperature", self.temperature, "--temperature")
         _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1] (got {self.alpha})")
         _check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
-        _check(not self.standardize or self.loss in STANDARDIZABLE,
-               f"--standardize applies to --loss {' or '.join(STANDARDIZABLE)} (Sun et al. 2024), not --loss {self.loss}")
+        _check(not self.standardize or LOSSES[self.loss].standardizable,
+               f"--standardize applies to --loss {' or '.join(standardizable())} (Sun et al. 2024), not --loss {self.loss}")
         _finite_at_least("dkd_beta", self.dkd_beta, "--dkd-beta")
         _finite_at_least("dist_gamma", self.dist_gamma, "--dist-gamma")
         _check(self.alpha == 0 or self.cache is not None,
@@ -426,17 +426,14 @@ def comparable(now: dict, saved: dict) -> dict:
 
 # Train-student settings a sweep can search (`setting(search=...)`), in field order, with their types.
 SWEEPABLE = {f.name: value_type(TrainConfig, f.name) for f in fields(TrainConfig) if f.metadata["search"] is not None}
-# Settings of one loss only (the losses each applies to): a config of another loss leaves them out.
-LOSS_SETTINGS = {"standardize": STANDARDIZABLE, "dkd_beta": ("dkd",), "dist_gamma": ("dist",)}
-
-
 def applicable(params: dict, base: TrainConfig) -> dict:
     """`params` (searched settings of one config) less those that change nothing in it: with alpha = 0 the
     temperature, the loss and its settings (there is no KD term); otherwise the settings of other losses."""
+    own = own_settings()  # setting -> the losses it applies to (loss.LOSSES)
     if params.get("alpha", base.alpha) == 0:
-        return {k: v for k, v in params.items() if k not in ("temperature", "loss", *LOSS_SETTINGS)}
+        return {k: v for k, v in params.items() if k not in ("temperature", "loss", *own)}
     loss = params.get("loss", base.loss)
-    return {k: v for k, v in params.items() if k not in LOSS_SETTINGS or loss in LOSS_SETTINGS[k]}
+    return {k: v for k, v in params.items() if k not in own or loss in own[k]}
 
 
 SAMPLERS = ("grid", "tpe")
@@ -453,10 +450,11 @@ def grid_size(dims: dict, base: TrainConfig) -> int:
     def product(names) -> int:
         return math.prod(len(dims[n].choices) for n in names if n in dims)
 
-    rest = product(n for n in dims if n not in ("alpha", "temperature", "loss", *LOSS_SETTINGS))
+    own = own_settings()
+    rest = product(n for n in dims if n not in ("alpha", "temperature", "loss", *own))
     alphas = dims["alpha"].choices if "alpha" in dims else (base.alpha,)
     losses = dims["loss"].choices if "loss" in dims else (base.loss,)
-    distilled = sum(product(["temperature", *(n for n in LOSS_SETTINGS if loss in LOSS_SETTINGS[n])]) for loss in losses)
+    distilled = sum(product(["temperature", *(n for n in own if loss in own[n])]) for loss in losses)
     return sum(rest * (1 if alpha == 0 else distilled) for alpha in alphas)
 
 
@@ -594,9 +592,10 @@ class SweepConfig:
             _check(self.trials is not None and self.trials > 0, "--sampler tpe needs --trials N (N > 0)")
             _check(bool(dims), "--sampler tpe needs at least one searched setting, e.g. --lr 1e-5:1e-2:log")
         losses = dims["loss"].choices if "loss" in dims else (self.train.loss,)
-        _check(not (self.train.standardize and "dist" in losses),
-               "--standardize true does not apply to --loss dist; search --standardize true,false instead "
-               "(dist configs run without it)")
+        plain = [loss for loss in losses if not LOSSES[loss].standardizable]
+        _check(not (self.train.standardize and plain),
+               f"--standardize true does not apply to --loss {' or '.join(plain)}; search --standardize true,false "
+               f"instead ({' and '.join(plain)} configs run without it)")
         alpha = dims.get("alpha")
         alphas = (self.train.alpha,) if alpha is None else alpha.choices or (alpha.low, alpha.high)
         _check(self.train.cache is not None or max(alphas) == 0,

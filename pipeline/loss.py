@@ -12,34 +12,81 @@ Every loss combines its hard and soft terms the same way, loss = (1 - alpha) * C
 loss's own soft term; `alpha` is the guide's lambda and alpha = 0 is plain cross-entropy for all of them. Each
 returns its named parts (`loss` with its graph, the others detached), computed in fp32 whatever the autocast
 dtype of the logits. How each paper's weights map onto alpha, T and the loss's own setting: docs/training.md.
+
+LOSSES is the one list of losses (name -> Loss: its function, parts, settings, whether it takes standardize,
+what a top-K cache or blended views allow, its title): TrainConfig's checks and --loss help, the sweep's
+applicable settings, student_data.check_targets, train_student's step and the model card all read it, so a
+new loss is one function, one entry and its settings' fields (docs/design.md, "Adding a loss").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("kd", "dkd", "dist")
-PARTS = {"kd": ("loss", "ce", "kd"), "dkd": ("loss", "ce", "kd", "tckd", "nckd"),
-         "dist": ("loss", "ce", "kd", "inter", "intra")}
-STANDARDIZABLE = ("kd", "dkd")  # Sun et al. (2024) evaluate the z-score on KD, CTKD, DKD and MLKD
+
+@dataclass(frozen=True)
+class LossSetting:
+    """A TrainConfig field only this loss reads: passed to its function as the keyword `arg`, shown on the model
+    card's recipe table as `title`."""
+    field: str
+    arg: str
+    title: str
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One entry of LOSSES: everything the rest of kdpipe knows about a loss. `function(student_logits, labels,
+    teacher_logits, temperature, alpha, [standardize=], **{arg: value of each setting})` returns `parts`."""
+    function: Callable[..., dict[str, torch.Tensor]]
+    own_parts: tuple[str, ...]  # its parts beside loss, ce and kd, reported per epoch in metrics.jsonl
+    title: str  # the model card's name for it
+    about: str  # its words in --loss's help
+    settings: tuple[LossSetting, ...] = ()
+    standardizable: bool = False  # takes `standardize` (Sun et al. 2024)
+    topk: str | None = None  # why a top-K cache (K < C) cannot serve it; None: it trains from one, approximately
+    mixed: str | None = None  # why views blended from two images cannot serve it; None: they can
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return ("loss", "ce", "kd", *self.own_parts)
 
 
 def compute(name: str, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-            *, temperature: float, alpha: float, standardize: bool = False,
-            dkd_beta: float, dist_gamma: float) -> dict[str, torch.Tensor]:
-    """The loss `name` (one of LOSSES) with its parts PARTS[name]."""
-    if name == "kd":
-        return distillation_loss(student_logits, labels, teacher_logits, temperature, alpha, standardize)
-    if standardize and name not in STANDARDIZABLE:
-        raise ValueError(f"standardize applies to {' and '.join(STANDARDIZABLE)}, not {name}")
-    if name == "dkd":
-        return dkd_loss(student_logits, labels, teacher_logits, temperature, alpha, dkd_beta, standardize)
-    if name == "dist":
-        return dist_loss(student_logits, labels, teacher_logits, temperature, alpha, dist_gamma)
-    raise ValueError(f"unknown loss {name!r}; one of {', '.join(LOSSES)}")
+            *, temperature: float, alpha: float, standardize: bool = False, **settings: float) -> dict[str, torch.Tensor]:
+    """The loss `name` (a key of LOSSES) with its parts LOSSES[name].parts; `settings` holds (at least) its own
+    settings' values by TrainConfig field name, e.g. dkd_beta=8.0 (the others' are ignored)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; one of {', '.join(LOSSES)}")
+    entry = LOSSES[name]
+    if standardize and not entry.standardizable:
+        raise ValueError(f"standardize applies to {' and '.join(standardizable())}, not {name}")
+    missing = [s.field for s in entry.settings if s.field not in settings]
+    if missing:
+        raise ValueError(f"loss {name} needs {', '.join(missing)}")
+    own = {s.arg: settings[s.field] for s in entry.settings}
+    if entry.standardizable:
+        own["standardize"] = standardize
+    return entry.function(student_logits, labels, teacher_logits, temperature, alpha, **own)
+
+
+def standardizable() -> tuple[str, ...]:
+    """The losses that take --standardize."""
+    return tuple(name for name, entry in LOSSES.items() if entry.standardizable)
+
+
+def own_settings() -> dict[str, tuple[str, ...]]:
+    """Each setting of some losses only, with the losses it applies to: standardize and every entry's settings
+    (a config of another loss leaves them out: config.applicable)."""
+    out = {"standardize": standardizable()}
+    for name, entry in LOSSES.items():
+        for s in entry.settings:
+            out[s.field] = (*out.get(s.field, ()), name)
+    return out
 
 
 def distillation_loss(
@@ -195,6 +242,21 @@ def zscore(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return centred / (centred * centred).mean(-1, keepdim=True).clamp_min(eps * eps).sqrt()
 
 
+# The one list of losses: the config checks, the sweep, the target checks, training and the model card read it.
+# standardizable: Sun et al. (2024) evaluate the z-score on KD, CTKD, DKD and MLKD, not on DIST.
+LOSSES: dict[str, Loss] = {
+    "kd": Loss(distillation_loss, own_parts=(), title="Hinton et al. (2015) KD", about="Hinton", standardizable=True),
+    "dkd": Loss(dkd_loss, own_parts=("tckd", "nckd"), title="decoupled KD (Zhao et al., CVPR 2022)",
+                about="decoupled, Zhao 2022", settings=(LossSetting("dkd_beta", "beta", "DKD β (non-target weight)"),),
+                standardizable=True, mixed="needs one target class per example"),
+    "dist": Loss(dist_loss, own_parts=("inter", "intra"), title="DIST (Huang et al., NeurIPS 2022)",
+                 about="correlations, Huang 2022",
+                 settings=(LossSetting("dist_gamma", "gamma", "DIST γ (intra-class weight)"),),
+                 topk="DIST's intra-class relation correlates every class over the batch, and outside each row's top K "
+                      "the cache holds only an even share of the tail"),
+}
+
+
 def topk_refusal(name: str, standardize: bool) -> str | None:
     """Why loss `name` cannot train from a top-K cache with K < C (None: it can, approximately).
 
@@ -205,9 +267,8 @@ def topk_refusal(name: str, standardize: bool) -> str | None:
     outside most rows' top K would be correlated on the filled-in tail values alone, however small the
     tail. Standardisation needs the mean and standard deviation of all C logits, which the cache does not
     store; from the reconstruction both are wrong, and the error rescales the whole row, not the tail."""
-    if name == "dist":
-        return ("DIST's intra-class relation correlates every class over the batch, and outside each row's top K "
-                "the cache holds only an even share of the tail")
+    if LOSSES[name].topk:
+        return LOSSES[name].topk
     if standardize:
         return "standardize needs the mean and standard deviation of all C teacher logits, which top-K does not store"
     return None

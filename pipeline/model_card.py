@@ -26,9 +26,8 @@ from dataclasses import fields
 from .config import TRAIN_DEFAULTS, TrainConfig, set_by_flags
 from .settings import option_names
 from .data import looks_like_hub_id
+from .loss import LOSSES
 
-LOSS_NAMES = {"kd": "Hinton et al. (2015) KD", "dkd": "decoupled KD (Zhao et al., CVPR 2022)",
-              "dist": "DIST (Huang et al., NeurIPS 2022)"}
 SPLITS = ("test", "validation")  # reported in this order; the best epoch is chosen on validation
 # Settings that do not change what is trained (where it runs, where it is written), left out of the command.
 NOT_RECIPE = ("out", "name", "resume", "device", "precision")
@@ -149,15 +148,12 @@ def _data_section(run: dict) -> list[str]:
 
 def _recipe_section(run: dict) -> list[str]:
     cfg = run["config"]
-    loss = cfg.get("loss", "kd")
-    recipe = [("loss", LOSS_NAMES.get(loss, loss) + (" with logit standardisation (Sun et al., CVPR 2024)"
-                                                     if cfg.get("standardize") else "")),
+    loss = LOSSES.get(cfg.get("loss", "kd"))  # None: a loss this kdpipe does not have, named as run.json has it
+    recipe = [("loss", (loss.title if loss else cfg["loss"]) + (" with logit standardisation (Sun et al., CVPR 2024)"
+                                                                if cfg.get("standardize") else "")),
               ("combined as", "(1 − λ) · CE + λ · KD term"), ("temperature T", f"{cfg['temperature']:g}"),
               ("λ (alpha)", f"{cfg['alpha']:g}")]
-    if loss == "dkd":
-        recipe.append(("DKD β (non-target weight)", f"{cfg.get('dkd_beta'):g}"))
-    if loss == "dist":
-        recipe.append(("DIST γ (intra-class weight)", f"{cfg.get('dist_gamma'):g}"))
+    recipe += [(s.title, f"{cfg.get(s.field):g}") for s in (loss.settings if loss else ())]
     views = ("the cache's stored augmented views, one per image per epoch" if cfg.get("views")
              else "none (the images themselves)")
     optimizer = f"AdamW, lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['schedule']} schedule"

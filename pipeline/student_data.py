@@ -1,10 +1,11 @@
 """Stage two's data: the cache and the dataset opened and checked against each other, and each split held as
 the student sees it (SplitData): uint8 pixels decoded once at the student's resolution (pixels.py), or, for
 the split trained on views, a source that renders each stored view when used; labels; the teacher's logits
-joined by id. Nothing here trains; train_student.setup calls `open_source` and `load_splits`."""
+joined by id. Nothing here trains; train_student.setup calls `prepare`, which returns all of it (StudentData)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from . import logit_store, loss, pillow_resample, pixels, runtime, view_source, views
-from .config import TrainConfig
+from .config import TrainConfig, recipe_line
 from .data import ImageDataset, open_dataset, reopen_dataset
 from .errors import KdpipeError
 from .logit_store import TopK
@@ -66,6 +67,18 @@ class SplitData:
         return runtime.to_device(out, device)
 
 
+@dataclass
+class StudentData:
+    """Stage two's data for one run, as `prepare` returns it."""
+    cache: dict | None  # split -> logit_store.LogitSplit; None for alpha 0 without one
+    dataset: ImageDataset
+    resolution: dict  # student_resolution: {"student_config", "size", "reason"}
+    inputs: dict  # input_spec at the training size: size, resample, mean, std
+    splits: dict[str, SplitData]  # the train split at the training size, validation and test at eval_size
+    eval_size: tuple[int, int]  # --eval-size, else the training size
+    sources: dict  # what the run reads, by content (inputs_identity)
+
+
 class SharedData:
     """The opened cache and dataset and the device-resident pixels, kept for the next run in the same
     process (a sweep's trials differ in training settings, not in data): each is read once."""
@@ -77,6 +90,45 @@ class SharedData:
         if key not in self._items:
             self._items[key] = build()
         return self._items[key]
+
+
+def prepare(cfg: TrainConfig, device: torch.device, shared: SharedData | None = None, progress=None,
+            announce: Callable[[str], None] | None = None) -> StudentData:
+    """Everything train_student.setup needs of the data, in one call: the cache and the dataset opened and checked
+    (open_source), the student's resolution (student_resolution; `announce` hears the recipe, it and why) and its config
+    checked before any data is decoded, the input statistics (input_spec), every split loaded on `device` (the
+    train split at the student's size, validation and test at --eval-size when given), refused when the cache
+    lacks the train split, an image changed since it was cached, or the targets do not fit the loss. `shared`
+    lets a sweep's runs open, size and load the same data once."""
+    shared = shared or SharedData()
+    source = source_key(cfg)
+    cache, dataset = shared.get(("source", *source), lambda: open_source(cfg))
+    resolution = shared.get(("resolution", *source, cfg.student, json.dumps(cfg.student_config, sort_keys=True)),
+                            lambda: student_resolution(cfg, cache, dataset))
+    student_config(cfg.student, resolution["student_config"], dataset.label_names)  # refused before decoding
+    if announce:
+        announce(recipe_line(cfg))
+        announce(f"student resolution {resolution['size'][0]} x {resolution['size'][1]} px: {resolution['reason']}")
+        if cache is None:
+            announce(NO_CACHE_NOTE)
+    inputs = input_spec(tuple(resolution["size"]), cache)
+    eval_size = (cfg.eval_size, cfg.eval_size) if cfg.eval_size else inputs["size"]
+    sizes = {name: eval_size for name in (cfg.val_split, cfg.test_split) if name}
+    view_split = cfg.train_split if cfg.views else None
+    splits = shared.get(("splits", *source, inputs["size"], eval_size, inputs["resample"], str(device), view_split),
+                        lambda: load_splits(cache, dataset, inputs, device, progress, view_split, sizes))
+    require_train_split(cfg, cache)
+    refuse_changed_images(cfg, dataset, changed_images(cache, dataset))
+    if cfg.alpha > 0:
+        train = splits[cfg.train_split]
+        check_targets(cfg, train.teacher_logits, mixed=train.targets is not None)
+    return StudentData(cache, dataset, resolution, inputs, dict(splits), eval_size, inputs_identity(cache, dataset))
+
+
+def source_key(cfg: TrainConfig) -> tuple:
+    """The settings that decide what open_source reads: runs that share them share its result."""
+    return (str(cfg.cache), cfg.dataset, cfg.image_column, cfg.label_column, cfg.train_split, cfg.val_split,
+            cfg.test_split)
 
 
 def open_source(cfg: TrainConfig) -> tuple[dict | None, ImageDataset]:
@@ -215,15 +267,15 @@ NO_CACHE_NOTE = ("no --cache: inputs normalised with mean and std 0.5, not a tea
                  "is --alpha 0 with its --cache (the same inputs, only the KD term dropped)")
 
 
-def input_spec(model, cache: dict | None) -> dict:
-    """Student inputs: the student's resolution, with the teacher processor's filter and statistics
+def input_spec(size: tuple[int, int], cache: dict | None) -> dict:
+    """Student inputs: the student's resolution (H, W), with the teacher processor's filter and statistics
     (the guide feeds the student the teacher processor's pixels)."""
     mean, std, resample = *DEFAULT_MEAN_STD, 2
     if cache is not None:
         proc = next(iter(cache.values())).meta["processor"]
         mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
         resample = proc.get("resample", resample)
-    return {"size": image_size(model.config), "resample": int(resample), "mean": list(mean), "std": list(std)}
+    return {"size": size, "resample": int(resample), "mean": list(mean), "std": list(std)}
 
 
 def with_tensors(inputs: dict, device: torch.device) -> dict:
@@ -314,12 +366,14 @@ def check_targets(cfg: TrainConfig, teacher, mixed: bool) -> None:
     if isinstance(teacher, TopK) and teacher.values.shape[1] < teacher.num_classes:
         why = loss.topk_refusal(cfg.loss, cfg.standardize)
         if why:
+            able = " or ".join(name for name, entry in loss.LOSSES.items() if entry.topk is None)
             raise KdpipeError(f"--loss {cfg.loss}{' --standardize' if cfg.standardize else ''}: {why} (--cache "
-                              f"{cfg.cache} keeps {teacher.values.shape[1]} of {teacher.num_classes}); use --loss kd "
-                              "or dkd without --standardize, or a cache of full logits")
-    if cfg.loss == "dkd" and mixed:
-        raise KdpipeError(f"--loss dkd needs one target class per example, and --cache {cfg.cache} holds views "
-                          "blended from two images (--view-mixup); use --loss kd or dist, or a cache without it")
+                              f"{cfg.cache} keeps {teacher.values.shape[1]} of {teacher.num_classes}); use --loss {able} "
+                              "without --standardize, or a cache of full logits")
+    if mixed and (why := loss.LOSSES[cfg.loss].mixed):
+        able = " or ".join(name for name, entry in loss.LOSSES.items() if entry.mixed is None)
+        raise KdpipeError(f"--loss {cfg.loss} {why}, and --cache {cfg.cache} holds views blended from two images "
+                          f"(--view-mixup); use --loss {able}, or a cache without it")
 
 
 def changed_images(cache: dict | None, dataset: ImageDataset) -> dict[str, dict]:

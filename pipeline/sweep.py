@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from . import files, student, student_data, sweep_storage, train_student
-from .config import DATA_ROOT, LOSS_SETTINGS, PRUNERS, SAMPLERS, SweepConfig, TrainConfig, applicable, comparable
+from .config import DATA_ROOT, PRUNERS, SAMPLERS, SweepConfig, TrainConfig, applicable, comparable
+from .loss import own_settings
 from .settings import value_type
 from .sweep_budget import Budget
 from .errors import KdpipeError
@@ -504,9 +505,9 @@ def _tpe_worker(cfg: SweepConfig, study, out: Path, progress, on_trial, shared: 
 def _suggest(trial, cfg: SweepConfig) -> dict:
     """A TPE trial's settings, one per dimension; the loss (and alpha) first, so a setting of another loss
     than the one drawn is not sampled and TPE never learns from a value that changed nothing."""
-    params = {}
+    params, own = {}, own_settings()
     for name, d in sorted(cfg.dims.items(), key=lambda item: (item[0] not in ("alpha", "loss"), item[0])):
-        if name in LOSS_SETTINGS and params.get("loss", cfg.train.loss) not in LOSS_SETTINGS[name]:
+        if name in own and params.get("loss", cfg.train.loss) not in own[name]:
             continue
         if not d.is_range:
             params[name] = trial.suggest_categorical(name, list(d.choices))
@@ -549,7 +550,7 @@ def _check_inputs(cfg: SweepConfig, shared: student_data.SharedData) -> dict:
     left a folder whose recorded settings then refused the corrected command at the same --out. Returns what
     the sweep reads, by content (student_data.inputs_identity), which _same_inputs records in the study."""
     train = cfg.train
-    cache, dataset = shared.get(("source", *train_student.source_key(train)), lambda: student_data.open_source(train))
+    cache, dataset = shared.get(("source", *student_data.source_key(train)), lambda: student_data.open_source(train))
     inputs = student_data.inputs_identity(cache, dataset)
     student_data.student_resolution(train, cache, dataset)  # its config and resolution, as each run sees them
     alpha = cfg.dims.get("alpha")
@@ -657,7 +658,7 @@ def _teacher_accuracy(shared: student_data.SharedData, configs) -> dict:
     curve); {} when no arm reads a cache."""
     for cfg in configs:
         if cfg.train.cache is not None:
-            cache, _ = shared.get(("source", *train_student.source_key(cfg.train)),
+            cache, _ = shared.get(("source", *student_data.source_key(cfg.train)),
                                   lambda: student_data.open_source(cfg.train))
             return {name: split.meta["teacher_accuracy"] for name, split in cache.items()
                     if name != cfg.train.train_split and "teacher_accuracy" in split.meta}

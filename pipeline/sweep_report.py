@@ -24,7 +24,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import LOSS_SETTINGS, TRAIN_DEFAULTS
+from .config import TRAIN_DEFAULTS
+from .loss import own_settings
 from . import files, locking
 from .errors import KdpipeError
 from .stats import mean_std_ci, paired, welch
@@ -207,7 +208,7 @@ def _against_twin(distilled: ConfigRow, rows: list[ConfigRow], runs: dict[str, l
     """`distilled` minus its twin, the row with the same settings but alpha = 0, on `splits`: the gap of the
     means, Welch's 95 % interval, and the gap paired by seed with its interval. None without a twin."""
     def settings(r: ConfigRow) -> dict:  # what a twin shares: not alpha, T, the loss or its own settings
-        return {k: v for k, v in r.params.items() if k not in ("alpha", "temperature", "loss", *LOSS_SETTINGS)}
+        return {k: v for k, v in r.params.items() if k not in ("alpha", "temperature", "loss", *own_settings())}
 
     twins = [r for r in rows if r.params.get("alpha") == 0 and settings(r) == settings(distilled)]
     if not twins:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import files, locking, loss, metrics, model_card, pixels, run_folder, runtime, student_data, views
-from .config import TrainConfig, recipe_line
+from .config import TrainConfig
 from .data import ImageDataset, left_out_note
 from .errors import KdpipeError
 from .evaluate import predict
@@ -69,67 +69,33 @@ class Setup:
 
 def setup(cfg: TrainConfig, progress: Progress | None = None, shared: SharedData | None = None,
           announce: Callable[[str], None] | None = None) -> Setup:
-    """Everything a run needs, decided once: its folder claimed, the seed set, the student built (random
-    init, after the seed), the data loaded and checked against the cache, the model on its device with its
-    optimiser, schedule and (under torchrun) DDP wrapper. `shared` lets a sweep's runs read the data once;
-    `announce` gets a line for the user: the student's resolution and why."""
+    """Everything a run needs, decided once: its folder claimed, the seed set, the data loaded and checked against
+    the cache (student_data.prepare), the student built (random init, after the seed), the model on its device
+    with its optimiser, schedule and (under torchrun) DDP wrapper. `shared` lets a sweep's runs read the data
+    once; `announce` gets a line for the user: the recipe, the student's resolution and why (once the data is
+    opened: a refused --dataset or --cache prints nothing else)."""
     out = cfg.out_dir()
     run_folder.claim(out, cfg.resume)
     generator = runtime.seed_everything(cfg.seed)
-    shared = shared or SharedData()
-    source = source_key(cfg)
-    cache, dataset = shared.get(("source", *source), lambda: student_data.open_source(cfg))
-    resolution = shared.get(("resolution", *source, cfg.student, json.dumps(cfg.student_config, sort_keys=True)),
-                            lambda: student_data.student_resolution(cfg, cache, dataset))
-    if announce:
-        announce(recipe_line(cfg))
-        announce(f"student resolution {resolution['size'][0]} x {resolution['size'][1]} px: {resolution['reason']}")
-        if cache is None:
-            announce(student_data.NO_CACHE_NOTE)
-    model, init = initialise_student(cfg.student, dataset.label_names, resolution["student_config"])
-    set_bn_momentum(model, cfg.bn_momentum)
     device = runtime.resolve_device(cfg.device)
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.configure_backends(device, precision)
-    inputs = student_data.input_spec(model, cache)  # the training resolution; evaluation at --eval-size when given
-    splits, eval_size = _checked_splits(cfg, shared, source, cache, dataset, inputs, device, progress)
+    data = student_data.prepare(cfg, device, shared, progress, announce)
+    model, init = initialise_student(cfg.student, data.dataset.label_names, data.resolution["student_config"])
+    set_bn_momentum(model, cfg.bn_momentum)
     model = runtime.prepare_model(model, device)
     rank, world = runtime.distributed()
-    steps = len(epoch_batches(torch.arange(len(splits[cfg.train_split])), cfg.batch_size, world))
+    steps = len(epoch_batches(torch.arange(len(data.splits[cfg.train_split])), cfg.batch_size, world))
     optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch=steps)
     forward = runtime.compile_model(model, device) if cfg.compile else model
     if world > 1:  # data-parallel: gradients averaged across processes every step
         forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
-    provenance = {**_provenance(cfg, cache, dataset, device, precision), "student_init": init,
-                  "student_resolution": {"size": resolution["size"], "reason": resolution["reason"]}}
-    return Setup(cfg, device, precision, model, forward, optimizer, scheduler, dict(splits), dataset.label_names,
-                 student_data.with_tensors({**inputs, "size": eval_size, "train_size": inputs["size"]}, device), out, provenance,
-                 generator, sources=student_data.inputs_identity(cache, dataset),
+    provenance = {**_provenance(cfg, data.cache, data.dataset, device, precision), "student_init": init,
+                  "student_resolution": {"size": data.resolution["size"], "reason": data.resolution["reason"]}}
+    inputs = {**data.inputs, "size": data.eval_size, "train_size": data.inputs["size"]}  # evaluation at --eval-size
+    return Setup(cfg, device, precision, model, forward, optimizer, scheduler, data.splits, data.dataset.label_names,
+                 student_data.with_tensors(inputs, device), out, provenance, generator, sources=data.sources,
                  scaler=runtime.grad_scaler(device, precision), rank=rank, world=world)
-
-
-def source_key(cfg: TrainConfig) -> tuple:
-    """The settings that decide what student_data.open_source reads: runs that share them share its result."""
-    return (str(cfg.cache), cfg.dataset, cfg.image_column, cfg.label_column, cfg.train_split, cfg.val_split,
-            cfg.test_split)
-
-
-def _checked_splits(cfg: TrainConfig, shared: SharedData, source: tuple, cache, dataset, inputs: dict, device,
-                    progress: Progress | None) -> tuple[dict, tuple[int, int]]:
-    """The splits at the student's sizes (train at its own, validation and test at --eval-size when given),
-    refused when the cache lacks the train split, an image changed since it was cached, or the targets do not
-    fit the loss. Returns (splits, evaluation size)."""
-    eval_size = (cfg.eval_size, cfg.eval_size) if cfg.eval_size else inputs["size"]
-    sizes = {name: eval_size for name in (cfg.val_split, cfg.test_split) if name}
-    view_split = cfg.train_split if cfg.views else None
-    splits = shared.get(("splits", *source, inputs["size"], eval_size, inputs["resample"], str(device), view_split),
-                        lambda: student_data.load_splits(cache, dataset, inputs, device, progress, view_split, sizes))
-    student_data.require_train_split(cfg, cache)
-    student_data.refuse_changed_images(cfg, dataset, student_data.changed_images(cache, dataset))
-    if cfg.alpha > 0:
-        train = splits[cfg.train_split]
-        student_data.check_targets(cfg, train.teacher_logits, mixed=train.targets is not None)
-    return splits, eval_size
 
 
 def _optimizer(model, cfg: TrainConfig, steps_per_epoch: int):
@@ -213,7 +179,7 @@ def train_epoch(s: Setup, epoch: int, progress: Progress | None = None) -> dict:
     if data.per_image > 1:  # this epoch's view of every image; its teacher targets come with it (consistent)
         data.view_of = torch.from_numpy(views.epoch_views(len(data), data.per_image, epoch, cfg.seed))
     order = torch.randperm(len(data), generator=s.generator)
-    names = loss.PARTS[cfg.loss]  # loss, ce, kd and the loss's own parts
+    names = loss.LOSSES[cfg.loss].parts  # loss, ce, kd and the loss's own parts
     sums = torch.zeros(len(names) + 1, device=s.device)  # each part summed over examples, then the examples
     batches = epoch_batches(order, cfg.batch_size, world)  # the same on every process; each takes its share
     steps = len(batches)
@@ -262,9 +228,9 @@ def train_step(s: Setup, batch: dict) -> dict:
         raise KdpipeError(f"--batch-size {cfg.batch_size}: BatchNorm in training mode cannot normalise a single example "
                           f"whose feature map is 1 x 1 (a student below 64 px); use at least 2 per batch "
                           f"and process") from None
+    own = {s.field: getattr(cfg, s.field) for s in loss.LOSSES[cfg.loss].settings}  # e.g. dkd_beta
     parts = loss.compute(cfg.loss, student_logits, batch["labels"], batch.get("teacher_logits"),
-                         temperature=cfg.temperature, alpha=cfg.alpha, standardize=cfg.standardize,
-                         dkd_beta=cfg.dkd_beta, dist_gamma=cfg.dist_gamma)
+                         temperature=cfg.temperature, alpha=cfg.alpha, standardize=cfg.standardize, **own)
     if s.scaler is not None:  # fp16: scaled backward, unscaled (or skipped) step
         s.scaler.scale(parts["loss"]).backward()
         s.scaler.step(s.optimizer)

@@ -1,7 +1,9 @@
 """The distillation losses (kd, dkd, dist, logit standardisation) against hand computations and the papers'
 formulas written out independently with plain floats; their limiting cases; autocast; the rules for top-K
-caches and mixed targets; and a tiny end-to-end run of each new loss through the CLI."""
+caches and mixed targets; a tiny end-to-end run of each new loss through the CLI; and a toy loss registered as
+one entry of loss.LOSSES that the config checks, the target checks, training and the model card all follow."""
 
+import dataclasses
 import json
 import math
 
@@ -11,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import TINY_STUDENT, tiny_train_config
-from kdpipe import cache_teacher, metrics, train_student
-from kdpipe.config import CacheConfig, SweepConfig, TrainConfig
+from kdpipe import cache_teacher, loss, metrics, settings, student_data, train_student
+from kdpipe.config import CacheConfig, SweepConfig, TrainConfig, applicable
 from kdpipe.errors import KdpipeError
-from kdpipe.loss import LOSSES, PARTS, compute, distillation_loss, dist_loss, dkd_loss, pearson, topk_refusal, zscore
+from kdpipe.loss import LOSSES, compute, distillation_loss, dist_loss, dkd_loss, pearson, topk_refusal, zscore
+from kdpipe.logit_store import TopK
 from kdpipe.views import ViewPolicy
 
 S = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
@@ -122,7 +125,7 @@ def test_kd_is_unchanged_bit_for_bit(labels, t, alpha):
     want = _hinton_as_of_today(S, labels, TEACHER, t, alpha)
     for got in (distillation_loss(S, labels, TEACHER, t, alpha),
                 compute("kd", S, labels, TEACHER, temperature=t, alpha=alpha, **BETA_GAMMA)):
-        assert set(got) == set(PARTS["kd"])
+        assert set(got) == set(LOSSES["kd"].parts)
         for k in want:
             assert torch.equal(got[k], want[k]), k
 
@@ -160,7 +163,7 @@ def hand_dkd(s_rows, t_rows, labels, t, beta):
 def test_dkd_matches_the_formula(t, alpha, beta):
     parts = dkd_loss(S, Y, TEACHER, t, alpha, beta)
     tckd, nckd = hand_dkd(S.tolist(), TEACHER.tolist(), Y.tolist(), t, beta)
-    assert set(parts) == set(PARTS["dkd"])
+    assert set(parts) == set(LOSSES["dkd"].parts)
     tol = 1e-6 * t * t  # float32 KL between close distributions: differences of logs of size ~1, times T^2
     assert parts["tckd"].item() == pytest.approx(tckd, rel=1e-5, abs=tol)
     assert parts["nckd"].item() == pytest.approx(nckd, rel=1e-5, abs=tol)
@@ -248,7 +251,7 @@ def test_dist_matches_the_formula(t, alpha, gamma):
     parts = dist_loss(S4, Y4, T4, t, alpha, gamma)
     inter, intra = hand_dist(S4.tolist(), T4.tolist(), t, gamma)
     ce = F.cross_entropy(S4.double(), Y4).item()
-    assert set(parts) == set(PARTS["dist"])
+    assert set(parts) == set(LOSSES["dist"].parts)
     assert parts["inter"].item() == pytest.approx(inter, rel=1e-5)
     assert parts["intra"].item() == pytest.approx(intra, rel=1e-5)
     assert parts["loss"].item() == pytest.approx((1 - alpha) * ce + alpha * (inter + gamma * intra), rel=1e-5)
@@ -361,13 +364,13 @@ CASES = [("kd", False), ("kd", True), ("dkd", False), ("dkd", True), ("dist", Fa
 def test_parts_are_named_detached_and_zero_without_a_kd_term(name, standardize):
     s = S4.clone().requires_grad_(True)
     parts = compute(name, s, Y4, T4, temperature=4.0, alpha=0.5, standardize=standardize, **BETA_GAMMA)
-    assert tuple(parts) == PARTS[name]
-    assert parts["loss"].requires_grad and not any(parts[k].requires_grad for k in PARTS[name][1:])
+    assert tuple(parts) == LOSSES[name].parts
+    assert parts["loss"].requires_grad and not any(parts[k].requires_grad for k in LOSSES[name].parts[1:])
     parts["loss"].backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
     plain = compute(name, S4, Y4, None, temperature=4.0, alpha=0.0, standardize=standardize, **BETA_GAMMA)
-    assert tuple(plain) == PARTS[name] and plain["loss"].item() == pytest.approx(F.cross_entropy(S4, Y4).item())
-    assert all(plain[k].item() == 0.0 for k in PARTS[name][2:])
+    assert tuple(plain) == LOSSES[name].parts and plain["loss"].item() == pytest.approx(F.cross_entropy(S4, Y4).item())
+    assert all(plain[k].item() == 0.0 for k in LOSSES[name].parts[2:])
     with pytest.raises(ValueError, match="teacher_logits"):
         compute(name, S4, Y4, None, temperature=4.0, alpha=0.5, standardize=standardize, **BETA_GAMMA)
 
@@ -399,7 +402,6 @@ def test_compute_refuses_unknown_losses_and_standardised_dist():
         compute("ckd", S, Y, TEACHER, temperature=1.0, alpha=0.5, **BETA_GAMMA)
     with pytest.raises(ValueError, match="standardize applies to kd and dkd"):
         compute("dist", S, Y, TEACHER, temperature=1.0, alpha=0.5, standardize=True, **BETA_GAMMA)
-    assert set(LOSSES) == set(PARTS)
 
 
 def test_top_k_rule():
@@ -458,7 +460,7 @@ def test_a_top_k_cache_refuses_what_it_cannot_serve(topk_cache, tmp_path, overri
 
 def test_a_top_k_cache_trains_dkd(topk_cache, tmp_path):
     report = train_student.run(tiny_train_config(cache=topk_cache, loss="dkd", epochs=1, out=tmp_path / "r"))
-    assert set(report.history[0]["train"]) == set(PARTS["dkd"])
+    assert set(report.history[0]["train"]) == set(LOSSES["dkd"].parts)
 
 
 def test_dkd_refuses_views_blended_from_two_images(image_folder, teacher_dir, tmp_path):
@@ -506,3 +508,80 @@ def test_a_loss_sweep_reports_each_loss_against_its_twin():
     assert gains["kd"]["validation"]["paired"]["seeds"] == 2
     one_loss = [r for r in rows if r.params.get("loss") != "dkd"]
     assert sweep_report.loss_gains(one_loss, runs, "kd") is None  # teacher_gain says it all
+
+
+# ------------------------------------------------------------------- a new loss is one entry (issue 60, point 1)
+
+
+def toy_loss(student_logits, labels, teacher_logits, temperature, alpha, weight, standardize=False):
+    """A loss that does not exist: KD = weight * sq, sq = T^2 * mean_i sum_c (p_s,c - p_t,c)^2 with p = softmax(z / T)
+    (z z-scored first with `standardize`); loss = (1 - alpha) * CE + alpha * KD."""
+    s = student_logits.float()
+    ce = F.cross_entropy(s, labels)
+    if alpha == 0 or teacher_logits is None:
+        zero = torch.zeros(())
+        return {"loss": ce, "ce": ce.detach(), "kd": zero, "sq": zero}
+    t = teacher_logits.float()
+    if standardize:
+        s, t = zscore(s), zscore(t)
+    sq = ((F.softmax(s / temperature, -1) - F.softmax(t / temperature, -1)) ** 2).sum(-1).mean() * temperature**2
+    kd = weight * sq
+    return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach(), "sq": sq.detach()}
+
+
+# its setting is a field of its own, as TrainConfig would hold it (docs/design.md, "Adding a loss")
+ToyConfig = dataclasses.make_dataclass("ToyConfig", [("toy_weight", float, settings.setting(1.0, "toy: its weight."))],
+                                       bases=(TrainConfig,))
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """The toy loss registered as one entry of loss.LOSSES, for this test only."""
+    entry = loss.Loss(toy_loss, ("sq",), "a toy squared distance", "toy", standardizable=True,
+                      settings=(loss.LossSetting("toy_weight", "weight", "toy weight"),),
+                      topk="the toy needs every class's probability", mixed="refuses blended views (a toy rule)")
+    monkeypatch.setitem(loss.LOSSES, "toy", entry)
+    return entry
+
+
+def test_a_new_loss_is_one_entry_the_checks_derive_from(toy):
+    TrainConfig(cache=".", loss="toy", standardize=True)  # a --loss, and a standardizable one
+    with pytest.raises(KdpipeError, match="--standardize applies to --loss kd or dkd or toy .*not --loss dist"):
+        TrainConfig(cache=".", loss="dist", standardize=True)
+    base = TrainConfig(cache=".")
+    searched = {"alpha": 0.5, "toy_weight": 2.0, "dkd_beta": 1.0, "standardize": True}
+    assert applicable({**searched, "loss": "toy"}, base) == {"alpha": 0.5, "toy_weight": 2.0, "standardize": True,
+                                                            "loss": "toy"}
+    assert applicable({**searched, "loss": "dist"}, base) == {"alpha": 0.5, "loss": "dist"}  # not the toy's weight
+    parts = compute("toy", S, Y, TEACHER, temperature=2.0, alpha=0.5, toy_weight=3.0)
+    assert tuple(parts) == toy.parts == ("loss", "ce", "kd", "sq") and parts["kd"] == pytest.approx(3 * parts["sq"])
+    with pytest.raises(ValueError, match="loss toy needs toy_weight"):
+        compute("toy", S, Y, TEACHER, temperature=2.0, alpha=0.5)
+    cfg = ToyConfig(cache=".", loss="toy")
+    topk = TopK.from_logits(np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]]), 2)
+    with pytest.raises(KdpipeError, match="--loss toy: the toy needs every class's probability .*keeps 2 of 3.*"
+                                          "use --loss kd or dkd without --standardize"):
+        student_data.check_targets(cfg, topk, mixed=False)
+    with pytest.raises(KdpipeError, match="--loss toy refuses blended views .*--view-mixup.*use --loss kd or dist,"):
+        student_data.check_targets(cfg, TEACHER, mixed=True)
+    student_data.check_targets(dataclasses.replace(cfg, loss="kd"), topk, mixed=True)  # the others' rules stand
+
+
+def test_a_new_loss_that_a_top_k_cache_serves_is_offered_instead(toy, monkeypatch):
+    monkeypatch.setitem(loss.LOSSES, "toy", dataclasses.replace(toy, topk=None))
+    topk = TopK.from_logits(np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]]), 2)
+    student_data.check_targets(ToyConfig(cache=".", loss="toy"), topk, mixed=False)
+    with pytest.raises(KdpipeError, match="--loss dist: .*use --loss kd or dkd or toy without --standardize"):
+        student_data.check_targets(ToyConfig(cache=".", loss="dist"), topk, mixed=False)
+
+
+def test_a_new_loss_trains_and_is_named_on_the_card(toy, cache_dir, tmp_path):
+    tiny = dataclasses.asdict(tiny_train_config(cache=cache_dir, epochs=1, out=tmp_path / "toy"))
+    report = train_student.run(ToyConfig(**{**tiny, "loss": "toy", "toy_weight": 2.5, "standardize": True}))
+    train = report.history[0]["train"]
+    assert set(train) == set(toy.parts) and all(math.isfinite(v) for v in train.values())
+    assert train["kd"] == pytest.approx(2.5 * train["sq"]) and train["sq"] > 0  # its setting reached its function
+    assert report.run["config"]["loss"] == "toy" and report.validation["accuracy"] >= 0
+    card = (tmp_path / "toy" / "model" / "README.md").read_text()
+    assert "| loss | a toy squared distance with logit standardisation" in card and "| toy weight | 2.5 |" in card
+    assert "loss-toy" in card
