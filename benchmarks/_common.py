@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from kdpipe import runtime
+from kdpipe import files, runtime
 from kdpipe.errors import KdpipeError
 from kdpipe.loss import distillation_loss
 
@@ -31,6 +31,15 @@ def run_main(parser: argparse.ArgumentParser, argv: list[str] | None, body: Call
         return body(args)
     except KdpipeError as e:
         sys.exit(f"error: {e}")
+
+
+def write_result(path: Path, script: str, argv: list[str], record: dict) -> dict:
+    """A benchmark's result as JSON, the command that made it first (its provenance); returns what it wrote."""
+    result = {"command": " ".join(["python", f"benchmarks/{script}", *argv]), **record}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(path, result)
+    print(f"wrote {path}")
+    return result
 
 
 def busy_note(cores: dict[str, float]) -> str | None:

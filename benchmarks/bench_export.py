@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from kdpipe import cache_teacher, export, files, runtime, train_student
+from kdpipe import cache_teacher, export, runtime, train_student
 from kdpipe.config import CacheConfig, ExportConfig, TrainConfig
 from kdpipe.errors import KdpipeError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported by the tests
-from _common import cpu_seconds, print_table, run_main  # noqa: E402
+from _common import cpu_seconds, print_table, run_main, write_result  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -105,15 +105,11 @@ def measure(args: argparse.Namespace) -> dict:
           f"{load_after:.1f} after)")
     name = f"{args.image_size}px" if args.run is None else Path(args.run).resolve().name
     out = args.json or Path(__file__).parent / "results" / "export" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(["python", "benchmarks/bench_export.py", *args.argv]),
-              "args": {k: str(v) for k, v in vars(args).items() if k != "argv"}, "run": str(run),
-              "wall_s": {before.replace(" + ", "_and_"): round(trained - start, 1), "export": round(done - trained, 1)},
-              "export_cpu_s": round(cpu_used, 1), "load_average": [load_before, load_after],
-              "int8_refused": refused, "export": record}
-    files.write_json(out, result)
-    print(f"wrote {out}")
-    return result
+    return write_result(out, "bench_export.py", args.argv, {
+        "args": {k: str(v) for k, v in vars(args).items() if k != "argv"}, "run": str(run),
+        "wall_s": {before.replace(" + ", "_and_"): round(trained - start, 1), "export": round(done - trained, 1)},
+        "export_cpu_s": round(cpu_used, 1), "load_average": [load_before, load_after],
+        "int8_refused": refused, "export": record})
 
 
 if __name__ == "__main__":

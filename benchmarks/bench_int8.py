@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdpipe import export, files, metrics
+from kdpipe import export, metrics
 from kdpipe.config import ExportConfig
 from kdpipe.evaluate import load_saved, predict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when imported by the tests
-from _common import run_main  # noqa: E402
+from _common import run_main, write_result  # noqa: E402
 
 # kdpipe export --int8's settings (export.quantize); each configuration below changes one or two of them
 DEFAULT = dict(per_channel=True, activation="QInt8", method="MinMax", reduce_range=False, fmt="QDQ")
@@ -132,14 +132,10 @@ def search(args: argparse.Namespace) -> dict:
         else:
             print(f"no configuration within {100 * args.max_drop:g} pp on {val}: test not measured")
     out = args.json or Path(__file__).parent / "results" / "export" / f"int8-{Path(args.run).resolve().name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(["python", "benchmarks/bench_int8.py", *args.argv]), "run": str(args.run),
-              "bound": args.max_drop, "rule": __doc__.split("\n\n")[2].strip(),
-              "pytorch_accuracy": {s: metrics.accuracy(reference[s], labels[s]) for s in reference},
-              "chosen": chosen, "configs": rows}
-    files.write_json(out, result)
-    print(f"wrote {out}")
-    return result
+    return write_result(out, "bench_int8.py", args.argv, {
+        "run": str(args.run), "bound": args.max_drop, "rule": __doc__.split("\n\n")[2].strip(),
+        "pytorch_accuracy": {s: metrics.accuracy(reference[s], labels[s]) for s in reference},
+        "chosen": chosen, "configs": rows})
 
 
 if __name__ == "__main__":
